@@ -1,0 +1,18 @@
+# The two commands a newcomer needs: `make repro` and `make test`. Each installs uv if it is absent,
+# installs the locked environment (uv sync --frozen), then does its job.
+SHELL := /bin/bash
+UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+PYTEST_ARGS ?=
+
+.PHONY: setup repro test push pull status-remote
+
+setup:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
+	  python3 -m pip install --user uv || python3 -m pip install --user --break-system-packages uv
+	$(UV) sync --frozen
+
+repro: setup
+	$(UV) run dvc repro
+
+test: setup
+	$(UV) run pytest $(PYTEST_ARGS)

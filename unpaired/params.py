@@ -1,0 +1,147 @@
+"""Loading params.yaml into typed, validated objects.
+
+Every section of params.yaml is described by a frozen dataclass that lives next to the code that uses
+it. `parse(Cls, raw, "train")` checks that `raw` is a mapping, that it has no unknown keys, that every
+value has the annotated type, and then runs the dataclass's own `__post_init__` checks. Every failure
+is a `ParamsError` whose message starts with the full dotted key, e.g.
+`params.yaml: train.crop_size: must be <= train.load_size (286), got 300`.
+
+This is written by hand because the few lines here are all we need: a schema library (pydantic,
+attrs+cattrs) would add a dependency and its own error format for what is a dozen checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from unpaired.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(UserError, ValueError):
+    """A bad value in params.yaml. str(err) is one line naming the key and what to do."""
+
+
+def fail(key: str, message: str) -> typing.NoReturn:
+    raise ParamsError(f"{PARAMS_FILE}: {key}: {message}")
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        fail(key, message)
+
+
+def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the project root (where params.yaml is)") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections (domains, prepare, train, ...)")
+    return data
+
+
+def section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """The mapping under `name`; a missing section is an empty one (all defaults)."""
+    value = data.get(name, {})
+    if value is None:
+        return {}
+    check(isinstance(value, dict), name, f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (int, float, str, bool, list[X], tuple[X, ...],
+    X | None, Literal[...]); ints are accepted where a float is expected."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ParamsError as err:
+                errors.append(str(err))
+        fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is typing.Literal:
+        check(value in args, key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            check(len(value) == len(args), key, f"expected a list of {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+              f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"params.parse: unsupported annotation {tp!r} for {key}")
+
+
+class Params:
+    """Base of every params dataclass: override `validate` for checks across fields."""
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+P = TypeVar("P", bound=Params)
+
+
+def parse(cls: type[P], raw: dict[str, Any] | None, prefix: str) -> P:
+    """Build dataclass `cls` from the mapping `raw` found at dotted key `prefix`."""
+    raw = {} if raw is None else raw
+    check(isinstance(raw, dict), prefix, f"must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        fail(f"{prefix}.{unknown[0]}", f"unknown key; known keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        key = f"{prefix}.{name}"
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            fail(key, "required key is missing")
+    obj = cls(**values)
+    obj.validate(prefix)
+    return obj
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
