@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
-	  python3 -m pip install --user uv || python3 -m pip install --user --break-system-packages uv
+	  python3 -m pip install --quiet uv || python3 -m pip install --quiet --user --break-system-packages uv
 	$(UV) sync --frozen
 
 repro: setup

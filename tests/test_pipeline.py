@@ -1,0 +1,47 @@
+"""End to end: the real `dvc repro` of the whole DAG in a fresh git copy of the project, tiny params."""
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.helpers import TINY, clone_project, dvc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    dest = clone_project(tmp_path_factory.mktemp("e2e") / "project", TINY)
+    dvc(dest, "repro")
+    return dest
+
+
+def test_repro_runs_every_stage_and_leaves_nothing_to_do(project):
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    expected = {f"fetch@{d}" for d in yaml.safe_load((project / "params.yaml").read_text())["domains"]}
+    expected |= {name for name in stages if name != "fetch"}
+    assert set(lock) == expected
+    status = dvc(project, "status", "--json")
+    assert json.loads(status.stdout or "{}") == {}
+    again = dvc(project, "repro")
+    assert "didn't change, skipping" in again.stdout or "Data and pipelines are up to date" in again.stdout
+
+
+def test_raw_domains_match_their_manifests(project):
+    for domain in ("a", "b"):
+        folder = project / "data" / "raw" / domain
+        manifest = pd.read_csv(folder / "manifest.csv")
+        assert len(manifest) == TINY["domains"][domain]["count"]
+        assert sorted(manifest.file) == sorted(p.name for p in folder.glob("*.png"))
+
+
+def test_param_change_reruns_only_what_depends_on_it(project, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, symlinks=True)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["domains"]["b"]["seed"] += 1
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc(copy, "repro").stdout
+    assert "Running stage 'fetch@b'" in out
+    assert "Running stage 'fetch@a'" not in out
