@@ -16,6 +16,7 @@ VENV_BIN = Path(sys.executable).parent
 # Params overrides that make the whole DAG run in seconds. Each stage's section belongs here.
 TINY: dict[str, Any] = {
     "domains": {"a": {"count": 12, "size": 32}, "b": {"count": 12, "size": 32}},
+    "prepare": {"size": 32, "test_fraction": 0.25, "min_size": 8},
 }
 
 

@@ -36,6 +36,16 @@ def test_raw_domains_match_their_manifests(project):
         assert sorted(manifest.file) == sorted(p.name for p in folder.glob("*.png"))
 
 
+def test_prepared_dataset(project):
+    manifest = pd.read_csv(project / "data" / "prepared" / "manifest.csv")
+    files = sorted(p.relative_to(project / "data" / "prepared").as_posix()
+                   for p in (project / "data" / "prepared").glob("*/*.png"))
+    assert sorted(manifest.file) == files
+    assert {f.split("/")[0] for f in files} == {"trainA", "trainB", "testA", "testB"}
+    report = json.loads((project / "metrics" / "prepare.json").read_text())
+    assert report["total_kept"] == len(files) == 24 and report["total_skipped"] == 0
+
+
 def test_param_change_reruns_only_what_depends_on_it(project, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(project, copy, symlinks=True)
@@ -45,3 +55,4 @@ def test_param_change_reruns_only_what_depends_on_it(project, tmp_path):
     out = dvc(copy, "repro").stdout
     assert "Running stage 'fetch@b'" in out
     assert "Running stage 'fetch@a'" not in out
+    assert "Running stage 'prepare'" in out

@@ -1,0 +1,219 @@
+"""The prepare stage: every decode and skip case on files made here, stable splits, atomic outputs."""
+import hashlib
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from stages.prepare import PrepareParams, is_test, prepare
+from unpaired.errors import UserError
+from unpaired.images import Skip, decode
+from unpaired.params import ParamsError, parse
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w=40, h=30) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)
+    arr = np.stack([np.tile(x, (h, 1)), np.tile(x[::-1], (h, 1)), np.full((h, w), 90, np.uint8)], -1)
+    return Image.fromarray(arr, "RGB")
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), "white")
+    img.paste((255, 0, 0), (0, 0, 10, 20))            # red band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # "rotate 90 CW to display"
+    out = decode(encode(img, "JPEG", exif=exif, quality=95))
+    assert out.size == (20, 40)
+    top = np.asarray(out)[:8].mean((0, 1))            # after the rotation the red band is on top
+    assert top[0] > 200 and top[1] < 80
+
+
+@pytest.mark.parametrize("mode_img, expected", [
+    (Image.new("RGBA", (20, 20), (255, 0, 0, 0)), (255, 255, 255)),       # transparent -> white
+    (Image.new("RGBA", (20, 20), (255, 0, 0, 255)), (255, 0, 0)),
+    (Image.new("LA", (20, 20), (0, 0)), (255, 255, 255)),
+    (Image.new("LA", (20, 20), (0, 255)), (0, 0, 0)),
+])
+def test_alpha_composited_on_white(mode_img, expected):
+    out = decode(encode(mode_img, "PNG"))
+    assert out.mode == "RGB" and out.getpixel((5, 5)) == expected
+
+
+def test_palette_with_transparency():
+    img = Image.new("P", (20, 20), 0)
+    img.putpalette([0, 0, 255] + [0, 255, 0] * 255)
+    img.paste(1, (10, 0, 20, 20))
+    out = decode(encode(img, "PNG", transparency=0))
+    assert out.getpixel((2, 2)) == (255, 255, 255) and out.getpixel((15, 5)) == (0, 255, 0)
+
+
+def test_16bit_grayscale_scaled_not_clipped():
+    arr = np.full((20, 20), 65535, np.uint16)
+    arr[:, :10] = 32896                              # about half: 128 in 8 bits
+    img = Image.fromarray(arr)
+    out = decode(encode(img, "PNG"))
+    assert out.mode == "RGB"
+    assert out.getpixel((15, 5)) == (255, 255, 255) and out.getpixel((2, 5)) == (128, 128, 128)
+
+
+def test_cmyk_and_grayscale_become_rgb():
+    cmyk = Image.new("CMYK", (20, 20), (0, 255, 255, 0))      # pure red in CMYK
+    out = decode(encode(cmyk, "JPEG", quality=95))
+    r, g, b = out.getpixel((10, 10))
+    assert out.mode == "RGB" and r > 200 and g < 60 and b < 60
+    gray = decode(encode(Image.new("L", (20, 20), 77), "PNG"))
+    assert gray.mode == "RGB" and gray.getpixel((3, 3)) == (77, 77, 77)
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    r, g, b = decode(data).getpixel((5, 5))
+    assert r > 200 and b < 50
+
+
+@pytest.mark.parametrize("fmt, kw", [("WEBP", {"lossless": True}), ("BMP", {}), ("TIFF", {}),
+                                     ("PNG", {}), ("JPEG", {"quality": 100})])
+def test_formats_decode_to_the_same_picture(fmt, kw):
+    src = gradient()
+    out = np.asarray(decode(encode(src, fmt, **kw)), np.int16)
+    assert out.shape == (30, 40, 3)
+    assert np.abs(out - np.asarray(src, np.int16)).max() <= (12 if fmt == "JPEG" else 0)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"hello, I am text pretending to be a png\n" * 4, "not_image"),
+    (encode(gradient(200, 200), "JPEG")[:600], "truncated"),
+    (encode(gradient(200, 200), "PNG")[:300], "truncated"),
+])
+def test_bad_files_are_classified(data, reason):
+    with pytest.raises(Skip) as err:
+        decode(data, "x")
+    assert err.value.reason == reason
+
+
+# --- the stage --------------------------------------------------------------------------------------
+
+def make_raw(root, n_a=12, n_b=10, seed=0):
+    rng = np.random.default_rng(seed)
+    for d, n in (("a", n_a), ("b", n_b)):
+        folder = root / d
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (24 + i % 5, 30, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+def tree(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_stage_outputs_and_skip_report(tmp_path):
+    raw = make_raw(tmp_path / "raw")
+    a = raw / "a"
+    (a / "dup.png").write_bytes((a / "img_000.png").read_bytes())
+    (a / "empty.jpg").write_bytes(b"")
+    (a / "notes.png").write_text("not an image")
+    (a / "cut.jpg").write_bytes(encode(gradient(200, 200), "JPEG")[:500])
+    Image.new("RGB", (8, 40)).save(a / "thin.png")
+    (a / "manifest.csv").write_text("file,source,origin,licence\nimg_001.png,folder,https://x/1.png,cc0\n")
+    p = PrepareParams(size=16, test_fraction=0.3, min_size=12)
+    report = prepare(p, raw, tmp_path / "prepared", tmp_path / "prepare.json", workers=2)
+    assert report["skipped"]["a"] == {"empty": 1, "not_image": 1, "truncated": 1, "unreadable": 0,
+                                      "too_small": 1, "duplicate": 1}
+    assert sum(report["kept"]["a"].values()) == 12 and sum(report["kept"]["b"].values()) == 10
+    assert json.loads((tmp_path / "prepare.json").read_text()) == report
+    manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv")
+    assert list(manifest.columns) == ["file", "domain", "split", "sha256", "width", "height", "origin"]
+    assert len(manifest) == 22 and manifest.sha256.is_unique
+    for row in manifest.itertuples():
+        img = Image.open(tmp_path / "prepared" / row.file)
+        assert img.size == (16, 16) and img.mode == "RGB"
+        assert row.file.startswith(f"{row.split}{row.domain.upper()}/")
+        assert row.split == ("test" if is_test(row.sha256, 0, 0.3) else "train")
+    assert manifest.set_index("file").origin.str.endswith("img_001.png").any()
+    assert "https://x/1.png" in set(manifest.origin)
+
+
+def test_same_inputs_same_bytes_any_workers(tmp_path):
+    raw = make_raw(tmp_path / "raw")
+    p = PrepareParams(size=16, resize="pad", pad_color="#102030")
+    prepare(p, raw, tmp_path / "one", tmp_path / "one.json", workers=1)
+    prepare(p, raw, tmp_path / "two", tmp_path / "two.json", workers=2)
+    assert tree(tmp_path / "one") == tree(tmp_path / "two")
+    assert (tmp_path / "one.json").read_bytes() == (tmp_path / "two.json").read_bytes()
+
+
+def test_pad_letterboxes_on_the_colour(tmp_path):
+    raw = tmp_path / "raw"
+    for d in "ab":
+        (raw / d).mkdir(parents=True)
+        Image.new("RGB", (40, 20), (200, 0, 0)).save(raw / d / "wide.png")
+    prepare(PrepareParams(size=20, resize="pad", pad_color="#00ff00", test_fraction=0.0, min_size=4),
+            raw, tmp_path / "out", tmp_path / "m.json", workers=1)
+    img = next((tmp_path / "out" / "trainA").glob("*.png"))
+    px = Image.open(img)
+    assert px.getpixel((10, 1)) == (0, 255, 0) and px.getpixel((10, 10)) == (200, 0, 0)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"size": 0}, "prepare.size"), ({"test_fraction": 1.0}, "prepare.test_fraction"),
+    ({"test_fraction": -0.1}, "prepare.test_fraction"), ({"resize": "stretch"}, "prepare.resize"),
+    ({"pad_color": "blurple"}, "prepare.pad_color"), ({"min_size": 0}, "prepare.min_size"),
+])
+def test_bad_params_name_the_key(raw, key):
+    with pytest.raises(ParamsError, match=f"^params.yaml: {key}: "):
+        parse(PrepareParams, raw, "prepare")
+
+
+def test_empty_domain_fails_and_leaves_previous_output(tmp_path):
+    raw = make_raw(tmp_path / "raw")
+    out = tmp_path / "prepared"
+    prepare(PrepareParams(size=16), raw, out, tmp_path / "m.json", workers=1)
+    before = tree(out)
+    for f in (raw / "b").iterdir():
+        f.write_bytes(b"junk")
+    with pytest.raises(UserError, match=r"raw/b: no usable training images for domain b .*not_image"):
+        prepare(PrepareParams(size=16), raw, out, tmp_path / "m.json", workers=1)
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "prepared", "raw"]
+
+
+def test_missing_raw_folder(tmp_path):
+    with pytest.raises(UserError, match=r"raw/a: missing; run the fetch stage first"):
+        prepare(PrepareParams(), tmp_path / "raw", tmp_path / "out", tmp_path / "m.json")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=8), min_size=1, max_size=30, unique=True),
+       st.lists(st.binary(min_size=1, max_size=8), max_size=30), st.integers(0, 2 ** 32),
+       st.floats(0, 0.99))
+def test_split_is_stable_when_images_are_added(existing, added, seed, fraction):
+    def splits(contents):
+        return {hashlib.sha256(c).hexdigest(): is_test(hashlib.sha256(c).hexdigest(), seed, fraction)
+                for c in contents}
+    before, after = splits(existing), splits(existing + added)
+    assert all(after[h] == s for h, s in before.items())
+
+
+def test_split_fraction_is_respected():
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
+    share = np.mean([is_test(h, 3, 0.25) for h in hashes])
+    assert 0.23 < share < 0.27
+    assert not any(is_test(h, 3, 0.0) for h in hashes)
