@@ -77,6 +77,9 @@ class TrainParams(params.Params):
               f"must be a multiple of 4 and >= 16 (the generator downsamples twice), got {value}")
         c(self.crop_size <= self.load_size, f"{prefix}.crop_size",
           f"must be <= {prefix}.load_size ({self.load_size}), got {self.crop_size}")
+        smallest = 3 * 2 ** self.n_layers   # the PatchGAN's last feature map must stay >= 2×2
+        c(self.crop_size >= smallest, f"{prefix}.crop_size",
+          f"must be >= {smallest} for a discriminator with n_layers={self.n_layers}, got {self.crop_size}")
         c(self.device == "auto" or self.device in ("cpu", "mps", "cuda")
           or (self.device.startswith("cuda:") and self.device[5:].isdigit()), f"{prefix}.device",
           f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")

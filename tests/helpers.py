@@ -17,8 +17,8 @@ VENV_BIN = Path(sys.executable).parent
 TINY: dict[str, Any] = {
     "domains": {"a": {"count": 12, "size": 32}, "b": {"count": 12, "size": 32}},
     "prepare": {"size": 32, "test_fraction": 0.25, "min_size": 8},
-    "train": {"epochs": 1, "epochs_decay": 1, "ngf": 4, "ndf": 4, "n_blocks": 1, "load_size": 20,
-              "crop_size": 16, "samples": 2, "pool_size": 4},
+    "train": {"epochs": 1, "epochs_decay": 1, "ngf": 4, "ndf": 4, "n_blocks": 1, "load_size": 28,
+              "crop_size": 24, "samples": 2, "pool_size": 4},
 }
 
 

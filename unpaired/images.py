@@ -100,3 +100,10 @@ def png_bytes(img: Image.Image) -> bytes:
 def read_rgb(path: str | Path) -> Image.Image:
     """Read a file as RGB for tools (translate, evaluate); raises Skip on a bad file."""
     return decode(Path(path).read_bytes(), str(path))
+
+
+def read_uint8(path: str | Path):
+    """A file as a uint8 tensor 3×H×W (RGB). (torchvision.io's decoders are deprecated since 0.29,
+    so decoding goes through Pillow, which we need anyway for the formats it covers.)"""
+    import torch
+    return torch.from_numpy(np.array(read_rgb(path), dtype=np.uint8)).permute(2, 0, 1).contiguous()

@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
+
+from unpaired.images import read_uint8
 from torchvision.utils import make_grid
 
 
@@ -15,7 +16,7 @@ def fixed_images(folder: Path, count: int, size: int) -> torch.Tensor:
     files = sorted(p for p in folder.glob("*.png"))[:count]
     if not files:
         return torch.empty(0, 3, size, size)
-    imgs = [TF.resize(decode_image(str(f), mode=ImageReadMode.RGB), [size, size], antialias=True) for f in files]
+    imgs = [TF.resize(read_uint8(f), [size, size], antialias=True) for f in files]
     return torch.stack(imgs).float().div(127.5).sub(1.0)
 
 

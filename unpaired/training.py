@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
+
+from unpaired.images import Skip, read_uint8
 
 from unpaired.cyclegan import PatchDiscriminator, ResnetGenerator, init_weights
 from unpaired.errors import UserError
@@ -73,7 +74,11 @@ def load_folder(folder: Path, load_size: int) -> torch.Tensor:
         raise UserError(f"{folder}: no training images; run the prepare stage (uv run dvc repro prepare)")
     images = []
     for f in files:
-        img = decode_image(str(f), mode=ImageReadMode.RGB)
+        try:
+            img = read_uint8(f)
+        except Skip as skip:
+            raise UserError(f"{f}: {skip.reason} image in the prepared data; re-run prepare "
+                            f"(uv run dvc repro prepare --force)") from None
         images.append(TF.resize(img, [load_size, load_size], antialias=True))
     return torch.stack(images)
 
