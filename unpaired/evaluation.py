@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from unpaired.images import read_uint8
 
 Features = Callable[[torch.Tensor], torch.Tensor]   # uint8 N×3×H×W → float N×D
 KID_SEED = 2020
+INCEPTION_URL = URL_INCEPTION_V3     # torch-fidelity's release of the FID Inception weights
 
 
 def load_images(folder: Path) -> tuple[list[str], torch.Tensor]:
@@ -88,15 +90,15 @@ def inception_features(device: torch.device, timeout: float = 20.0) -> tuple[Fea
     """torch-fidelity's InceptionV3 (2048-d pool features), or (None, why) when its weights are
     neither cached nor downloadable. Weights go to torch's standard hub cache. The file is first
     loaded with weights_only=True, so a file holding anything but tensors is refused."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(timeout)
         try:
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), progress=False)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)
         except Exception as err:  # no network, DNS failure, HTTP error, timeout: all mean "not available"
             return None, (f"the InceptionV3 weights for FID/KID are not in {path.parent} and could not be "
                           f"downloaded ({type(err).__name__}); FID/KID skipped")
