@@ -16,3 +16,14 @@ repro: setup
 
 test: setup
 	$(UV) run pytest $(PYTEST_ARGS)
+
+# Sharing through the default DVC remote (see README, "Sharing with a DVC remote").
+push: setup
+	$(UV) run dvc push
+
+pull: setup
+	$(UV) run dvc pull || { $(UV) run unpaired remote-status; exit 1; }
+
+status-remote: setup
+	$(UV) run dvc status --cloud
+	$(UV) run unpaired remote-status

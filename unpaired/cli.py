@@ -3,6 +3,7 @@
     unpaired translate CHECKPOINT INPUT... --out DIR [--direction AtoB|BtoA] [--size N]
                        [--batch-size N] [--device auto|cpu|cuda|mps]
     unpaired export CHECKPOINT --direction AtoB --format onnx --out FILE
+    unpaired remote-status [--remote NAME] [--repair]   # which outputs a DVC remote is missing
 
 CHECKPOINT is any epoch_NNN.pt, last.pt or models/best/generators.pt. Inputs are files, folders
 (searched recursively) or glob patterns. Images of any size work: each is reflect-padded to a
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB")
     e.add_argument("--format", choices=("onnx",), default="onnx")
     e.add_argument("--out", required=True)
+    r = sub.add_parser("remote-status", help="name the pipeline outputs a DVC remote is missing")
+    r.add_argument("--remote", default=None, help="remote name (default: the default remote)")
+    r.add_argument("--repair", action="store_true", help="re-upload the missing parts from this clone")
     args = ap.parse_args(argv)
 
     def run() -> None:
@@ -153,7 +157,10 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  {s}")
             if not written:
                 raise UserError("no image could be read; nothing written")
-        else:
+        elif args.command == "export":
             path = export_onnx(args.checkpoint, args.out, args.direction)
             print(f"exported {args.direction} generator -> {path}")
+        else:
+            from unpaired.remote import report
+            raise SystemExit(report(".", args.remote, args.repair))
     main_guard(run)
