@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+JOBS = 8
 sys.path.insert(0, str(ROOT))
 
 from stages.fetch import fetch_domain  # noqa: E402
@@ -41,10 +42,10 @@ def measure(repo: Path, target: str, remote_args: list[list[str]]) -> tuple[floa
     dvc = str(VENV_BIN / "dvc")
     for args in remote_args:
         sh([dvc, *args], repo)
-    push = timed([dvc, "push", target], repo)
+    push = timed([dvc, "push", "-j", str(JOBS), target], repo)
     shutil.rmtree(repo / ".dvc" / "cache")
     shutil.rmtree(repo / target) if (repo / target).is_dir() else (repo / target).unlink()
-    pull = timed([dvc, "pull", target], repo)
+    pull = timed([dvc, "pull", "-j", str(JOBS), target], repo)
     return push, pull
 
 
@@ -52,7 +53,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=5000)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--jobs", type=int, default=8, help="dvc push/pull --jobs (DVC's default: 4 x cores)")
     args = ap.parse_args()
+    global JOBS
+    JOBS = args.jobs
     dvc = str(VENV_BIN / "dvc")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +90,7 @@ def main() -> None:
                             ["remote", "modify", "r", "endpointurl", endpoint],
                             ["remote", "modify", "--local", "r", "access_key_id", "k"],
                             ["remote", "modify", "--local", "r", "secret_access_key", "s"]])
-    print(f"\n{args.count} PNGs of {args.size} px: dvc push / pull seconds (fresh remote, empty cache)")
+    print(f"\n{args.count} PNGs of {args.size} px: dvc push / pull -j {args.jobs} seconds (fresh remote, empty cache)")
     print(f"{'remote':<8}{'layout':<26}{'push s':>9}{'pull s':>9}")
     for (layout, kind), (push, pull) in results.items():
         name = f"{args.count} files (browsable)" if layout == "files" else "one tar"

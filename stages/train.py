@@ -33,6 +33,7 @@ CHECKPOINTS = Path("models/checkpoints")
 LIVE = Path("metrics/train")
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
 NOT_HASHED = ("save_every", "compile", "samples")
+LOG_EVERY = 50   # steps between progress-bar loss updates (each one reads the losses from the device)
 
 
 @dataclass(frozen=True)
@@ -232,9 +233,11 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
         t0 = time.perf_counter()
         bar = tqdm(feeder.batches(plan), total=feeder.steps_per_epoch, desc=f"epoch {epoch}/{total}",
                    unit="it", leave=False, disable=None)
-        for real_A, real_B in bar:
+        for step, (real_A, real_B) in enumerate(bar, 1):
             sums += train_step(models, opt_G, opt_D, pool_A, pool_B, real_A, real_B,
                                p.lambda_cycle, p.lambda_identity, autocast)
+            if step % LOG_EVERY == 0 and not bar.disable:   # one device read per LOG_EVERY steps
+                bar.set_postfix({k: f"{v:.2f}" for k, v in zip(LOSS_NAMES, (sums / step).tolist())})
         means = (sums / feeder.steps_per_epoch).tolist()          # the one host sync of the epoch
         seconds = time.perf_counter() - t0
         sched_G.step()

@@ -50,6 +50,12 @@ def test_param_change_reruns_only_what_depends_on_it(project, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(project, copy, symlinks=True)
     params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["train"]["epochs"] += 1
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "train.epochs" in dvc(copy, "params", "diff").stdout
+    out = dvc(copy, "repro").stdout
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == ["evaluate", "train"], out
     params["domains"]["b"]["seed"] += 1
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc(copy, "repro").stdout

@@ -205,10 +205,10 @@ WRITER = """
 import sys, torch
 from unpaired import checkpoint
 path, i = sys.argv[1], 0
+print("ready", flush=True)
 while True:
     i += 1
     checkpoint.save({"epoch": i, "w": torch.full((1_000_000,), float(i))}, path)
-    print(i, flush=True)
 """
 
 
@@ -216,14 +216,18 @@ def test_killed_checkpoint_write_leaves_previous_loadable(tmp_path):
     path = tmp_path / "last.pt"
     checkpoint.save({"epoch": 0, "w": torch.zeros(1_000_000)}, path)
     root = Path(__file__).resolve().parents[1]
-    for delay in (0.5, 0.9, 1.3):
+    epochs = set()
+    for delay in (0.0, 0.013, 0.05, 0.11, 0.23, 0.4):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=root, stdout=subprocess.PIPE,
                                 env={**os.environ, "PYTHONPATH": str(root)})
+        assert proc.stdout.readline() == b"ready\n"       # torch imported: writes start now
         time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)                  # kill -9 at some point of a write
         proc.wait()
-        state = checkpoint.load(path)                       # never a torn file
+        state = checkpoint.load(path)                     # never a torn file
         assert torch.equal(state["w"], torch.full((1_000_000,), float(state["epoch"])))
+        epochs.add(state["epoch"])
+    assert len(epochs) > 1                                # the kills did land among writes
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
     assert all(name.startswith(".last.pt.tmp-") for name in leftovers)
 
