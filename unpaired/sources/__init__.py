@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 from unpaired.params import fail
-from unpaired.sources import doodles, flares
+from unpaired.sources import archive, doodles, flares, folder
 from unpaired.sources.base import FetchContext
 
 Source = Callable[[dict[str, Any], FetchContext], list[dict[str, Any]]]
@@ -13,6 +13,8 @@ Source = Callable[[dict[str, Any], FetchContext], list[dict[str, Any]]]
 SOURCES: dict[str, Source] = {
     "doodles": doodles.fetch,
     "flares": flares.fetch,
+    "archive": archive.fetch,
+    "folder": folder.fetch,
 }
 
 

@@ -1,0 +1,205 @@
+"""The archive and folder sources, against a real HTTP server on 127.0.0.1 serving archives built
+here in the layout of the CycleGAN benchmark zips (horse2zebra.zip: horse2zebra/trainA/*.jpg ...)."""
+import hashlib
+import io
+import tarfile
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stages.fetch import fetch_domain
+from unpaired.params import ParamsError
+from unpaired.sources.base import SourceError
+
+
+def jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def horse2zebra_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for split in ("trainA", "trainB", "testA"):
+            for i in range(3):
+                z.writestr(f"horse2zebra/{split}/n0238{i:04d}_{split}.jpg", jpeg(hash(split) % 1000 + i))
+        z.writestr("horse2zebra/trainA/.DS_Store", b"junk")
+    return buf.getvalue()
+
+
+def corrupt_zip() -> bytes:
+    """A zip whose directory is intact but whose first member's data is damaged (CRC fails)."""
+    data = bytearray(horse2zebra_zip())
+    start = data.index(b"\xff\xd8")          # the first JPEG's bytes inside the zip
+    data[start + 40:start + 80] = b"\x00" * 40
+    return bytes(data)
+
+
+class Server:
+    """Routes: path -> (status, body, extra behaviour). Counts requests per path."""
+
+    def __init__(self):
+        self.routes, self.hits = {}, {}
+        routes, hits = self.routes, self.hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                hits[self.path] = hits.get(self.path, 0) + 1
+                status, body, mode = routes.get(self.path, (404, b"not found", ""))
+                if mode == "flaky" and hits[self.path] == 1:
+                    status, body = 503, b"busy"
+                if mode == "stall":
+                    time.sleep(3)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body) * (2 if mode == "short" else 1)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except BrokenPipeError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def run_fetch(tmp_path, body: str, workers=1):
+    pf = tmp_path / "params.yaml"
+    pf.write_text(f"domains:\n  a:\n{body}")
+    return fetch_domain("a", pf, tmp_path / "raw", tmp_path / "cache", workers=workers)
+
+
+def test_archive_from_url_member_count_and_cache(server, tmp_path):
+    data = horse2zebra_zip()
+    server.routes["/datasets/horse2zebra.zip"] = (200, data, "")
+    sha = hashlib.sha256(data).hexdigest()
+    body = (f"    source: archive\n    url: {server.url}/datasets/horse2zebra.zip\n"
+            f"    member: horse2zebra/trainA\n    sha256: {sha}\n    licence: see dataset\n")
+    out = run_fetch(tmp_path, body)
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert sorted(manifest.file) == [f"n0238{i:04d}_trainA.jpg" for i in range(3)]
+    assert manifest.origin.str.startswith(f"{server.url}/datasets/horse2zebra.zip#horse2zebra/trainA/").all()
+    assert (manifest.licence == "see dataset").all()
+    first = {p.name: p.read_bytes() for p in out.glob("*.jpg")}
+    out = run_fetch(tmp_path, body + "    count: 2\n")             # fewer images: no new download
+    assert len(list(out.glob("*.jpg"))) == 2 and server.hits["/datasets/horse2zebra.zip"] == 1
+    assert all(first[p.name] == p.read_bytes() for p in out.glob("*.jpg"))
+
+
+def test_retry_after_a_transient_error(server, tmp_path):
+    server.routes["/h.zip"] = (200, horse2zebra_zip(), "flaky")
+    out = run_fetch(tmp_path, f"    source: archive\n    url: {server.url}/h.zip\n    member: horse2zebra/trainB\n")
+    assert len(list(out.glob("*.jpg"))) == 3 and server.hits["/h.zip"] == 2
+
+
+@pytest.mark.parametrize("route, mode, status, words", [
+    ("/missing.zip", None, None, "answered HTTP 404"),
+    ("/down.zip", "", 500, "failed after 4 tries (HTTP 500)"),
+    ("/short.zip", "short", 200, "body cut short"),
+    ("/notzip.zip", "", 200, "not a readable zip or tar archive"),
+    ("/corrupt.zip", "", 200, "corrupt archive"),
+])
+def test_download_failures_are_one_line_and_leave_nothing(server, tmp_path, monkeypatch, route, mode, status, words):
+    monkeypatch.setattr("unpaired.sources.download.sleep", lambda s: None)   # no backoff waits here
+    if mode is not None:
+        body = {"/notzip.zip": b"<html>an error page served as a zip</html>",
+                "/corrupt.zip": corrupt_zip()}.get(route) or horse2zebra_zip()
+        server.routes[route] = (status, body, mode)
+    with pytest.raises(SourceError) as err:
+        run_fetch(tmp_path, f"    source: archive\n    url: {server.url}{route}\n")
+    message = str(err.value)
+    assert message.startswith("domains.a.url: ") and words in message and "\n" not in message
+    assert not (tmp_path / "raw" / "a").exists()
+    assert [p.name for p in (tmp_path / "cache" / "a").glob("*.part-*")] == []
+
+
+def test_stalled_server_times_out(server, tmp_path, monkeypatch):
+    monkeypatch.setattr("unpaired.sources.download.sleep", lambda s: None)
+    server.routes["/slow.zip"] = (200, horse2zebra_zip(), "stall")
+    start = time.monotonic()
+    with pytest.raises(SourceError, match=r"failed after 4 tries \(ReadTimeout\)"):
+        run_fetch(tmp_path, f"    source: archive\n    url: {server.url}/slow.zip\n    timeout: 0.3\n")
+    assert time.monotonic() - start < 15
+
+
+def test_sha256_mismatch(server, tmp_path):
+    server.routes["/h.zip"] = (200, horse2zebra_zip(), "")
+    with pytest.raises(SourceError, match="does not match the sha256"):
+        run_fetch(tmp_path, f"    source: archive\n    url: {server.url}/h.zip\n    sha256: '{'0' * 64}'\n")
+
+
+@pytest.mark.parametrize("evil", ["../escape.jpg", "/etc/evil.jpg", "a/../../b.jpg", "link"])
+def test_archives_that_escape_are_refused(tmp_path, evil):
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as t:
+        good = jpeg(1)
+        info = tarfile.TarInfo("data/ok.jpg")
+        info.size = len(good)
+        t.addfile(info, io.BytesIO(good))
+        if evil == "link":
+            info = tarfile.TarInfo("data/link.jpg")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            t.addfile(info)
+        else:
+            info = tarfile.TarInfo(evil)
+            info.size = len(good)
+            t.addfile(info, io.BytesIO(good))
+    with pytest.raises(SourceError, match="refused: member"):
+        run_fetch(tmp_path, f"    source: archive\n    url: {path}\n")
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+    assert not (tmp_path / "escape.jpg").exists() and not (tmp_path.parent / "escape.jpg").exists()
+
+
+def test_zip_slip_is_refused(tmp_path):
+    path = tmp_path / "slip.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x/ok.jpg", jpeg(0))
+        z.writestr("x/../../slip.jpg", jpeg(1))
+    with pytest.raises(SourceError, match="refused: member 'x/../../slip.jpg'"):
+        run_fetch(tmp_path, f"    source: archive\n    url: {path}\n")
+
+
+def test_wrong_member_names_the_key(tmp_path):
+    path = tmp_path / "h.zip"
+    path.write_bytes(horse2zebra_zip())
+    with pytest.raises(SourceError, match=r"^domains.a.member: no images under 'horse2zebra/trainZ'"):
+        run_fetch(tmp_path, f"    source: archive\n    url: {path}\n    member: horse2zebra/trainZ\n")
+    with pytest.raises(ParamsError, match=r"^params.yaml: domains.a.url: required"):
+        run_fetch(tmp_path, "    source: archive\n")
+
+
+def test_folder_source(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "2024").mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(jpeg(1))
+    (photos / "2024" / "b.JPG").write_bytes(jpeg(2))
+    (photos / "notes.txt").write_text("not an image")
+    out = run_fetch(tmp_path, f"    source: folder\n    path: {photos}\n")
+    assert sorted(pd.read_csv(out / "manifest.csv").file) == ["2024__b.JPG", "a.jpg"]
+    out = run_fetch(tmp_path, f"    source: folder\n    path: {photos}\n    pattern: '*.jpg'\n")
+    assert [p.name for p in out.glob("*.*") if p.name != "manifest.csv"] == ["a.jpg"]
+    with pytest.raises(SourceError, match=r"^domains.a.path: .* is not a folder"):
+        run_fetch(tmp_path, f"    source: folder\n    path: {tmp_path / 'nope'}\n")
+    with pytest.raises(SourceError, match=r"^domains.a.pattern: no image files match"):
+        run_fetch(tmp_path, f"    source: folder\n    path: {photos}\n    pattern: '*.png'\n")

@@ -1,0 +1,69 @@
+"""`archive` source: the images in one folder of a zip or tar, at a URL or a local path — e.g. the
+CycleGAN benchmark sets (`https://efrosgans.eecs.berkeley.edu/cyclegan/datasets/<name>.zip`, member
+`<name>/trainA`). A URL is downloaded once into the domain's cache; members are checked before any
+is used (see archives.py)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+from unpaired.params import Params, check, parse
+from unpaired.sources.archives import members
+from unpaired.sources.base import FetchContext, SourceError
+from unpaired.sources.download import download, sha256_of
+
+CYCLEGAN_DATASETS = "https://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{name}.zip"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class ArchiveParams(Params):
+    url: str = ""                 # http(s) URL or local path of a .zip / .tar(.gz)
+    member: str = ""              # folder inside the archive, e.g. horse2zebra/trainA ("" = all)
+    sha256: str | None = None     # optional checksum of the archive
+    count: int | None = None      # at most this many images (sorted by name); all by default
+    licence: str = ""             # recorded in the manifest
+    timeout: float = 60.0
+
+    def validate(self, prefix: str) -> None:
+        check(bool(self.url), f"{prefix}.url", "required: a URL or a local path of a zip or tar archive")
+        check(self.count is None or self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
+        check(self.sha256 is None or (len(self.sha256) == 64 and all(c in "0123456789abcdefABCDEF"
+                                                                     for c in self.sha256)),
+              f"{prefix}.sha256", "must be 64 hex digits")
+
+
+def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
+    p = parse(ArchiveParams, raw, ctx.key)
+    if urlparse(p.url).scheme in ("http", "https"):
+        name = Path(urlparse(p.url).path).name or "archive"
+        cached = ctx.cache_dir / f"{hashlib.sha256(p.url.encode()).hexdigest()[:12]}-{name}"
+        path = download(p.url, cached, key=f"{ctx.key}.url", sha256=p.sha256, timeout=p.timeout)
+    else:
+        path = Path(p.url).expanduser()
+        if not path.is_file():
+            raise SourceError(f"{ctx.key}.url: {path} is not a file; give a URL or an existing archive path")
+        if p.sha256 is not None and sha256_of(path) != p.sha256.lower():
+            raise SourceError(f"{ctx.key}.sha256: {path} does not match the sha256 in params")
+    prefix = PurePosixPath(p.member.strip("/")) if p.member.strip("/") else None
+    selected = []
+    for member, data in members(path, f"{ctx.key}.url"):
+        if prefix is not None and prefix not in member.parents:
+            continue
+        if member.suffix.lower() in IMAGE_SUFFIXES and not member.name.startswith("."):
+            selected.append((member, data))
+    if not selected:
+        raise SourceError(f"{ctx.key}.member: no images under {p.member or 'the archive root'!r} in "
+                          f"{path.name}; check the folder name inside the archive")
+    selected.sort(key=lambda m: m[0].as_posix())
+    rows = []
+    for member, data in selected[:p.count]:
+        rel = member.relative_to(prefix) if prefix is not None else member
+        name = "__".join(rel.parts)
+        (ctx.out_dir / name).write_bytes(data)
+        rows.append({"file": name, "source": "archive", "origin": f"{p.url}#{member.as_posix()}",
+                     "licence": p.licence})
+    return rows
