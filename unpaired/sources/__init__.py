@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 from unpaired.params import fail
-from unpaired.sources import archive, doodles, flares, folder
+from unpaired.sources import archive, doodles, flares, folder, quickdraw
 from unpaired.sources.base import FetchContext
 
 Source = Callable[[dict[str, Any], FetchContext], list[dict[str, Any]]]
@@ -15,6 +15,7 @@ SOURCES: dict[str, Source] = {
     "flares": flares.fetch,
     "archive": archive.fetch,
     "folder": folder.fetch,
+    "quickdraw": quickdraw.fetch,
 }
 
 
