@@ -44,7 +44,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]
 def generators_payload(epoch: int, model: dict[str, int], g_ab: torch.nn.Module,
                        g_ba: torch.nn.Module) -> dict[str, Any]:
     def cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-        net = getattr(net, "_orig_mod", net)  # unwrap torch.compile
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
     return {"format": FORMAT, "epoch": int(epoch), "model": dict(model),
             "G_AB": cpu_state(g_ab), "G_BA": cpu_state(g_ba)}
