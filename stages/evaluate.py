@@ -24,7 +24,7 @@ from stages.train import resolve_device
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.evaluation import fid_kid, inception_features, labelled_grid, load_images, translate
-from unpaired.files import atomic_dir, atomic_write_bytes, atomic_write_json
+from unpaired.files import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_of
 from unpaired.report import write_report
 
 DATA = Path("data/prepared")
@@ -64,14 +64,6 @@ def epoch_checkpoints(folder: Path) -> dict[int, Path]:
     return found
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOINTS, cache: Path = CACHE,
              best_dir: Path = BEST, metrics_dir: Path = METRICS, live_dir: Path = LIVE,
              train_params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -97,7 +89,7 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
     cache.mkdir(parents=True, exist_ok=True)
     rows, grids = [], {}
     for epoch, path in ckpts.items():
-        key = hashlib.sha256((sha256_file(path) + settings).encode()).hexdigest()[:32]
+        key = hashlib.sha256((sha256_of(path) + settings).encode()).hexdigest()[:32]
         entry, grid_file = cache / f"{key}.json", cache / f"{key}.png"
         if entry.is_file() and grid_file.is_file():
             row = json.loads(entry.read_text())

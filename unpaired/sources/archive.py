@@ -13,7 +13,8 @@ from urllib.parse import urlparse
 from unpaired.params import Params, check, parse
 from unpaired.sources.archives import members
 from unpaired.sources.base import FetchContext, SourceError
-from unpaired.sources.download import download, sha256_of
+from unpaired.files import sha256_of
+from unpaired.sources.download import download
 
 CYCLEGAN_DATASETS = "https://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{name}.zip"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}

@@ -5,7 +5,6 @@ HTTP 5xx and 429). Every failure is one `SourceError` line naming the URL and th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from time import sleep
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import requests
 
+from unpaired.files import sha256_of
 from unpaired.sources.base import SourceError
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -21,14 +21,6 @@ USER_AGENT = "unpaired-dataset-builder/0.1 (+https://dvc.org)"
 
 class _Retry(Exception):
     pass
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeout: float = 30.0,
