@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from stages.train import resolve_device
 from unpaired import checkpoint, params

@@ -4,7 +4,6 @@ import hashlib
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from stages.fetch import fetch_domain
 from unpaired.params import ParamsError

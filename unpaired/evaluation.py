@@ -11,7 +11,6 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric

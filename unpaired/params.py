@@ -73,14 +73,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ParamsError as err:
-                errors.append(str(err))
+            except ParamsError:
+                pass
         fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is typing.Literal:
         check(value in args, key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
