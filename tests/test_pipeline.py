@@ -62,3 +62,12 @@ def test_param_change_reruns_only_what_depends_on_it(project, tmp_path):
     assert "Running stage 'fetch@b'" in out
     assert "Running stage 'fetch@a'" not in out
     assert "Running stage 'prepare'" in out
+
+
+def test_dvc_plots_render_curves_and_images(project, tmp_path):
+    out = tmp_path / "plots"
+    dvc(project, "plots", "show", "-o", str(out))
+    page = (out / "index.html").read_text()
+    epochs = TINY["train"]["epochs"] + TINY["train"]["epochs_decay"]
+    assert page.count("<img") == 2 * epochs           # a training sample and an evaluate grid per epoch
+    assert "G_A" in page and "cycle_A" in page          # the loss curves
