@@ -54,20 +54,11 @@ class EvaluateParams(params.Params):
         params.check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
-def epoch_checkpoints(folder: Path) -> dict[int, Path]:
-    found = {}
-    for f in sorted(folder.glob("epoch_*.pt")):
-        stem = f.stem.split("_", 1)[1]
-        if stem.isdigit():
-            found[int(stem)] = f
-    return found
-
-
 def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOINTS, cache: Path = CACHE,
              best_dir: Path = BEST, metrics_dir: Path = METRICS, live_dir: Path = LIVE,
              train_params: dict[str, Any] | None = None) -> dict[str, Any]:
     device = resolve_device(p.device, "evaluate.device")
-    ckpts = epoch_checkpoints(checkpoints)
+    ckpts = checkpoint.epoch_files(checkpoints)
     if not ckpts:
         raise UserError(f"{checkpoints}: no epoch_NNN.pt checkpoints; run the train stage first")
     names_A, test_A = load_images(data / "testA")

@@ -120,14 +120,6 @@ def run_hash(p: TrainParams, data: Path) -> str:
     return hashlib.sha256(json.dumps([payload, names], sort_keys=True).encode()).hexdigest()
 
 
-def _epoch_files(out: Path) -> dict[int, Path]:
-    files = {}
-    for f in out.glob("epoch_*.pt"):
-        with contextlib.suppress(ValueError):
-            files[int(f.stem.split("_")[1])] = f
-    return files
-
-
 def _load_resume(out: Path, expected: str) -> dict[str, Any] | None:
     last = out / "last.pt"
     if not last.exists():
@@ -170,11 +162,11 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
     state = _load_resume(out, expected)
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
-        stale = sorted(_epoch_files(out).values()) + ([out / "last.pt"] if (out / "last.pt").exists() else [])
+        stale = sorted(checkpoint.epoch_files(out).values()) + ([out / "last.pt"] if (out / "last.pt").exists() else [])
         for f in stale:
             f.unlink()
     else:
-        for e, f in _epoch_files(out).items():
+        for e, f in checkpoint.epoch_files(out).items():
             if e > state["epoch"]:
                 f.unlink()
 

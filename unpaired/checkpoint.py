@@ -23,6 +23,16 @@ from unpaired.files import atomic_write_bytes
 FORMAT = "unpaired.generators/1"
 
 
+def epoch_files(folder: str | Path) -> dict[int, Path]:
+    """{epoch: path} of the `epoch_NNN.pt` files in `folder`, in epoch order."""
+    found = {}
+    for f in Path(folder).glob("epoch_*.pt"):
+        stem = f.stem.split("_", 1)[1]
+        if stem.isdigit():
+            found[int(stem)] = f
+    return dict(sorted(found.items()))
+
+
 def save(obj: dict[str, Any], path: str | Path) -> None:
     """torch.save through a temp file + fsync + rename: a crash leaves the old file or the new one."""
     buf = io.BytesIO()

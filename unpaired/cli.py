@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from unpaired.errors import UserError, main_guard
+from unpaired.images import IMAGE_SUFFIXES, to_float, to_uint8
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -93,12 +93,12 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
             ph, pw = (-h) % 4, (-w) % 4
             for i in range(0, len(group), batch_size):
                 chunk = group[i:i + batch_size]
-                x = torch.stack([images[n] for n in chunk]).float().div(127.5).sub(1).to(dev)
+                x = to_float(torch.stack([images[n] for n in chunk])).to(dev)
                 if ph or pw:   # reflect needs pad < size: tiny inputs fall back to replicate
                     mode = "reflect" if ph < h and pw < w else "replicate"
                     x = F.pad(x, (0, pw, 0, ph), mode=mode)
                 y = net(x)[..., :h, :w]
-                y = y.add(1).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+                y = to_uint8(y).permute(0, 2, 3, 1).cpu().numpy()
                 for n, arr in zip(chunk, y):
                     tmp = out_dir / f".{n}.tmp"
                     Image.fromarray(arr).save(tmp, format="PNG")

@@ -17,7 +17,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_kid import kid_features_to_metric
 
-from unpaired.images import read_uint8
+from unpaired.images import read_uint8, to_float, to_uint8
 
 Features = Callable[[torch.Tensor], torch.Tensor]   # uint8 N×3×H×W → float N×D
 KID_SEED = 2020
@@ -30,14 +30,6 @@ def load_images(folder: Path) -> tuple[list[str], torch.Tensor]:
     if not files:
         return [], torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return [f.name for f in files], torch.stack([read_uint8(f) for f in files])
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 @torch.no_grad()

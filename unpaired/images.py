@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 RESAMPLE = Image.Resampling.LANCZOS
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 SKIP_REASONS = ("empty", "not_image", "truncated", "unreadable", "too_small", "duplicate")
 
 
@@ -100,6 +101,16 @@ def png_bytes(img: Image.Image) -> bytes:
 def read_rgb(path: str | Path) -> Image.Image:
     """Read a file as RGB for tools (translate, evaluate); raises Skip on a bad file."""
     return decode(Path(path).read_bytes(), str(path))
+
+
+def to_float(images):
+    """uint8 pixels (tensor) → float in [-1, 1], the generators' range."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images):
+    """Float in [-1, 1] (tensor) → uint8 pixels, rounded."""
+    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).byte()
 
 
 def read_uint8(path: str | Path):

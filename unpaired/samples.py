@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from unpaired.images import read_uint8
+from unpaired.images import read_uint8, to_float
 from torchvision.utils import make_grid
 
 
@@ -17,7 +17,7 @@ def fixed_images(folder: Path, count: int, size: int) -> torch.Tensor:
     if not files:
         return torch.empty(0, 3, size, size)
     imgs = [TF.resize(read_uint8(f), [size, size], antialias=True) for f in files]
-    return torch.stack(imgs).float().div(127.5).sub(1.0)
+    return to_float(torch.stack(imgs))
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
+from unpaired.images import IMAGE_SUFFIXES
 from unpaired.params import Params, check, parse
 from unpaired.sources.archives import members
 from unpaired.sources.base import FetchContext, SourceError
@@ -17,7 +18,6 @@ from unpaired.files import sha256_of
 from unpaired.sources.download import download
 
 CYCLEGAN_DATASETS = "https://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{name}.zip"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)

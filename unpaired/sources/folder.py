@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unpaired.images import IMAGE_SUFFIXES
 from unpaired.params import Params, check, parse
-from unpaired.sources.archive import IMAGE_SUFFIXES
 from unpaired.sources.base import FetchContext, SourceError
 
 
