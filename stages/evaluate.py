@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from stages.train import resolve_device
+from unpaired.devices import resolve_device
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.evaluation import fid_kid, inception_features, labelled_grid, load_images, translate

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
+from unpaired.devices import resolve_device
 from unpaired.samples import fixed_images, grid, triplets
 from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, load_folder,
                                lr_factor, optimizers, train_step)
@@ -72,10 +73,8 @@ class TrainParams(params.Params):
           "lambda_cycle and lambda_identity must be >= 0")
         c(self.pool_size >= 0, f"{prefix}.pool_size", f"must be >= 0, got {self.pool_size}")
         c(self.samples >= 0, f"{prefix}.samples", f"must be >= 0, got {self.samples}")
-        for key in ("load_size", "crop_size"):
-            value = getattr(self, key)
-            c(value >= 16 and value % 4 == 0, f"{prefix}.{key}",
-              f"must be a multiple of 4 and >= 16 (the generator downsamples twice), got {value}")
+        c(self.crop_size >= 16 and self.crop_size % 4 == 0, f"{prefix}.crop_size",
+          f"must be a multiple of 4 and >= 16 (the generator downsamples twice), got {self.crop_size}")
         c(self.crop_size <= self.load_size, f"{prefix}.crop_size",
           f"must be <= {prefix}.load_size ({self.load_size}), got {self.crop_size}")
         smallest = 3 * 2 ** self.n_layers   # the PatchGAN's last feature map must stay >= 2×2
@@ -86,23 +85,6 @@ class TrainParams(params.Params):
           f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
         c(self.precision in ("auto", "bf16", "fp32"), f"{prefix}.precision",
           f"unknown precision {self.precision!r}; use auto, bf16 or fp32")
-
-
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            params.fail(key, f"{name!r} requested but CUDA is not available here; use auto or cpu")
-        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
-            params.fail(key, f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if name == "mps" and not torch.backends.mps.is_available():
-        params.fail(key, "'mps' requested but MPS is not available here; use auto or cpu")
-    return torch.device(name)
 
 
 def autocast_for(device: torch.device, precision: str):

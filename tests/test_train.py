@@ -235,7 +235,7 @@ def test_killed_checkpoint_write_leaves_previous_loadable(tmp_path):
 @pytest.mark.parametrize("raw, key", [
     ({"crop_size": 80, "load_size": 72}, "train.crop_size"),
     ({"crop_size": 62, "load_size": 72}, "train.crop_size"),
-    ({"load_size": 70}, "train.load_size"),
+    ({"load_size": 60}, "train.crop_size"),
     ({"crop_size": 16, "load_size": 20}, "train.crop_size"),
     ({"device": "gpu"}, "train.device"),
     ({"precision": "fp8"}, "train.precision"),
@@ -245,6 +245,11 @@ def test_killed_checkpoint_write_leaves_previous_loadable(tmp_path):
 def test_bad_params_name_the_key(raw, key):
     with pytest.raises(ParamsError, match=f"^params.yaml: {key}: "):
         parse(TrainParams, raw, "train")
+
+
+def test_the_papers_sizes_are_accepted():
+    p = parse(TrainParams, {"load_size": 286, "crop_size": 256, "n_blocks": 9, "ngf": 64, "ndf": 64}, "train")
+    assert (p.load_size, p.crop_size) == (286, 256)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -55,7 +55,7 @@ def _out_names(files: list[Path]) -> list[str]:
 def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction: str = "AtoB",
                     size: int | None = None, batch_size: int = 8, device: str = "auto") -> tuple[int, list[str]]:
     """Translate every readable input into `out`; returns (written, skipped descriptions)."""
-    from stages.train import resolve_device
+    from unpaired.devices import resolve_device
     from unpaired.checkpoint import load_generator
     from unpaired.images import Skip, read_uint8
 

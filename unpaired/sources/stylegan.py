@@ -1,0 +1,131 @@
+"""`stylegan` source: faces (or anything) synthesized by a pretrained StyleGAN2(-ADA) network.
+
+`network` is an official stylegan2-ada-pytorch pickle (e.g. NVIDIA's FFHQ networks, licensed for
+non-commercial use only) or a generator saved by unpaired, given as a path or a URL (downloaded once
+into the domain's cache, checked against `sha256` when given). It is loaded by safe_pickle.py, which
+never runs code from the file, into the plain-PyTorch generator of stylegan2.py.
+
+Seed s gives the latent RandomState(s).randn(z_dim), as the official generate.py draws it, so the
+same seed and psi give the same face as the official tool. Images are synthesized in batches,
+converted to 8 bits the way generate.py does, downscaled to `size` with antialiasing and written as
+`seedNNNNN.png`. On CPU the output is deterministic to the byte; batch_size does not change it.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from PIL import Image
+
+from unpaired.devices import resolve_device
+from unpaired.errors import UserError
+from unpaired.files import sha256_of
+from unpaired.params import Params, check, fail, parse
+from unpaired.safe_pickle import load_generator
+from unpaired.sources.base import FetchContext, SourceError
+from unpaired.sources.download import download
+from unpaired.stylegan2 import seed_latents, to_uint8
+
+FFHQ = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/ffhq.pkl"
+WHERE_TO_GET = (f"e.g. NVIDIA's FFHQ network {FFHQ} (non-commercial licence), or a pickle trained "
+                f"with stylegan2-ada-pytorch")
+
+
+def parse_seeds(text: str | int, key: str) -> list[int]:
+    """generate.py's syntax: "0-499" (inclusive), "1,5,9", or a mix like "0-9,100"."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        lo, _, hi = part.strip().partition("-") if "-" in part.strip()[1:] else (part.strip(), "", "")
+        if not lo.isdigit() or not (hi.isdigit() or not hi):
+            fail(key, f"expected seeds like '0-499' or '1,5,9', got {text!r}")
+        if hi and int(hi) < int(lo):
+            fail(key, f"range {part.strip()!r} ends before it starts")
+        seeds.extend(range(int(lo), int(hi or lo) + 1))
+    check(len(set(seeds)) == len(seeds), key, "lists a seed twice")
+    check(all(0 <= s < 2 ** 32 for s in seeds), key, "seeds must be in [0, 2**32)")
+    return seeds
+
+
+@dataclass(frozen=True)
+class StyleGANParams(Params):
+    network: str = ""                 # path or http(s) URL of the network pickle
+    sha256: str | None = None         # optional checksum of the network file
+    seeds: str = "0-99"               # which latents: "0-499", "1,5,9" (one image per seed)
+    truncation_psi: float = 0.7
+    noise_mode: str = "const"         # const, random (seeded per image) or none
+    batch_size: int = 16
+    size: int = 256                   # output side in pixels (downscaled with antialiasing)
+    device: str = "auto"
+    precision: str = "auto"           # auto: the network's fp16 layers on CUDA; fp32 everywhere
+    licence: str = "NVIDIA Source Code License-NC (non-commercial) for NVIDIA's networks"
+
+    def validate(self, prefix: str) -> None:
+        check(bool(self.network), f"{prefix}.network",
+              f"required: a StyleGAN2-ADA network pickle (path or URL), {WHERE_TO_GET}")
+        parse_seeds(self.seeds, f"{prefix}.seeds")
+        check(self.noise_mode in ("const", "random", "none"), f"{prefix}.noise_mode",
+              f"must be const, random or none, got {self.noise_mode!r}")
+        check(-1.0 <= self.truncation_psi <= 2.0, f"{prefix}.truncation_psi",
+              f"must be in [-1, 2] (0.7 is usual), got {self.truncation_psi}")
+        check(self.batch_size > 0, f"{prefix}.batch_size", f"must be > 0, got {self.batch_size}")
+        check(self.size >= 8, f"{prefix}.size", f"must be >= 8, got {self.size}")
+        check(self.precision in ("auto", "fp32"), f"{prefix}.precision",
+              f"must be auto or fp32, got {self.precision!r}")
+        check(self.sha256 is None or len(self.sha256) == 64, f"{prefix}.sha256", "must be 64 hex digits")
+
+
+def network_file(p: StyleGANParams, ctx: FetchContext) -> Path:
+    if urlparse(p.network).scheme in ("http", "https"):
+        name = Path(urlparse(p.network).path).name or "network.pkl"
+        cached = ctx.cache_dir / f"{hashlib.sha256(p.network.encode()).hexdigest()[:12]}-{name}"
+        return download(p.network, cached, key=f"{ctx.key}.network", sha256=p.sha256, timeout=120)
+    path = Path(p.network).expanduser()
+    if not path.is_file():
+        raise SourceError(f"{ctx.key}.network: {path} not found; give a StyleGAN2-ADA network pickle "
+                          f"path or URL, {WHERE_TO_GET}")
+    if p.sha256 is not None and sha256_of(path) != p.sha256.lower():
+        raise SourceError(f"{ctx.key}.sha256: {path} does not match the sha256 in params")
+    return path
+
+
+def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
+    p = parse(StyleGANParams, raw, ctx.key)
+    seeds = parse_seeds(p.seeds, f"{ctx.key}.seeds")
+    device = resolve_device(p.device, f"{ctx.key}.device")
+    path = network_file(p, ctx)
+    digest = sha256_of(path)
+    try:
+        G = load_generator(path).to(device)
+    except UserError as err:
+        raise SourceError(f"{ctx.key}.network: {err}") from None
+    rows = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(seeds), p.batch_size):
+            batch = seeds[i:i + p.batch_size]
+            z = seed_latents(batch, G.z_dim).float().to(device)
+            # One noise generator per image, seeded by its seed: the noise of an image does not
+            # depend on the batch it falls in (the official tool draws from the global RNG).
+            gens = None
+            if p.noise_mode == "random":
+                gens = [torch.Generator(device=device).manual_seed(s) for s in batch]
+            images = G(z, p.truncation_psi, noise_mode=p.noise_mode, fused=False,
+                       allow_fp16=p.precision == "auto", generator=gens)
+            for seed, img in zip(batch, to_uint8(images).cpu().numpy()):
+                im = Image.fromarray(img)
+                if im.size != (p.size, p.size):
+                    im = im.resize((p.size, p.size), Image.Resampling.LANCZOS)
+                name = f"seed{seed:05d}.png"
+                im.save(ctx.out_dir / name, compress_level=6)
+                rows.append({"file": name, "source": "stylegan",
+                             "origin": f"{path.name}@sha256:{digest[:16]}#seed={seed},"
+                                       f"psi={p.truncation_psi},noise={p.noise_mode}",
+                             "licence": p.licence})
+    print(f"{ctx.key}: {len(rows)} images from {path.name} on {device} "
+          f"({len(rows) / (time.perf_counter() - start):.1f} images/s)")
+    return rows
