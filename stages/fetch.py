@@ -3,7 +3,8 @@
     python -m stages.fetch a        # reads params.yaml domains.a
 
 The source writes into a temporary directory that replaces data/raw/<domain> only when complete.
-Downloads go through data/cache/<domain>/, which survives re-runs.
+Downloads go through data/cache/ (shared by the domains, so one archive serves both), which
+survives re-runs.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def fetch_domain(domain: str, params_file: Path = params.PARAMS_FILE, raw_root: 
     raw = {k: v for k, v in spec.items() if k != "source"}
     target = raw_root / domain
     with atomic_dir(target) as tmp:
-        ctx = FetchContext(domain=domain, key=key, out_dir=tmp, cache_dir=cache_root / domain,
+        ctx = FetchContext(domain=domain, key=key, out_dir=tmp, cache_dir=cache_root,
                            workers=workers or default_workers())
         rows = fetch(raw, ctx)
         if not rows:

@@ -131,7 +131,7 @@ def test_download_failures_are_one_line_and_leave_nothing(server, tmp_path, monk
     message = str(err.value)
     assert message.startswith("domains.a.url: ") and words in message and "\n" not in message
     assert not (tmp_path / "raw" / "a").exists()
-    assert [p.name for p in (tmp_path / "cache" / "a").glob("*.part-*")] == []
+    assert [p.name for p in (tmp_path / "cache").glob("*.part-*")] == []
 
 
 def test_stalled_server_times_out(server, tmp_path, monkeypatch):

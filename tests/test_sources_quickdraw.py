@@ -74,7 +74,7 @@ def test_bad_downloads_are_refused_and_not_cached(server, tmp_path, body, status
         run_fetch(tmp_path, qd(server))
     assert str(err.value).startswith("domains.a.base_url: ") and words in str(err.value)
     assert not (tmp_path / "raw" / "a").exists()
-    assert not (tmp_path / "cache" / "a" / "quickdraw" / "dragon.bin").exists()
+    assert not (tmp_path / "cache" / "quickdraw" / "dragon.bin").exists()
 
 
 def test_too_few_drawings_and_unknown_category(server, tmp_path):

@@ -6,6 +6,9 @@ from typing import Any
 
 from unpaired.params import fail
 from unpaired.sources import archive, doodles, flares, folder, quickdraw
+from unpaired.sources import kaggle
+from unpaired.sources import stylegan
+from unpaired.sources import web
 from unpaired.sources.base import FetchContext
 
 Source = Callable[[dict[str, Any], FetchContext], list[dict[str, Any]]]
@@ -15,7 +18,10 @@ SOURCES: dict[str, Source] = {
     "flares": flares.fetch,
     "archive": archive.fetch,
     "folder": folder.fetch,
+    "kaggle": kaggle.fetch,
     "quickdraw": quickdraw.fetch,
+    "stylegan": stylegan.fetch,
+    "web": web.fetch,
 }
 
 

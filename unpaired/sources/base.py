@@ -23,7 +23,8 @@ class FetchContext:
     domain: str        # the domain's name in params.yaml (a, b, ...)
     key: str           # its params key, e.g. "domains.a", for error messages
     out_dir: Path      # empty directory to write images into (renamed into data/raw/<domain> after)
-    cache_dir: Path    # persistent download cache, survives re-runs (data/cache/<domain>)
+    cache_dir: Path    # download cache shared by all domains, survives re-runs (data/cache);
+                       # sources name what they keep there by URL / dataset / keyword
     workers: int       # processes to use
 
 
