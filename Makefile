@@ -23,6 +23,7 @@ push: setup
 
 pull: setup
 	$(UV) run dvc pull || { $(UV) run unpaired remote-status; exit 1; }
+	$(UV) run unpaired unpack
 
 status-remote: setup
 	$(UV) run dvc status --cloud

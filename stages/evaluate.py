@@ -23,10 +23,11 @@ from unpaired.devices import resolve_device
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.evaluation import fid_kid, inception_features, labelled_grid, load_images, translate
-from unpaired.files import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_of
+from unpaired.files import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_of, unpack_view
 from unpaired.report import write_report
 
 DATA = Path("data/prepared")
+PACKED = Path("data/prepared.tar")
 CHECKPOINTS = Path("models/checkpoints")
 CACHE = Path("models/eval_cache")
 BEST = Path("models/best")
@@ -143,6 +144,8 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
 def main() -> None:
     data = params.load()
     p = params.parse(EvaluateParams, params.section(data, "evaluate"), "evaluate")
+    if PACKED.is_file():       # after a `dvc pull` only the tar is there
+        unpack_view(PACKED, DATA)
     evaluate(p, train_params=params.section(data, "train"))
 
 

@@ -1,5 +1,6 @@
 """prepare: data/raw/{a,b} → data/prepared/{trainA,trainB,testA,testB}/*.png + manifest.csv,
-and metrics/prepare.json (kept and skipped counts by reason).
+packed into data/prepared.tar (the DVC output: one remote object instead of thousands; the folder
+is its browsable view, see unpaired/files.py), and metrics/prepare.json (kept and skipped counts).
 
     python -m stages.prepare
 
@@ -22,12 +23,13 @@ from PIL import ImageColor
 
 from unpaired import params
 from unpaired.errors import UserError, main_guard
-from unpaired.files import atomic_dir, atomic_write_json, write_manifest
+from unpaired.files import atomic_dir, atomic_write_json, pack_dir, write_manifest
 from unpaired.images import SKIP_REASONS, Skip, decode, png_bytes, square
 from unpaired.parallel import pmap
 
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
+PACKED = Path("data/prepared.tar")   # the DVC output; data/prepared/ is its browsable view (files.py)
 METRICS = Path("metrics/prepare.json")
 DOMAINS = ("a", "b")
 MANIFEST_COLUMNS = ["file", "domain", "split", "sha256", "width", "height", "origin"]
@@ -154,6 +156,8 @@ def prepare(p: PrepareParams, raw_root: Path = RAW, out: Path = PREPARED, metric
 def main() -> None:
     p = params.parse(PrepareParams, params.section(params.load(), "prepare"), "prepare")
     prepare(p)
+    pack_dir(PREPARED, PACKED)
+    print(f"prepare: packed {PREPARED}/ into {PACKED} (the DVC output; the folder is a view of it)")
 
 
 if __name__ == "__main__":

@@ -25,11 +25,13 @@ from tqdm import tqdm
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.devices import resolve_device
+from unpaired.files import unpack_view
 from unpaired.samples import fixed_images, grid, triplets
 from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, load_folder,
                                lr_factor, optimizers, train_step)
 
 DATA = Path("data/prepared")
+PACKED = Path("data/prepared.tar")
 CHECKPOINTS = Path("models/checkpoints")
 LIVE = Path("metrics/train")
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
@@ -253,6 +255,8 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
 
 def main() -> None:
     p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
+    if PACKED.is_file():       # after a `dvc pull` only the tar is there
+        unpack_view(PACKED, DATA)
     train(p)
 
 

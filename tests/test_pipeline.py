@@ -71,3 +71,16 @@ def test_dvc_plots_render_curves_and_images(project, tmp_path):
     epochs = TINY["train"]["epochs"] + TINY["train"]["epochs_decay"]
     assert page.count("<img") == 2 * epochs           # a training sample and an evaluate grid per epoch
     assert "G_A" in page and "cycle_A" in page          # the loss curves
+
+
+def test_prepared_folder_is_a_view_of_the_tracked_tar(project, tmp_path):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert [o["path"] for o in lock["prepare"]["outs"]] == ["data/prepared.tar", "metrics/prepare.json"]
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, symlinks=True)
+    shutil.rmtree(copy / "data" / "prepared")
+    assert json.loads(dvc(copy, "status", "--json").stdout or "{}") == {}   # the view is not tracked
+    dvc(copy, "repro", "-f", "-s", "evaluate")                              # a stage that reads it
+    assert sorted((copy / "data" / "prepared").rglob("*.png")) and \
+        (copy / "data" / "prepared" / "manifest.csv").read_bytes() == \
+        (project / "data" / "prepared" / "manifest.csv").read_bytes()

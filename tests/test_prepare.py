@@ -2,6 +2,8 @@
 import hashlib
 import io
 import json
+import shutil
+import tarfile
 
 import numpy as np
 import pandas as pd
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from stages.prepare import PrepareParams, is_test, prepare
+from unpaired.files import VIEW_MARK, pack_dir, unpack_view
 from unpaired.errors import UserError
 from unpaired.images import Skip, decode
 from unpaired.params import ParamsError, parse
@@ -217,3 +220,41 @@ def test_split_fraction_is_respected():
     share = np.mean([is_test(h, 3, 0.25) for h in hashes])
     assert 0.23 < share < 0.27
     assert not any(is_test(h, 3, 0.0) for h in hashes)
+
+
+def test_packed_output_and_its_view(tmp_path):
+    raw = make_raw(tmp_path / "raw")
+    out = tmp_path / "prepared"
+    prepare(PrepareParams(size=16, test_fraction=0.0), raw, out, tmp_path / "m.json", workers=1)
+    assert (out / "testA").is_dir() and not any((out / "testA").iterdir())
+    digest = pack_dir(out, tmp_path / "p.tar")
+    first = (tmp_path / "p.tar").read_bytes()
+    assert hashlib.sha256(first).hexdigest() == digest
+    files = tree(out)
+    pack_dir(out, tmp_path / "p.tar")                                  # same files, same bytes
+    assert (tmp_path / "p.tar").read_bytes() == first
+    view = tmp_path / "view"
+    assert unpack_view(tmp_path / "p.tar", view) is True
+    assert tree(view) == files and (view / "testA").is_dir()          # empty split kept
+    assert unpack_view(tmp_path / "p.tar", view) is False              # up to date: untouched
+    (view / "trainA" / next((view / "trainA").iterdir()).name).unlink()
+    shutil.copy(tmp_path / "p.tar", tmp_path / "q.tar")
+    with tarfile.open(tmp_path / "q.tar", "a") as t:                   # a changed tar: view rebuilt
+        t.addfile(tarfile.TarInfo("extra.txt"))
+    assert unpack_view(tmp_path / "q.tar", view) is True
+    assert {k: v for k, v in tree(view).items() if k not in ("extra.txt", VIEW_MARK)} == \
+        {k: v for k, v in files.items() if k != VIEW_MARK}
+    assert (view / VIEW_MARK).read_text().strip() == hashlib.sha256((tmp_path / "q.tar").read_bytes()).hexdigest()
+
+
+def test_a_packed_tar_with_an_escaping_member_is_refused(tmp_path):
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as t:
+        t.addfile(tarfile.TarInfo("trainA/ok.png"))
+        t.addfile(tarfile.TarInfo("../escape.png"))
+    (tmp_path / "view").mkdir()
+    (tmp_path / "view" / "keep.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="refused: member '../escape.png'"):
+        unpack_view(evil, tmp_path / "view")
+    assert [p.name for p in (tmp_path / "view").iterdir()] == ["keep.png"]   # left as it was
+    assert not (tmp_path / "escape.png").exists()

@@ -43,14 +43,23 @@ def origin(tmp_path_factory):
     return repo
 
 
+def unpack(repo: Path) -> None:
+    """What `make pull` runs after `dvc pull`: the browsable data/prepared/ from data/prepared.tar."""
+    run([str(VENV_BIN / "unpaired"), "unpack"], cwd=repo)
+
+
 def assert_round_trip(origin: Path, second: Path) -> None:
     """`second` (a fresh git clone that pulled) equals `origin` and has nothing to do."""
+    assert not (second / "data" / "prepared").exists()      # only the packed tar travels
     status = dvc(second, "status")
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
     repro = dvc(second, "repro")
     assert "Running stage" not in repro.stdout, repro.stdout
+    unpack(second)
     want = snapshot(origin)
     assert snapshot(second) == want and any(k.startswith("models/checkpoints/") for k in want)
+    assert any(k.startswith("data/prepared/trainA/") for k in want)
+    assert "Data and pipelines are up to date." in dvc(second, "status").stdout
 
 
 def test_default_remote_is_a_local_directory():
@@ -142,8 +151,8 @@ def test_pull_reports_exactly_the_missing_outputs(origin, tmp_path):
     obj = lambda md5: storage / "files" / "md5" / md5[:2] / md5[2:]  # noqa: E731
     # Lose the listing of one directory output, and one file of another.
     obj(outs["metrics/samples"]).unlink()
-    listing = json.loads(obj(outs["data/prepared"]).read_text())
-    victim = next(e for e in listing if e["relpath"].startswith("trainA/"))
+    listing = json.loads(obj(outs["data/raw/a"]).read_text())
+    victim = next(e for e in listing if e["relpath"].endswith(".png"))
     obj(victim["md5"]).unlink()
     second = tmp_path / "two"
     git(tmp_path, "clone", "-q", str(origin), str(second))
@@ -152,13 +161,14 @@ def test_pull_reports_exactly_the_missing_outputs(origin, tmp_path):
     assert pulled.returncode == 1
     lines = pulled.stdout.split("missing from remote 'shared':\n")[1].splitlines()
     listed = [line.strip() for line in lines if line.startswith("  ")]
-    assert listed == [f"data/prepared/{victim['relpath']}", "metrics/samples  (the whole output)"], pulled.stdout
+    assert listed == [f"data/raw/a/{victim['relpath']}", "metrics/samples  (the whole output)"], pulled.stdout
     ok = run([str(VENV_BIN / "unpaired"), "remote-status"], cwd=origin, check=False)
     assert ok.returncode == 1 and "metrics/samples" in ok.stdout
-    dvc(origin, "push")               # a plain push trusts the listing and does not mend data/prepared
+    dvc(origin, "push")               # a plain push trusts the listing and does not mend data/raw/a
     still = run([str(VENV_BIN / "unpaired"), "remote-status"], cwd=origin, check=False)
     assert still.returncode == 1 and victim["relpath"] in still.stdout and "metrics/samples" not in still.stdout
     run([str(VENV_BIN / "unpaired"), "remote-status", "--repair"], cwd=origin)
     assert "holds every cached output" in run([str(VENV_BIN / "unpaired"), "remote-status"], cwd=origin).stdout
     dvc(second, "pull")
+    unpack(second)
     assert snapshot(second) == snapshot(origin)

@@ -4,6 +4,7 @@
                        [--batch-size N] [--device auto|cpu|cuda|mps]
     unpaired export CHECKPOINT --direction AtoB --format onnx --out FILE
     unpaired remote-status [--remote NAME] [--repair]   # which outputs a DVC remote is missing
+    unpaired unpack                   # rebuild the browsable data/prepared/ from data/prepared.tar
 
 CHECKPOINT is any epoch_NNN.pt, last.pt or models/best/generators.pt. Inputs are files, folders
 (searched recursively) or glob patterns. Images of any size work: each is reflect-padded to a
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("remote-status", help="name the pipeline outputs a DVC remote is missing")
     r.add_argument("--remote", default=None, help="remote name (default: the default remote)")
     r.add_argument("--repair", action="store_true", help="re-upload the missing parts from this clone")
+    sub.add_parser("unpack", help="rebuild the browsable data/prepared/ from data/prepared.tar "
+                                  "(after a dvc pull)")
     args = ap.parse_args(argv)
 
     def run() -> None:
@@ -160,6 +163,13 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "export":
             path = export_onnx(args.checkpoint, args.out, args.direction)
             print(f"exported {args.direction} generator -> {path}")
+        elif args.command == "unpack":
+            from stages.prepare import PACKED, PREPARED
+            from unpaired.files import unpack_view
+            if not PACKED.is_file():
+                raise UserError(f"{PACKED}: not here; run `uv run dvc pull` (or `make repro`) first")
+            done = unpack_view(PACKED, PREPARED)
+            print(f"{PREPARED}/: {'unpacked from' if done else 'already matches'} {PACKED}")
         else:
             from unpaired.remote import report
             raise SystemExit(report(".", args.remote, args.repair))
