@@ -63,7 +63,7 @@ class KaggleApiServer:
 
     def __init__(self, storage: Server):
         self.storage, self.datasets, self.requests = storage, {}, []
-        self.storage_mode = ""     # how storage serves the zip: "", "short" or "stall" (see Server)
+        self.storage_mode = ""     # how storage serves the zip: "", "flaky", "short" or "stall" (see Server)
         api = self
         datasets, requests = self.datasets, self.requests
         valid = {f"Basic {SECRETS[3]}", f"Bearer {TOKEN}"}
@@ -82,7 +82,9 @@ class KaggleApiServer:
                     self.reply(404, {"code": 404, "message": "Not found"})
                 elif self.path == DOWNLOAD:
                     signed = f"/kaggle-data-sets/{len(storage.routes) + 1}/archive.zip?X-Goog-Signature=0ab1"
-                    storage.routes[signed] = (200, datasets[ref], api.storage_mode)
+                    # "flaky": the first signed URL answers 503 once; the client asks the API again
+                    mode = "" if api.storage_mode == "flaky" and storage.routes else api.storage_mode
+                    storage.routes[signed] = (200, datasets[ref], mode)
                     self.send_response(302)
                     self.send_header("Location", storage.url + signed)
                     self.send_header("Content-Length", "0")
@@ -149,6 +151,7 @@ def kaggle_api(servers, tmp_path, monkeypatch):
         state.clear()
     servers.datasets[DATASET] = simpsons_zip()
     servers.storage_mode = ""
+    monkeypatch.setattr("unpaired.sources.kaggle.sleep", lambda s: None)   # no backoff waits here
     return servers
 
 
@@ -308,3 +311,11 @@ def test_broken_downloads_leave_nothing_in_the_cache(kaggle_api, env_credentials
         run_fetch(tmp_path, params(timeout=0.3))
     assert str(err.value) == words
     assert not (tmp_path / "raw" / "a").exists() and list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_transient_storage_error_is_retried(kaggle_api, env_credentials, tmp_path):
+    kaggle_api.storage_mode = "flaky"           # 503 on the first request, then the zip
+    out = run_fetch(tmp_path, params(subdir="cropped", count=2))
+    assert len(list(out.glob("*.png"))) == 2
+    assert sorted(kaggle_api.storage.hits.values()) == [1, 1]        # two signed URLs, one each
+    assert [r[0] for r in kaggle_api.requests].count(DOWNLOAD) == 2

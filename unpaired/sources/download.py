@@ -9,6 +9,7 @@ import os
 import tempfile
 from time import sleep
 from pathlib import Path
+from typing import BinaryIO
 
 import requests
 
@@ -21,6 +22,19 @@ USER_AGENT = "unpaired-dataset-builder/0.1 (+https://dvc.org)"
 
 class _Retry(Exception):
     pass
+
+
+def write_body(response: requests.Response, f: BinaryIO) -> str:
+    """Stream the body into `f`; "" if complete, else what is wrong ("body cut short (...)")."""
+    size = 0
+    for chunk in response.iter_content(1 << 16):
+        f.write(chunk)
+        size += len(chunk)
+    expected = response.headers.get("Content-Length")
+    if expected is not None and response.headers.get("Content-Encoding") in (None, "identity") \
+            and int(expected) != size:
+        return f"body cut short ({size} of {expected} bytes)"
+    return ""
 
 
 def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeout: float = 30.0,
@@ -41,14 +55,9 @@ def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeo
                     raise _Retry(f"HTTP {r.status_code}")
                 if r.status_code != 200:
                     raise SourceError(f"{key}: {url} answered HTTP {r.status_code}; check the URL")
-                size = 0
-                for chunk in r.iter_content(1 << 16):
-                    f.write(chunk)
-                    size += len(chunk)
-                expected = r.headers.get("Content-Length")
-                if expected is not None and r.headers.get("Content-Encoding") in (None, "identity") \
-                        and int(expected) != size:
-                    raise _Retry(f"body cut short ({size} of {expected} bytes)")
+                short = write_body(r, f)
+                if short:
+                    raise _Retry(short)
             if sha256 is not None and sha256_of(Path(tmp)) != sha256.lower():
                 raise SourceError(f"{key}: {url} does not match the sha256 in params; "
                                   f"the file changed or the checksum is wrong")

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import tempfile
+from time import sleep
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ from unpaired.images import IMAGE_SUFFIXES
 from unpaired.params import Params, check, parse
 from unpaired.sources.archives import members
 from unpaired.sources.base import FetchContext, SourceError
+from unpaired.sources.download import RETRY_STATUS, write_body
 
 DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+RETRIES, BACKOFF = 3, 1.0   # as downloads of other sources (download.py)
 CREDENTIALS = ("set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY, or put kaggle.json in ~/.kaggle/ "
                "(https://www.kaggle.com/settings → API)")
 
@@ -97,12 +100,22 @@ def _download(dataset: str, dest: Path, about: Path, *, key: str, timeout: float
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.part-", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f, _quiet(), _client(key, timeout) as client:
-            try:
-                _stream(client, dataset, f, key)
-            except SourceError:
-                raise
-            except Exception as err:  # noqa: BLE001 - anything from the package becomes one line
-                raise SourceError(_explain(err, dataset, key)) from None
+            for attempt in range(RETRIES + 1):     # transient failures: bounded retry with backoff
+                if attempt:
+                    sleep(BACKOFF * 2 ** (attempt - 1))
+                    f.seek(0)
+                    f.truncate()
+                try:
+                    short = _stream(client, dataset, f)
+                except Exception as err:  # noqa: BLE001 - anything from the package becomes one line
+                    if attempt < RETRIES and _transient(err):
+                        continue
+                    raise SourceError(_explain(err, dataset, key)) from None
+                if not short:
+                    break
+                if attempt == RETRIES:
+                    raise SourceError(f"{key}: the download of {dataset} from Kaggle failed after "
+                                      f"{RETRIES + 1} tries: {short}; re-run")
             licence = _dataset_licence(client, dataset)
         if not zipfile.is_zipfile(tmp):
             raise SourceError(f"{key}: Kaggle sent something that is not a zip archive for {dataset}; "
@@ -115,7 +128,14 @@ def _download(dataset: str, dest: Path, about: Path, *, key: str, timeout: float
             os.unlink(tmp)
 
 
-def _stream(client: Any, dataset: str, f: BinaryIO, key: str) -> None:
+def _transient(err: BaseException) -> bool:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    return status in RETRY_STATUS or isinstance(err, (requests.ConnectionError, requests.Timeout,
+                                                      requests.exceptions.ChunkedEncodingError))
+
+
+def _stream(client: Any, dataset: str, f: BinaryIO) -> str:
+    """The dataset's zip into `f`; "" if complete, else what went wrong."""
     from kagglesdk.datasets.types.dataset_api_service import ApiDownloadDatasetRequest
 
     request = ApiDownloadDatasetRequest()
@@ -123,15 +143,7 @@ def _stream(client: Any, dataset: str, f: BinaryIO, key: str) -> None:
     # The API answers with a redirect to the zip on signed storage, which requests follows (without the
     # credentials, as the host differs): the response is that zip, not yet read.
     with client.datasets.dataset_api_client.download_dataset(request) as response:
-        size = 0
-        for chunk in response.iter_content(1 << 16):
-            f.write(chunk)
-            size += len(chunk)
-        expected = response.headers.get("Content-Length")
-        if expected is not None and response.headers.get("Content-Encoding") in (None, "identity") \
-                and int(expected) != size:
-            raise SourceError(f"{key}: the download of {dataset} from Kaggle was cut short "
-                              f"({size} of {expected} bytes); re-run")
+        return write_body(response, f)
 
 
 def _dataset_licence(client: Any, dataset: str) -> str:
