@@ -11,7 +11,8 @@ source's batched synthesis, same network, same device, printed side by side with
     → uint8 → host. With --official, that loop runs the official networks.py Generator (your checkout
     of NVlabs/stylegan2-ada-pytorch; its CUDA ops fall back to their reference code off CUDA) with
     the same weights; without it, the same loop runs this project's generator.
-(b) the source: batches of --batch seeds, batched modulated convolution, inference mode.
+(b) the source on a GPU: batches of --batch seeds, batched modulated convolution, inference mode.
+    (On a CPU the source goes one seed at a time, as (a): batching is slower there, see README.)
 Without --network, a random network shaped like NVIDIA's FFHQ 256 px pickles (paper256 config).
 """
 from __future__ import annotations
@@ -92,15 +93,17 @@ def main() -> None:
     ref = official_generator(args.official, G, device) if args.official else G
     loop_one_by_one(ref, seeds[:2], args.psi, device, args.official is not None)   # warm-up
     a = loop_one_by_one(ref, seeds, args.psi, device, args.official is not None)
+    ours = loop_one_by_one(G, seeds, args.psi, device, False) if args.official else a
     b = batched(G, seeds, args.psi, args.batch, device)
     c = G.cfg
     print(f"network: {c.img_resolution} px, z {c.z_dim}, fp16 blocks {c.num_fp16_res}, "
           f"{sum(p.numel() for p in G.parameters()):,} parameters; device {device}, "
           f"{torch.get_num_threads()} threads; {args.count} seeds")
-    who = "official networks.py" if args.official else "this generator, official choices"
-    print(f"(a) one seed per call ({who}): {a:8.2f} images/s")
-    print(f"(b) batched, batch {args.batch:<4}                       : {b:8.2f} images/s")
-    print(f"ratio b/a: {b / a:.2f}x")
+    who = "official networks.py" if args.official else "this generator"
+    print(f"(a) one seed per call, {who:<22}: {a:8.2f} images/s")
+    if args.official:
+        print(f"(a') one seed per call, this generator      : {ours:8.2f} images/s   ({ours / a:.2f}x)")
+    print(f"(b) batched, batch {args.batch:<4}, this generator    : {b:8.2f} images/s   ({b / a:.2f}x)")
 
 
 if __name__ == "__main__":

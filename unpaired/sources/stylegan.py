@@ -8,7 +8,7 @@ never runs code from the file, into the plain-PyTorch generator of stylegan2.py.
 Seed s gives the latent RandomState(s).randn(z_dim), as the official generate.py draws it, so the
 same seed and psi give the same face as the official tool. Images are synthesized in batches,
 converted to 8 bits the way generate.py does, downscaled to `size` with antialiasing and written as
-`seedNNNNN.png`. On CPU the output is deterministic to the byte; batch_size does not change it.
+`seedNNNNN.png`. On CPU the output is deterministic to the byte and equals the official tool's.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class StyleGANParams(Params):
     seeds: str = "0-99"               # which latents: "0-499", "1,5,9" (one image per seed)
     truncation_psi: float = 0.7
     noise_mode: str = "const"         # const, random (seeded per image) or none
-    batch_size: int = 16
+    batch_size: int = 16              # images per pass on a GPU (a CPU goes one by one)
     size: int = 256                   # output side in pixels (downscaled with antialiasing)
     device: str = "auto"
     precision: str = "auto"           # auto: the network's fp16 layers on CUDA; fp32 everywhere
@@ -103,18 +103,22 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
         G = load_generator(path).to(device)
     except UserError as err:
         raise SourceError(f"{ctx.key}.network: {err}") from None
+    # On a GPU, batches; on a CPU one image per pass, in the official (grouped-convolution) form:
+    # there, batching is slower (memory-bound: benchmarks/stylegan.py) and this form is the official
+    # tool's own arithmetic, so CPU output equals its output to the bit.
+    per_pass = 1 if device.type == "cpu" else p.batch_size
     rows = []
     start = time.perf_counter()
     with torch.inference_mode():
-        for i in range(0, len(seeds), p.batch_size):
-            batch = seeds[i:i + p.batch_size]
+        for i in range(0, len(seeds), per_pass):
+            batch = seeds[i:i + per_pass]
             z = seed_latents(batch, G.z_dim).float().to(device)
             # One noise generator per image, seeded by its seed: the noise of an image does not
             # depend on the batch it falls in (the official tool draws from the global RNG).
             gens = None
             if p.noise_mode == "random":
                 gens = [torch.Generator(device=device).manual_seed(s) for s in batch]
-            images = G(z, p.truncation_psi, noise_mode=p.noise_mode, fused=False,
+            images = G(z, p.truncation_psi, noise_mode=p.noise_mode, fused=per_pass == 1,
                        allow_fp16=p.precision == "auto", generator=gens)
             for seed, img in zip(batch, to_uint8(images).cpu().numpy()):
                 im = Image.fromarray(img)
