@@ -245,3 +245,21 @@ def test_stylegan_source_errors(tmp_path, persistence):
     with pytest.raises(SourceError, match=r"^domains.a.network: .*posix.system.*refused"):
         run_fetch(tmp_path, fetch_body(evil))
     assert not (tmp_path / "raw" / "a").exists()
+
+
+def test_kwargs_as_converted_networks_write_them(tmp_path, persistence):
+    """NVIDIA's converted networks spell out every kwarg (legacy.py's convert_tf_generator)."""
+    g = small_generator()
+    kwargs = official_kwargs(g)
+    kwargs["mapping_kwargs"].update(embed_features=None, layer_features=16, activation="lrelu",
+                                    lr_multiplier=0.01, w_avg_beta=0.995)
+    kwargs["synthesis_kwargs"].update(resample_filter=[1, 3, 3, 1], use_noise=True, activation="lrelu")
+    rec = record_of(g, kwargs)
+    (tmp_path / "conv.pkl").write_bytes(pickle.dumps({"G_ema": rec}, protocol=4))
+    with torch.no_grad():
+        z = seed_latents([4], 16)
+        assert torch.equal(load_generator(tmp_path / "conv.pkl")(z, 0.7), g(z, 0.7))
+    kwargs["synthesis_kwargs"]["architecture"] = "resnet"
+    (tmp_path / "resnet.pkl").write_bytes(pickle.dumps({"G_ema": record_of(g, kwargs)}, protocol=4))
+    with pytest.raises(UserError, match=r"synthesis_kwargs.architecture='resnet' is not supported"):
+        load_generator(tmp_path / "resnet.pkl")

@@ -144,9 +144,10 @@ GENERATOR_ARGS = ["z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "
                   "synthesis_kwargs"]
 MAPPING_KEYS = {"num_layers": "mapping_layers", "lr_multiplier": "mapping_lr_multiplier"}
 SYNTHESIS_KEYS = {"channel_base", "channel_max", "num_fp16_res", "conv_clamp", "resample_filter"}
-DEFAULTS_WE_MATCH = {"architecture": "skip", "activation": "lrelu", "embed_features": None,
-                     "layer_features": None, "w_avg_beta": 0.995, "fp16_channels_last": False,
-                     "kernel_size": 3, "use_noise": True}
+DEFAULTS_WE_MATCH = {"architecture": "skip", "activation": "lrelu", "kernel_size": 3, "use_noise": True}
+# Accepted whatever their value: training-only (w_avg_beta), memory layout (fp16_channels_last), the
+# label embedding of conditional networks (refused elsewhere). layer_features must be w_dim (or None).
+IGNORED = {"w_avg_beta", "fp16_channels_last", "embed_features"}
 
 
 def config_from_record(g: Persistent, where: str) -> GeneratorConfig:
@@ -163,6 +164,8 @@ def config_from_record(g: Persistent, where: str) -> GeneratorConfig:
         for key, value in dict(kwargs.get(group) or {}).items():
             if key in names:
                 values[names[key] if isinstance(names, dict) else key] = value
+            elif key in IGNORED or (key == "layer_features" and value in (None, values["w_dim"])):
+                extra[key] = value
             elif key in DEFAULTS_WE_MATCH and value == DEFAULTS_WE_MATCH[key]:
                 extra[key] = value
             elif key in DEFAULTS_WE_MATCH:
