@@ -2,9 +2,7 @@
 (`dvc exp run -S preset=<name>`)."""
 import io
 import json
-import os
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,18 +4,13 @@ CycleGAN benchmark sets (`https://efrosgans.eecs.berkeley.edu/cyclegan/datasets/
 is used (see archives.py)."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlparse
 
-from unpaired.images import IMAGE_SUFFIXES
 from unpaired.params import Params, check, parse
-from unpaired.sources.archives import members
+from unpaired.sources.archives import images_under
 from unpaired.sources.base import FetchContext, SourceError
-from unpaired.files import sha256_of
-from unpaired.sources.download import download
+from unpaired.sources.download import locate
 
 CYCLEGAN_DATASETS = "https://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{name}.zip"
 
@@ -39,30 +34,14 @@ class ArchiveParams(Params):
 
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     p = parse(ArchiveParams, raw, ctx.key)
-    if urlparse(p.url).scheme in ("http", "https"):
-        name = Path(urlparse(p.url).path).name or "archive"
-        cached = ctx.cache_dir / f"{hashlib.sha256(p.url.encode()).hexdigest()[:12]}-{name}"
-        path = download(p.url, cached, key=f"{ctx.key}.url", sha256=p.sha256, timeout=p.timeout)
-    else:
-        path = Path(p.url).expanduser()
-        if not path.is_file():
-            raise SourceError(f"{ctx.key}.url: {path} is not a file; give a URL or an existing archive path")
-        if p.sha256 is not None and sha256_of(path) != p.sha256.lower():
-            raise SourceError(f"{ctx.key}.sha256: {path} does not match the sha256 in params")
-    prefix = PurePosixPath(p.member.strip("/")) if p.member.strip("/") else None
-    selected = []
-    for member, data in members(path, f"{ctx.key}.url"):
-        if prefix is not None and prefix not in member.parents:
-            continue
-        if member.suffix.lower() in IMAGE_SUFFIXES and not member.name.startswith("."):
-            selected.append((member, data))
+    path = locate(p.url, ctx.cache_dir, key=f"{ctx.key}.url", sha256=p.sha256, timeout=p.timeout,
+                  missing="is not a file; give a URL or an existing archive path")
+    selected = images_under(path, p.member, f"{ctx.key}.url")
     if not selected:
         raise SourceError(f"{ctx.key}.member: no images under {p.member or 'the archive root'!r} in "
                           f"{path.name}; check the folder name inside the archive")
-    selected.sort(key=lambda m: m[0].as_posix())
     rows = []
-    for member, data in selected[:p.count]:
-        rel = member.relative_to(prefix) if prefix is not None else member
+    for member, rel, data in selected[:p.count]:
         name = "__".join(rel.parts)
         (ctx.out_dir / name).write_bytes(data)
         rows.append({"file": name, "source": "archive", "origin": f"{p.url}#{member.as_posix()}",

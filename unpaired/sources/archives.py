@@ -9,6 +9,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from unpaired.images import IMAGE_SUFFIXES
 from unpaired.sources.base import SourceError
 
 
@@ -51,3 +52,16 @@ def members(archive: Path, where: str) -> Iterator[tuple[PurePosixPath, bytes]]:
                           f"the cache and re-run, or check the URL") from None
     raise SourceError(f"{where}: {archive.name} is not a readable zip or tar archive (corrupt, or not an "
                       f"archive at all); check the URL")
+
+
+def images_under(archive: Path, folder: str, where: str) -> list[tuple[PurePosixPath, PurePosixPath, bytes]]:
+    """(member path, path relative to `folder`, bytes) of every image under `folder` ("" = all) of
+    an archive, sorted by member path; hidden files (.DS_Store ...) are not images."""
+    prefix = PurePosixPath(folder.strip("/")) if folder.strip("/") else None
+    found = []
+    for member, data in members(archive, where):
+        if prefix is not None and prefix not in member.parents:
+            continue
+        if member.suffix.lower() in IMAGE_SUFFIXES and not member.name.startswith("."):
+            found.append((member, member.relative_to(prefix) if prefix else member, data))
+    return sorted(found, key=lambda m: m[0].as_posix())

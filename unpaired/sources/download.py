@@ -5,11 +5,13 @@ HTTP 5xx and 429). Every failure is one `SourceError` line naming the URL and th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from time import sleep
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import urlparse
 
 import requests
 
@@ -76,3 +78,21 @@ def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeo
                 os.unlink(tmp)
     raise SourceError(f"{key}: download of {url} failed after {retries + 1} tries ({last}); "
                       f"check the network and the URL, then re-run")
+
+
+def locate(location: str, cache_dir: Path, *, key: str, sha256: str | None, timeout: float,
+           missing: str) -> Path:
+    """A params value that is an http(s) URL (downloaded once into `cache_dir`, under a name made of
+    the URL's hash and file name) or a local path; either way checked against `sha256` when given.
+    `key` is the params key of `location` (its sibling `sha256` is named on a mismatch); `missing`
+    ends the line for a local path that is not a file."""
+    if urlparse(location).scheme in ("http", "https"):
+        name = Path(urlparse(location).path).name or "download"
+        cached = cache_dir / f"{hashlib.sha256(location.encode()).hexdigest()[:12]}-{name}"
+        return download(location, cached, key=key, sha256=sha256, timeout=timeout)
+    path = Path(location).expanduser()
+    if not path.is_file():
+        raise SourceError(f"{key}: {path} {missing}")
+    if sha256 is not None and sha256_of(path) != sha256.lower():
+        raise SourceError(f"{key.rsplit('.', 1)[0]}.sha256: {path} does not match the sha256 in params")
+    return path

@@ -26,14 +26,13 @@ from time import sleep
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import requests
 
-from unpaired.images import IMAGE_SUFFIXES
 from unpaired.params import Params, check, parse
-from unpaired.sources.archives import members
+from unpaired.sources.archives import images_under
 from unpaired.sources.base import FetchContext, SourceError
 from unpaired.sources.download import RETRY_STATUS, write_body
 
@@ -69,13 +68,7 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
         _download(p.dataset, cached, about, key=key, timeout=p.timeout)
     licence = p.licence or _licence(about) or f"see https://www.kaggle.com/datasets/{p.dataset}"
 
-    prefix = PurePosixPath(p.subdir.strip("/")) if p.subdir.strip("/") else None
-    selected = []
-    for member, data in members(cached, key):
-        if prefix is not None and prefix not in member.parents:
-            continue
-        if member.suffix.lower() in IMAGE_SUFFIXES and not member.name.startswith("."):
-            selected.append((member, member.relative_to(prefix) if prefix else member, data))
+    selected = images_under(cached, p.subdir, key)
     if not selected:
         raise SourceError(f"{ctx.key}.subdir: no images under {p.subdir or 'the dataset root'!r} in "
                           f"{p.dataset}; check the folder name on https://www.kaggle.com/datasets/{p.dataset}")
@@ -83,8 +76,7 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
         if not any(entry in (member.name, member.as_posix()) for member, _, _ in selected):
             raise SourceError(f"{ctx.key}.exclude[{i}]: no image {entry!r} under "
                               f"{p.subdir or 'the dataset root'!r} in {p.dataset}")
-    kept = sorted((s for s in selected if s[0].name not in p.exclude and s[0].as_posix() not in p.exclude),
-                  key=lambda s: s[0].as_posix())
+    kept = [s for s in selected if s[0].name not in p.exclude and s[0].as_posix() not in p.exclude]
     rows = []
     for member, rel, data in kept[:p.count]:
         file = "__".join(rel.parts)
