@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+from unpaired import threads
+threads.passive_wait()   # before torch loads OpenMP, which reads its wait policy only then
+
+import pandas as pd  # noqa: E402
 
 from unpaired.devices import resolve_device
 from unpaired import checkpoint, params
@@ -44,6 +47,7 @@ class EvaluateParams(params.Params):
     kid_subsets: int = 100
     batch_size: int = 16
     device: str = "auto"
+    threads: int | str = "auto"      # CPU threads: auto (one per CPU, passive OpenMP wait) or N
 
     def validate(self, prefix: str) -> None:
         params.check(self.samples >= 1, f"{prefix}.samples", f"must be >= 1, got {self.samples}")
@@ -53,6 +57,7 @@ class EvaluateParams(params.Params):
                      f"unknown {self.metrics!r}; use auto, required or off")
         params.check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", f"must be >= 1, got {self.kid_subsets}")
         params.check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        threads.check(self.threads, f"{prefix}.threads")
 
 
 def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOINTS, cache: Path = CACHE,
@@ -144,6 +149,7 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
 def main() -> None:
     data = params.load()
     p = params.parse(EvaluateParams, params.section(data, "evaluate"), "evaluate")
+    threads.apply(p.threads)
     if PACKED.is_file():       # after a `dvc pull` only the tar is there
         unpack_view(PACKED, DATA)
     evaluate(p, train_params=params.section(data, "train"))

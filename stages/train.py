@@ -290,15 +290,20 @@ def _restore(state: dict[str, Any], last: Path, models, opt_G, opt_D, sched_G, s
             sched._last_lr = [group["lr"] for group in opt.param_groups]
 
 
-def _check_finite(epoch: int, total: int, metrics: dict[str, float], p: TrainParams, out: Path) -> None:
+def _diverged(epoch: int, total: int, what: str, p: TrainParams, out: Path) -> UserError:
+    kept = (f"{out / 'last.pt'} keeps the last good epoch" if (out / "last.pt").exists()
+            else "no checkpoint was written")
+    return UserError(f"epoch {epoch}/{total}: {what}: training diverged; lower params.yaml: train.lr "
+                     f"(now {p.lr:g}) or check the prepared data; nothing of this epoch was saved, {kept}")
+
+
+def _check_finite(epoch: int, total: int, losses: dict[str, float], p: TrainParams, out: Path) -> None:
     """Stop the run at the first epoch whose mean losses are not finite, before anything of the
-    epoch is written; the last good last.pt stays resumable."""
-    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-    if bad:
-        losses = ", ".join(f"{k} {v}" for k, v in metrics.items() if k in LOSS_NAMES)
-        raise UserError(f"epoch {epoch}/{total}: the losses are not finite ({losses}): training "
-                        f"diverged; lower params.yaml: train.lr (now {p.lr:g}) or check the prepared "
-                        f"data; nothing of this epoch was saved, {out / 'last.pt'} keeps the last good epoch")
+    epoch is written; the last good last.pt stays resumable. Uses the per-epoch means, which reach
+    the host once per epoch anyway: no extra device sync."""
+    if not all(math.isfinite(v) for v in losses.values()):
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+        raise _diverged(epoch, total, f"the losses are not finite ({shown})", p, out)
 
 
 def _check_finite_weights(models, epoch: int, total: int, p: TrainParams, out: Path) -> None:
@@ -306,9 +311,7 @@ def _check_finite_weights(models, epoch: int, total: int, p: TrainParams, out: P
     flags = [torch.isfinite(v).all() for name in ("G_A", "G_B", "D_A", "D_B")
              for v in getattr(models, name).state_dict().values() if v.is_floating_point()]
     if not bool(torch.stack(flags).all()):
-        raise UserError(f"epoch {epoch}/{total}: the weights are not finite after this epoch: training "
-                        f"diverged; lower params.yaml: train.lr (now {p.lr:g}) or check the prepared "
-                        f"data; nothing of this epoch was saved, {out / 'last.pt'} keeps the last good epoch")
+        raise _diverged(epoch, total, "the weights are not finite after this epoch", p, out)
 
 
 def _reset_live(live_dir: Path) -> None:
@@ -340,10 +343,12 @@ class Progress:
     `clock` returns seconds (time.perf_counter)."""
 
     def __init__(self, steps: int, images_per_step: float, total: int, hint: str,
-                 every_s: float = PROGRESS_EVERY_S, min_gap_s: float = PROGRESS_MIN_GAP_S,
+                 every_s: float | None = None, min_gap_s: float | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         self.steps, self.images_per_step, self.total, self.hint = steps, images_per_step, total, hint
-        self.every_s, self.min_gap_s, self.clock = every_s, min_gap_s, clock
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.min_gap_s = PROGRESS_MIN_GAP_S if min_gap_s is None else min_gap_s
+        self.clock = clock
         self.baseline: float | None = None     # images/s of the first steps
         self.warned = False
         self.base_end = min(steps, 11)
