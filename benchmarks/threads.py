@@ -3,11 +3,13 @@
     uv run python benchmarks/threads.py [--steps 8] [--size 64] [--burners 1]
 
 Each variant runs in its own process, because OpenMP reads its wait policy only when torch loads:
-(a) torch's defaults: one thread per core, OpenMP's default (spinning) wait policy;
-(b) the same thread count with OMP_WAIT_POLICY=PASSIVE, which `train.threads: auto` uses;
-(c) 1 thread (the policy does not matter with one thread).
+(a) torch's defaults: one thread per CPU, OpenMP's default (spinning) wait policy;
+(b) the same thread count with OMP_WAIT_POLICY=PASSIVE, which the stages set;
+(c) `train.threads: auto`: one thread fewer than the CPUs (at least 1), passive wait;
+(d) 1 thread, when that differs from (c).
 "Loaded" runs the same variants while `--burners` other processes each burn one core, as other
-work on a shared machine does. The default params.yaml model (ngf 16, ndf 32, 6 blocks, 64 px crops)
+work on a shared machine does ("idle" means no burner: on a machine that others share, the load
+average printed says how idle it really was). The default params.yaml model (ngf 16, ndf 32, 6 blocks, 64 px crops)
 runs the CycleGAN step of unpaired.training; the printout gives s/step per variant, idle and loaded
 side by side, and the ratios to (a).
 """
@@ -55,9 +57,13 @@ def cores() -> int:
 
 def variants() -> list[tuple[str, int, dict[str, str]]]:
     n = cores()
-    return [(f"(a) torch default: {n} threads, spin wait", n, {}),
-            (f"(b) auto: {n} threads, passive wait", n, {"OMP_WAIT_POLICY": "PASSIVE"}),
-            ("(c) 1 thread", 1, {"OMP_WAIT_POLICY": "PASSIVE"})]
+    auto = max(1, n - 1)
+    out = [(f"(a) torch default: {n} threads, spin wait", n, {}),
+           (f"(b) {n} threads, passive wait", n, {"OMP_WAIT_POLICY": "PASSIVE"}),
+           (f"(c) auto: {auto} thread{'s' if auto > 1 else ''}, passive wait", auto, {"OMP_WAIT_POLICY": "PASSIVE"})]
+    if auto != 1:
+        out.append(("(d) 1 thread", 1, {"OMP_WAIT_POLICY": "PASSIVE"}))
+    return out
 
 
 def run(threads: int, extra: dict[str, str], steps: int, size: int) -> dict[str, float]:
@@ -83,6 +89,7 @@ def main() -> None:
             if condition == "loaded" else []
         try:
             time.sleep(0.5 if burners else 0)
+            print(f"{condition}: {len(burners)} burner(s), load average {os.getloadavg()[0]:.2f}", flush=True)
             for name, threads, extra in variants():
                 results.setdefault(name, {})[condition] = run(threads, extra, args.steps, args.size)["median"]
                 print(f"  {condition:6s} {name}: {results[name][condition]:.3f} s/step", flush=True)

@@ -47,7 +47,7 @@ class EvaluateParams(params.Params):
     kid_subsets: int = 100
     batch_size: int = 16
     device: str = "auto"
-    threads: int | str = "auto"      # CPU threads: auto (one per CPU, passive OpenMP wait) or N
+    threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
     def validate(self, prefix: str) -> None:
         params.check(self.samples >= 1, f"{prefix}.samples", f"must be >= 1, got {self.samples}")

@@ -80,7 +80,7 @@ class TrainParams(params.Params):
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     precision: str = "auto"          # auto (bf16 on CUDA, else fp32), bf16, fp32
     compile: bool = False            # torch.compile the networks (CUDA)
-    threads: int | str = "auto"      # CPU threads: auto (one per CPU, passive OpenMP wait) or N
+    threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
     def validate(self, prefix: str) -> None:
         c = params.check
@@ -224,7 +224,10 @@ def _resume(p: TrainParams, data: Path, out: Path) -> tuple[dict[str, Any] | Non
                         f"{state['epoch']} epochs already in {last}: raise them to extend that run, or "
                         f"move {out} away to start afresh")
     _check_epoch_files(out, state)
-    if changed and state["epoch"] < total:
+    if changed and state["epoch"] == total:
+        print(f"train: {last} already holds all {total} epochs of the new schedule "
+              f"({', '.join(changed.values())}); nothing to train")
+    elif changed:
         old = state["history"][-1]["metrics"]["lr"] if state["history"] else float("nan")
         new = p.lr * lr_factor(state["epoch"], p.epochs, p.epochs_decay)
         print(f"train: extending the run in {last} (epoch {state['epoch']}): {', '.join(changed.values())}; from "

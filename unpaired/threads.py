@@ -7,6 +7,8 @@ a 2-core machine). Two measures, measured with benchmarks/threads.py:
 - `passive_wait()` sets OMP_WAIT_POLICY=PASSIVE (idle threads sleep) unless the user set it. OpenMP
   reads it once, when torch loads it, so stage entry points call it before `import torch`.
 - `apply(setting)` sets torch's intra-op thread count: `auto` (see `auto_threads`) or N >= 1.
+  `auto` leaves one CPU to the rest of the machine: an OpenMP parallel region waits for its slowest
+  thread, so one thread that shares its core with other work slows all of them down.
 """
 from __future__ import annotations
 
@@ -45,12 +47,12 @@ def check(setting: int | str, key: str) -> None:
 
 def auto_threads() -> int | None:
     """What `auto` means: OMP_NUM_THREADS when the user set it (None: leave torch's count, which
-    follows it), else one thread per CPU of the affinity mask. With the passive wait policy the
-    full count is fastest on an idle machine and stays close to one thread's speed under load
-    (benchmarks/threads.py; README, "Train")."""
+    follows it), else one thread fewer than the CPUs of the affinity mask, at least 1. On the shared
+    2-CPU machine this was measured on (benchmarks/threads.py; README, "Train"), that 1 thread was
+    the fastest setting with and without an extra core-burning process."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    return cpu_count()
+    return max(1, cpu_count() - 1)
 
 
 def apply(setting: int | str) -> int:
