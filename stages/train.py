@@ -204,8 +204,8 @@ def _resume(p: TrainParams, data: Path, out: Path) -> tuple[dict[str, Any] | Non
         return None, []
     try:
         state = checkpoint.load(last)
-    except UserError as err:
-        _move_aside(out, f"starting afresh: {err}")
+    except checkpoint.CheckpointError as err:
+        _move_aside(out, f"starting afresh: {err.problem}")
         return None, []
     missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
@@ -252,14 +252,14 @@ def _check_epoch_files(out: Path, state: dict[str, Any]) -> None:
             continue
         try:
             checkpoint.load(path)
-        except UserError as err:
+        except checkpoint.CheckpointError as err:
             if epoch == state["epoch"]:
                 checkpoint.save(generators, path)
-                print(f"train: {err}; rewrote it from {out / 'last.pt'}")
+                print(f"train: {err.problem}; rewrote it from {out / 'last.pt'}")
             else:
                 path.unlink()
-                print(f"train: {err}; removed it (its weights exist nowhere else: retrain from scratch "
-                      f"to have that epoch again)")
+                print(f"train: {err.problem}; removed it (its weights exist nowhere else: retrain from "
+                      f"scratch to have that epoch again)")
 
 
 def _restore(state: dict[str, Any], last: Path, models, opt_G, opt_D, sched_G, sched_D, pool_A, pool_B,

@@ -31,6 +31,16 @@ from unpaired.files import atomic_write_bytes
 
 FORMAT = "unpaired.generators/1"
 DIGEST = "sha256"      # the key under which `save` stores `content_digest` of the rest
+REWRITE = "delete it and re-run the stage that wrote it"
+
+
+class CheckpointError(UserError):
+    """A file that `load` cannot use. str(err): one line with what to do; `problem`: the same line
+    without the advice, for callers that act on it themselves (the train stage's resume)."""
+
+    def __init__(self, path: Path, problem: str, advice: str):
+        self.problem = f"{path}: {problem}"
+        super().__init__(f"{self.problem}; {advice}")
 
 
 def epoch_files(folder: str | Path) -> dict[int, Path]:
@@ -90,23 +100,23 @@ def save(obj: dict[str, Any], path: str | Path) -> None:
 def _check_zip(path: Path) -> None:
     """Refuse a file that is not a zip archive (torch's format) or whose zip CRCs do not match."""
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not a checkpoint, or a truncated one (a PyTorch checkpoint is a complete "
-                        f"zip archive, this file is not); pass a models/checkpoints/epoch_NNN.pt or "
-                        f"models/best/generators.pt file written by the train stage")
+        raise CheckpointError(path, "not a checkpoint, or a truncated one (a PyTorch checkpoint is a "
+                              "complete zip archive, this file is not)", "pass a models/checkpoints/"
+                              "epoch_NNN.pt or models/best/generators.pt file written by the train stage")
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise UserError(f"{path}: damaged checkpoint ({err}); delete it and re-run the stage that wrote it") from None
+        raise CheckpointError(path, f"damaged checkpoint ({err})", REWRITE) from None
     if bad is not None:
-        raise UserError(f"{path}: damaged checkpoint (CRC mismatch in {bad}); delete it and re-run "
-                        f"the stage that wrote it")
+        raise CheckpointError(path, f"damaged checkpoint (CRC mismatch in {bad})", REWRITE)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
     """The verified content of a checkpoint written by `save` (or, without the digest check, any
-    zip-format torch file of plain tensors, numbers and strings). Raises UserError (one line) when
-    the file is missing, not a checkpoint, damaged, or holds other objects (refused, never run)."""
+    zip-format torch file of plain tensors, numbers and strings). Raises CheckpointError (one line)
+    when the file is not a checkpoint, is damaged, or holds other objects (refused, never run), and
+    UserError when it is missing."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
@@ -115,18 +125,19 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
         # torch's message here advises weights_only=False, which would let the file run code: never show it.
-        raise UserError(f"{path}: not an unpaired checkpoint (it holds objects other than tensors, "
-                        f"numbers and strings, which are refused because loading them could run code)") from None
+        raise CheckpointError(path, "not an unpaired checkpoint (it holds objects other than tensors, numbers "
+                              "and strings, which are refused because loading them could run code)",
+                              "pass a checkpoint written by the train stage") from None
     except Exception as err:  # torch raises several types for damaged or foreign files
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "weights_only" in detail:
             detail = type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({detail})") from None
+        raise CheckpointError(path, f"not a readable checkpoint ({detail})", REWRITE) from None
     if isinstance(obj, dict) and DIGEST in obj:
         stored = obj.pop(DIGEST)
         if content_digest(obj) != stored:
-            raise UserError(f"{path}: damaged checkpoint (its content does not match the sha256 stored "
-                            f"in it); delete it and re-run the stage that wrote it")
+            raise CheckpointError(path, "damaged checkpoint (its content does not match the sha256 stored "
+                                  "in it)", REWRITE)
     return obj
 
 
