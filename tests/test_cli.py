@@ -39,6 +39,19 @@ def noise(path: Path, h: int, w: int, seed: int = 0, mode: str = "RGB") -> Path:
     return path
 
 
+def unpaired(capsys, *args: str) -> SimpleNamespace:
+    """`unpaired ARGS` in this process: returncode, stdout, stderr."""
+    from unpaired.cli import main
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 def cli(*args: str, pre: str = "") -> subprocess.CompletedProcess:
     """`unpaired ARGS` in a fresh interpreter (after the Python statements `pre`)."""
     code = f"import sys\n{pre}\nfrom unpaired.cli import main\nmain(sys.argv[1:])"
@@ -67,10 +80,11 @@ def test_every_device_spelling_in_the_list_is_accepted(good):
 
 
 @pytest.mark.parametrize("bad", ["-1", "gpu"])
-def test_cli_bad_device_is_one_line_naming_the_flag(tmp_path, bad):
+def test_cli_bad_device_is_one_line_naming_the_flag(tmp_path, capsys, bad):
     ckpt = save_generators(tmp_path)
     noise(tmp_path / "in" / "a.png", 8, 8)
-    proc = cli("translate", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--device", bad)
+    proc = unpaired(capsys, "translate", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                    "--device", bad)
     assert proc.returncode == 2
     assert proc.stderr == f"error: --device: unknown device {bad!r}; use {DEVICES}\n"
 
@@ -181,7 +195,7 @@ def test_outputs_never_collide(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "contains", "file_inside"])
-def test_out_overlapping_the_inputs_is_refused(tmp_path, where):
+def test_out_overlapping_the_inputs_is_refused(tmp_path, capsys, where):
     ckpt = save_generators(tmp_path)
     inputs = tmp_path / "photos" / "in"
     noise(inputs / "x.png", 12, 12)
@@ -189,17 +203,17 @@ def test_out_overlapping_the_inputs_is_refused(tmp_path, where):
     out, given = {"same": (inputs, inputs), "inside": (inputs / "out", inputs),
                   "contains": (tmp_path / "photos", inputs),
                   "file_inside": (inputs, inputs / "x.png")}[where]
-    proc = cli("translate", str(ckpt), str(given), "--out", str(out))
+    proc = unpaired(capsys, "translate", str(ckpt), str(given), "--out", str(out))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: --out: {out} ") and "choose a folder outside the inputs" in proc.stderr
     assert tree(tmp_path / "photos") == before
 
 
-def test_no_readable_input_creates_no_out_folder(tmp_path):
+def test_no_readable_input_creates_no_out_folder(tmp_path, capsys):
     ckpt = save_generators(tmp_path)
     (tmp_path / "bad.png").write_text("nope")
     noise(tmp_path / "tiny.png", 3, 3)
-    proc = cli("translate", str(ckpt), str(tmp_path / "bad.png"), str(tmp_path / "tiny.png"),
+    proc = unpaired(capsys, "translate", str(ckpt), str(tmp_path / "bad.png"), str(tmp_path / "tiny.png"),
                "--out", str(tmp_path / "o"))
     assert proc.returncode == 2
     assert "bad.png (not_image)" in proc.stdout and "tiny.png (too_small: 3x3 px" in proc.stdout
@@ -216,7 +230,8 @@ def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.png"]
 
 
-def test_export_into_an_existing_folder(tmp_path):
+def test_export_into_an_existing_folder_and_without_torch_notes(tmp_path):
+    """In a fresh interpreter, as users run it (pytest would catch the warnings otherwise)."""
     ckpt = save_generators(tmp_path)
     (tmp_path / "models").mkdir()
     proc = cli("export", str(ckpt), "--direction", "BtoA", "--out", str(tmp_path / "models"))
@@ -266,29 +281,30 @@ def test_translate_mixed_inputs(tmp_path):
     assert Image.open(tmp_path / "out" / "gray.png").size == (40, 40)
 
 
-def test_size_and_keep_size(tmp_path):
+def test_size_and_keep_size(tmp_path, capsys):
     ckpt = save_generators(tmp_path)
     noise(tmp_path / "in" / "odd.png", 37, 51)
     translate_files(str(ckpt), [str(tmp_path / "in")], str(tmp_path / "sized"), size=24)
     assert Image.open(tmp_path / "sized" / "odd.png").size == (33, 24)
     translate_files(str(ckpt), [str(tmp_path / "in")], str(tmp_path / "kept"), size=24, keep_size=True)
     assert Image.open(tmp_path / "kept" / "odd.png").size == (51, 37)
-    proc = cli("translate", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "k2"), "--size", "24",
-               "--keep-size")
+    proc = unpaired(capsys, "translate", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "k2"),
+                    "--size", "24", "--keep-size")
     assert proc.returncode == 0, proc.stderr
     assert Image.open(tmp_path / "k2" / "odd.png").tobytes() == Image.open(tmp_path / "kept" / "odd.png").tobytes()
 
 
-def test_translate_cli_lists_skipped_and_a_missing_checkpoint(tmp_path):
+def test_translate_cli_lists_skipped_and_a_missing_checkpoint(tmp_path, capsys):
     ckpt = save_generators(tmp_path)
     noise(tmp_path / "ok.png", 8, 8)
     (tmp_path / "bad.png").write_text("nope")
-    proc = cli("translate", str(ckpt), str(tmp_path / "ok.png"), str(tmp_path / "bad.png"),
+    proc = unpaired(capsys, "translate", str(ckpt), str(tmp_path / "ok.png"), str(tmp_path / "bad.png"),
                "--out", str(tmp_path / "o"))
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout == (f"translated 1 image(s) AtoB -> {tmp_path / 'o'}\n"
                            f"skipped 1 file(s):\n  {tmp_path / 'bad.png'} (not_image)\n")
-    proc = cli("translate", str(tmp_path / "missing.pt"), str(tmp_path / "ok.png"), "--out", str(tmp_path / "o2"))
+    proc = unpaired(capsys, "translate", str(tmp_path / "missing.pt"), str(tmp_path / "ok.png"),
+                    "--out", str(tmp_path / "o2"))
     assert proc.returncode == 2 and proc.stderr == f"error: {tmp_path / 'missing.pt'}: checkpoint not found\n"
 
 
