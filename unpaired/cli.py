@@ -208,17 +208,24 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
         for f, name in zip(files, names):
             try:
                 img = read_uint8(f)
+                h, w = img.shape[-2:]
+                if size is not None:
+                    scale = size / min(h, w)
+                    img = resize(img[None].float(), max(1, round(h * scale)), max(1, round(w * scale)))[0]
+                    img = img.round().clamp(0, 255).byte()
             except (Skip, OSError) as err:
                 skipped.append(f"{f} ({getattr(err, 'reason', type(err).__name__)})")
+                bar.update(1)
                 continue
-            h, w = img.shape[-2:]
-            if size is not None:
-                scale = size / min(h, w)
-                img = resize(img[None].float(), max(1, round(h * scale)), max(1, round(w * scale)))[0]
-                img = img.round().clamp(0, 255).byte()
+            except (RuntimeError, MemoryError) as err:
+                if not _is_oom(err):
+                    raise
+                raise UserError(f"{f}: out of memory reading this image; use an image editor to scale it "
+                                f"down first") from None
             if min(img.shape[-2:]) < MIN_SIDE:
                 skipped.append(f"{f} (too_small: {w}x{h} px; the generator needs >= {MIN_SIDE} px per side, "
                                f"or use --size)")
+                bar.update(1)
                 continue
             yield _Item(f, name, img, (h, w))
 
