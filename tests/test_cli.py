@@ -225,6 +225,7 @@ def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
     ckpt = save_generators(tmp_path)
     noise(tmp_path / "in" / "x.png", 12, 12)
     (tmp_path / "out" / "x.png").mkdir(parents=True)        # an output name taken by a folder
+    (tmp_path / "out" / ".x.png.tmp").write_bytes(b"left by a killed run")
     with pytest.raises(UserError, match=rf"^{tmp_path / 'out' / 'x.png'}: cannot write \(Is a directory\); "):
         translate_files(str(ckpt), [str(tmp_path / "in")], str(tmp_path / "out"))
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.png"]

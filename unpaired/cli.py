@@ -115,8 +115,8 @@ def _check_out(out_dir: Path, inputs: list[str], files: list[Path]) -> None:
 def pad_crop_forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """net(x) for any H, W >= MIN_SIDE: x (N×3×H×W float in [-1, 1]) is reflect-padded at the bottom
     and right to multiples of 4 (the generator downsamples twice), and the output cropped back to
-    H×W. Written with tensor-friendly arithmetic so that the ONNX export traces it with dynamic
-    H and W (`(4 - h % 4) % 4` rather than Python's `-h % 4`)."""
+    H×W. h and w are read from x.shape, so the ONNX export (a trace) records this arithmetic and the
+    exported graph pads and crops for every H and W, not only the traced one."""
     import torch.nn.functional as F
     h, w = x.shape[-2], x.shape[-1]
     ph, pw = (4 - h % 4) % 4, (4 - w % 4) % 4
@@ -229,9 +229,17 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
                 continue
             yield _Item(f, name, img, (h, w))
 
+    started = False
+
     def write(name: str, arr: Any) -> None:
-        """PNG through `.<name>.tmp` + rename; the temporary never outlives an error."""
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """PNG through `.<name>.tmp` + rename; the temporary never outlives an error (and those of a
+        killed earlier run, for this run's names, are removed before the first write)."""
+        nonlocal started
+        if not started:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for n in names:
+                (out_dir / f".{n}.tmp").unlink(missing_ok=True)
+            started = True
         final, tmp = out_dir / name, out_dir / f".{name}.tmp"
         try:
             Image.fromarray(arr).save(tmp, format="PNG")
