@@ -240,6 +240,8 @@ def test_export_into_an_existing_folder_and_without_torch_notes(tmp_path):
     assert proc.stdout == f"exported BtoA generator -> {tmp_path / 'models' / 'epoch_001_BtoA.onnx'}\n"
     assert proc.stderr == ""                                   # none of torch's exporter notes
     assert (tmp_path / "models" / "epoch_001_BtoA.onnx").stat().st_size > 1000
+    assert export_onnx(str(ckpt), f"{tmp_path / 'new'}/") == tmp_path / "new" / "epoch_001_AtoB.onnx"
+    assert (tmp_path / "new" / "epoch_001_AtoB.onnx").is_file()
 
 
 def test_onnx_any_size_matches_translate(tmp_path):

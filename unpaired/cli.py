@@ -291,8 +291,8 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
 def export_onnx(checkpoint_path: str, out: str, direction: str = "AtoB", opset: int = 17) -> Path:
     """The generator as ONNX: input `image` N×3×H×W float32 in [-1, 1], output `translated` of the
     same shape, dynamic N, H and W (any H, W >= MIN_SIDE: the graph reflect-pads to multiples of 4 and
-    crops back, as `translate` does). `out` is a file, or an existing folder, which gets
-    `<checkpoint stem>_<direction>.onnx`. Returns the path written."""
+    crops back, as `translate` does). `out` is a file, or a folder (an existing one, or a path ending in
+    "/"), which gets `<checkpoint stem>_<direction>.onnx`. Returns the path written."""
     import io
 
     import torch
@@ -309,7 +309,7 @@ def export_onnx(checkpoint_path: str, out: str, direction: str = "AtoB", opset: 
             return pad_crop_forward(self.net, x)
 
     path = Path(out)
-    if path.is_dir():
+    if path.is_dir() or out.endswith(("/", os.sep)):
         path = path / f"{Path(checkpoint_path).stem}_{direction}.onnx"
     net, _ = load_generator(checkpoint_path, direction, "cpu")
     buf = io.BytesIO()
