@@ -323,10 +323,10 @@ def test_help_does_not_import_torch():
 
 
 @pytest.mark.parametrize("command,defaults", [
-    ("translate", ["--direction {AtoB,BtoA}", "(default: AtoB)", "(default: 8)", "(default: auto)",
-                   "(default: None)", "(default: False)"]),
-    ("export", ["(default: AtoB)", "(default: onnx)"]),
-    ("remote-status", ["(default: None)", "(default: False)"]),
+    ("translate", ["which generator (default: AtoB)", "(large photos go one at a time) (default: 8)",
+                   "or mps (default: auto)", "default: each image's own size", "original size (default: False)"]),
+    ("export", ["which generator (default: AtoB)", "file format (default: onnx)"]),
+    ("remote-status", ["default: the default remote", "from this clone (default: False)"]),
     ("unpack", []),
 ])
 def test_every_subcommand_help_has_a_description_and_defaults(command, defaults, capsys):

@@ -338,7 +338,11 @@ def export_onnx(checkpoint_path: str, out: str, direction: str = "AtoB", opset: 
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, and every option's default in its help."""
+    """Descriptions as written, and every option's default in its help (options without a value by
+    default say in their help what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -346,40 +350,42 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser(
         "translate", help="translate images with a trained generator", formatter_class=_HelpFormatter,
-        description="Translate image files, folders (searched recursively) or globs with a generator from a "
-                    "checkpoint; one PNG per input in --out, named after the input (x.jpg -> x.png; where "
-                    "two inputs share a name, the others become x.jpg.png or x_2.png, listed). Unreadable "
-                    f"files and images under {MIN_SIDE} px per side are skipped and listed.")
+        description="Translate image files, folders (searched recursively) or globs with a generator from a\n"
+                    "checkpoint: one PNG per input in --out, named after the input (x.jpg -> x.png; where two\n"
+                    "inputs would share a name, the others become x.jpg.png or x_2.png, and are listed).\n"
+                    f"Unreadable files and images under {MIN_SIDE} px a side are skipped and listed.")
     t.add_argument("checkpoint", help="epoch_NNN.pt, last.pt or models/best/generators.pt")
     t.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    t.add_argument("--out", required=True, help="output folder (created; must not be or overlap an input folder)")
+    t.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created; must not be, be inside or contain an input folder)")
     t.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="which generator")
-    t.add_argument("--size", type=int, default=None,
-                   help=f"resize the shorter side to N px first (>= {MIN_SIDE}); none given: keep each image's size")
+    t.add_argument("--size", type=int, default=None, metavar="N",
+                   help=f"resize the shorter side to N px first (>= {MIN_SIDE}); default: each image's own size")
     t.add_argument("--keep-size", action="store_true",
                    help="with --size: write the outputs back at each input's original size")
-    t.add_argument("--batch-size", type=int, default=8,
-                   help=f"at most N images and N x {BATCH_PIXELS_PER_IMAGE} pixels per pass (large photos go "
+    t.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="at most N images and N x 256 x 256 pixels per pass (large photos go "
                         "one at a time)")
-    t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    t.add_argument("--device", default="auto", metavar="NAME", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     e = sub.add_parser(
         "export", help="export a generator (ONNX)", formatter_class=_HelpFormatter,
-        description="Write one generator as ONNX: input `image` N×3×H×W float32 in [-1, 1], output "
-                    "`translated` of the same shape; any H, W >= 5 (padded and cropped inside the graph).")
+        description="Write one generator as ONNX: input `image` N×3×H×W float32 in [-1, 1], output\n"
+                    f"`translated` of the same shape; any H, W >= {MIN_SIDE} (the graph pads to multiples of 4\n"
+                    "and crops back, as translate does).")
     e.add_argument("checkpoint", help="epoch_NNN.pt, last.pt or models/best/generators.pt")
     e.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="which generator")
     e.add_argument("--format", choices=("onnx",), default="onnx", help="file format")
-    e.add_argument("--out", required=True,
-                   help="the .onnx file, or an existing folder (then <checkpoint>_<direction>.onnx in it)")
+    e.add_argument("--out", required=True, metavar="PATH",
+                   help="the .onnx file, or a folder (existing, or ending in /) to get <checkpoint>_<direction>.onnx")
     r = sub.add_parser("remote-status", help="name the pipeline outputs a DVC remote is missing",
                        formatter_class=_HelpFormatter,
-                       description="Compare the outputs recorded in dvc.lock with a DVC remote and name the "
+                       description="Compare the outputs recorded in dvc.lock with a DVC remote and name the\n"
                                    "ones it is missing; --repair uploads them from this clone.")
-    r.add_argument("--remote", default=None, help="remote name; none given: the default remote")
+    r.add_argument("--remote", default=None, metavar="NAME", help="remote name; default: the default remote")
     r.add_argument("--repair", action="store_true", help="re-upload the missing parts from this clone")
     sub.add_parser("unpack", help="rebuild the browsable data/prepared/ from data/prepared.tar (after a dvc pull)",
                    formatter_class=_HelpFormatter,
-                   description="Rebuild the browsable folder data/prepared/ from data/prepared.tar, the file "
+                   description="Rebuild the browsable folder data/prepared/ from data/prepared.tar, the file\n"
                                "DVC tracks (needed after `dvc pull` or `dvc checkout`).")
     args = ap.parse_args(argv)
 
