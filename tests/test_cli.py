@@ -160,6 +160,7 @@ def test_batches_go_by_pixels_so_large_photos_go_alone():
     assert done == 40 and most <= 8 * 256 * 256 + 340 * 400
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="caps memory with RLIMIT_AS (Linux)")
 def test_out_of_memory_names_the_file_and_what_to_do(tmp_path):
     """A real allocation failure: the address space of the process is capped just above what the
     loaded program uses, and a 2000×1500 photo needs more than that."""
