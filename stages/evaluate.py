@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from unpaired.devices import resolve_device
+from unpaired.devices import check_device, resolve_device
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.evaluation import fid_kid, inception_features, labelled_grid, load_images, translate
@@ -53,6 +53,7 @@ class EvaluateParams(params.Params):
                      f"unknown {self.metrics!r}; use auto, required or off")
         params.check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", f"must be >= 1, got {self.kid_subsets}")
         params.check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        check_device(self.device, f"{prefix}.device")
 
 
 def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOINTS, cache: Path = CACHE,
