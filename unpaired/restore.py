@@ -44,16 +44,26 @@ def keep_outputs(main: Callable[[], None]) -> Callable[[], None]:
         stage = os.environ.get("DVC_STAGE")
         try:
             main()
+        except SystemExit as done:                 # sys.exit(0) is a success, any other code not
+            if done.code not in (0, None):
+                _print(after_failure(stage))
+            elif stage:
+                stash_uncached(stage)
+            raise
         except BaseException as err:  # noqa: BLE001 - Ctrl-C and bugs lose outputs too; re-raised
             notes = after_failure(stage)
             if isinstance(err, UserError) and notes:
                 raise UserError(f"{err}; {'; '.join(notes)}") from None
-            for note in notes:
-                print(note, file=sys.stderr)
+            _print(notes)
             raise
         if stage:
             stash_uncached(stage)
     return run
+
+
+def _print(notes: list[str]) -> None:
+    for note in notes:
+        print(note, file=sys.stderr)
 
 
 def after_failure(stage: str | None) -> list[str]:
