@@ -206,7 +206,8 @@ def test_a_failed_preset_switch_says_how_to_get_params_yaml_back(project, tmp_pa
                "-S", "domains.b.count=-3", check=False)
     assert proc.returncode != 0
     assert "params.yaml: domains." in proc.stderr
-    assert "`dvc exp run` rewrote params.yaml: `git checkout params.yaml` restores the committed one" in proc.stderr
+    assert ("`dvc exp run` rewrote params.yaml: `git checkout params.yaml` restores the committed one"
+            in proc.stderr)
     assert (copy / "params.yaml").read_text() != committed
     subprocess.run(["git", "checkout", "params.yaml"], cwd=copy, check=True)
     assert (copy / "params.yaml").read_text() == committed

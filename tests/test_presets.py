@@ -1,10 +1,9 @@
 """Presets: conf/preset/*.yaml, composed into params.yaml by DVC's Hydra support
 (`dvc exp run -S preset=<name>`)."""
+import dataclasses
 import io
 import json
 import zipfile
-
-import dataclasses
 
 import numpy as np
 import pytest

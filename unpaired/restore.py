@@ -72,7 +72,8 @@ def after_failure(stage: str | None) -> list[str]:
     to restore becomes a note, the stage's own error stays the one reported."""
     hints = []
     if os.environ.get("DVC_EXP_BASELINE_REV"):     # `dvc exp run` may have rewritten params.yaml
-        hints.append("`dvc exp run` rewrote params.yaml: `git checkout params.yaml` restores the committed one")
+        hints.append("`dvc exp run` rewrote params.yaml: "
+                     "`git checkout params.yaml` restores the committed one")
     if not stage:
         return hints
     stage = _name(stage)
@@ -99,7 +100,8 @@ def after_failure(stage: str | None) -> list[str]:
             lost.append(str(path))
     notes = []
     if restored:
-        notes.append(f"kept the previous {', '.join(restored)} (restored from the DVC cache, as in {LOCK_FILE})")
+        notes.append(f"kept the previous {', '.join(restored)} "
+                     f"(restored from the DVC cache, as in {LOCK_FILE})")
     if lost:
         notes.append(f"the previous {', '.join(lost)} could not be restored (not in the DVC cache): "
                      f"run `uv run dvc checkout {stage}` (or `uv run dvc pull {stage}`)")
