@@ -52,4 +52,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    from unpaired.restore import keep_outputs   # under dvc repro: a failure keeps the previous outputs
+    main_guard(keep_outputs(main))

@@ -5,7 +5,7 @@ is its browsable view, see unpaired/files.py), and metrics/prepare.json (kept an
     python -m stages.prepare
 
 Every raw file is decoded to 8-bit RGB (see unpaired/images.py), checked against `min_size`, resized to
-a `size`×`size` square and written as PNG named by the first 16 hex digits of the SHA-256 of the raw
+an `image_size`×`image_size` square and written as PNG named by the first 16 hex digits of the SHA-256 of the raw
 file's bytes. Exact duplicates (same hash) are kept once. The split is a pure function of (seed,
 content hash), so adding images never moves existing ones between train and test, and a duplicate can
 never land in both. Decoding runs on all cores; the tree is built in a temporary directory and renamed.
@@ -37,15 +37,15 @@ MANIFEST_COLUMNS = ["file", "domain", "split", "sha256", "width", "height", "ori
 
 @dataclass(frozen=True)
 class PrepareParams(params.Params):
-    size: int = 64                        # output width = height in pixels
-    resize: str = "crop"                  # crop: shorter side to size, centre crop; pad: letterbox
+    image_size: int = 64                  # output width = height in pixels
+    resize: str = "crop"                  # crop: shorter side to image_size, centre crop; pad: letterbox
     pad_color: str = "white"              # letterbox colour for resize: pad
     test_fraction: float = 0.1            # share of images in testA/testB, in [0, 1)
     min_size: int = 16                    # images whose shorter side is smaller are skipped
     seed: int = 0                         # split seed
 
     def validate(self, prefix: str) -> None:
-        params.check(self.size > 0, f"{prefix}.size", f"must be > 0, got {self.size}")
+        params.check(self.image_size > 0, f"{prefix}.image_size", f"must be > 0, got {self.image_size}")
         params.check(self.resize in ("crop", "pad"), f"{prefix}.resize",
                      f"unknown resize mode {self.resize!r}; use crop or pad")
         params.check(0 <= self.test_fraction < 1, f"{prefix}.test_fraction",
@@ -79,7 +79,7 @@ def _process(job: tuple[Path, PrepareParams, Path]) -> dict[str, Any]:
     width, height = img.size
     if min(width, height) < p.min_size:
         return {"path": path, "skip": "too_small", "detail": f"{width}x{height}"}
-    staged.write_bytes(png_bytes(square(img, p.size, p.resize, p.pad_color)))
+    staged.write_bytes(png_bytes(square(img, p.image_size, p.resize, p.pad_color)))
     return {"path": path, "skip": None, "sha256": digest, "width": width, "height": height,
             "staged": staged}
 
@@ -161,4 +161,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    from unpaired.restore import keep_outputs   # under dvc repro: a failure keeps the previous outputs
+    main_guard(keep_outputs(main))

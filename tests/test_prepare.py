@@ -136,7 +136,7 @@ def test_stage_outputs_and_skip_report(tmp_path):
     (a / "cut.jpg").write_bytes(encode(gradient(200, 200), "JPEG")[:500])
     Image.new("RGB", (8, 40)).save(a / "thin.png")
     (a / "manifest.csv").write_text("file,source,origin,licence\nimg_001.png,folder,https://x/1.png,cc0\n")
-    p = PrepareParams(size=16, test_fraction=0.3, min_size=12)
+    p = PrepareParams(image_size=16, test_fraction=0.3, min_size=12)
     report = prepare(p, raw, tmp_path / "prepared", tmp_path / "prepare.json", workers=2)
     assert report["skipped"]["a"] == {"empty": 1, "not_image": 1, "truncated": 1, "unreadable": 0,
                                       "too_small": 1, "duplicate": 1}
@@ -156,7 +156,7 @@ def test_stage_outputs_and_skip_report(tmp_path):
 
 def test_same_inputs_same_bytes_any_workers(tmp_path):
     raw = make_raw(tmp_path / "raw")
-    p = PrepareParams(size=16, resize="pad", pad_color="#102030")
+    p = PrepareParams(image_size=16, resize="pad", pad_color="#102030")
     prepare(p, raw, tmp_path / "one", tmp_path / "one.json", workers=1)
     prepare(p, raw, tmp_path / "two", tmp_path / "two.json", workers=2)
     assert tree(tmp_path / "one") == tree(tmp_path / "two")
@@ -168,7 +168,7 @@ def test_pad_letterboxes_on_the_colour(tmp_path):
     for d in "ab":
         (raw / d).mkdir(parents=True)
         Image.new("RGB", (40, 20), (200, 0, 0)).save(raw / d / "wide.png")
-    prepare(PrepareParams(size=20, resize="pad", pad_color="#00ff00", test_fraction=0.0, min_size=4),
+    prepare(PrepareParams(image_size=20, resize="pad", pad_color="#00ff00", test_fraction=0.0, min_size=4),
             raw, tmp_path / "out", tmp_path / "m.json", workers=1)
     img = next((tmp_path / "out" / "trainA").glob("*.png"))
     px = Image.open(img)
@@ -176,7 +176,7 @@ def test_pad_letterboxes_on_the_colour(tmp_path):
 
 
 @pytest.mark.parametrize("raw, key", [
-    ({"size": 0}, "prepare.size"), ({"test_fraction": 1.0}, "prepare.test_fraction"),
+    ({"image_size": 0}, "prepare.image_size"), ({"test_fraction": 1.0}, "prepare.test_fraction"),
     ({"test_fraction": -0.1}, "prepare.test_fraction"), ({"resize": "stretch"}, "prepare.resize"),
     ({"pad_color": "blurple"}, "prepare.pad_color"), ({"min_size": 0}, "prepare.min_size"),
 ])
@@ -188,12 +188,12 @@ def test_bad_params_name_the_key(raw, key):
 def test_empty_domain_fails_and_leaves_previous_output(tmp_path):
     raw = make_raw(tmp_path / "raw")
     out = tmp_path / "prepared"
-    prepare(PrepareParams(size=16), raw, out, tmp_path / "m.json", workers=1)
+    prepare(PrepareParams(image_size=16), raw, out, tmp_path / "m.json", workers=1)
     before = tree(out)
     for f in (raw / "b").iterdir():
         f.write_bytes(b"junk")
     with pytest.raises(UserError, match=r"raw/b: no usable training images for domain b .*not_image"):
-        prepare(PrepareParams(size=16), raw, out, tmp_path / "m.json", workers=1)
+        prepare(PrepareParams(image_size=16), raw, out, tmp_path / "m.json", workers=1)
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "prepared", "raw"]
 
@@ -225,7 +225,7 @@ def test_split_fraction_is_respected():
 def test_packed_output_and_its_view(tmp_path):
     raw = make_raw(tmp_path / "raw")
     out = tmp_path / "prepared"
-    prepare(PrepareParams(size=16, test_fraction=0.0), raw, out, tmp_path / "m.json", workers=1)
+    prepare(PrepareParams(image_size=16, test_fraction=0.0), raw, out, tmp_path / "m.json", workers=1)
     assert (out / "testA").is_dir() and not any((out / "testA").iterdir())
     digest = pack_dir(out, tmp_path / "p.tar")
     first = (tmp_path / "p.tar").read_bytes()

@@ -180,7 +180,7 @@ def test_other_bad_files(tmp_path, payload, words):
 
 
 def fetch_body(network, **keys):
-    keys = {"seeds": "0-4", "size": 8, "batch_size": 2, **keys}
+    keys = {"seeds": "0-4", "image_size": 8, "batch_size": 2, **keys}
     return f"    source: stylegan\n    network: {network}\n" + "".join(f"    {k}: {v!r}\n" if isinstance(v, str)
                                                                      else f"    {k}: {v}\n" for k, v in keys.items())
 
