@@ -5,6 +5,7 @@
     unpaired export CHECKPOINT --direction AtoB --format onnx --out FILE
     unpaired remote-status [--remote NAME] [--repair]   # which outputs a DVC remote is missing
     unpaired unpack                   # rebuild the browsable data/prepared/ from data/prepared.tar
+    unpaired weights [--check] [FILE] # are the FID/KID Inception weights usable? (offline help)
 
 CHECKPOINT is any epoch_NNN.pt, last.pt or models/best/generators.pt. Inputs are files, folders
 (searched recursively) or glob patterns. Images of any size work: each is reflect-padded to a
@@ -147,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--repair", action="store_true", help="re-upload the missing parts from this clone")
     sub.add_parser("unpack", help="rebuild the browsable data/prepared/ from data/prepared.tar "
                                   "(after a dvc pull)")
+    # `unpaired weights`: the FID Inception weights (implementation: unpaired/evaluation.py)
+    w = sub.add_parser("weights", help="check (or fetch) the Inception weights FID/KID need; names the URL, "
+                                       "file, folder and sha256 prefix for offline use")
+    w.add_argument("--check", action="store_true", help="only check, never download (default: download if absent)")
+    w.add_argument("file", nargs="?", default=None,
+                   help="check this file instead of the one in $TORCH_HOME/hub/checkpoints (default: that one)")
     args = ap.parse_args(argv)
 
     def run() -> None:
@@ -170,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"{PACKED}: not here; run `uv run dvc pull` (or `make repro`) first")
             done = unpack_view(PACKED, PREPARED)
             print(f"{PREPARED}/: {'unpacked from' if done else 'already matches'} {PACKED}")
+        elif args.command == "weights":
+            from unpaired.evaluation import weights_command
+            weights_command(args.file, args.check)
         else:
             from unpaired.remote import report
             raise SystemExit(report(".", args.remote, args.repair))
