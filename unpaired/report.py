@@ -128,9 +128,13 @@ def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path
              "<th>test images</th><th>skipped</th></tr>" + "".join(rows) + "</table>")
     facts = [
         ("preset", esc(str(params_all.get("preset", "(none: params.yaml edited by hand)")))),
-        ("training", f"{train.get('epochs', '?')} + {train.get('epochs_decay', '?')} epochs (constant, then "
-                     f"linear decay), {train.get('load_size', '?')}→{train.get('crop_size', '?')} px crops, "
-                     f"ngf {train.get('ngf', '?')}, {train.get('n_blocks', '?')} blocks"),
+        ("training", esc(", ".join(part for part in (
+            f"{train['epochs']} + {train['epochs_decay']} epochs (constant lr, then linear decay)"
+            if "epochs" in train and "epochs_decay" in train else "",
+            f"{train['load_size']}→{train['crop_size']} px crops" if "load_size" in train and "crop_size" in train
+            else "",
+            f"ngf {train['ngf']}, {train['n_blocks']} residual blocks" if "ngf" in train and "n_blocks" in train
+            else "") if part) or "see params below")),
         ("device", f"train: train.device = {esc(str(train.get('device', 'auto')))} (the train stage does not "
                    f"record what auto resolved to); evaluate: {esc(str(summary.get('device', '?')))} "
                    f"(evaluate.device = {esc(str(evaluate.get('device', 'auto')))})"),
@@ -139,6 +143,20 @@ def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path
     ]
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     return f"<dl class=facts>{dl}</dl>{table}", speed
+
+
+def _flat(prefix: str, values: dict[str, Any]) -> list[tuple[str, Any]]:
+    out = []
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out += _flat(key, v) if isinstance(v, dict) else [(key, v)]
+    return out
+
+
+def _params_table(section: str, values: dict[str, Any]) -> str:
+    return "<table class=params>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
+        for k, v in _flat(section, values)) + "</table>"
 
 
 def write_report(path: Path, *, summary: dict[str, Any], table: pd.DataFrame, grids: list[int],
@@ -195,15 +213,12 @@ images every epoch.</p>
     else:
         grids_html = "<p class=warn>No sample grids: there are no test images (see above).</p>"
 
-    params_html = "".join(
-        f"<h3>{esc(section)}</h3><table class=params>" + "".join(
-            f"<tr><td>{esc(section)}.{esc(str(k))}</td><td>{esc(json.dumps(v))}</td></tr>" for k, v in values.items())
-        + "</table>"
-        for section, values in {**params_all, "evaluate": eval_params}.items() if isinstance(values, dict))
-    scalars = "".join(f"<tr><td>{esc(k)}</td><td>{esc(json.dumps(v))}</td></tr>"
-                      for k, v in params_all.items() if not isinstance(v, dict))
-    if scalars:
-        params_html = f"<table class=params>{scalars}</table>" + params_html
+    sections = {**params_all, "evaluate": eval_params}
+    scalars = {k: v for k, v in sections.items() if not isinstance(v, dict)}
+    blocks = ([_params_table("", scalars)] if scalars else []) + [
+        f"<div><h3>{esc(name)}</h3>{_params_table(name, values)}</div>"
+        for name, values in sections.items() if isinstance(values, dict)]
+    params_html = f'<div class=params-grid>{"".join(blocks)}</div>'
 
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>unpaired: evaluation report</title>
@@ -212,6 +227,7 @@ body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-wid
 h1 {{ font-size: 22px; }} h2 {{ font-size: 17px; margin-top: 28px; }} h3 {{ font-size: 15px; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td.detail, table.params td {{ text-align: left; font-size: 12px; }} table.params {{ margin-bottom: 8px; }}
+.params-grid {{ display: flex; flex-wrap: wrap; gap: 4px 24px; align-items: flex-start; }}
 tr.best td {{ background: #e6f7e6; font-weight: bold; }}
 dl.facts {{ display: grid; grid-template-columns: max-content auto; gap: 2px 12px; }}
 dl.facts dt {{ font-weight: bold; }} dl.facts dd {{ margin: 0; }}
