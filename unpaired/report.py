@@ -95,6 +95,12 @@ def _read_json(path: Path | None) -> dict[str, Any]:
         return {}
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path,
              summary: dict[str, Any]) -> tuple[str, str]:
     """(the header's HTML, the throughput note): what was trained, on what, how fast."""
@@ -118,13 +124,13 @@ def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path
         mean = sum(rates) / len(rates) if rates else 0.0
         seconds = sum(per_epoch / y for y in rates) if per_epoch else 0.0
         speed = f"{mean:.3g} images/s on average over {len(ips)} epoch(s) (last {ips[-1][1]:.3g})"
-        took = (f"≈ {seconds / 60:.1f} min in training steps ({per_epoch} images per epoch ÷ images/s, "
+        took = (f"≈ {_duration(seconds)} in training steps ({per_epoch} images per epoch ÷ images/s, "
                 f"summed over epochs)" if seconds else "not known (no metrics/prepare.json)")
     else:
         speed, took = "not known (no training logs)", "not known (no training logs)"
     train = params_all.get("train") or {}
     evaluate = params_all.get("evaluate") or {}
-    table = ("<table class=domains><tr><th>domain</th><th>source</th><th>settings</th><th>train images</th>"
+    table = ("<table class=domains><tr><th>domain</th><th>source</th><th class=detail>settings</th><th>train images</th>"
              "<th>test images</th><th>skipped</th></tr>" + "".join(rows) + "</table>")
     facts = [
         ("preset", esc(str(params_all.get("preset", "(none: params.yaml edited by hand)")))),
@@ -215,7 +221,7 @@ images every epoch.</p>
 
     sections = {**params_all, "evaluate": eval_params}
     scalars = {k: v for k, v in sections.items() if not isinstance(v, dict)}
-    blocks = ([_params_table("", scalars)] if scalars else []) + [
+    blocks = ([f"<div><h3>top level</h3>{_params_table('', scalars)}</div>"] if scalars else []) + [
         f"<div><h3>{esc(name)}</h3>{_params_table(name, values)}</div>"
         for name, values in sections.items() if isinstance(values, dict)]
     params_html = f'<div class=params-grid>{"".join(blocks)}</div>'
@@ -226,7 +232,7 @@ images every epoch.</p>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }}
 h1 {{ font-size: 22px; }} h2 {{ font-size: 17px; margin-top: 28px; }} h3 {{ font-size: 15px; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-td.detail, table.params td {{ text-align: left; font-size: 12px; }} table.params {{ margin-bottom: 8px; }}
+td.detail, table.params td, th.detail {{ text-align: left; font-size: 12px; }} table.params {{ margin-bottom: 8px; }}
 .params-grid {{ display: flex; flex-wrap: wrap; gap: 4px 24px; align-items: flex-start; }}
 tr.best td {{ background: #e6f7e6; font-weight: bold; }}
 dl.facts {{ display: grid; grid-template-columns: max-content auto; gap: 2px 12px; }}
