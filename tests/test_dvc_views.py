@@ -18,6 +18,8 @@ def project(tmp_path_factory):
 
 def test_declared_outputs_exist_and_status_is_clean(project):
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert "metrics/test_set" in stages["evaluate"]["outs"]                  # the whole test set's page
+    assert (project / "metrics" / "test_set" / "index.html").is_file()
     for name in ("prepare", "train", "evaluate"):
         for kind in ("outs", "metrics", "plots"):
             for entry in stages[name].get(kind, []):
