@@ -27,7 +27,7 @@ from unpaired.devices import resolve_device
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.evaluation import (MIN_METRIC_IMAGES, fid_kid, inception_features, labelled_grid, load_images,
-                                 translate, weights_advice)
+                                 translate, weights_facts)
 from unpaired.files import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_of, unpack_view
 from unpaired.report import write_report
 from unpaired.images import png_bytes
@@ -117,18 +117,20 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def select_best(rows: list[dict[str, Any]], select: str, skipped_why: str) -> dict[str, Any]:
+def select_best(rows: list[dict[str, Any]], select: str, skipped: str) -> dict[str, Any]:
     """The best epoch: the lowest finite `select` (kid or fid) value, else the last epoch; never one
     whose metric is NaN or infinite. Returns epoch, selected_by (kid, fid or last), fallback (True
-    when `select` asked for a metric and the last epoch was taken instead) and reason (one line)."""
+    when `select` asked for a metric and the last epoch was taken instead) and reason (one line).
+    `skipped`: why FID/KID were not computed ("" when they were)."""
     last = rows[-1]["epoch"]
     if select == "last":
         return {"epoch": last, "selected_by": "last", "fallback": False,
                 "reason": "the last epoch (evaluate.select is last)"}
     name = select.upper()
-    if skipped_why:
+    if skipped:
         return {"epoch": last, "selected_by": "last", "fallback": True,
-                "reason": f"the LAST epoch, not the lowest {name} that evaluate.select asks for: {skipped_why}"}
+                "reason": f"the LAST epoch, not the lowest {name} that evaluate.select asks for: FID/KID were "
+                          f"skipped ({skipped})"}
     finite = [r for r in rows if _finite(r.get(select))]
     bad = [r["epoch"] for r in rows if not _finite(r.get(select))]
     if not finite:
@@ -203,7 +205,7 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
             grids[epoch] = grid_file
 
     has_metrics = features is not None
-    best = select_best(rows, p.select, skipped_why)
+    best = select_best(rows, p.select, skipped_short)
     if best["fallback"]:
         _warn(f"evaluate.select is {p.select}, but models/best holds {best['reason']}")
     best_row = next(r for r in rows if r["epoch"] == best["epoch"])
@@ -244,7 +246,7 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
     info = {"best_epoch": best["epoch"], "best_reason": best["reason"], "select": p.select,
             "selected_by": best["selected_by"], "select_fallback": best["fallback"],
             "metrics_available": has_metrics, "metrics_skipped": skipped_why,
-            "weights": weights_advice() if skipped_why and "Inception" in skipped_why else "",
+            "weights": weights_facts() if skipped_why and "Inception" in skipped_why else {},
             "notes": notes, "device": str(device), "epochs": [r["epoch"] for r in rows]}
     atomic_write_json(metrics_dir / "eval_info.json", info)
     summary = {**info, "final": rows[-1], "best": best_row}

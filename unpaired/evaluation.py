@@ -108,6 +108,13 @@ def published_sha256_prefix() -> str:
     return found.group(1) if found else ""
 
 
+def weights_facts() -> dict[str, str]:
+    """What an offline user needs, as fields: url, file, folder, sha256_prefix, check."""
+    path = weights_file()
+    return {"url": INCEPTION_URL, "file": path.name, "folder": str(path.parent),
+            "sha256_prefix": published_sha256_prefix(), "check": "uv run unpaired weights --check"}
+
+
 def weights_advice() -> str:
     """One sentence: what to fetch, where to put it, how to verify it."""
     path, prefix = weights_file(), published_sha256_prefix()

@@ -195,9 +195,17 @@ def write_report(path: Path, *, summary: dict[str, Any], table: pd.DataFrame, gr
         metric_html = (f'<div class=panels>{"".join(c for c in charts if c)}</div>'
                        f"<table class=numbers><tr>{head}</tr>{body}</table>")
     else:
-        weights = summary.get("weights") or ""
-        metric_html = (f"<p class=warn id=metrics-skipped>{esc(summary.get('metrics_skipped') or 'FID/KID not computed')}"
-                       "</p>" + (f"<p>To compute them offline: {esc(weights)}.</p>" if weights else ""))
+        weights = summary.get("weights") or {}
+        metric_html = f"<p class=warn id=metrics-skipped>{esc(summary.get('metrics_skipped') or 'FID/KID not computed')}</p>"
+        if weights:
+            metric_html += (
+                "<p>To compute them without internet, fetch the file elsewhere and copy it in:</p><dl class=facts>"
+                f"<dt>URL</dt><dd><a href=\"{esc(weights['url'])}\">{esc(weights['url'])}</a></dd>"
+                f"<dt>file name</dt><dd><code>{esc(weights['file'])}</code></dd>"
+                f"<dt>folder</dt><dd><code>{esc(weights['folder'])}/</code> ($TORCH_HOME/hub/checkpoints)</dd>"
+                f"<dt>sha256</dt><dd>starts with <code>{esc(weights['sha256_prefix'] or '?')}</code> (torch-fidelity "
+                f"publishes only this prefix, in the file name)</dd>"
+                f"<dt>then</dt><dd><code>{esc(weights['check'])}</code>, and run evaluate again</dd></dl>")
 
     notes = "".join(f"<p class=warn>{esc(n)}</p>" for n in summary.get("notes") or [])
     best_cls = "warn" if summary.get("select_fallback") else "ok"
