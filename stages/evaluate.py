@@ -79,7 +79,7 @@ def _metrics_plan(p: EvaluateParams, device: Any, data: Path, n_A: int, n_B: int
         why = (f"FID/KID skipped: they need at least {MIN_METRIC_IMAGES} test images per domain, and "
                f"{data}/testA has {n_A}, {data}/testB has {n_B}; raise prepare.test_fraction or add images")
     else:
-        short = "no usable Inception weights (see metrics/eval_info.json)"
+        short = "no usable Inception weights"
         features, why = inception_features(device)
         if features is not None:
             if why:
