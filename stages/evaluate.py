@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from unpaired.devices import resolve_device
+from unpaired.devices import check_device, resolve_device
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.evaluation import (MIN_METRIC_IMAGES, fid_kid, inception_features, labelled_grid, load_images,
@@ -62,6 +62,7 @@ class EvaluateParams(params.Params):
                      f"unknown {self.metrics!r}; use auto, required or off")
         params.check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", f"must be >= 1, got {self.kid_subsets}")
         params.check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        check_device(self.device, f"{prefix}.device")
 
 
 def _warn(message: str) -> None:

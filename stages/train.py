@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
-from unpaired.devices import resolve_device
+from unpaired.devices import check_device, resolve_device
 from unpaired.files import unpack_view
 from unpaired.samples import fixed_images, grid, triplets
 from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, load_folder,
@@ -82,9 +82,7 @@ class TrainParams(params.Params):
         smallest = 3 * 2 ** self.n_layers   # the PatchGAN's last feature map must stay >= 2×2
         c(self.crop_size >= smallest, f"{prefix}.crop_size",
           f"must be >= {smallest} for a discriminator with n_layers={self.n_layers}, got {self.crop_size}")
-        c(self.device == "auto" or self.device in ("cpu", "mps", "cuda")
-          or (self.device.startswith("cuda:") and self.device[5:].isdigit()), f"{prefix}.device",
-          f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+        check_device(self.device, f"{prefix}.device")
         c(self.precision in ("auto", "bf16", "fp32"), f"{prefix}.precision",
           f"unknown precision {self.precision!r}; use auto, bf16 or fp32")
 

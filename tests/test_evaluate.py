@@ -1,9 +1,7 @@
-"""Evaluate stage, report, translate and export."""
+"""Evaluate stage, report and `unpaired weights` (translate and export: tests/test_cli.py)."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +14,10 @@ from PIL import Image
 import stages.evaluate as ev
 from stages.evaluate import EvaluateParams, evaluate
 from unpaired import checkpoint
-from unpaired.cli import export_onnx, translate_files
 from unpaired.cyclegan import ResnetGenerator, init_weights
 from unpaired.errors import UserError
 from unpaired.evaluation import fid_kid, labelled_grid
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 
 
@@ -411,52 +407,3 @@ def test_weights_check_cli(tmp_path, monkeypatch, capsys):
 def argparse_namespace():
     import argparse
     return argparse.Namespace(payload="not a tensor")
-
-
-def test_translate_mixed_inputs(tmp_path):
-    ckpt = save_epoch(tmp_path, 1, seed=0)
-    inputs = tmp_path / "in"
-    (inputs / "sub").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (37, 51, 3), dtype=np.uint8)).save(inputs / "odd.png")
-    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(inputs / "sub" / "gray.jpg")
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "globbed.webp")
-    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    (inputs / "empty.jpg").write_bytes(b"")
-    written, skipped = translate_files(str(ckpt), [str(inputs), str(tmp_path / "*.webp")], str(tmp_path / "out"),
-                                       "BtoA", batch_size=2)
-    assert written == 3 and len(skipped) == 2
-    assert sorted(skipped) == [f"{inputs / 'broken.png'} (not_image)", f"{inputs / 'empty.jpg'} (empty)"]
-    assert Image.open(tmp_path / "out" / "odd.png").size == (51, 37)        # any size, cropped back
-    assert Image.open(tmp_path / "out" / "gray.png").size == (40, 40)
-    translate_files(str(ckpt), [str(inputs / "odd.png")], str(tmp_path / "sized"), size=24)
-    assert min(Image.open(tmp_path / "sized" / "odd.png").size) == 24
-
-
-def test_translate_cli_lists_skipped_and_fails_when_nothing_readable(tmp_path):
-    ckpt = save_epoch(tmp_path, 1, seed=0)
-    (tmp_path / "bad.png").write_text("nope")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", "from unpaired.cli import main; main()", "translate", str(ckpt),
-                           str(tmp_path / "bad.png"), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 2
-    assert "bad.png (not_image)" in proc.stdout
-    assert proc.stderr.strip() == "error: no image could be read; nothing written"
-    proc = subprocess.run([sys.executable, "-c", "from unpaired.cli import main; main()", "translate",
-                           str(tmp_path / "missing.pt"), str(tmp_path / "bad.png"), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'missing.pt'}: checkpoint not found"
-
-
-def test_export_onnx_parity(tmp_path):
-    import onnxruntime as ort
-    ckpt = save_epoch(tmp_path, 1, seed=0)
-    path = export_onnx(str(ckpt), str(tmp_path / "g.onnx"), "AtoB")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    net, _ = checkpoint.load_generator(ckpt, "AtoB")
-    for shape in ((1, 3, 32, 32), (2, 3, 24, 44)):
-        x = torch.rand(shape) * 2 - 1
-        got = session.run(None, {"image": x.numpy()})[0]
-        want = net(x).detach().numpy()
-        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4

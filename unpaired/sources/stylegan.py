@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from unpaired.devices import resolve_device
+from unpaired.devices import check_device, resolve_device
 from unpaired.errors import UserError
 from unpaired.files import sha256_of
 from unpaired.params import Params, check, fail, parse
@@ -74,6 +74,7 @@ class StyleGANParams(Params):
         check(self.precision in ("auto", "fp32"), f"{prefix}.precision",
               f"must be auto or fp32, got {self.precision!r}")
         check(self.sha256 is None or len(self.sha256) == 64, f"{prefix}.sha256", "must be 64 hex digits")
+        check_device(self.device, f"{prefix}.device")
 
 
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
