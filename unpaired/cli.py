@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
                                    "file is loaded with weights_only=True, must fit InceptionV3, and its sha256 is\n"
                                    "compared with the prefix in its published name. Names the URL, the file name\n"
                                    "and the folder ($TORCH_HOME/hub/checkpoints) to copy it into when offline.")
-    w.add_argument("--check", action="store_true", help="only check, never download (default: download if absent)")
+    w.add_argument("--check", action="store_true", help="only check, never download (without it: download if absent)")
     w.add_argument("file", nargs="?", default=None, metavar="FILE",
                    help="check this file instead (e.g. a copy before putting it in place); "
                         "default: the one in $TORCH_HOME/hub/checkpoints")
