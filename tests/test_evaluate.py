@@ -290,6 +290,12 @@ def test_test_set_page_covers_every_image(setup, monkeypatch):
     want = translate(G_A, torch.from_numpy(np.array(Image.open(dirs["data"] / "testA" / "3.png"))).permute(2, 0, 1)[None],
                      1, torch.device("cpu"))[0].permute(1, 2, 0).numpy()
     assert (np.asarray(Image.open(folder / "AtoB" / "fake" / "3.png")) == want).all()
+    # a second run with the same best checkpoint reuses the page from the cache (no translation)
+    before = {f.relative_to(folder): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+    monkeypatch.setattr(ev, "write_test_set", lambda *a, **k: pytest.fail("test set translated again"))
+    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), **dirs)
+    assert {f.relative_to(folder): f.read_bytes() for f in folder.rglob("*") if f.is_file()} == before
+    assert len(list(dirs["cache"].glob("test_set-*"))) == 1
 
 
 def test_no_checkpoints_is_one_line(setup):
