@@ -227,8 +227,17 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
                 (tmp / f"{column}.tsv").write_bytes(frame.to_csv(sep="\t", index=False).encode())
         if best["epoch"] in grids:
             shutil.copyfile(grids[best["epoch"]], tmp / "samples_best_epoch.png")
-    write_test_set(metrics_dir / "test_set", ckpts[best["epoch"]], best["epoch"], p, device,
-                   (names_A, test_A), (names_B, test_B))
+    # the test-set page: built once per (best checkpoint, test images, params) in the cache
+    page_key = hashlib.sha256((sha256_of(ckpts[best["epoch"]]) + settings + f"pages{TEST_PAGE_ROWS}")
+                              .encode()).hexdigest()[:32]
+    built = cache / f"test_set-{page_key}"
+    if not built.is_dir():
+        write_test_set(built, ckpts[best["epoch"]], best["epoch"], p, device, (names_A, test_A), (names_B, test_B))
+    for old in cache.glob("test_set-*"):       # only the current best's page is kept
+        if old != built:
+            shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(metrics_dir / "test_set") as tmp:
+        shutil.copytree(built, tmp, dirs_exist_ok=True)
     table = pd.DataFrame(rows)
     if has_metrics:
         table = table[["epoch", *METRIC_COLUMNS]]
