@@ -5,6 +5,7 @@
     unpaired export CHECKPOINT --direction AtoB --format onnx --out FILE|DIR
     unpaired remote-status [--remote NAME] [--repair]   # which outputs a DVC remote is missing
     unpaired unpack                   # rebuild the browsable data/prepared/ from data/prepared.tar
+    unpaired weights [--check] [FILE] # are the FID/KID Inception weights usable? (offline help)
 
 CHECKPOINT is any epoch_NNN.pt, last.pt or models/best/generators.pt. Inputs are files, folders
 (searched recursively) or glob patterns. Images of any size with at least 5 px per side work: each
@@ -387,6 +388,17 @@ def main(argv: list[str] | None = None) -> None:
                    formatter_class=_HelpFormatter,
                    description="Rebuild the browsable folder data/prepared/ from data/prepared.tar, the file\n"
                                "DVC tracks (needed after `dvc pull` or `dvc checkout`).")
+    # `unpaired weights`: the FID Inception weights (implementation: unpaired/evaluation.py)
+    w = sub.add_parser("weights", help="check (or fetch) the Inception weights FID/KID need",
+                       formatter_class=_HelpFormatter,
+                       description="Say whether torch-fidelity's InceptionV3 weights (for FID/KID) are usable: the\n"
+                                   "file is loaded with weights_only=True, must fit InceptionV3, and its sha256 is\n"
+                                   "compared with the prefix in its published name. Names the URL, the file name\n"
+                                   "and the folder ($TORCH_HOME/hub/checkpoints) to copy it into when offline.")
+    w.add_argument("--check", action="store_true", help="only check, never download (without it: download if absent)")
+    w.add_argument("file", nargs="?", default=None, metavar="FILE",
+                   help="check this file instead (e.g. a copy before putting it in place); "
+                        "default: the one in $TORCH_HOME/hub/checkpoints")
     args = ap.parse_args(argv)
 
     def run() -> None:
@@ -417,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"{PACKED}: not here; run `uv run dvc pull` (or `make repro`) first")
             done = unpack_view(PACKED, PREPARED)
             print(f"{PREPARED}/: {'unpacked from' if done else 'already matches'} {PACKED}")
+        elif args.command == "weights":
+            from unpaired.evaluation import weights_command
+            weights_command(args.file, args.check)
         else:
             from unpaired.remote import report
             raise SystemExit(report(".", args.remote, args.repair))
