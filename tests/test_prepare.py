@@ -238,9 +238,9 @@ def test_packed_output_and_its_view(tmp_path):
     assert tree(view) == files and (view / "testA").is_dir()          # empty split kept
     assert unpack_view(tmp_path / "p.tar", view) is False              # up to date: untouched
     (view / "trainA" / next((view / "trainA").iterdir()).name).unlink()
-    shutil.copy(tmp_path / "p.tar", tmp_path / "q.tar")
-    with tarfile.open(tmp_path / "q.tar", "a") as t:                   # a changed tar: view rebuilt
-        t.addfile(tarfile.TarInfo("extra.txt"))
+    shutil.copytree(out, tmp_path / "other")                           # a changed tar: view rebuilt
+    (tmp_path / "other" / "extra.txt").write_bytes(b"")
+    pack_dir(tmp_path / "other", tmp_path / "q.tar")
     assert unpack_view(tmp_path / "q.tar", view) is True
     assert {k: v for k, v in tree(view).items() if k not in ("extra.txt", VIEW_MARK)} == \
         {k: v for k, v in files.items() if k != VIEW_MARK}

@@ -117,7 +117,7 @@ def test_retry_after_a_transient_error(server, tmp_path):
     ("/missing.zip", None, None, "answered HTTP 404"),
     ("/down.zip", "", 500, "failed after 4 tries (HTTP 500)"),
     ("/short.zip", "short", 200, "body cut short"),
-    ("/notzip.zip", "", 200, "not a readable zip or tar archive"),
+    ("/notzip.zip", "", 200, "something that is not a zip or tar archive (an HTML page)"),
     ("/corrupt.zip", "", 200, "corrupt archive"),
 ])
 def test_download_failures_are_one_line_and_leave_nothing(server, tmp_path, monkeypatch, route, mode, status, words):
