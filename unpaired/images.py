@@ -75,9 +75,7 @@ def _failure(err: BaseException, name: str) -> Skip:
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation (1-8), or 1 when there is none or the EXIF block cannot be read."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")    # Pillow warns about each malformed tag it skips
-            value = img.getexif().get(0x0112, 1)
+        value = img.getexif().get(0x0112, 1)
         return int(value) if int(value) in ORIENTATION else 1
     except Exception:  # noqa: BLE001 - malformed EXIF of any kind: keep the image as decoded
         return 1
@@ -91,8 +89,9 @@ def decode_scaled(data: bytes, name: str = "", min_side: int | None = None) -> t
     if not data:
         raise Skip("empty", name)
     with warnings.catch_warnings():
-        # Pillow warns above MAX_IMAGE_PIXELS; the check below is the guard, after draft mode.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Pillow warns above MAX_IMAGE_PIXELS (the check below is the guard, after draft mode) and
+        # about each malformed metadata tag it skips (noise in a log of thousands of files).
+        warnings.simplefilter("ignore")
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
@@ -114,7 +113,7 @@ def decode_scaled(data: bytes, name: str = "", min_side: int | None = None) -> t
             raise Skip("too_large", f"{name}: {err}") from None
         except (OSError, ValueError, SyntaxError, EOFError) as err:
             raise _failure(err, name) from None
-    method = ORIENTATION.get(_orientation(img))
+        method = ORIENTATION.get(_orientation(img))
     if method is not None:
         img = img.transpose(method)
         if method in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
