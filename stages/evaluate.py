@@ -23,7 +23,8 @@ from unpaired.devices import resolve_device
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.evaluation import fid_kid, inception_features, labelled_grid, load_images, translate
-from unpaired.files import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_of, unpack_view
+from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_of,
+                            unpack_view)
 from unpaired.report import write_report
 
 DATA = Path("data/prepared")
@@ -142,6 +143,7 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
 
 
 def main() -> None:
+    remove_stale_temporaries(METRICS, BEST.parent, BEST, CACHE, DATA.parent)   # what a killed run left
     data = params.load()
     p = params.parse(EvaluateParams, params.section(data, "evaluate"), "evaluate")
     if PACKED.is_file():       # after a `dvc pull` only the tar is there

@@ -24,8 +24,8 @@ from PIL import ImageColor
 
 from unpaired import params
 from unpaired.errors import UserError, main_guard
-from unpaired.files import (NO_SPACE, atomic_dir, atomic_write_json, no_space_error, pack_dir,
-                            remove_stale_temporaries, write_manifest)
+from unpaired.files import (NO_SPACE, atomic_dir, atomic_write_json, pack_dir, remove_stale_temporaries,
+                            write_manifest)
 from unpaired.images import SKIP_REASONS, Skip, decode_scaled, png_bytes, square
 from unpaired.parallel import pmap
 
@@ -70,13 +70,13 @@ def _process(job: tuple[Path, PrepareParams, Path]) -> dict[str, Any]:
     """Decode, check and resize one raw file, writing the PNG to `staged` (the worker writes it, so
     the parent process only renames: that keeps the parent from becoming the bottleneck). Never
     raises for one file: an unexpected failure (a decoder bug on a strange file) is the skip `error`
-    naming the file. Only a full disk stops the stage (one line, UserError)."""
+    naming the file. Only a full disk stops the stage (atomic_dir makes it one line)."""
     path, p, staged = job
     try:
         return _process_one(path, p, staged)
     except OSError as err:
         if err.errno in NO_SPACE:
-            raise no_space_error(staged, err) from None
+            raise      # the parent's atomic_dir names the output and the free space
         return {"path": path, "skip": "error", "detail": f"{type(err).__name__}: {err}"}
     except Exception as err:  # noqa: BLE001 - one file never stops the stage; it is counted and named
         return {"path": path, "skip": "error", "detail": f"{type(err).__name__}: {err}"}

@@ -76,17 +76,28 @@ def no_space_error(path: str | Path, err: OSError, needed: int | None = None) ->
                          f"{need}{_human(free)} free on the disk); raise the limit and re-run")
     what = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
     return UserError(f"{path}: {what} ({need}{_human(free)} free in {folder}); free some space "
-                     f"(or point the folder elsewhere) and re-run; the previous file is intact")
+                     f"(or point the folder elsewhere) and re-run; the previous output is intact")
 
 
 @contextlib.contextmanager
 def space_guard(path: str | Path, needed: int | None = None) -> Iterator[None]:
-    """Turn a disk-full / quota / size-limit OSError inside the block into `no_space_error`."""
+    """Turn a disk-full / quota / size-limit OSError inside the block into `no_space_error`. Put the
+    removal of the partial temporary inside the block, so that the free space reported counts it free."""
     try:
         yield
     except OSError as err:
         if err.errno in NO_SPACE:
             raise no_space_error(path, err, needed) from None
+        raise
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 
@@ -141,12 +152,12 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(target)
-    try:
-        with space_guard(target):
+    with space_guard(target):
+        try:
             yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -178,16 +189,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path)
-    try:
-        with space_guard(path, len(data)), os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with space_guard(path, len(data)):
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -223,9 +235,8 @@ def pack_dir(folder: str | Path, tar_path: str | Path) -> str:
     paths = sorted(p for p in folder.rglob("*") if p.name not in (VIEW_MARK, SUMS))
     needed = sum(p.stat().st_size + 1024 for p in paths if p.is_file()) + 10240
     fd, tmp = temp_file(tar_path)
-    try:
-        with space_guard(tar_path, needed), os.fdopen(fd, "wb") as f, \
-                tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with space_guard(tar_path, needed), _removed_on_error(tmp):
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             sums = []
             for path in paths:
                 info = tarfile.TarInfo(path.relative_to(folder).as_posix())
@@ -243,10 +254,6 @@ def pack_dir(folder: str | Path, tar_path: str | Path) -> str:
             info.mtime, info.size, info.mode = 0, len(listing), 0o644
             tar.addfile(info, io.BytesIO(listing))
         os.replace(tmp, tar_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     digest = sha256_of(tar_path)
     atomic_write_bytes(folder / VIEW_MARK, (digest + "\n").encode())
     return digest
@@ -296,9 +303,12 @@ def unpack_view(tar_path: str | Path, folder: str | Path) -> bool:
 
 
 def view_is_stale(tar_path: str | Path, folder: str | Path) -> bool:
-    """True if `folder` is a view (it has a mark) of some other tar than `tar_path` as it is now."""
+    """True if `tar_path` exists and `folder` is not its view as it is now: missing, unmarked, or
+    unpacked from another tar (after a `git checkout` + `dvc checkout`, which change only the tar)."""
     mark = Path(folder) / VIEW_MARK
-    return mark.is_file() and Path(tar_path).is_file() and mark.read_text().strip() != sha256_of(tar_path)
+    if not Path(tar_path).is_file():
+        return False
+    return not mark.is_file() or mark.read_text().strip() != sha256_of(tar_path)
 
 
 def refresh_view_for(inputs: Iterable[str | Path], tar_path: str | Path, folder: str | Path) -> bool:
@@ -313,6 +323,6 @@ def refresh_view_for(inputs: Iterable[str | Path], tar_path: str | Path, folder:
         return False
     if not view_is_stale(tar_path, folder):
         return False
-    print(f"note: {folder}/ was unpacked from another {tar_path} than the one here now (after a "
-          f"`dvc checkout`?); refreshing it (what `uv run unpaired unpack` does)", file=sys.stderr)
+    print(f"note: {folder}/ is not the view of {tar_path} as it is now (after a `dvc checkout`?); "
+          f"unpacking it again (what `uv run unpaired unpack` does)", file=sys.stderr)
     return unpack_view(tar_path, folder)

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from unpaired.files import sha256_of, space_guard, temp_file
+from unpaired.files import NO_SPACE, no_space_error, sha256_of, temp_file
 from unpaired.sources.base import SourceError
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -91,7 +91,7 @@ def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeo
             sleep(backoff * 2 ** (attempt - 1))
         fd, tmp = temp_file(dest, "part")
         try:
-            with space_guard(dest), os.fdopen(fd, "wb") as f, \
+            with os.fdopen(fd, "wb") as f, \
                     requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": USER_AGENT}) as r:
                 if r.status_code in RETRY_STATUS:
                     raise _Retry(f"HTTP {r.status_code}")
@@ -117,6 +117,11 @@ def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeo
             last = f"{type(err).__name__}"
         except requests.RequestException as err:
             raise SourceError(f"{key}: cannot download {url}: {type(err).__name__}") from None
+        except OSError as err:
+            if err.errno not in NO_SPACE:
+                raise
+            os.unlink(tmp)     # first, so that the free space reported counts it free
+            raise no_space_error(dest, err) from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 import requests
 
-from unpaired.files import atomic_write_bytes, space_guard, temp_file
+from unpaired.files import NO_SPACE, atomic_write_bytes, space_guard, temp_file
 from unpaired.params import Params, check, parse
 from unpaired.sources.archives import images_under
 from unpaired.sources.base import FetchContext, SourceError, flat_name
@@ -92,8 +92,13 @@ def _download(dataset: str, dest: Path, about: Path, *, key: str, timeout: float
     """The dataset's zip → `dest` (atomically), and what Kaggle says about it → `about`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(dest, "part")
+    with space_guard(dest):      # outside the try: the free space is reported without the partial file
+        _download_into(dataset, dest, about, fd, tmp, key=key, timeout=timeout)
+
+
+def _download_into(dataset: str, dest: Path, about: Path, fd: int, tmp: str, *, key: str, timeout: float) -> None:
     try:
-        with space_guard(dest), os.fdopen(fd, "wb") as f, _quiet(), _client(key, timeout) as client:
+        with os.fdopen(fd, "wb") as f, _quiet(), _client(key, timeout) as client:
             for attempt in range(RETRIES + 1):     # transient failures: bounded retry with backoff
                 if attempt:
                     sleep(BACKOFF * 2 ** (attempt - 1))
@@ -102,6 +107,8 @@ def _download(dataset: str, dest: Path, about: Path, *, key: str, timeout: float
                 try:
                     short = _stream(client, dataset, f)
                 except Exception as err:  # noqa: BLE001 - anything from the package becomes one line
+                    if isinstance(err, OSError) and err.errno in NO_SPACE:
+                        raise      # a full disk: _download's space_guard says so
                     if attempt < RETRIES and _transient(err):
                         continue
                     raise SourceError(_explain(err, dataset, key)) from None
