@@ -283,3 +283,19 @@ def test_translate_of_the_prepared_view_reads_the_current_data(tmp_path, monkeyp
     assert sorted(p.name for p in Path("out").iterdir()) == ["0.png", "1.png"]  # the older run's two images
     assert "is not the view of data/prepared.tar" in capsys.readouterr().err
 
+
+
+def test_a_full_disk_outside_the_atomic_writers_is_one_line_too(tmp_path):
+    """A library writing straight into a full disk (dvclive's logs, say): main_guard's line."""
+    script = f"""
+from unpaired.errors import main_guard
+def run():
+    with open({str(tmp_path / 'full' / 'log.tsv')!r}, "wb") as f:
+        f.write(b"x" * 1_000_000)
+main_guard(run)
+"""
+    proc = in_small_tmpfs(tmp_path, script)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    # Python's buffered writer does not say which file failed on flush; the line gives the space left
+    assert proc.stderr.startswith("error: a write failed: no space left on the device (")
+    assert " free in " in proc.stderr

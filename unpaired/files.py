@@ -65,18 +65,22 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def no_space_error(path: str | Path, err: OSError, needed: int | None = None) -> UserError:
-    """One line for a write that failed for lack of space (ENOSPC, EDQUOT) or a file size limit (EFBIG)."""
-    path = Path(path)
-    folder = next((p for p in (path.parent, *path.parents) if p.is_dir()), Path("."))
+def no_space_error(path: str | Path | None, err: OSError, needed: int | None = None) -> UserError:
+    """One line for a write that failed for lack of space (ENOSPC, EDQUOT) or a file size limit
+    (EFBIG): the file (None: unknown, e.g. a buffered write failing on flush), the bytes needed when
+    known, and the space free where it was written (shutil.disk_usage)."""
+    target = Path(path) if path is not None else Path.cwd() / "-"
+    folder = next((p for p in (target.parent, *target.parents) if p.is_dir()), Path("."))
     free = shutil.disk_usage(folder).free
     need = f"{_human(needed)} needed, " if needed is not None else ""
+    subject = f"{path}: " if path is not None else "a write failed: "
     if err.errno == errno.EFBIG:
-        return UserError(f"{path}: file too large for this process's file size limit (`ulimit -f`; "
+        return UserError(f"{subject}file too large for this process's file size limit (`ulimit -f`; "
                          f"{need}{_human(free)} free on the disk); raise the limit and re-run")
     what = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
-    return UserError(f"{path}: {what} ({need}{_human(free)} free in {folder}); free some space "
-                     f"(or point the folder elsewhere) and re-run; the previous output is intact")
+    intact = "; the previous output is intact" if path is not None else ""
+    return UserError(f"{subject}{what} ({need}{_human(free)} free in {folder}); free some space "
+                     f"(or point the folder elsewhere) and re-run{intact}")
 
 
 @contextlib.contextmanager
