@@ -2,7 +2,9 @@
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import tarfile
 
 import numpy as np
@@ -364,3 +366,15 @@ def test_a_test_split_evaluate_cannot_use_is_warned(tmp_path, capsys):
     report = prepare(PrepareParams(size=16, min_size=8, test_fraction=0.5), make_raw(tmp_path / "r2", 20, 20),
                      tmp_path / "out", tmp_path / "m.json", workers=1)
     assert report["test_too_small"] == {}
+
+
+def _killed_at_5(x: int) -> int:
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)      # as the out-of-memory killer would
+    return x
+
+
+def test_a_killed_worker_is_one_line():
+    from unpaired.parallel import pmap
+    with pytest.raises(UserError, match=r"^prepare a: a worker process was killed \(out of memory\?\)"):
+        pmap(_killed_at_5, range(20), workers=2, desc="prepare a")

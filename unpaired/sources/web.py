@@ -262,6 +262,9 @@ class Cache:
         except Skip as skip:
             path.unlink()
             return {"skip": skip.reason}
+        except Exception:  # noqa: BLE001 - a decoder failure on one strange file: skip it, keep going
+            path.unlink()
+            return {"skip": "error"}
         return {"sha256": hashlib.sha256(data).hexdigest(), "ext": ext, "width": img.width, "height": img.height}
 
     def save(self) -> None:
