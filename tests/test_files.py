@@ -190,16 +190,16 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space(tmp_path, writer)
     full = tmp_path / "full"
     target = {"checkpoint": full / "models" / "last.pt", "packed_tar": full / "prepared.tar",
               "prepare": full / "prepared"}[writer]
-    call = {"checkpoint": "checkpoint.save({'w': torch.zeros(300_000)}, target)",
-            "packed_tar": f"pack_dir(Path({str(tmp_path / 'view')!r}), target)",
-            "prepare": f"prepare(PrepareParams(min_size=8), Path({str(raw)!r}), target, Path({str(full / 'p.json')!r}), workers=2)"}[writer]
+    call = {"checkpoint": "import torch; from unpaired import checkpoint; "
+                          "checkpoint.save({'w': torch.zeros(300_000)}, target)",
+            "packed_tar": f"from unpaired.files import pack_dir; pack_dir(Path({str(tmp_path / 'view')!r}), target)",
+            "prepare": "from stages.prepare import PrepareParams, prepare; "
+                       f"prepare(PrepareParams(min_size=8), Path({str(raw)!r}), target, Path({str(full / 'p.json')!r}), "
+                       "workers=2)"}[writer]
     script = f"""
-import os, sys, torch
+import os, sys
 from pathlib import Path
-from stages.prepare import PrepareParams, prepare
-from unpaired import checkpoint
 from unpaired.errors import main_guard
-from unpaired.files import pack_dir
 full, target = Path({str(full)!r}), Path({str(target)!r})
 target.parent.mkdir(parents=True, exist_ok=True)
 (target.parent / "previous").write_bytes(b"previous")
