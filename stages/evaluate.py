@@ -28,7 +28,8 @@ from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.evaluation import (MIN_METRIC_IMAGES, fid_kid, inception_features, labelled_grid, load_images,
                                  translate, weights_facts)
-from unpaired.files import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_of, unpack_view
+from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_of,
+                            unpack_view)
 from unpaired.report import write_report
 from unpaired.images import png_bytes
 
@@ -319,6 +320,7 @@ def write_test_set(folder: Path, ckpt: Path, epoch: int, p: EvaluateParams, devi
 
 
 def main() -> None:
+    remove_stale_temporaries(METRICS, BEST.parent, BEST, CACHE, DATA.parent)   # what a killed run left
     data = params.load()
     p = params.parse(EvaluateParams, params.section(data, "evaluate"), "evaluate")
     if PACKED.is_file():       # after a `dvc pull` only the tar is there

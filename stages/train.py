@@ -25,7 +25,7 @@ from tqdm import tqdm
 from unpaired import checkpoint, params
 from unpaired.errors import UserError, main_guard
 from unpaired.devices import check_device, resolve_device
-from unpaired.files import unpack_view
+from unpaired.files import remove_stale_temporaries, unpack_view
 from unpaired.samples import fixed_images, grid, triplets
 from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, load_folder,
                                lr_factor, optimizers, train_step)
@@ -252,6 +252,7 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
 
 
 def main() -> None:
+    remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
     p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
     if PACKED.is_file():       # after a `dvc pull` only the tar is there
         unpack_view(PACKED, DATA)

@@ -192,6 +192,9 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
     if batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
     dev = resolve_device(device, "--device")
+    from stages.prepare import PACKED, PREPARED
+    from unpaired.files import refresh_view_for
+    refresh_view_for(inputs, PACKED, PREPARED)     # data/prepared/ is a view of the tar: never a stale one
     files = expand_inputs(inputs)
     if not files:
         raise UserError("no input images found")

@@ -25,7 +25,7 @@ from unpaired.files import sha256_of
 from unpaired.params import Params, check, fail, parse
 from unpaired.safe_pickle import load_generator
 from unpaired.sources.base import FetchContext, SourceError
-from unpaired.sources.download import locate
+from unpaired.sources.download import is_network_pickle, locate
 from unpaired.stylegan2 import seed_latents, to_uint8
 
 FFHQ = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/ffhq.pkl"
@@ -82,7 +82,8 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     seeds = parse_seeds(p.seeds, f"{ctx.key}.seeds")
     device = resolve_device(p.device, f"{ctx.key}.device")
     path = locate(p.network, ctx.cache_dir, key=f"{ctx.key}.network", sha256=p.sha256, timeout=120,
-                  missing=f"not found; give a StyleGAN2-ADA network pickle path or URL, {WHERE_TO_GET}")
+                  missing=f"not found; give a StyleGAN2-ADA network pickle path or URL, {WHERE_TO_GET}",
+                  check=is_network_pickle)
     digest = sha256_of(path)
     try:
         G = load_generator(path).to(device)
