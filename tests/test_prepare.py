@@ -289,7 +289,7 @@ def test_malformed_exif_tag_still_gets_its_orientation(tmp_path):
     assert top[0] > 200 and top[1] < 80
     raw = make_raw(tmp_path / "raw", n_a=3, n_b=3)
     (raw / "a" / "exif.jpg").write_bytes(data)
-    report = prepare(PrepareParams(size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=2)
+    report = prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=2)
     assert sum(report["kept"]["a"].values()) == 4 and report["skipped"]["a"]["error"] == 0
 
 
@@ -310,11 +310,11 @@ def test_fuzzed_exif_never_stops_prepare(tmp_path):
         for pos in rng.integers(start + 6, start + length, rng.integers(1, 6)):
             data[pos] = int(rng.integers(0, 256))
         (raw / "a" / f"fuzz_{i:03d}.jpg").write_bytes(bytes(data))
-        r = _process((raw / "a" / f"fuzz_{i:03d}.jpg", PrepareParams(size=16, min_size=8), tmp_path / "s.png"))
+        r = _process((raw / "a" / f"fuzz_{i:03d}.jpg", PrepareParams(image_size=16, min_size=8), tmp_path / "s.png"))
         reasons.append(r["skip"])
         assert r["skip"] is None or r["skip"] in SKIP_REASONS
     assert reasons.count(None) > 300                  # the pixels are intact: most stay usable
-    report = prepare(PrepareParams(size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=2)
+    report = prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=2)
     assert sum(report["kept"]["a"].values()) + sum(report["skipped"]["a"].values()) == 402
 
 
@@ -331,7 +331,7 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale(tmp_path, photo_12000x9000):
     assert full == (12000, 9000) and img.size == (1500, 1125)   # 1/8 scale: still >= 64 px
     raw = make_raw(tmp_path / "raw", n_a=2, n_b=2)
     (raw / "a" / "big.jpg").write_bytes(photo_12000x9000)
-    prepare(PrepareParams(size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=1)
+    prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=1)
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     row = manifest[manifest.sha256 == hashlib.sha256(photo_12000x9000).hexdigest()].iloc[0]
     assert (row.width, row.height) == (12000, 9000)
@@ -350,20 +350,20 @@ def test_decompression_bombs_are_too_large(tmp_path, side):
     assert err.value.reason == "too_large"
     raw = make_raw(tmp_path / "raw", n_a=2, n_b=2)
     (raw / "a" / "bomb.png").write_bytes(bomb)
-    report = prepare(PrepareParams(size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=1)
+    report = prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=1)
     assert report["skipped"]["a"]["too_large"] == 1
 
 
 def test_a_test_split_evaluate_cannot_use_is_warned(tmp_path, capsys):
     raw = make_raw(tmp_path / "raw", n_a=1, n_b=6)    # domain a: a single image
-    report = prepare(PrepareParams(size=16, min_size=8, test_fraction=0.0), raw, tmp_path / "out",
+    report = prepare(PrepareParams(image_size=16, min_size=8, test_fraction=0.0), raw, tmp_path / "out",
                      tmp_path / "m.json", workers=1)
     err = capsys.readouterr().err
     assert "warning: prepare a: testA has 0 image(s); evaluate needs at least 2" in err
     assert "prepare.test_fraction" in err and "warning: prepare b: testB has 0 image(s)" in err
     assert report["test_too_small"] == {"a": 0, "b": 0}
     assert json.loads((tmp_path / "m.json").read_text())["test_too_small"] == {"a": 0, "b": 0}
-    report = prepare(PrepareParams(size=16, min_size=8, test_fraction=0.5), make_raw(tmp_path / "r2", 20, 20),
+    report = prepare(PrepareParams(image_size=16, min_size=8, test_fraction=0.5), make_raw(tmp_path / "r2", 20, 20),
                      tmp_path / "out", tmp_path / "m.json", workers=1)
     assert report["test_too_small"] == {}
 
