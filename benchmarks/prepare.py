@@ -26,11 +26,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "params.yaml").write_text(
-            f"domains:\n  a: {{source: doodles, count: {args.count}, size: {args.source_size}}}\n"
-            f"  b: {{source: flares, count: {args.count}, size: {args.source_size}}}\n")
+            f"domains:\n  a: {{source: doodles, count: {args.count}, image_size: {args.source_size}}}\n"
+            f"  b: {{source: flares, count: {args.count}, image_size: {args.source_size}}}\n")
         for d in "ab":
             fetch_domain(d, tmp / "params.yaml", tmp / "raw", tmp / "cache")
-        p = PrepareParams(size=args.size)
+        p = PrepareParams(image_size=args.size)
         total = 2 * args.count
         rates = {}
         for workers in (1, default_workers()):

@@ -61,7 +61,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "params.yaml").write_text(f"domains:\n  a: {{source: flares, count: {args.count}, size: {args.size}}}\n")
+        (tmp / "params.yaml").write_text(f"domains:\n  a: {{source: flares, count: {args.count}, image_size: {args.size}}}\n")
         images = fetch_domain("a", tmp / "params.yaml", tmp / "raw", tmp / "cache")
         for layout in ("files", "tar"):
             for kind in ("local", "s3"):

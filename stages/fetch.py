@@ -13,7 +13,7 @@ from pathlib import Path
 
 from unpaired import params, sources
 from unpaired.errors import UserError, main_guard
-from unpaired.files import atomic_dir, write_manifest
+from unpaired.files import atomic_dir, remove_stale_temporaries, write_manifest
 from unpaired.parallel import default_workers
 from unpaired.sources.base import MANIFEST_COLUMNS, FetchContext
 
@@ -48,8 +48,10 @@ def fetch_domain(domain: str, params_file: Path = params.PARAMS_FILE, raw_root: 
 def main() -> None:
     if len(sys.argv) != 2:
         raise UserError("usage: python -m stages.fetch DOMAIN   (a key of `domains` in params.yaml)")
+    remove_stale_temporaries(RAW, CACHE, recursive=True)     # what a killed run left behind
     fetch_domain(sys.argv[1])
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    from unpaired.restore import keep_outputs   # under dvc repro: a failure keeps the previous outputs
+    main_guard(keep_outputs(main))

@@ -5,7 +5,7 @@ is its browsable view, see unpaired/files.py), and metrics/prepare.json (kept an
     python -m stages.prepare
 
 Every raw file is decoded to 8-bit RGB (see unpaired/images.py), checked against `min_size`, resized to
-a `size`×`size` square and written as PNG named by the first 16 hex digits of the SHA-256 of the raw
+an `image_size`×`image_size` square and written as PNG named by the first 16 hex digits of the SHA-256 of the raw
 file's bytes. Exact duplicates (same hash) are kept once. The split is a pure function of (seed,
 content hash), so adding images never moves existing ones between train and test, and a duplicate can
 never land in both. Decoding runs on all cores; the tree is built in a temporary directory and renamed.
@@ -13,6 +13,7 @@ never land in both. Decoding runs on all cores; the tree is built in a temporary
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ from PIL import ImageColor
 
 from unpaired import params
 from unpaired.errors import UserError, main_guard
-from unpaired.files import atomic_dir, atomic_write_json, pack_dir, write_manifest
-from unpaired.images import SKIP_REASONS, Skip, decode, png_bytes, square
+from unpaired.files import (NO_SPACE, atomic_dir, atomic_write_json, pack_dir, remove_stale_temporaries,
+                            write_manifest)
+from unpaired.images import SKIP_REASONS, Skip, decode_scaled, png_bytes, square
 from unpaired.parallel import pmap
 
 RAW = Path("data/raw")
@@ -33,19 +35,20 @@ PACKED = Path("data/prepared.tar")   # the DVC output; data/prepared/ is its bro
 METRICS = Path("metrics/prepare.json")
 DOMAINS = ("a", "b")
 MANIFEST_COLUMNS = ["file", "domain", "split", "sha256", "width", "height", "origin"]
+MIN_TEST = 2           # evaluate's FID/KID need at least two test images per domain
 
 
 @dataclass(frozen=True)
 class PrepareParams(params.Params):
-    size: int = 64                        # output width = height in pixels
-    resize: str = "crop"                  # crop: shorter side to size, centre crop; pad: letterbox
+    image_size: int = 64                  # output width = height in pixels
+    resize: str = "crop"                  # crop: shorter side to image_size, centre crop; pad: letterbox
     pad_color: str = "white"              # letterbox colour for resize: pad
     test_fraction: float = 0.1            # share of images in testA/testB, in [0, 1)
     min_size: int = 16                    # images whose shorter side is smaller are skipped
     seed: int = 0                         # split seed
 
     def validate(self, prefix: str) -> None:
-        params.check(self.size > 0, f"{prefix}.size", f"must be > 0, got {self.size}")
+        params.check(self.image_size > 0, f"{prefix}.image_size", f"must be > 0, got {self.image_size}")
         params.check(self.resize in ("crop", "pad"), f"{prefix}.resize",
                      f"unknown resize mode {self.resize!r}; use crop or pad")
         params.check(0 <= self.test_fraction < 1, f"{prefix}.test_fraction",
@@ -65,21 +68,33 @@ def is_test(sha256: str, seed: int, test_fraction: float) -> bool:
 
 def _process(job: tuple[Path, PrepareParams, Path]) -> dict[str, Any]:
     """Decode, check and resize one raw file, writing the PNG to `staged` (the worker writes it, so
-    the parent process only renames: that keeps the parent from becoming the bottleneck)."""
+    the parent process only renames: that keeps the parent from becoming the bottleneck). Never
+    raises for one file: an unexpected failure (a decoder bug on a strange file) is the skip `error`
+    naming the file. Only a full disk stops the stage (atomic_dir makes it one line)."""
     path, p, staged = job
+    try:
+        return _process_one(path, p, staged)
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise      # the parent's atomic_dir names the output and the free space
+        return {"path": path, "skip": "error", "detail": f"{type(err).__name__}: {err}"}
+    except Exception as err:  # noqa: BLE001 - one file never stops the stage; it is counted and named
+        return {"path": path, "skip": "error", "detail": f"{type(err).__name__}: {err}"}
+
+
+def _process_one(path: Path, p: PrepareParams, staged: Path) -> dict[str, Any]:
     try:
         data = path.read_bytes()
     except OSError as err:
         return {"path": path, "skip": "unreadable", "detail": str(err)}
     digest = hashlib.sha256(data).hexdigest()
     try:
-        img = decode(data, str(path))
+        img, (width, height) = decode_scaled(data, str(path), min_side=p.image_size)
     except Skip as skip:
         return {"path": path, "skip": skip.reason, "detail": str(skip)}
-    width, height = img.size
     if min(width, height) < p.min_size:
         return {"path": path, "skip": "too_small", "detail": f"{width}x{height}"}
-    staged.write_bytes(png_bytes(square(img, p.size, p.resize, p.pad_color)))
+    staged.write_bytes(png_bytes(square(img, p.image_size, p.resize, p.pad_color)))
     return {"path": path, "skip": None, "sha256": digest, "width": width, "height": height,
             "staged": staged}
 
@@ -107,7 +122,8 @@ def prepare(p: PrepareParams, raw_root: Path = RAW, out: Path = PREPARED, metric
         if not folder.is_dir():
             raise UserError(f"{folder}: missing; run the fetch stage first (uv run dvc repro fetch@{d})")
         files[d] = _raw_files(folder)
-    report: dict[str, Any] = {"kept": {}, "skipped": {}}
+    # test_too_small: domain -> test images, for each domain with fewer than MIN_TEST
+    report: dict[str, Any] = {"kept": {}, "skipped": {}, "test_too_small": {}}
     rows: list[dict[str, Any]] = []
     with atomic_dir(out) as tmp:
         for d in DOMAINS:
@@ -127,6 +143,8 @@ def prepare(p: PrepareParams, raw_root: Path = RAW, out: Path = PREPARED, metric
                     r = {**r, "skip": "duplicate"}
                 if r["skip"] is not None:
                     skipped[r["skip"]] += 1
+                    if r["skip"] in ("error", "too_large"):    # rare, and not the file's fault: name it
+                        print(f"prepare {d}: skipped {r['path']} ({r['skip']}: {r['detail']})")
                     continue
                 seen.add(r["sha256"])
                 split = "test" if is_test(r["sha256"], p.seed, p.test_fraction) else "train"
@@ -146,6 +164,11 @@ def prepare(p: PrepareParams, raw_root: Path = RAW, out: Path = PREPARED, metric
             report["skipped"][d] = dict(skipped)
             shown = ", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "none"
             print(f"prepare {d}: {kept['train']} train, {kept['test']} test; skipped: {shown}")
+            if kept["test"] < MIN_TEST:
+                report["test_too_small"][d] = kept["test"]
+                print(f"warning: prepare {d}: test{d.upper()} has {kept['test']} image(s); evaluate needs at "
+                      f"least {MIN_TEST} for FID/KID (skipped otherwise); raise prepare.test_fraction "
+                      f"(now {p.test_fraction}) or add images to domain {d}", file=sys.stderr)
         write_manifest(tmp / "manifest.csv", rows, MANIFEST_COLUMNS)
     report["total_kept"] = sum(sum(k.values()) for k in report["kept"].values())
     report["total_skipped"] = sum(sum(s.values()) for s in report["skipped"].values())
@@ -154,6 +177,7 @@ def prepare(p: PrepareParams, raw_root: Path = RAW, out: Path = PREPARED, metric
 
 
 def main() -> None:
+    remove_stale_temporaries(PREPARED.parent, METRICS.parent)   # what a killed run left behind
     p = params.parse(PrepareParams, params.section(params.load(), "prepare"), "prepare")
     prepare(p)
     pack_dir(PREPARED, PACKED)
@@ -161,4 +185,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    from unpaired.restore import keep_outputs   # under dvc repro: a failure keeps the previous outputs
+    main_guard(keep_outputs(main))

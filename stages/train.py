@@ -35,8 +35,8 @@ from tqdm import tqdm  # noqa: E402
 
 from unpaired import checkpoint, params  # noqa: E402
 from unpaired.errors import UserError, main_guard  # noqa: E402
-from unpaired.devices import resolve_device  # noqa: E402
-from unpaired.files import unpack_view  # noqa: E402
+from unpaired.devices import check_device, resolve_device  # noqa: E402
+from unpaired.files import remove_stale_temporaries, unpack_view  # noqa: E402
 from unpaired.samples import fixed_images, grid, triplets  # noqa: E402
 from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, load_folder,  # noqa: E402
                                lr_factor, optimizers, train_step)
@@ -101,9 +101,7 @@ class TrainParams(params.Params):
         smallest = 3 * 2 ** self.n_layers   # the PatchGAN's last feature map must stay >= 2×2
         c(self.crop_size >= smallest, f"{prefix}.crop_size",
           f"must be >= {smallest} for a discriminator with n_layers={self.n_layers}, got {self.crop_size}")
-        c(self.device == "auto" or self.device in ("cpu", "mps", "cuda")
-          or (self.device.startswith("cuda:") and self.device[5:].isdigit()), f"{prefix}.device",
-          f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+        check_device(self.device, f"{prefix}.device")
         c(self.precision in ("auto", "bf16", "fp32"), f"{prefix}.precision",
           f"unknown precision {self.precision!r}; use auto, bf16 or fp32")
         threads.check(self.threads, f"{prefix}.threads")
@@ -540,10 +538,12 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
 def main() -> None:
     p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
     with output_lock(CHECKPOINTS):   # one train run at a time: a second one stops here, naming the first
+        remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
         if PACKED.is_file():       # after a `dvc pull` only the tar is there
             unpack_view(PACKED, DATA)
         train(p)
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    from unpaired.restore import keep_outputs   # under dvc repro: a failure keeps the previous outputs
+    main_guard(keep_outputs(main))

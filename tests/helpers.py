@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 # Params overrides that make the whole DAG run in seconds. Each stage's section belongs here.
 TINY: dict[str, Any] = {
-    "domains": {"a": {"count": 12, "size": 32}, "b": {"count": 12, "size": 32}},
-    "prepare": {"size": 32, "test_fraction": 0.25, "min_size": 8},
+    "domains": {"a": {"count": 12, "image_size": 32}, "b": {"count": 12, "image_size": 32}},
+    "prepare": {"image_size": 32, "test_fraction": 0.25, "min_size": 8},
     "train": {"epochs": 1, "epochs_decay": 1, "ngf": 4, "ndf": 4, "n_blocks": 1, "load_size": 28,
               "crop_size": 24, "samples": 2, "pool_size": 4},
     "evaluate": {"samples": 2, "kid_subsets": 2, "metrics": "off"},  # no download attempt in tests
@@ -45,9 +46,16 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw: Any) -> subprocess.
     return proc
 
 
+def committed_params() -> str:
+    """params.yaml as committed (HEAD), never the working copy a user may be trying things in."""
+    return subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
+
+
 def clone_project(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
     """A git repository at `dest` holding the project's working tree (tracked and untracked,
-    not ignored files; no DVC outputs), with params.yaml deep-merged with `overrides`, committed."""
+    not ignored files; no DVC outputs), with the committed params.yaml (HEAD, not the working copy)
+    deep-merged with `overrides`, committed."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
                            capture_output=True, check=True).stdout.decode().split("\0")
     dest.mkdir(parents=True, exist_ok=True)
@@ -58,8 +66,9 @@ def clone_project(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         (dest / name).write_bytes(src.read_bytes())
         os.chmod(dest / name, src.stat().st_mode)
+    (dest / "params.yaml").write_text(committed_params())
     if overrides:
-        params = yaml.safe_load((dest / "params.yaml").read_text())
+        params = YAML(typ="safe").load((dest / "params.yaml").read_text())   # YAML 1.2, as DVC
         (dest / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides), sort_keys=False))
     (dest / "dvc.lock").unlink(missing_ok=True)
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],

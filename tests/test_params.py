@@ -56,3 +56,53 @@ def test_load_errors(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ParamsError, match="must be a mapping"):
         params.load(bad)
+
+
+def test_params_are_read_as_yaml_1_2_like_dvc(tmp_path):
+    """DVC reads params.yaml as YAML 1.2 (ruamel.yaml): `off`, `yes`, `on` are strings there, and so
+    they must be for the stages, or the two disagree on what a value is."""
+    from dvc.utils.serialize import load_yaml
+    from stages.evaluate import EvaluateParams
+    from unpaired.sources.stylegan import StyleGANParams, parse_seeds
+    path = tmp_path / "params.yaml"
+    path.write_text("evaluate:\n  metrics: off\n  select: fid\n"
+                    "domains:\n  b:\n    source: stylegan\n    network: net.pkl\n    seeds: 7\n"
+                    "train:\n  lr: 2.0e-4\n  device: cpu\n")
+    data = params.load(path)
+    assert data == load_yaml(str(path))                     # exactly what DVC records in dvc.lock
+    assert params.parse(EvaluateParams, data["evaluate"], "evaluate").metrics == "off"
+    b = dict(data["domains"]["b"])
+    b.pop("source")
+    p = params.parse(StyleGANParams, b, "domains.b")       # `-S domains.b.seeds=7` writes an int
+    assert parse_seeds(p.seeds, "domains.b.seeds") == [7]
+    assert data["train"]["lr"] == 2.0e-4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("trian:\n  lr: 0.1\n", "params.yaml: trian: unknown section; did you mean train? "
+                            "known: domains, prepare, train, evaluate, preset"),
+    ("evalute: {}\n", "params.yaml: evalute: unknown section; did you mean evaluate? "
+                      "known: domains, prepare, train, evaluate, preset"),
+    ("zzz: 1\n", "params.yaml: zzz: unknown section; known: domains, prepare, train, evaluate, preset"),
+])
+def test_unknown_section_suggests_the_nearest(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n" + text)
+    with pytest.raises(ParamsError) as err:
+        params.load()
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("stage", [["fetch", "a"], ["prepare"], ["train"], ["evaluate"]])
+def test_every_stage_refuses_an_unknown_section(tmp_path, stage):
+    import subprocess
+    import sys
+    from pathlib import Path
+    (tmp_path / "params.yaml").write_text("domains:\n  a:\n    source: doodles\ntrian:\n  epochs: 1\n")
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], cwd=tmp_path,
+                          capture_output=True, text=True,
+                          env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("error: params.yaml: trian: unknown section; did you mean train? "
+                                   "known: domains, prepare, train, evaluate, preset")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()

@@ -1,10 +1,13 @@
 """End to end: the real `dvc repro` of the whole DAG in a fresh git copy of the project, tiny params."""
 import json
 import shutil
+import subprocess
 
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
+from ruamel.yaml import YAML
 
 from tests.helpers import TINY, clone_project, dvc
 
@@ -84,3 +87,127 @@ def test_prepared_folder_is_a_view_of_the_tracked_tar(project, tmp_path):
     assert sorted((copy / "data" / "prepared").rglob("*.png")) and \
         (copy / "data" / "prepared" / "manifest.csv").read_bytes() == \
         (project / "data" / "prepared" / "manifest.csv").read_bytes()
+
+
+def copy_with(project, tmp_path, edit):
+    """A copy of the run project (outputs, dvc.lock, DVC cache) with params.yaml edited by `edit`."""
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, symlinks=True)
+    params = YAML(typ="safe").load((copy / "params.yaml").read_text())
+    edit(params)
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return copy
+
+
+def tree_bytes(root, paths):
+    """{relative path: bytes} of every file under `paths` (files or folders)."""
+    out = {}
+    for path in paths:
+        p = root / path
+        for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+            out[f.relative_to(root).as_posix()] = f.read_bytes()
+    return out
+
+
+def test_changing_an_image_size_really_reruns(project, tmp_path):
+    """DVC's run cache leaves keys named `size` out of its key: with `prepare.size` it answered a
+    change from the cache ("is cached - skipping run") with the old 32-px images."""
+    def smaller(p):
+        p["domains"]["a"]["image_size"] = 24
+        p["prepare"]["image_size"] = 24
+    copy = copy_with(project, tmp_path, smaller)
+    out = dvc(copy, "repro", "prepare").stdout
+    assert "Running stage 'fetch@a'" in out and "Running stage 'prepare'" in out, out
+    assert "cached" not in out, out
+    assert {Image.open(f).size for f in (copy / "data" / "raw" / "a").glob("*.png")} == {(24, 24)}
+    assert {Image.open(f).size for f in (copy / "data" / "prepared").glob("*/*.png")} == {(24, 24)}
+
+
+def set_key(dotted, value):
+    def edit(params):
+        *parents, last = dotted.split(".")
+        node = params
+        for k in parents:
+            node = node[k]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+    return edit
+
+
+def deleted_by_dvc(project, stage):
+    """The outputs dvc.lock records for `stage` that `dvc repro` deletes before running it: all but
+    those dvc.yaml declares `persist: true`."""
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage.split("@")[0]]
+    spec = spec.get("do", spec)
+    persist = {path for section in ("outs", "metrics", "plots") for item in spec.get(section) or []
+               if isinstance(item, dict) for path, opts in item.items() if (opts or {}).get("persist")}
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]
+    return [o["path"] for o in lock["outs"] if o["path"] not in persist]
+
+
+@pytest.mark.parametrize("stage, key, value", [
+    ("fetch@a", "domains.a.count", -3),
+    ("prepare", "prepare.test_fraction", 1.5),
+    ("train", "train.lr", -1.0),
+    ("evaluate", "evaluate.kid_subsets", -1),
+])
+def test_a_failed_stage_keeps_its_previous_outputs(project, tmp_path, stage, key, value):
+    """Under `dvc repro`, DVC deletes a stage's outputs before running it: a failed run used to
+    leave none. Now they are back, byte for byte, and `dvc status` names only the changed param."""
+    outputs = deleted_by_dvc(project, stage)
+    assert outputs
+    before = tree_bytes(project, outputs)
+    copy = copy_with(project, tmp_path, set_key(key, value))
+    proc = dvc(copy, "repro", stage, check=False)
+    assert proc.returncode != 0
+    assert f"params.yaml: {key}: " in proc.stderr and "kept the previous" in proc.stderr, proc.stderr
+    assert tree_bytes(copy, outputs) == before
+    status = json.loads(dvc(copy, "status", "--json", stage).stdout or "{}")
+    assert status == {stage: [{"changed deps": {"params.yaml": {key.rsplit(".", 1)[0]: "modified"}}}]}
+
+
+def test_a_failed_stage_without_cache_says_how_to_get_the_outputs_back(project, tmp_path):
+    copy = copy_with(project, tmp_path, set_key("domains.a.count", -3))
+    shutil.rmtree(copy / ".dvc" / "cache")
+    proc = dvc(copy, "repro", "fetch@a", check=False)
+    assert proc.returncode != 0
+    assert ("params.yaml: domains.a.count: must be > 0, got -3; the previous data/raw/a could not be "
+            "restored (not in the DVC cache): run `uv run dvc checkout fetch@a`") in proc.stderr
+
+
+KNOWN = "archive, doodles, flares, folder, kaggle, quickdraw, stylegan, web"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("flickr", f"error: params.yaml: domains.a.source: unknown source 'flickr'; known sources: {KNOWN}"),
+    (None, f"error: params.yaml: domains.a.source: required; one of: {KNOWN}"),
+])
+def test_unknown_or_missing_source_is_the_products_line(project, tmp_path, value, message):
+    """dvc.yaml depended on unpaired/sources/${item.source}.py: DVC failed first, with a path error
+    or "Could not find 'item.source'"."""
+    before = tree_bytes(project, ["data/raw/a"])
+    copy = copy_with(project, tmp_path, set_key("domains.a.source", value))
+    proc = dvc(copy, "repro", "fetch@a", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stdout + proc.stderr
+    assert "No such file" not in proc.stderr and "item.source" not in proc.stderr
+    assert tree_bytes(copy, ["data/raw/a"]) == before
+
+
+def test_a_failed_preset_switch_says_how_to_get_params_yaml_back(project, tmp_path):
+    """`dvc exp run -S preset=...` rewrites params.yaml (without its header) before the stages run;
+    when one fails, the error says how to get the committed file back."""
+    copy = copy_with(project, tmp_path, lambda p: None)
+    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=copy, capture_output=True,
+                               text=True, check=True).stdout
+    proc = dvc(copy, "exp", "run", "-S", "preset=dragons2flares", "-S", "domains.a.count=-3",
+               "-S", "domains.b.count=-3", check=False)
+    assert proc.returncode != 0
+    assert "params.yaml: domains." in proc.stderr
+    assert ("`dvc exp run` rewrote params.yaml: `git checkout params.yaml` restores the committed one"
+            in proc.stderr)
+    assert (copy / "params.yaml").read_text() != committed
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=copy, check=True)
+    assert (copy / "params.yaml").read_text() == committed

@@ -2,7 +2,9 @@
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import tarfile
 
 import numpy as np
@@ -136,10 +138,10 @@ def test_stage_outputs_and_skip_report(tmp_path):
     (a / "cut.jpg").write_bytes(encode(gradient(200, 200), "JPEG")[:500])
     Image.new("RGB", (8, 40)).save(a / "thin.png")
     (a / "manifest.csv").write_text("file,source,origin,licence\nimg_001.png,folder,https://x/1.png,cc0\n")
-    p = PrepareParams(size=16, test_fraction=0.3, min_size=12)
+    p = PrepareParams(image_size=16, test_fraction=0.3, min_size=12)
     report = prepare(p, raw, tmp_path / "prepared", tmp_path / "prepare.json", workers=2)
     assert report["skipped"]["a"] == {"empty": 1, "not_image": 1, "truncated": 1, "unreadable": 0,
-                                      "too_small": 1, "duplicate": 1}
+                                      "too_large": 0, "too_small": 1, "duplicate": 1, "error": 0}
     assert sum(report["kept"]["a"].values()) == 12 and sum(report["kept"]["b"].values()) == 10
     assert json.loads((tmp_path / "prepare.json").read_text()) == report
     manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv")
@@ -156,7 +158,7 @@ def test_stage_outputs_and_skip_report(tmp_path):
 
 def test_same_inputs_same_bytes_any_workers(tmp_path):
     raw = make_raw(tmp_path / "raw")
-    p = PrepareParams(size=16, resize="pad", pad_color="#102030")
+    p = PrepareParams(image_size=16, resize="pad", pad_color="#102030")
     prepare(p, raw, tmp_path / "one", tmp_path / "one.json", workers=1)
     prepare(p, raw, tmp_path / "two", tmp_path / "two.json", workers=2)
     assert tree(tmp_path / "one") == tree(tmp_path / "two")
@@ -168,7 +170,7 @@ def test_pad_letterboxes_on_the_colour(tmp_path):
     for d in "ab":
         (raw / d).mkdir(parents=True)
         Image.new("RGB", (40, 20), (200, 0, 0)).save(raw / d / "wide.png")
-    prepare(PrepareParams(size=20, resize="pad", pad_color="#00ff00", test_fraction=0.0, min_size=4),
+    prepare(PrepareParams(image_size=20, resize="pad", pad_color="#00ff00", test_fraction=0.0, min_size=4),
             raw, tmp_path / "out", tmp_path / "m.json", workers=1)
     img = next((tmp_path / "out" / "trainA").glob("*.png"))
     px = Image.open(img)
@@ -176,7 +178,7 @@ def test_pad_letterboxes_on_the_colour(tmp_path):
 
 
 @pytest.mark.parametrize("raw, key", [
-    ({"size": 0}, "prepare.size"), ({"test_fraction": 1.0}, "prepare.test_fraction"),
+    ({"image_size": 0}, "prepare.image_size"), ({"test_fraction": 1.0}, "prepare.test_fraction"),
     ({"test_fraction": -0.1}, "prepare.test_fraction"), ({"resize": "stretch"}, "prepare.resize"),
     ({"pad_color": "blurple"}, "prepare.pad_color"), ({"min_size": 0}, "prepare.min_size"),
 ])
@@ -188,12 +190,12 @@ def test_bad_params_name_the_key(raw, key):
 def test_empty_domain_fails_and_leaves_previous_output(tmp_path):
     raw = make_raw(tmp_path / "raw")
     out = tmp_path / "prepared"
-    prepare(PrepareParams(size=16), raw, out, tmp_path / "m.json", workers=1)
+    prepare(PrepareParams(image_size=16), raw, out, tmp_path / "m.json", workers=1)
     before = tree(out)
     for f in (raw / "b").iterdir():
         f.write_bytes(b"junk")
     with pytest.raises(UserError, match=r"raw/b: no usable training images for domain b .*not_image"):
-        prepare(PrepareParams(size=16), raw, out, tmp_path / "m.json", workers=1)
+        prepare(PrepareParams(image_size=16), raw, out, tmp_path / "m.json", workers=1)
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "prepared", "raw"]
 
@@ -225,7 +227,7 @@ def test_split_fraction_is_respected():
 def test_packed_output_and_its_view(tmp_path):
     raw = make_raw(tmp_path / "raw")
     out = tmp_path / "prepared"
-    prepare(PrepareParams(size=16, test_fraction=0.0), raw, out, tmp_path / "m.json", workers=1)
+    prepare(PrepareParams(image_size=16, test_fraction=0.0), raw, out, tmp_path / "m.json", workers=1)
     assert (out / "testA").is_dir() and not any((out / "testA").iterdir())
     digest = pack_dir(out, tmp_path / "p.tar")
     first = (tmp_path / "p.tar").read_bytes()
@@ -238,9 +240,9 @@ def test_packed_output_and_its_view(tmp_path):
     assert tree(view) == files and (view / "testA").is_dir()          # empty split kept
     assert unpack_view(tmp_path / "p.tar", view) is False              # up to date: untouched
     (view / "trainA" / next((view / "trainA").iterdir()).name).unlink()
-    shutil.copy(tmp_path / "p.tar", tmp_path / "q.tar")
-    with tarfile.open(tmp_path / "q.tar", "a") as t:                   # a changed tar: view rebuilt
-        t.addfile(tarfile.TarInfo("extra.txt"))
+    shutil.copytree(out, tmp_path / "other")                           # a changed tar: view rebuilt
+    (tmp_path / "other" / "extra.txt").write_bytes(b"")
+    pack_dir(tmp_path / "other", tmp_path / "q.tar")
     assert unpack_view(tmp_path / "q.tar", view) is True
     assert {k: v for k, v in tree(view).items() if k not in ("extra.txt", VIEW_MARK)} == \
         {k: v for k, v in files.items() if k != VIEW_MARK}
@@ -258,3 +260,121 @@ def test_a_packed_tar_with_an_escaping_member_is_refused(tmp_path):
         unpack_view(evil, tmp_path / "view")
     assert [p.name for p in (tmp_path / "view").iterdir()] == ["keep.png"]   # left as it was
     assert not (tmp_path / "escape.png").exists()
+
+
+# --- broken EXIF, large photos, degenerate splits -------------------------------------------------
+
+def exif_block(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A little-endian TIFF IFD0 as a JPEG's APP1 payload; each entry (tag, type, count, 4-byte value)."""
+    import struct
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI4s", *e) for e in entries) + b"\0" * 4
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + ifd
+
+
+def banded_jpeg(exif: bytes) -> bytes:
+    img = Image.new("RGB", (40, 20), "white")
+    img.paste((255, 0, 0), (0, 0, 10, 20))            # red band on the left
+    return encode(img, "JPEG", exif=exif, quality=95)
+
+
+ORIENTATION_6 = (0x0112, 3, 1, b"\x06\x00\x00\x00")            # SHORT 6: "rotate 90 CW to display"
+XRES_ASCII = (0x011A, 2, 3, b"72\x00\x00")                     # XResolution stored as ASCII text
+
+
+def test_malformed_exif_tag_still_gets_its_orientation(tmp_path):
+    data = banded_jpeg(exif_block([ORIENTATION_6, XRES_ASCII]))
+    out = decode(data, "x.jpg")                       # ImageOps.exif_transpose raised TypeError here
+    assert out.size == (20, 40)
+    top = np.asarray(out)[:8].mean((0, 1))
+    assert top[0] > 200 and top[1] < 80
+    raw = make_raw(tmp_path / "raw", n_a=3, n_b=3)
+    (raw / "a" / "exif.jpg").write_bytes(data)
+    report = prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=2)
+    assert sum(report["kept"]["a"].values()) == 4 and report["skipped"]["a"]["error"] == 0
+
+
+def test_fuzzed_exif_never_stops_prepare(tmp_path):
+    """Bytes flipped at random in the EXIF block of an ordinary JPEG: every file is kept or counted
+    under a skip reason; no worker raises."""
+    from stages.prepare import _process
+    from unpaired.images import SKIP_REASONS
+    base = banded_jpeg(exif_block([ORIENTATION_6, (0x011A, 5, 1, b"\x1a\x00\x00\x00"),
+                                   (0x010F, 2, 4, b"abc\x00"), (0x8769, 4, 1, b"\x1a\x00\x00\x00")]))
+    start = base.index(b"Exif\x00\x00")
+    length = int.from_bytes(base[start - 2:start], "big") - 2
+    rng = np.random.default_rng(0)
+    raw = make_raw(tmp_path / "raw", n_a=2, n_b=2)
+    reasons = []
+    for i in range(400):
+        data = bytearray(base)
+        for pos in rng.integers(start + 6, start + length, rng.integers(1, 6)):
+            data[pos] = int(rng.integers(0, 256))
+        (raw / "a" / f"fuzz_{i:03d}.jpg").write_bytes(bytes(data))
+        r = _process((raw / "a" / f"fuzz_{i:03d}.jpg", PrepareParams(image_size=16, min_size=8), tmp_path / "s.png"))
+        reasons.append(r["skip"])
+        assert r["skip"] is None or r["skip"] in SKIP_REASONS
+    assert reasons.count(None) > 300                  # the pixels are intact: most stay usable
+    report = prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=2)
+    assert sum(report["kept"]["a"].values()) + sum(report["skipped"]["a"].values()) == 402
+
+
+@pytest.fixture(scope="module")
+def photo_12000x9000():
+    """A genuine 12000x9000 JPEG (108 megapixels, 1.7 MB): above Pillow's 89 MP warning threshold."""
+    img = Image.linear_gradient("L").resize((12000, 9000)).convert("RGB")
+    return encode(img, "JPEG", quality=50)
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale(tmp_path, photo_12000x9000):
+    from unpaired.images import decode_scaled
+    img, full = decode_scaled(photo_12000x9000, "big.jpg", min_side=64)
+    assert full == (12000, 9000) and img.size == (1500, 1125)   # 1/8 scale: still >= 64 px
+    raw = make_raw(tmp_path / "raw", n_a=2, n_b=2)
+    (raw / "a" / "big.jpg").write_bytes(photo_12000x9000)
+    prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=1)
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    row = manifest[manifest.sha256 == hashlib.sha256(photo_12000x9000).hexdigest()].iloc[0]
+    assert (row.width, row.height) == (12000, 9000)
+    assert Image.open(tmp_path / "out" / row.file).size == (16, 16)
+    with pytest.raises(Skip) as err:                  # full size was asked for (translate): too large
+        decode(photo_12000x9000, "big.jpg")
+    assert err.value.reason == "too_large"
+
+
+@pytest.mark.parametrize("side", [10000, 20000])      # 100 MP: our guard; 400 MP: Pillow's hard limit
+def test_decompression_bombs_are_too_large(tmp_path, side):
+    bomb = encode(Image.new("1", (side, side)), "PNG")   # a few KB that would decode to side² pixels
+    assert len(bomb) < 200_000
+    with pytest.raises(Skip) as err:
+        decode(bomb, "bomb.png")
+    assert err.value.reason == "too_large"
+    raw = make_raw(tmp_path / "raw", n_a=2, n_b=2)
+    (raw / "a" / "bomb.png").write_bytes(bomb)
+    report = prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=1)
+    assert report["skipped"]["a"]["too_large"] == 1
+
+
+def test_a_test_split_evaluate_cannot_use_is_warned(tmp_path, capsys):
+    raw = make_raw(tmp_path / "raw", n_a=1, n_b=6)    # domain a: a single image
+    report = prepare(PrepareParams(image_size=16, min_size=8, test_fraction=0.0), raw, tmp_path / "out",
+                     tmp_path / "m.json", workers=1)
+    err = capsys.readouterr().err
+    assert "warning: prepare a: testA has 0 image(s); evaluate needs at least 2" in err
+    assert "prepare.test_fraction" in err and "warning: prepare b: testB has 0 image(s)" in err
+    assert report["test_too_small"] == {"a": 0, "b": 0}
+    assert json.loads((tmp_path / "m.json").read_text())["test_too_small"] == {"a": 0, "b": 0}
+    report = prepare(PrepareParams(image_size=16, min_size=8, test_fraction=0.5), make_raw(tmp_path / "r2", 20, 20),
+                     tmp_path / "out", tmp_path / "m.json", workers=1)
+    assert report["test_too_small"] == {}
+
+
+def _killed_at_5(x: int) -> int:
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)      # as the out-of-memory killer would
+    return x
+
+
+def test_a_killed_worker_is_one_line():
+    from unpaired.parallel import pmap
+    with pytest.raises(UserError, match=r"^prepare a: a worker process was killed \(out of memory\?\)"):
+        pmap(_killed_at_5, range(20), workers=2, desc="prepare a")

@@ -1,5 +1,6 @@
 """Presets: conf/preset/*.yaml, composed into params.yaml by DVC's Hydra support
 (`dvc exp run -S preset=<name>`)."""
+import dataclasses
 import io
 import json
 import zipfile
@@ -8,11 +9,12 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from ruamel.yaml import YAML
 
 from stages.evaluate import EvaluateParams
 from stages.prepare import PrepareParams
 from stages.train import TrainParams
-from tests.helpers import ROOT, TINY, clone_project, dvc
+from tests.helpers import ROOT, TINY, clone_project, committed_params, dvc
 from tests.test_sources_files import Server
 from unpaired.params import parse
 from unpaired.sources import archive, doodles, flares, folder, kaggle, quickdraw, stylegan, web
@@ -27,7 +29,7 @@ def compose(tmp_path, *overrides):
     from dvc.utils.hydra import compose_and_dump
     out = tmp_path / "params.yaml"
     compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), list(overrides))
-    return yaml.safe_load(out.read_text())
+    return YAML(typ="safe").load(out.read_text())    # YAML 1.2, as DVC and the stages read it
 
 
 def test_the_issue_presets_exist_and_are_documented():
@@ -51,7 +53,53 @@ def test_every_preset_composes_into_valid_params(tmp_path, name):
 
 
 def test_default_preset_is_the_committed_params_yaml(tmp_path):
-    assert compose(tmp_path) == yaml.safe_load((ROOT / "params.yaml").read_text())
+    # The committed file, not the working copy: the README invites users to edit params.yaml.
+    assert compose(tmp_path) == YAML(typ="safe").load(committed_params())
+
+
+def test_params_yaml_comments_live_in_conf(tmp_path):
+    """`dvc exp run` rewrites params.yaml without comments: the explanations must be in conf/, and
+    params.yaml is the composition itself under a header saying so."""
+    lines = committed_params().splitlines()
+    header = [line for line in lines if line.startswith("#")]
+    assert lines[:len(header)] == header and "generated from conf/" in header[0]
+    assert "git checkout params.yaml" in " ".join(header)
+    out = tmp_path / "params.yaml"
+    from dvc.utils.hydra import compose_and_dump
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), [])
+    assert lines[len(header):] == out.read_text().splitlines()     # regenerating loses only the header
+    config = (ROOT / "conf" / "config.yaml").read_text()
+    assert "# output width = height in pixels" in config and "git checkout params.yaml" in config
+
+
+# DVC's run cache drops every mapping key named like these from its key (dvc/stage/cache.py,
+# `_get_cache_hash` excludes Meta.PARAM_SIZE and Meta.PARAM_NFILES), params included: a change to
+# such a param would be answered from the run cache with the old outputs.
+RUN_CACHE_BLIND = {"size", "nfiles"}
+
+
+def leaf_keys(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield f"{prefix}{k}", k
+            yield from leaf_keys(v, f"{prefix}{k}.")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from leaf_keys(v, f"{prefix}{i}.")
+
+
+def test_no_param_is_named_what_dvcs_run_cache_ignores(tmp_path):
+    from dvc_data.hashfile.meta import Meta
+    assert {Meta.PARAM_SIZE, Meta.PARAM_NFILES} == RUN_CACHE_BLIND    # what this DVC leaves out
+    trees = {"params.yaml": YAML(typ="safe").load(committed_params())}
+    trees |= {f"preset={name}": compose(tmp_path, f"preset={name}") for name in PRESETS}
+    bad = [f"{where}: {dotted}" for where, tree in trees.items()
+           for dotted, key in leaf_keys(tree) if key in RUN_CACHE_BLIND]
+    # ... and every key a dataclass accepts, including those no preset sets.
+    classes = {**DOMAIN_PARAMS, "prepare": PrepareParams, "train": TrainParams, "evaluate": EvaluateParams}
+    bad += [f"{name}.{f.name}" for name, cls in classes.items() for f in dataclasses.fields(cls)
+            if f.name in RUN_CACHE_BLIND]
+    assert not bad
 
 
 def zebra_zip() -> bytes:

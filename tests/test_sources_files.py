@@ -7,6 +7,7 @@ import threading
 import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -117,7 +118,7 @@ def test_retry_after_a_transient_error(server, tmp_path):
     ("/missing.zip", None, None, "answered HTTP 404"),
     ("/down.zip", "", 500, "failed after 4 tries (HTTP 500)"),
     ("/short.zip", "short", 200, "body cut short"),
-    ("/notzip.zip", "", 200, "not a readable zip or tar archive"),
+    ("/notzip.zip", "", 200, "something that is not a zip or tar archive (an HTML page)"),
     ("/corrupt.zip", "", 200, "corrupt archive"),
 ])
 def test_download_failures_are_one_line_and_leave_nothing(server, tmp_path, monkeypatch, route, mode, status, words):
@@ -203,3 +204,116 @@ def test_folder_source(tmp_path):
         run_fetch(tmp_path, f"    source: folder\n    path: {tmp_path / 'nope'}\n")
     with pytest.raises(SourceError, match=r"^domains.a.pattern: no image files match"):
         run_fetch(tmp_path, f"    source: folder\n    path: {photos}\n    pattern: '*.png'\n")
+
+
+# --- names unique by construction, cached downloads validated, tars read to their end ----------------
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+COLLIDING = {"sub/x.png": png(1), "sub__x.png": png(2), "a_/b.png": png(3), "a/_b.png": png(4), "c.png": png(5)}
+
+
+def assert_one_file_per_input(out, origin_of):
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert len(manifest) == len(COLLIDING) and manifest.file.is_unique
+    written = {f: (out / f).read_bytes() for f in manifest.file}
+    assert sorted(written.values()) == sorted(COLLIDING.values())          # every image, once
+    for f, origin in zip(manifest.file, manifest.origin):
+        assert written[f] == COLLIDING[origin_of(origin)]
+    assert set(manifest.file) >= {"sub__x.png", "c.png"}                   # ordinary names unchanged
+
+
+def test_folder_names_never_collide(tmp_path):
+    """`sub/x.png` and `sub__x.png` were both written as `sub__x.png`: one image lost, two rows."""
+    root = tmp_path / "mine"
+    for rel, data in COLLIDING.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    out = run_fetch(tmp_path, f"    source: folder\n    path: {root}\n")
+    assert_one_file_per_input(out, lambda origin: Path(origin).relative_to(root.resolve()).as_posix())
+
+
+def test_archive_names_never_collide(tmp_path):
+    path = tmp_path / "set.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for rel, data in COLLIDING.items():
+            z.writestr(f"set/trainA/{rel}", data)
+    out = run_fetch(tmp_path, f"    source: archive\n    url: {path}\n    member: set/trainA\n")
+    assert_one_file_per_input(out, lambda origin: origin.split("#set/trainA/")[1])
+
+
+def test_kaggle_names_never_collide(tmp_path):
+    """From a cached dataset zip, which the kaggle source reads without credentials or a request."""
+    (tmp_path / "cache").mkdir()
+    with zipfile.ZipFile(tmp_path / "cache" / "owner__faces.zip", "w") as z:
+        for rel, data in COLLIDING.items():
+            z.writestr(f"cropped/{rel}", data)
+    out = run_fetch(tmp_path, "    source: kaggle\n    dataset: owner/faces\n    subdir: cropped\n")
+    assert_one_file_per_input(out, lambda origin: origin.split("kaggle:owner/faces/cropped/")[1])
+
+
+def test_an_html_page_served_for_an_archive_is_not_cached(server, tmp_path):
+    """A URL that answers 200 with an HTML page, then (the server fixed) the archive: the page is
+    refused and never cached, so the next run downloads the archive."""
+    server.routes["/h.zip"] = (200, b"<!DOCTYPE html><html><body>Service moved</body></html>", "")
+    body = f"    source: archive\n    url: {server.url}/h.zip\n    member: horse2zebra/trainA\n"
+    with pytest.raises(SourceError, match=r"^domains.a.url: .*/h.zip answered with something that is not a zip "
+                                          r"or tar archive \(an HTML page\); check the URL"):
+        run_fetch(tmp_path, body)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+    server.routes["/h.zip"] = (200, horse2zebra_zip(), "")
+    out = run_fetch(tmp_path, body)
+    assert len(list(out.glob("*.jpg"))) == 3 and server.hits["/h.zip"] == 2
+
+
+def test_a_bad_file_already_cached_is_downloaded_again(server, tmp_path):
+    """One cached by an older version (before the validation step): removed and fetched again."""
+    from unpaired.sources.download import download, is_network_pickle
+    server.routes["/h.zip"] = (200, horse2zebra_zip(), "")
+    body = f"    source: archive\n    url: {server.url}/h.zip\n    member: horse2zebra/trainA\n"
+    run_fetch(tmp_path, body)
+    [cached] = (tmp_path / "cache").iterdir()
+    cached.write_bytes(b"<html>an error page cached by an older version</html>")
+    out = run_fetch(tmp_path, body)
+    assert len(list(out.glob("*.jpg"))) == 3 and server.hits["/h.zip"] == 2
+    # a network pickle: the same step, with the check the stylegan source passes
+    server.routes["/ffhq.pkl"] = (200, b"<html><head><title>503</title></head></html>", "")
+    dest = tmp_path / "cache" / "ffhq.pkl"
+    with pytest.raises(SourceError, match=r"^k: .*/ffhq.pkl answered with something that is not a network "
+                                          r"pickle \(an HTML page\)"):
+        download(f"{server.url}/ffhq.pkl", dest, key="k", check=is_network_pickle)
+    assert not dest.exists()
+    server.routes["/ffhq.pkl"] = (200, b"\x80\x04N.", "")
+    assert download(f"{server.url}/ffhq.pkl", dest, key="k", check=is_network_pickle).read_bytes() == b"\x80\x04N."
+
+
+def test_a_tar_with_a_bad_header_in_the_middle_is_refused(tmp_path):
+    """tarfile takes a header whose checksum fails for the end of the archive: 3 of 6 images, exit 0."""
+    path = tmp_path / "set.tar"
+    with tarfile.open(path, "w") as t:
+        for i in range(6):
+            data = jpeg(i)
+            info = tarfile.TarInfo(f"set/{i}.jpg")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as t:
+        fourth = t.getmembers()[3].offset
+    data = bytearray(path.read_bytes())
+    data[fourth + 10] ^= 0xFF                    # one byte of the 4th member's name: its checksum fails
+    path.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=r"^domains.a.url: corrupt archive set.tar \(ReadError: a damaged header "
+                                          rf"at byte {fourth} of the tar stream"):
+        run_fetch(tmp_path, f"    source: archive\n    url: {path}\n")
+    assert not (tmp_path / "raw" / "a").exists()
+    gz = tmp_path / "set.tar.gz"                 # the same inside gzip: the decompressed stream is checked
+    with tarfile.open(gz, "w:gz") as t, tarfile.open(path, ignore_zeros=True) as src:
+        for info in src.getmembers()[:3]:
+            t.addfile(info, src.extractfile(info))
+    cut = gz.read_bytes()
+    gz.write_bytes(cut[:-12])                    # the gzip trailer (CRC, length) cut off
+    with pytest.raises(SourceError, match=r"corrupt archive set.tar.gz"):
+        run_fetch(tmp_path, f"    source: archive\n    url: {gz}\n")

@@ -319,3 +319,12 @@ def test_a_transient_storage_error_is_retried(kaggle_api, env_credentials, tmp_p
     assert len(list(out.glob("*.png"))) == 2
     assert sorted(kaggle_api.storage.hits.values()) == [1, 1]        # two signed URLs, one each
     assert [r[0] for r in kaggle_api.requests].count(DOWNLOAD) == 2
+
+
+def test_a_cached_file_that_is_not_a_zip_is_downloaded_again(kaggle_api, env_credentials, tmp_path):
+    """An HTML page cached as the dataset's zip (by hand, or by an older version): removed and
+    downloaded again, rather than failing every run as a corrupt archive."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kostastokis__simpsons-faces.zip").write_bytes(b"<html>Too many requests</html>")
+    out = run_fetch(tmp_path, params(subdir="cropped", count=3))
+    assert len(pd.read_csv(out / "manifest.csv")) == 3 and kaggle_api.hits(DOWNLOAD) == 1

@@ -20,8 +20,8 @@ def digests(folder):
 
 
 SPEC = {
-    "doodles": "source: doodles\n    size: 32\n    strokes: [1, 3]\n    stroke_width: 1.5\n    seed: 7",
-    "flares": "source: flares\n    size: 32\n    shapes: [2, 5]\n    seed: 7",
+    "doodles": "source: doodles\n    image_size: 32\n    strokes: [1, 3]\n    stroke_width: 1.5\n    seed: 7",
+    "flares": "source: flares\n    image_size: 32\n    shapes: [2, 5]\n    seed: 7",
 }
 
 
@@ -42,19 +42,19 @@ def test_deterministic_count_stable_and_parallel(tmp_path, source):
 
 
 def test_images_depend_on_domain_and_seed():
-    p = doodles.DoodleParams(size=32, seed=1)
+    p = doodles.DoodleParams(image_size=32, seed=1)
     a = doodles.render(p, "a", 0).tobytes()
     assert doodles.render(p, "b", 0).tobytes() != a
-    assert doodles.render(doodles.DoodleParams(size=32, seed=2), "a", 0).tobytes() != a
+    assert doodles.render(doodles.DoodleParams(image_size=32, seed=2), "a", 0).tobytes() != a
 
 
 def test_what_the_images_look_like():
-    sketch = doodles.render(doodles.DoodleParams(size=48, seed=3), "a", 0)
+    sketch = doodles.render(doodles.DoodleParams(image_size=48, seed=3), "a", 0)
     assert sketch.size == (48, 48) and sketch.mode == "L"
     hist = sketch.histogram()
     assert hist[255] > 0.5 * 48 * 48            # mostly white paper
     assert sum(hist[:128]) > 20                  # with dark pen strokes
-    art = flares.render(flares.FlareParams(size=48, seed=3, palette=("red", "#00ff00")), "b", 0)
+    art = flares.render(flares.FlareParams(image_size=48, seed=3, palette=("red", "#00ff00")), "b", 0)
     assert art.size == (48, 48) and art.mode == "RGB"
     assert len(np.unique(np.asarray(art).reshape(-1, 3), axis=0)) > 10         # shapes, outlines, antialiased edges
 
@@ -96,10 +96,10 @@ def test_failed_refetch_keeps_previous_output(tmp_path):
 def test_cli_error_is_one_line(tmp_path):
     import subprocess
     import sys
-    (tmp_path / "params.yaml").write_text("domains:\n  a:\n    source: flares\n    size: 2\n")
+    (tmp_path / "params.yaml").write_text("domains:\n  a:\n    source: flares\n    image_size: 2\n")
     proc = subprocess.run([sys.executable, "-m", "stages.fetch", "a"], cwd=tmp_path, capture_output=True,
                           text=True, env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1]),
                                           "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: params.yaml: domains.a.size: must be >= 8 pixels, got 2"
+    assert proc.stderr.strip() == "error: params.yaml: domains.a.image_size: must be >= 8 pixels, got 2"
     assert not (tmp_path / "data" / "raw" / "a").exists()

@@ -40,7 +40,7 @@ def server():
 
 
 def qd(server, count=5, extra=""):
-    return (f"    source: quickdraw\n    category: dragon\n    count: {count}\n    size: 32\n"
+    return (f"    source: quickdraw\n    category: dragon\n    count: {count}\n    image_size: 32\n"
             f"    base_url: {server.url}/binary/\n{extra}")
 
 
@@ -90,7 +90,7 @@ def test_dvc_repro_with_quickdraw_domain(server, tmp_path):
     server.routes["/binary/dragon.bin"] = (200, binary(40), "")
     repo = clone_project(tmp_path / "project", TINY)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["domains"]["a"] = {"source": "quickdraw", "category": "dragon", "count": 12, "size": 32,
+    params["domains"]["a"] = {"source": "quickdraw", "category": "dragon", "count": 12, "image_size": 32,
                               "base_url": f"{server.url}/binary/"}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(repo, "repro", "prepare")

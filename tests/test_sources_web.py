@@ -56,7 +56,7 @@ def bing(monkeypatch):
     for path, data in s.images.items():
         s.routes[path] = (200, data, "")
     murls = [(f"{s.url}/img/{rank}.jpg", "a fox") for rank in range(12)]   # /img/3.jpg: 404
-    murls[6] = (f"{s.url}/img/6.png", "fox.jpg")    # icrawler's regex runs on to the title: a bad URL
+    murls[6] = (f"{s.url}/img/6.png", "fox.jpg")    # a .png URL (404 here): icrawler's regex ran on to the title
     s.routes["/images/async?q=red+fox&first=0"] = (200, bing_page(murls), "")
     yield s
     s.close()
@@ -74,8 +74,8 @@ def test_bing_images_are_checked_deduplicated_named_by_rank_and_cached(bing, tmp
     assert (manifest.licence == "unknown: check each origin URL before use").all()
     assert all((out / f).read_bytes() == bing.images[o.removeprefix(bing.url)]
                for f, o in zip(manifest.file, manifest.origin))
-    assert ("skipped: 1 bad_url, 1 download_failed, 1 duplicate, 1 not_image, 1 too_small, 1 truncated"
-            in capsys.readouterr().out)
+    assert ("offered 12 results (0 without an image URL), 5 kept; skipped: 2 download_failed, 1 duplicate, "
+            "1 not_image, 1 too_small, 1 truncated" in capsys.readouterr().out)
     assert "/img/11.jpg" not in bing.hits                         # nothing fetched beyond need
     assert "/images/async?q=red+fox&first=20" not in bing.hits
 
@@ -93,6 +93,32 @@ def test_bing_more_than_the_results_hold(bing, tmp_path, capsys):
                               f"    base_url: {bing.url}/images/async\n")
     assert len(pd.read_csv(out / "manifest.csv")) == 7                # 6 good, and the 8x8 one
     assert "only 7 of 50: the results ran out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("names", [
+    ["0.png", "1.png", "2.png", "3.png"],
+    ["0.jpeg", "1.JPG", "2.webp", "3"],                 # any extension, or none
+])
+def test_bing_results_of_any_extension_are_read(tmp_path, capsys, names):
+    """icrawler's parser kept only URLs ending in .jpg: a page of four PNG results gave "no image
+    results". Every result's full image URL is read now, and what the page offered is counted."""
+    s = Server()
+    try:
+        formats = {"png": "PNG", "webp": "WEBP"}
+        for i, name in enumerate(names):
+            s.routes[f"/img/{name}"] = (200, picture(30 + i, fmt=formats.get(name.rsplit(".")[-1].lower(), "JPEG")), "")
+        page = bing_page([(f"{s.url}/img/{name}", "a fox") for name in names])
+        page = page.replace(b"</ul>", b'<li><div class="imgpt"><a class="iusc" m="{&quot;t&quot;:&quot;no murl&quot;}">'
+                                      b"</a></div></li></ul>")     # a fifth result without an image URL
+        s.routes["/images/async?q=red+fox&first=0"] = (200, page, "")
+        s.routes["/images/async?q=red+fox&first=20"] = (200, bing_page([]), "")
+        out = run_fetch(tmp_path, f"    source: web\n    keywords: red fox\n    count: 10\n"
+                                  f"    base_url: {s.url}/images/async\n")
+        manifest = pd.read_csv(out / "manifest.csv")
+        assert list(manifest.origin) == [f"{s.url}/img/{name}" for name in names]
+        assert "offered 5 results (1 without an image URL), 4 kept" in capsys.readouterr().out
+    finally:
+        s.close()
 
 
 def closed_port() -> int:

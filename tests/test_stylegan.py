@@ -180,7 +180,7 @@ def test_other_bad_files(tmp_path, payload, words):
 
 
 def fetch_body(network, **keys):
-    keys = {"seeds": "0-4", "size": 8, "batch_size": 2, **keys}
+    keys = {"seeds": "0-4", "image_size": 8, "batch_size": 2, **keys}
     return f"    source: stylegan\n    network: {network}\n" + "".join(f"    {k}: {v!r}\n" if isinstance(v, str)
                                                                      else f"    {k}: {v}\n" for k, v in keys.items())
 
@@ -263,3 +263,18 @@ def test_kwargs_as_converted_networks_write_them(tmp_path, persistence):
     (tmp_path / "resnet.pkl").write_bytes(pickle.dumps({"G_ema": record_of(g, kwargs)}, protocol=4))
     with pytest.raises(UserError, match=r"synthesis_kwargs.architecture='resnet' is not supported"):
         load_generator(tmp_path / "resnet.pkl")
+
+
+def test_a_tensorflow_era_pickle_is_named_with_how_to_convert_it(tmp_path):
+    """A pickle of `dnnlib.tflib.network.Network` objects, as NVlabs/stylegan2 wrote them: the tuple
+    (G, D, Gs), each built by NEWOBJ + BUILD from its state. Crafted opcode by opcode: no such class
+    exists here, and the loader refuses it before any would be called."""
+    network = b"cdnnlib.tflib.network\nNetwork\n)\x81}(X\x07\x00\x00\x00versionK\x04ub"
+    path = tmp_path / "stylegan2-ffhq-config-f.pkl"
+    path.write_bytes(b"\x80\x02" + network * 3 + b"\x87.")
+    with pytest.raises(UserError) as err:
+        load_generator(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: a TensorFlow-era StyleGAN2 network (a pickle of dnnlib.tflib.network.Network")
+    assert f"python legacy.py --source={path} --dest=converted.pkl" in message
+    assert "stylegan2-ada-pytorch" in message and "\n" not in message and "safety" not in message

@@ -1,30 +1,45 @@
 """The `unpaired` command: apply or export a trained generator.
 
-    unpaired translate CHECKPOINT INPUT... --out DIR [--direction AtoB|BtoA] [--size N]
-                       [--batch-size N] [--device auto|cpu|cuda|mps]
-    unpaired export CHECKPOINT --direction AtoB --format onnx --out FILE
+    unpaired translate CHECKPOINT INPUT... --out DIR [--direction AtoB|BtoA] [--size N [--keep-size]]
+                       [--batch-size N] [--device auto|cpu|cuda|cuda:N|mps]
+    unpaired export CHECKPOINT --direction AtoB --format onnx --out FILE|DIR
     unpaired remote-status [--remote NAME] [--repair]   # which outputs a DVC remote is missing
     unpaired unpack                   # rebuild the browsable data/prepared/ from data/prepared.tar
+    unpaired weights [--check] [FILE] # are the FID/KID Inception weights usable? (offline help)
 
 CHECKPOINT is any epoch_NNN.pt, last.pt or models/best/generators.pt. Inputs are files, folders
-(searched recursively) or glob patterns. Images of any size work: each is reflect-padded to a
-multiple of 4 and cropped back after translation; `--size N` resizes the shorter side to N first.
+(searched recursively) or glob patterns. Images of any size with at least 5 px per side work: each
+is reflect-padded to a multiple of 4 and cropped back after translation; `--size N` resizes the
+shorter side to N first.
 """
+# torch is imported inside the commands that need it, so that `unpaired --help` answers at once.
 from __future__ import annotations
 
 import argparse
 import glob
-from collections import defaultdict
+import os
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from unpaired.errors import UserError, main_guard
-from unpaired.images import IMAGE_SUFFIXES, to_float, to_uint8
+from unpaired.images import IMAGE_SUFFIXES
 
+if TYPE_CHECKING:
+    import torch
+
+# The smallest side, in pixels, that the ResnetGenerator takes. An input is reflect-padded to a
+# multiple of 4; its two stride-2 convolutions bring that to 1/4, where each residual block
+# reflection-pads by 1, which needs >= 2 px: so the padded side must be >= 8, i.e. the image's side
+# >= 5 (5 is padded by 3 to 8, and reflect padding by 3 needs a side > 3). A 4 px side stays 4 and
+# reaches the blocks as 1 px. Measured, not only argued: tests/test_cli.py runs a generator at
+# 4 px (fails) and 5 px (works) per side, square and strip.
+MIN_SIDE = 5
+# --batch-size N means at most N images and at most N × 256×256 pixels per forward pass (256² is the
+# reference CycleGAN's training size), so that large photos go one at a time.
+BATCH_PIXELS_PER_IMAGE = 256 * 256
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -43,123 +58,370 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def _out_names(files: list[Path]) -> list[str]:
-    """Output file names: the input's stem + .png, with a suffix where two inputs share a stem."""
-    seen: dict[str, int] = defaultdict(int)
+def out_names(files: list[Path]) -> list[str]:
+    """One output file name per input, unique by construction (compared case-insensitively, as on
+    macOS and Windows file systems).
+
+    An input is written as its stem + `.png` (`x.jpg` -> `x.png`) when no other input has that name.
+    Where several do (`x.jpg`, `x.png`, `a/x.png`), the first `.png` among them keeps `x.png`; the
+    others keep their extension (`x.jpg.png`) or, if that too is taken, get the first free number
+    (`x_2.png`, `x_3.png`). Every name is checked against all names given out or kept, so no output
+    overwrites another whatever the inputs are called."""
+    natural = [f"{f.stem}.png" for f in files]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, n in enumerate(natural):
+        groups[n.casefold()].append(i)
+    keeps = set()
+    for members in groups.values():
+        pngs = [i for i in members if files[i].suffix.lower() == ".png"]
+        if len(members) == 1 or pngs:
+            keeps.add(members[0] if len(members) == 1 else pngs[0])
+    taken = {natural[i].casefold() for i in keeps}
     names = []
-    for f in files:
-        seen[f.stem] += 1
-        names.append(f"{f.stem}.png" if seen[f.stem] == 1 else f"{f.stem}_{seen[f.stem] - 1}.png")
+    for i, f in enumerate(files):
+        if i in keeps:
+            names.append(natural[i])
+            continue
+        candidates = [f"{f.name}.png"] if f.suffix.lower() != ".png" else []
+        k = 2
+        while not candidates or candidates[-1].casefold() in taken:
+            candidates.append(f"{f.stem}_{k}.png")
+            k += 1
+        name = next(c for c in candidates if c.casefold() not in taken)
+        taken.add(name.casefold())
+        names.append(name)
     return names
 
 
-def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction: str = "AtoB",
-                    size: int | None = None, batch_size: int = 8, device: str = "auto") -> tuple[int, list[str]]:
-    """Translate every readable input into `out`; returns (written, skipped descriptions)."""
-    from unpaired.devices import resolve_device
-    from unpaired.checkpoint import load_generator
-    from unpaired.images import Skip, read_uint8
+def _check_out(out_dir: Path, inputs: list[str], files: list[Path]) -> None:
+    """Refuse an --out that is, is inside or contains an input folder, or holds an input file:
+    translating there would overwrite inputs or read the outputs back as inputs next time."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out: {out_dir} exists and is not a folder; give a folder for the outputs")
+    out = out_dir.resolve()
+    for item in inputs:
+        folder = Path(item)
+        if folder.is_dir():
+            inp = folder.resolve()
+            if out == inp or inp in out.parents or out in inp.parents:
+                how = "is" if out == inp else "is inside" if inp in out.parents else "contains"
+                raise UserError(f"--out: {out_dir} {how} the input folder {item}; outputs would overwrite or "
+                                f"mix with the inputs; choose a folder outside the inputs")
+    for f in files:
+        if out in f.resolve().parents:
+            raise UserError(f"--out: {out_dir} contains the input {f}; outputs could overwrite inputs; "
+                            f"choose a folder outside the inputs")
 
-    if size is not None and size < 4:
-        raise UserError(f"--size must be >= 4, got {size}")
+
+def pad_crop_forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """net(x) for any H, W >= MIN_SIDE: x (N×3×H×W float in [-1, 1]) is reflect-padded at the bottom
+    and right to multiples of 4 (the generator downsamples twice), and the output cropped back to
+    H×W. h and w are read from x.shape, so the ONNX export (a trace) records this arithmetic and the
+    exported graph pads and crops for every H and W, not only the traced one."""
+    import torch.nn.functional as F
+    h, w = x.shape[-2], x.shape[-1]
+    ph, pw = (4 - h % 4) % 4, (4 - w % 4) % 4
+    return net(F.pad(x, (0, pw, 0, ph), mode="reflect"))[..., :h, :w]
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and any(s in str(err).lower() for s in ("out of memory", "not enough memory",
+                                                                            "can't allocate memory")))
+
+
+class _Item(NamedTuple):
+    path: Path
+    name: str                  # output file name
+    image: Any                 # uint8 tensor 3×h×w, after --size
+    original: tuple[int, int]  # (H, W) of the decoded file
+
+
+def batches(items: Iterable[_Item], batch_size: int) -> Iterator[list[_Item]]:
+    """Group same-shape images into batches of at most `batch_size` images and at most
+    `batch_size × BATCH_PIXELS_PER_IMAGE` pixels; an image larger than that goes alone. Images waiting
+    for a batch hold at most that many pixels in all (then every waiting group is sent), so memory
+    stays bounded whatever the number of inputs."""
+    budget = batch_size * BATCH_PIXELS_PER_IMAGE
+    waiting: dict[tuple[int, int], list[_Item]] = {}
+    held = 0
+    for item in items:
+        h, w = item.image.shape[-2:]
+        group = waiting.setdefault((h, w), [])
+        if group and (len(group) >= batch_size or (len(group) + 1) * h * w > budget):
+            held -= len(group) * h * w
+            yield waiting.pop((h, w))
+            group = waiting.setdefault((h, w), [])
+        group.append(item)
+        held += h * w
+        if held > budget:
+            yield from waiting.values()
+            waiting, held = {}, 0
+    yield from waiting.values()
+
+
+class Translated(NamedTuple):
+    written: int
+    skipped: list[str]    # "path (reason)"
+    renamed: list[str]    # "path -> name" where input names collide
+
+
+def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction: str = "AtoB",
+                    size: int | None = None, batch_size: int = 8, device: str = "auto",
+                    keep_size: bool = False) -> Translated:
+    """Translate every readable input image into the folder `out` (created when the first output is
+    written), one `<name>.png` per input (names: `out_names`).
+
+    Skipped and listed, not fatal: unreadable files (images.SKIP_REASONS) and images with a side below
+    MIN_SIDE px (after `size`). `size`: resize the shorter side to this many px first (>= MIN_SIDE);
+    `keep_size`: write outputs back at the input's size. Raises UserError (one line) for a bad
+    flag, an --out that is or overlaps an input folder, an unwritable output, or running out of memory
+    on an image (naming it)."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from tqdm import tqdm
+
+    from unpaired.checkpoint import load_generator
+    from unpaired.devices import resolve_device
+    from unpaired.images import Skip, read_uint8, to_float, to_uint8
+
+    if size is not None and size < MIN_SIDE:
+        raise UserError(f"--size: must be >= {MIN_SIDE} (the generator needs >= {MIN_SIDE} px per side), got {size}")
     if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
     dev = resolve_device(device, "--device")
-    net, _ = load_generator(checkpoint_path, direction, dev)
+    from stages.prepare import PACKED, PREPARED
+    from unpaired.files import refresh_view_for
+    refresh_view_for(inputs, PACKED, PREPARED)     # data/prepared/ is a view of the tar: never a stale one
     files = expand_inputs(inputs)
     if not files:
         raise UserError("no input images found")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = _out_names(files)
-    images, skipped = {}, []
-    for f, name in zip(files, names):
+    _check_out(out_dir, inputs, files)
+    net, _ = load_generator(checkpoint_path, direction, dev)
+    names = out_names(files)
+    renamed = [f"{f} -> {n}" for f, n in zip(files, names) if n != f"{f.stem}.png"]
+    skipped: list[str] = []
+
+    def resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:   # float N×C×H×W
+        return F.interpolate(img, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+
+    def readable() -> Iterator[_Item]:
+        for f, name in zip(files, names):
+            try:
+                img = read_uint8(f)
+                h, w = img.shape[-2:]
+                if size is not None:
+                    scale = size / min(h, w)
+                    img = resize(img[None].float(), max(1, round(h * scale)), max(1, round(w * scale)))[0]
+                    img = img.round().clamp(0, 255).byte()
+            except (Skip, OSError) as err:
+                skipped.append(f"{f} ({getattr(err, 'reason', type(err).__name__)})")
+                bar.update(1)
+                continue
+            except (RuntimeError, MemoryError) as err:
+                if not _is_oom(err):
+                    raise
+                raise UserError(f"{f}: out of memory reading this image; use an image editor to scale it "
+                                f"down first") from None
+            if min(img.shape[-2:]) < MIN_SIDE:
+                skipped.append(f"{f} (too_small: {w}x{h} px; the generator needs >= {MIN_SIDE} px per side, "
+                               f"or use --size)")
+                bar.update(1)
+                continue
+            yield _Item(f, name, img, (h, w))
+
+    started = False
+
+    def write(name: str, arr: Any) -> None:
+        """PNG through `.<name>.tmp` + rename; the temporary never outlives an error (and those of a
+        killed earlier run, for this run's names, are removed before the first write)."""
+        nonlocal started
+        if not started:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for n in names:
+                (out_dir / f".{n}.tmp").unlink(missing_ok=True)
+            started = True
+        final, tmp = out_dir / name, out_dir / f".{name}.tmp"
         try:
-            img = read_uint8(f)
-        except (Skip, OSError) as err:
-            skipped.append(f"{f} ({getattr(err, 'reason', type(err).__name__)})")
-            continue
-        if size is not None:
-            h, w = img.shape[-2:]
-            scale = size / min(h, w)
-            img = F.interpolate(img[None].float(), size=(max(1, round(h * scale)), max(1, round(w * scale))),
-                                mode="bilinear", antialias=True, align_corners=False)[0].round().clamp(0, 255).byte()
-        images[name] = img
-    by_shape: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for name, img in images.items():
-        by_shape[tuple(img.shape[-2:])].append(name)
-    bar = tqdm(total=len(images), desc=f"translate {direction}", unit="img", disable=None)
+            Image.fromarray(arr).save(tmp, format="PNG")
+            os.replace(tmp, final)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"{final}: cannot write ({err.strerror or err}); check the --out folder "
+                            f"and free space") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def run(batch: list[_Item]) -> None:
+        x = to_float(torch.stack([it.image for it in batch])).to(dev)
+        y = pad_crop_forward(net, x)
+        for it, one in zip(batch, y):
+            if keep_size and tuple(one.shape[-2:]) != it.original:
+                one = resize(one[None].float(), *it.original)[0]
+            write(it.name, to_uint8(one).permute(1, 2, 0).cpu().numpy())
+
+    written = 0
+    bar = tqdm(total=len(files), desc=f"translate {direction}", unit="img", disable=None)
     with torch.no_grad():
-        for (h, w), group in by_shape.items():
-            ph, pw = (-h) % 4, (-w) % 4
-            for i in range(0, len(group), batch_size):
-                chunk = group[i:i + batch_size]
-                x = to_float(torch.stack([images[n] for n in chunk])).to(dev)
-                if ph or pw:   # reflect needs pad < size: tiny inputs fall back to replicate
-                    mode = "reflect" if ph < h and pw < w else "replicate"
-                    x = F.pad(x, (0, pw, 0, ph), mode=mode)
-                y = net(x)[..., :h, :w]
-                y = to_uint8(y).permute(0, 2, 3, 1).cpu().numpy()
-                for n, arr in zip(chunk, y):
-                    tmp = out_dir / f".{n}.tmp"
-                    Image.fromarray(arr).save(tmp, format="PNG")
-                    tmp.replace(out_dir / n)
+        for batch in batches(readable(), batch_size):
+            todo = [batch]
+            while todo:
+                chunk = todo.pop()
+                try:
+                    run(chunk)
+                except (RuntimeError, MemoryError) as err:
+                    if not _is_oom(err):
+                        raise
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if len(chunk) > 1:          # retry one by one before giving up
+                        todo += [[it] for it in reversed(chunk)]
+                        continue
+                    it = chunk[0]
+                    h, w = it.image.shape[-2:]
+                    raise UserError(f"{it.path}: out of memory translating this {w}x{h} image on {dev} "
+                                    f"({written} written before it); use --size N (e.g. --size 512) to scale "
+                                    f"inputs down, or --batch-size 1") from None
+                written += len(chunk)
                 bar.update(len(chunk))
     bar.close()
-    return len(images), skipped
+    return Translated(written, skipped, renamed)
 
 
 def export_onnx(checkpoint_path: str, out: str, direction: str = "AtoB", opset: int = 17) -> Path:
-    """The generator as ONNX with dynamic batch, height and width (multiples of 4)."""
-    from unpaired.checkpoint import load_generator
-    from unpaired.files import atomic_write_bytes
+    """The generator as ONNX: input `image` N×3×H×W float32 in [-1, 1], output `translated` of the
+    same shape, dynamic N, H and W (any H, W >= MIN_SIDE: the graph reflect-pads to multiples of 4 and
+    crops back, as `translate` does). `out` is a file, or a folder (an existing one, or a path ending in
+    "/"), which gets `<checkpoint stem>_<direction>.onnx`. Returns the path written."""
     import io
 
+    import torch
+
+    from unpaired.checkpoint import load_generator
+    from unpaired.files import atomic_write_bytes
+
+    class PadCrop(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return pad_crop_forward(self.net, x)
+
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        path = path / f"{Path(checkpoint_path).stem}_{direction}.onnx"
     net, _ = load_generator(checkpoint_path, direction, "cpu")
-    dummy = torch.zeros(1, 3, 64, 64)
     buf = io.BytesIO()
-    torch.onnx.export(net, (dummy,), buf, input_names=["image"], output_names=["translated"], opset_version=opset,
-                      dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                    "translated": {0: "batch", 2: "height", 3: "width"}}, dynamo=False)
-    atomic_write_bytes(out, buf.getvalue())
-    return Path(out)
+    with warnings.catch_warnings():
+        # Notes from the TorchScript exporter that a user cannot act on, each checked to be harmless:
+        # it is the legacy exporter (the dynamo one needs onnxscript, not a dependency here);
+        # instance norm is exported with train=True, which is what InstanceNorm2d without running
+        # stats computes in eval mode too; the tracer sees the size checks of instance norm and pad
+        # (not branches: the graph works for every H, W, tests/test_cli.py compares sizes 30×42 and
+        # more with PyTorch); Slice ops with a step are not constant-folded.
+        warnings.filterwarnings("ignore", r"You are using the legacy TorchScript-based ONNX export",
+                                DeprecationWarning)
+        warnings.filterwarnings("ignore", r"The feature will be removed\. Please remove usage of this function",
+                                DeprecationWarning, r"torch\.onnx")
+        warnings.filterwarnings("ignore", r"ONNX export mode is set to TrainingMode\.EVAL, but operator "
+                                r"'instance_norm' is set to train=True", UserWarning)
+        warnings.filterwarnings("ignore", r"Converting a tensor to a Python boolean might cause the trace",
+                                torch.jit.TracerWarning, r"torch\.nn\.")
+        warnings.filterwarnings("ignore", r"Constant folding - Only steps=1 can be constant folded", UserWarning)
+        torch.onnx.export(PadCrop(net).eval(), (torch.zeros(1, 3, 64, 64),), buf, input_names=["image"],
+                          output_names=["translated"], opset_version=opset,
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                        "translated": {0: "batch", 2: "height", 3: "width"}}, dynamo=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default in its help (options without a value by
+    default say in their help what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="unpaired", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("translate", help="translate images with a trained generator")
-    t.add_argument("checkpoint")
-    t.add_argument("inputs", nargs="+", metavar="INPUT")
-    t.add_argument("--out", required=True)
-    t.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB")
-    t.add_argument("--size", type=int, default=None, help="resize the shorter side to N first")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--device", default="auto")
-    e = sub.add_parser("export", help="export a generator (ONNX)")
-    e.add_argument("checkpoint")
-    e.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB")
-    e.add_argument("--format", choices=("onnx",), default="onnx")
-    e.add_argument("--out", required=True)
-    r = sub.add_parser("remote-status", help="name the pipeline outputs a DVC remote is missing")
-    r.add_argument("--remote", default=None, help="remote name (default: the default remote)")
+    ap = argparse.ArgumentParser(prog="unpaired", description=__doc__, formatter_class=_HelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser(
+        "translate", help="translate images with a trained generator", formatter_class=_HelpFormatter,
+        description="Translate image files, folders (searched recursively) or globs with a generator from a\n"
+                    "checkpoint: one PNG per input in --out, named after the input (x.jpg -> x.png; where two\n"
+                    "inputs would share a name, the others become x.jpg.png or x_2.png, and are listed).\n"
+                    f"Unreadable files and images under {MIN_SIDE} px a side are skipped and listed.")
+    t.add_argument("checkpoint", help="epoch_NNN.pt, last.pt or models/best/generators.pt")
+    t.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    t.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created; must not be, be inside or contain an input folder)")
+    t.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="which generator")
+    t.add_argument("--size", type=int, default=None, metavar="N",
+                   help=f"resize the shorter side to N px first (>= {MIN_SIDE}); default: each image's own size")
+    t.add_argument("--keep-size", action="store_true",
+                   help="with --size: write the outputs back at each input's original size")
+    t.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="at most N images and N x 256 x 256 pixels per pass (large photos go "
+                        "one at a time)")
+    t.add_argument("--device", default="auto", metavar="NAME", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    e = sub.add_parser(
+        "export", help="export a generator (ONNX)", formatter_class=_HelpFormatter,
+        description="Write one generator as ONNX: input `image` N×3×H×W float32 in [-1, 1], output\n"
+                    f"`translated` of the same shape; any H, W >= {MIN_SIDE} (the graph pads to multiples of 4\n"
+                    "and crops back, as translate does).")
+    e.add_argument("checkpoint", help="epoch_NNN.pt, last.pt or models/best/generators.pt")
+    e.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB", help="which generator")
+    e.add_argument("--format", choices=("onnx",), default="onnx", help="file format")
+    e.add_argument("--out", required=True, metavar="PATH",
+                   help="the .onnx file, or a folder (existing, or ending in /) to get <checkpoint>_<direction>.onnx")
+    r = sub.add_parser("remote-status", help="name the pipeline outputs a DVC remote is missing",
+                       formatter_class=_HelpFormatter,
+                       description="Compare the outputs recorded in dvc.lock with a DVC remote and name the\n"
+                                   "ones it is missing; --repair uploads them from this clone.")
+    r.add_argument("--remote", default=None, metavar="NAME", help="remote name; default: the default remote")
     r.add_argument("--repair", action="store_true", help="re-upload the missing parts from this clone")
-    sub.add_parser("unpack", help="rebuild the browsable data/prepared/ from data/prepared.tar "
-                                  "(after a dvc pull)")
+    sub.add_parser("unpack", help="rebuild the browsable data/prepared/ from data/prepared.tar (after a dvc pull)",
+                   formatter_class=_HelpFormatter,
+                   description="Rebuild the browsable folder data/prepared/ from data/prepared.tar, the file\n"
+                               "DVC tracks (needed after `dvc pull` or `dvc checkout`).")
+    # `unpaired weights`: the FID Inception weights (implementation: unpaired/evaluation.py)
+    w = sub.add_parser("weights", help="check (or fetch) the Inception weights FID/KID need",
+                       formatter_class=_HelpFormatter,
+                       description="Say whether torch-fidelity's InceptionV3 weights (for FID/KID) are usable: the\n"
+                                   "file is loaded with weights_only=True, must fit InceptionV3, and its sha256 is\n"
+                                   "compared with the prefix in its published name. Names the URL, the file name\n"
+                                   "and the folder ($TORCH_HOME/hub/checkpoints) to copy it into when offline.")
+    w.add_argument("--check", action="store_true", help="only check, never download (without it: download if absent)")
+    w.add_argument("file", nargs="?", default=None, metavar="FILE",
+                   help="check this file instead (e.g. a copy before putting it in place); "
+                        "default: the one in $TORCH_HOME/hub/checkpoints")
     args = ap.parse_args(argv)
 
     def run() -> None:
         if args.command == "translate":
-            written, skipped = translate_files(args.checkpoint, args.inputs, args.out, args.direction,
-                                               args.size, args.batch_size, args.device)
-            print(f"translated {written} image(s) {args.direction} -> {args.out}")
-            if skipped:
-                print(f"skipped {len(skipped)} unreadable file(s):")
-                for s in skipped:
+            from unpaired.devices import check_device
+            check_device(args.device, "--device")
+            done = translate_files(args.checkpoint, args.inputs, args.out, args.direction, args.size,
+                                   args.batch_size, args.device, args.keep_size)
+            if done.written:
+                print(f"translated {done.written} image(s) {args.direction} -> {args.out}")
+            if done.renamed:
+                print(f"{len(done.renamed)} output(s) renamed where input names collide:")
+                for s in done.renamed:
                     print(f"  {s}")
-            if not written:
-                raise UserError("no image could be read; nothing written")
+            if done.skipped:
+                print(f"skipped {len(done.skipped)} file(s):")
+                for s in done.skipped:
+                    print(f"  {s}")
+            if not done.written:
+                raise UserError("no image could be translated; nothing written")
         elif args.command == "export":
             path = export_onnx(args.checkpoint, args.out, args.direction)
             print(f"exported {args.direction} generator -> {path}")
@@ -170,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"{PACKED}: not here; run `uv run dvc pull` (or `make repro`) first")
             done = unpack_view(PACKED, PREPARED)
             print(f"{PREPARED}/: {'unpacked from' if done else 'already matches'} {PACKED}")
+        elif args.command == "weights":
+            from unpaired.evaluation import weights_command
+            weights_command(args.file, args.check)
         else:
             from unpaired.remote import report
             raise SystemExit(report(".", args.remote, args.repair))

@@ -1,39 +1,179 @@
 """Atomic outputs: every stage writes into a temporary sibling and renames it into place, so an
-interrupted or failed run never leaves a partial output behind."""
+interrupted or failed run never leaves a partial output behind.
+
+Temporaries are named `.<name>.tmp-<pid>-<random>` (downloads: `.part-`, replaced trees: `.old-<pid>`)
+next to what they become, with the modes a plain `open()`/`mkdir` would give under the current umask
+(`tempfile` makes them 0600/0700). A writer killed with -9 leaves its temporary behind: every stage calls
+`remove_stale_temporaries` on its output folders first, which removes those whose writer is dead. A full
+disk (or quota, or `ulimit -f`) becomes one `UserError` line naming the file and the space needed.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from unpaired.errors import UserError
+
+# --- modes, temporaries, disk space ----------------------------------------------------------------
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set and reset."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(path: Path, tag: str = "tmp") -> tuple[int, str]:
+    """`tempfile.mkstemp` next to `path`, named `.<name>.<tag>-<pid>-<random>`, with the mode `open()`
+    would give (0666 & ~umask) instead of mkstemp's 0600. Returns (fd, name)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}-{os.getpid()}-", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
+    return fd, tmp
+
+
+def temp_dir(path: Path) -> Path:
+    """`tempfile.mkdtemp` next to `path`, with the mode `mkdir` would give (0777 & ~umask)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def no_space_error(path: str | Path | None, err: OSError, needed: int | None = None) -> UserError:
+    """One line for a write that failed for lack of space (ENOSPC, EDQUOT) or a file size limit
+    (EFBIG): the file (None: unknown, e.g. a buffered write failing on flush), the bytes needed when
+    known, and the space free where it was written (shutil.disk_usage)."""
+    target = Path(path) if path is not None else Path.cwd() / "-"
+    folder = next((p for p in (target.parent, *target.parents) if p.is_dir()), Path("."))
+    free = shutil.disk_usage(folder).free
+    need = f"{_human(needed)} needed, " if needed is not None else ""
+    subject = f"{path}: " if path is not None else "a write failed: "
+    if err.errno == errno.EFBIG:
+        return UserError(f"{subject}file too large for this process's file size limit (`ulimit -f`; "
+                         f"{need}{_human(free)} free on the disk); raise the limit and re-run")
+    what = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
+    intact = "; the previous output is intact" if path is not None else ""
+    return UserError(f"{subject}{what} ({need}{_human(free)} free in {folder}); free some space "
+                     f"(or point the folder elsewhere) and re-run{intact}")
+
+
+@contextlib.contextmanager
+def space_guard(path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a disk-full / quota / size-limit OSError inside the block into `no_space_error`. Put the
+    removal of the partial temporary inside the block, so that the free space reported counts it free."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise no_space_error(path, err, needed) from None
+        raise
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# `.<name>.tmp-<pid>-<random>`, `.<name>.part-<pid>-<random>`, `.<name>.old-<pid>`; older names had no
+# pid (`.<name>.tmp-<random>`, and `.<name>.tmp` written by hand): those are always stale.
+TEMPORARY = re.compile(r"\..+\.(?:(?:tmp|part|old)-(?:(?P<pid>\d+)(?:-.*)?|.*)|tmp)", re.DOTALL)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:        # another user's process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(*folders: str | Path, recursive: bool = False) -> list[Path]:
+    """Remove this project's temporaries (see TEMPORARY) in `folders` whose writing process is no
+    longer running (a `kill -9`, a power cut), so that DVC never commits them into an output. Returns
+    what it removed. A stage calls it first on every folder it writes into."""
+    removed: list[Path] = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for root, dirs, files in os.walk(folder):
+            for name in [*dirs, *files]:
+                m = TEMPORARY.fullmatch(name)
+                if m is None or (m["pid"] is not None and _alive(int(m["pid"]))):
+                    continue
+                path = Path(root) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                removed.append(path)
+            dirs[:] = [d for d in dirs if recursive and not TEMPORARY.fullmatch(d)]
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory next to `target`; on success it replaces `target`
-    (rename, so readers see the old or the new tree, never a mix); on error it is removed."""
+    """Yield an empty temporary directory next to `target` (mode as `mkdir` gives); on success it
+    replaces `target` (rename, so readers see the old or the new tree, never a mix); on error it is
+    removed and `target` is left as it was. A full disk inside the block is one `UserError` line."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp = temp_dir(target)
+    with space_guard(target):
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -48,20 +188,22 @@ def sha256_of(path: str | Path) -> str:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, fsync and rename."""
+    """Write `data` to `path` through a temporary file, fsync and rename; the file gets the mode a
+    plain `open()` would. Out of space: one `UserError` line, the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    fd, tmp = temp_file(path)
+    with space_guard(path, len(data)):
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -84,53 +226,107 @@ def write_manifest(path: str | Path, rows: list[dict[str, Any]], columns: list[s
 # (train, evaluate and `unpaired unpack` call unpack_view), never tracked itself.
 
 VIEW_MARK = ".packed-from"   # inside the view: the sha256 of the tar it was unpacked from
+SUMS = "SHA256SUMS"          # the tar's last member: `<sha256>  <name>` of every file before it
 
 
 def pack_dir(folder: str | Path, tar_path: str | Path) -> str:
     """Write every file under `folder` (sorted, relative names, no owner or time: the same files
-    give the same bytes) into an uncompressed tar, atomically; mark `folder` as its view. Returns
-    the tar's sha256. PNGs do not compress further, and an uncompressed tar extracts fastest."""
+    give the same bytes) into an uncompressed tar, atomically, followed by a SHA256SUMS member that
+    `unpack_view` checks every file against; mark `folder` as its view. Returns the tar's sha256.
+    PNGs do not compress further, and an uncompressed tar extracts fastest."""
     folder, tar_path = Path(folder), Path(tar_path)
     tar_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{tar_path.name}.tmp-", dir=tar_path.parent)
-    try:
+    paths = sorted(p for p in folder.rglob("*") if p.name not in (VIEW_MARK, SUMS))
+    needed = sum(p.stat().st_size + 1024 for p in paths if p.is_file()) + 10240
+    fd, tmp = temp_file(tar_path)
+    with space_guard(tar_path, needed), _removed_on_error(tmp):
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path in sorted(p for p in folder.rglob("*") if p.name != VIEW_MARK):
+            sums = []
+            for path in paths:
                 info = tarfile.TarInfo(path.relative_to(folder).as_posix())
                 info.mtime = 0
                 if path.is_dir():    # kept, so that an empty split folder survives the round trip
                     info.type, info.mode = tarfile.DIRTYPE, 0o755
                     tar.addfile(info)
                     continue
-                info.size, info.mode = path.stat().st_size, 0o644
-                with open(path, "rb") as data:
-                    tar.addfile(info, data)
+                data = path.read_bytes()
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+                sums.append(f"{hashlib.sha256(data).hexdigest()}  {info.name}\n")
+            listing = "".join(sums).encode()
+            info = tarfile.TarInfo(SUMS)
+            info.mtime, info.size, info.mode = 0, len(listing), 0o644
+            tar.addfile(info, io.BytesIO(listing))
         os.replace(tmp, tar_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     digest = sha256_of(tar_path)
-    (folder / VIEW_MARK).write_text(digest + "\n")
+    atomic_write_bytes(folder / VIEW_MARK, (digest + "\n").encode())
     return digest
 
 
 def unpack_view(tar_path: str | Path, folder: str | Path) -> bool:
     """Make `folder` the unpacked content of `tar_path` unless it already is (its mark names the
-    tar's sha256). Atomic; members that would escape the folder are refused. True if it unpacked."""
-    from unpaired.sources.archives import members   # safe member reading, shared with sources
+    tar's sha256). Atomic; members that would escape the folder are refused. The tar is read to its
+    real end and every file is checked against its SHA256SUMS: a damaged tar is refused with one
+    `UserError` line and the previous view is left as it was. True if it unpacked."""
+    from unpaired.sources.archives import CorruptArchive, members   # safe reading, shared with sources
     tar_path, folder = Path(tar_path), Path(folder)
     digest = sha256_of(tar_path)
     mark = folder / VIEW_MARK
     if mark.is_file() and mark.read_text().strip() == digest:
         return False
+    restore = (f"restore it with `uv run dvc checkout {tar_path}` (or `uv run dvc pull`), or rebuild it "
+               f"with `uv run dvc repro -f prepare`")
     with atomic_dir(folder) as tmp:
-        with tarfile.open(tar_path) as tar:
-            dirs = [info.name for info in tar.getmembers() if info.isdir()]
-        for name, data in members(tar_path, str(tar_path)):   # checks every name before any is used
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data)
+        try:
+            with tarfile.open(tar_path) as tar:
+                dirs = [info.name for info in tar.getmembers() if info.isdir()]
+            files: dict[str, str] = {}
+            listing = None
+            for name, data in members(tar_path, str(tar_path)):   # checks every name before any is used
+                if name.as_posix() == SUMS:
+                    listing = data.decode("utf-8", "replace")
+                    continue
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(data)
+                files[name.as_posix()] = hashlib.sha256(data).hexdigest()
+        except CorruptArchive as err:
+            raise UserError(f"{tar_path}: damaged, cannot be unpacked ({err.detail}); {restore}") from None
+        except tarfile.TarError as err:
+            raise UserError(f"{tar_path}: damaged, cannot be unpacked ({type(err).__name__}: {err}); "
+                            f"{restore}") from None
+        if listing is not None:   # tars packed before SHA256SUMS existed have only the tar's own checks
+            expected = dict(reversed(line.split("  ", 1)) for line in listing.splitlines() if "  " in line)
+            bad = sorted(n for n in expected.keys() | files.keys() if expected.get(n) != files.get(n))
+            if bad:
+                raise UserError(f"{tar_path}: damaged: {len(bad)} file(s) do not match its SHA256SUMS "
+                                f"(first: {bad[0]}); {restore}")
         for name in dirs:
             (tmp / name).mkdir(parents=True, exist_ok=True)
         (tmp / VIEW_MARK).write_text(digest + "\n")
     return True
+
+
+def view_is_stale(tar_path: str | Path, folder: str | Path) -> bool:
+    """True if `tar_path` exists and `folder` is not its view as it is now: missing, unmarked, or
+    unpacked from another tar (after a `git checkout` + `dvc checkout`, which change only the tar)."""
+    mark = Path(folder) / VIEW_MARK
+    if not Path(tar_path).is_file():
+        return False
+    return not mark.is_file() or mark.read_text().strip() != sha256_of(tar_path)
+
+
+def refresh_view_for(inputs: Iterable[str | Path], tar_path: str | Path, folder: str | Path) -> bool:
+    """For readers given paths by a user (`unpaired translate data/prepared/testA`): if any input is
+    inside the view `folder` and the view was unpacked from another tar than `tar_path` is now (a
+    `git checkout` + `dvc checkout` changed the tar, not its view), unpack it again and say so on
+    stderr. True if it did."""
+    import sys
+    root = os.path.abspath(folder)
+    if not any(os.path.abspath(str(i)) == root or os.path.abspath(str(i)).startswith(root + os.sep)
+               for i in inputs):
+        return False
+    if not view_is_stale(tar_path, folder):
+        return False
+    print(f"note: {folder}/ is not the view of {tar_path} as it is now (after a `dvc checkout`?); "
+          f"unpacking it again (what `uv run unpaired unpack` does)", file=sys.stderr)
+    return unpack_view(tar_path, folder)

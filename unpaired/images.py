@@ -3,7 +3,8 @@
 Pillow does the decoding (JPEG, PNG, GIF, WebP, BMP, TIFF, ...) and the geometry (`ImageOps.fit` for
 centre crops, `ImageOps.pad` for letterboxing). What is ours is the normalisation policy: EXIF
 orientation applied; transparency composited on white; 16-bit scaled (not clipped) to 8 bits; CMYK,
-grayscale and palette images made RGB; and a classification of every failure into a skip reason.
+grayscale and palette images made RGB; large JPEGs decoded at reduced scale; a decompression-bomb
+guard; and a classification of every failure into a skip reason.
 """
 from __future__ import annotations
 
@@ -16,7 +17,19 @@ from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 RESAMPLE = Image.Resampling.LANCZOS
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-SKIP_REASONS = ("empty", "not_image", "truncated", "unreadable", "too_small", "duplicate")
+SKIP_REASONS = ("empty", "not_image", "truncated", "unreadable", "too_large", "too_small", "duplicate",
+                "error")
+# The decompression-bomb guard: at most this many pixels are decoded (3 bytes each, so about 300 MB).
+# It is Pillow's own warning threshold (Image.MAX_IMAGE_PIXELS's default); files that claim more than
+# twice that are refused by Pillow when opened. A larger JPEG is decoded at 1/2, 1/4 or 1/8 scale
+# (the DCT scaling of libjpeg, Pillow's `draft`) when a caller needs only a smaller image (prepare).
+MAX_PIXELS = 89_478_485
+# EXIF orientation → the transposition that makes the image upright (the EXIF 2.3 table, as
+# ImageOps.exif_transpose applies it; that function also rewrites the EXIF block into the result and
+# fails on malformed tags we do not need, so the lookup is done here).
+ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
 class Skip(Exception):
@@ -59,29 +72,59 @@ def _failure(err: BaseException, name: str) -> Skip:
     return Skip("truncated" if cut else "unreadable", f"{name}: {err}")
 
 
-def decode(data: bytes, name: str = "") -> Image.Image:
-    """File bytes → upright 8-bit RGB image (first frame of animations). Raises Skip."""
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8), or 1 when there is none or the EXIF block cannot be read."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+        return int(value) if int(value) in ORIENTATION else 1
+    except Exception:  # noqa: BLE001 - malformed EXIF of any kind: keep the image as decoded
+        return 1
+
+
+def decode_scaled(data: bytes, name: str = "", min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """File bytes → (upright 8-bit RGB image, its full upright (width, height)). A JPEG of more than
+    MAX_PIXELS is decoded at the smallest of 1/2, 1/4, 1/8 scale whose sides are still >= `min_side`
+    (None: full size only). Raises Skip: `too_large` above MAX_PIXELS decoded (or Pillow's hard
+    limit), and the other reasons of SKIP_REASONS."""
     if not data:
         raise Skip("empty", name)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Pillow warns above MAX_IMAGE_PIXELS (the check below is the guard, after draft mode) and
+        # about each malformed metadata tag it skips (noise in a log of thousands of files).
+        warnings.simplefilter("ignore")
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise Skip("not_image", name) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise Skip("unreadable", f"{name}: {err}") from None
+        except Image.DecompressionBombError as err:
+            raise Skip("too_large", f"{name}: {err}") from None
         except (OSError, ValueError, SyntaxError, EOFError) as err:
             raise _failure(err, name) from None
         try:
             img.seek(0)
+            full = img.size
+            if full[0] * full[1] > MAX_PIXELS and min_side is not None and img.format == "JPEG":
+                img.draft(img.mode, (min_side, min_side))
+            if img.size[0] * img.size[1] > MAX_PIXELS:
+                raise Skip("too_large", f"{name}: {full[0]}x{full[1]} pixels, more than the "
+                                        f"{MAX_PIXELS:,} decoded at most")
             img.load()
-            img = ImageOps.exif_transpose(img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise Skip("unreadable", f"{name}: {err}") from None
+        except Image.DecompressionBombError as err:
+            raise Skip("too_large", f"{name}: {err}") from None
         except (OSError, ValueError, SyntaxError, EOFError) as err:
             raise _failure(err, name) from None
-    return to_rgb(img)
+        method = ORIENTATION.get(_orientation(img))
+    if method is not None:
+        img = img.transpose(method)
+        if method in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                      Image.Transpose.ROTATE_270):
+            full = (full[1], full[0])
+    return to_rgb(img), full
+
+
+def decode(data: bytes, name: str = "") -> Image.Image:
+    """File bytes → upright 8-bit RGB image at full size (first frame of animations). Raises Skip."""
+    return decode_scaled(data, name)[0]
 
 
 def square(img: Image.Image, size: int, mode: str, background: str = "white") -> Image.Image:

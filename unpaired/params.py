@@ -12,16 +12,21 @@ attrs+cattrs) would add a dependency and its own error format for what is a doze
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from unpaired.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
+# The top-level sections of params.yaml; any other name is a typo (`trian:`) that would otherwise
+# leave its section at the defaults without a word.
+SECTIONS = ("domains", "prepare", "train", "evaluate", "preset")
 
 
 class ParamsError(UserError, ValueError):
@@ -38,15 +43,27 @@ def check(condition: bool, key: str, message: str) -> None:
 
 
 def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """params.yaml as a dict, read as DVC reads it: YAML 1.2 through ruamel.yaml's safe loader, so
+    the stages and DVC (dvc.lock, `dvc params diff`, the run cache) agree on every value (`off`,
+    `yes`, `on` are strings, `0o17` is an octal int). Raises ParamsError (one line) when the file is
+    missing, not YAML, not a mapping, or has a top-level section other than SECTIONS."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = YAML(typ="safe").load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the project root (where params.yaml is)") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    except YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ParamsError(f"{path}: not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: must be a mapping of sections (domains, prepare, train, ...)")
+    for name in data:
+        if name not in SECTIONS:
+            near = difflib.get_close_matches(str(name), SECTIONS, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ParamsError(f"{path}: {name}: unknown section; {hint}known: {', '.join(SECTIONS)}")
     return data
 
 

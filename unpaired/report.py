@@ -1,14 +1,19 @@
-"""metrics/report.html: one page a person can open — params, loss curves, FID/KID per epoch, and
-the sample grid of every epoch with a slider, best epoch marked.
+"""metrics/report.html: one page a person can open — what was trained (preset, domains and their
+sources, images per split, device, training time, throughput), the best epoch and why, the sample
+grid of every epoch with a slider, FID/KID per epoch, the training losses, and every params section.
 
 The page is self-contained apart from the sample grids, which it references by relative path inside
-metrics/ (samples/epoch_NNN.png). Curves are small inline SVG polylines written here: a plotting
-library would add a heavy dependency for a few lines, and the page must render offline.
+metrics/ (samples/epoch_NNN.png), and the test-set page (test_set/index.html). Curves are small
+inline SVG panels written here: a plotting library would add a heavy dependency for a few lines, and
+the page must render offline. Losses are drawn as small multiples, one panel per kind (G, D, cycle,
+identity) with its own y scale, since the D losses sit near 0.25 while cycle losses start near 3.
+Legends are HTML, coloured with inline styles, so no stylesheet rule can grey them out.
 """
 from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,85 +22,238 @@ import pandas as pd
 from unpaired.files import atomic_write_bytes
 
 LOSSES = ("G_A", "G_B", "D_A", "D_B", "cycle_A", "cycle_B", "idt_A", "idt_B")
-COLOURS = ("#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+LOSS_PANELS = (("generators (LSGAN)", ("G_A", "G_B")), ("discriminators", ("D_A", "D_B")),
+               ("cycle consistency", ("cycle_A", "cycle_B")), ("identity", ("idt_A", "idt_B")))
+COLOUR_A, COLOUR_B = "#1f77b4", "#d62728"    # everything about direction A (A→B) blue, B red
 
 
-def _svg_chart(series: dict[str, list[tuple[float, float]]], title: str, marker: float | None = None) -> str:
-    w, h, m = 520, 220, 36
-    points = [pt for values in series.values() for pt in values]
-    if not points:
-        return f"<p class=note>{html.escape(title)}: no data.</p>"
-    xs, ys = [x for x, _ in points], [y for _, y in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > 0 else 1.0
-    sx = lambda x: m + (x - x0) / (x1 - x0) * (w - 2 * m)        # noqa: E731
-    sy = lambda y: h - m - (y - y0) / (y1 - y0) * (h - 2 * m)    # noqa: E731
-    out = [f'<svg class=chart viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(title)}">',
-           f'<text x="{m}" y="16" class=title>{html.escape(title)}</text>',
-           f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="#999"/>',
-           f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="#999"/>',
-           f'<text x="{m}" y="{h - m + 16}">{x0:g}</text><text x="{w - m}" y="{h - m + 16}" '
-           f'text-anchor="end">{x1:g}</text><text x="4" y="{m + 4}">{y1:.3g}</text>'
-           f'<text x="4" y="{h - m}">{y0:.3g}</text>']
-    if marker is not None:
-        out.append(f'<line x1="{sx(marker):.1f}" y1="{m}" x2="{sx(marker):.1f}" y2="{h - m}" '
-                   f'stroke="#2a2" stroke-dasharray="4 3"/>')
-    for i, (name, values) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
+def colour_of(name: str) -> str:
+    """A series' colour: blue for A / A→B series (G_A, cycle_A, fid_AtoB, ...), red for B ones."""
+    return COLOUR_A if name.endswith(("_A", "AtoB")) else COLOUR_B
+
+
+Series = dict[str, list[tuple[float, float]]]
+
+
+def _ticks(lo: float, hi: float) -> list[float]:
+    return [lo, (lo + hi) / 2, hi]
+
+
+def svg_panel(series: Series, title: str, marker: float | None = None, note: str = "") -> str:
+    """One small chart: each series a polyline (and dots) on the panel's own y scale, a marker line
+    at x=`marker`, an HTML legend whose entries carry their series' colour. Non-finite points are
+    left out. Returns "" when no series has a finite point (no empty chart is drawn)."""
+    clean = {k: [(x, y) for x, y in v if math.isfinite(x) and math.isfinite(y)] for k, v in series.items()}
+    clean = {k: v for k, v in clean.items() if v}
+    if not clean:
+        return ""
+    w, h, left, right, top, bottom = 340, 190, 52, 10, 10, 26
+    xs = [x for v in clean.values() for x, _ in v]
+    ys = [y for v in clean.values() for _, y in v]
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.08 or abs(y1) * 0.1 or 1.0
+    y0, y1 = y0 - pad, y1 + pad
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)     # noqa: E731
+    sy = lambda y: top + (y1 - y) / (y1 - y0) * (h - top - bottom)      # noqa: E731
+    out = [f'<svg class=chart viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(title)}">']
+    for t in _ticks(y0 + pad, y1 - pad):
+        out.append(f'<line x1="{left}" x2="{w - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class=grid />'
+                   f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" text-anchor="end" class=tick>{t:.3g}</text>')
+    for t in sorted({x0 if len(set(xs)) > 1 else xs[0], x1 if len(set(xs)) > 1 else xs[0]}):
+        out.append(f'<text x="{sx(t):.1f}" y="{h - 8}" text-anchor="middle" class=tick>{t:g}</text>')
+    out.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" class=axis />')
+    if marker is not None and x0 <= marker <= x1:
+        out.append(f'<line x1="{sx(marker):.1f}" y1="{top}" x2="{sx(marker):.1f}" y2="{h - bottom}" class=best />')
+    for name, values in clean.items():
+        colour = colour_of(name)
         pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in values)
-        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
-        out.append(f'<text x="{w - m + 2}" y="{m + 12 * i}" fill="{colour}" font-size="10">{html.escape(name)}</text>')
+        out.append(f'<polyline data-series="{html.escape(name)}" fill="none" stroke="{colour}" '
+                   f'stroke-width="2" points="{pts}"/>')
+        out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in values)
     out.append("</svg>")
-    return "".join(out)
+    legend = "".join(f'<span class=key data-series="{html.escape(n)}" style="color:{colour_of(n)}">'
+                     f'<i style="background:{colour_of(n)}"></i>{html.escape(n)}</span>' for n in clean)
+    caption = f"<b>{html.escape(title)}</b> {legend}" + (f"<br><small>{html.escape(note)}</small>" if note else "")
+    return f'<figure class=panel>{"".join(out)}<figcaption class=legend>{caption}</figcaption></figure>'
 
 
-def _losses(live_dir: Path) -> dict[str, list[tuple[float, float]]]:
-    series = {}
-    for name in LOSSES:
-        tsv = live_dir / "plots" / "metrics" / f"{name}.tsv"
-        if tsv.is_file():
-            frame = pd.read_csv(tsv, sep="\t")
-            series[name] = list(zip(frame["step"].astype(float), frame[name].astype(float)))
-    return series
+def _tsv_series(live_dir: Path, name: str) -> list[tuple[float, float]]:
+    tsv = live_dir / "plots" / "metrics" / f"{name}.tsv"
+    if not tsv.is_file():
+        return []
+    frame = pd.read_csv(tsv, sep="\t")
+    return list(zip(frame["step"].astype(float), frame[name].astype(float)))
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path,
+             summary: dict[str, Any]) -> tuple[str, str]:
+    """(the header's HTML, the throughput note): what was trained, on what, how fast."""
+    esc = html.escape
+    domains = params_all.get("domains") or {}
+    kept = prepare.get("kept") or {}
+    skipped = prepare.get("skipped") or {}
+    rows = []
+    for d in ("a", "b"):
+        spec = domains.get(d) or {}
+        detail = ", ".join(f"{k}: {json.dumps(v)}" for k, v in spec.items() if k != "source")
+        counts = kept.get(d) or {}
+        n_skip = sum(v for v in (skipped.get(d) or {}).values() if isinstance(v, (int, float)))
+        rows.append(f"<tr><th>{d.upper()}</th><td>{esc(str(spec.get('source', '?')))}</td>"
+                    f"<td class=detail>{esc(detail)}</td><td>{counts.get('train', '?')}</td>"
+                    f"<td>{counts.get('test', '?')}</td><td>{n_skip if kept else '?'}</td></tr>")
+    ips = _tsv_series(live_dir, "images_per_s")
+    per_epoch = max((kept.get(d) or {}).get("train", 0) for d in ("a", "b")) if kept else 0
+    if ips:
+        rates = [y for _, y in ips if y > 0]
+        mean = sum(rates) / len(rates) if rates else 0.0
+        seconds = sum(per_epoch / y for y in rates) if per_epoch else 0.0
+        speed = f"{mean:.3g} images/s on average over {len(ips)} epoch(s) (last {ips[-1][1]:.3g})"
+        took = (f"≈ {_duration(seconds)} in training steps ({per_epoch} images per epoch ÷ images/s, "
+                f"summed over epochs)" if seconds else "not known (no metrics/prepare.json)")
+    else:
+        speed, took = "not known (no training logs)", "not known (no training logs)"
+    train = params_all.get("train") or {}
+    evaluate = params_all.get("evaluate") or {}
+    table = ("<table class=domains><tr><th>domain</th><th>source</th><th class=detail>settings</th><th>train images</th>"
+             "<th>test images</th><th>skipped</th></tr>" + "".join(rows) + "</table>")
+    facts = [
+        ("preset", esc(str(params_all.get("preset", "(none: params.yaml edited by hand)")))),
+        ("training", esc(", ".join(part for part in (
+            f"{train['epochs']} + {train['epochs_decay']} epochs (constant lr, then linear decay)"
+            if "epochs" in train and "epochs_decay" in train else "",
+            f"{train['load_size']}→{train['crop_size']} px crops" if "load_size" in train and "crop_size" in train
+            else "",
+            f"ngf {train['ngf']}, {train['n_blocks']} residual blocks" if "ngf" in train and "n_blocks" in train
+            else "") if part) or "see params below")),
+        ("device", f"train: train.device = {esc(str(train.get('device', 'auto')))} (the train stage does not "
+                   f"record what auto resolved to); evaluate: {esc(str(summary.get('device', '?')))} "
+                   f"(evaluate.device = {esc(str(evaluate.get('device', 'auto')))})"),
+        ("training time", esc(took)),
+        ("throughput", esc(speed)),
+    ]
+    dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
+    return f"<dl class=facts>{dl}</dl>{table}", speed
+
+
+def _flat(prefix: str, values: dict[str, Any]) -> list[tuple[str, Any]]:
+    out = []
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out += _flat(key, v) if isinstance(v, dict) else [(key, v)]
+    return out
+
+
+def _params_table(section: str, values: dict[str, Any]) -> str:
+    return "<table class=params>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
+        for k, v in _flat(section, values)) + "</table>"
 
 
 def write_report(path: Path, *, summary: dict[str, Any], table: pd.DataFrame, grids: list[int],
-                 live_dir: Path, train_params: dict[str, Any], eval_params: dict[str, Any],
-                 metrics_note: str) -> None:
+                 live_dir: Path, params_all: dict[str, Any], eval_params: dict[str, Any],
+                 prepare_report: Path | None = None) -> None:
+    """Write the report to `path` atomically. `summary` is evaluate's (best_epoch, best_reason,
+    select_fallback, metrics_available, metrics_skipped, weights, notes, device); `table` has a row
+    per evaluated epoch (epoch and, with metrics, fid_AtoB ... kid); `grids` the epochs with a sample
+    grid in samples/; `params_all` every params.yaml section."""
     best = summary["best_epoch"]
     esc = html.escape
-    losses = _losses(live_dir)
-    loss_html = (_svg_chart(losses, "training losses (per-epoch means)", best) if losses else
+    header, _ = _context(params_all, _read_json(prepare_report), live_dir, summary)
+
+    panels = [svg_panel({n: _tsv_series(live_dir, n) for n in names}, title, best) for title, names in LOSS_PANELS]
+    panels = [p for p in panels if p]
+    loss_html = (f'<div class=panels>{"".join(panels)}</div>' if panels else
                  f"<p class=note>No training logs found in {esc(str(live_dir))}.</p>")
+
     if summary["metrics_available"]:
-        fid = {c: list(zip(table.epoch.astype(float), table[c])) for c in ("fid_AtoB", "fid_BtoA")}
-        kid = {c: list(zip(table.epoch.astype(float), table[c])) for c in ("kid_AtoB", "kid_BtoA")}
-        metric_html = _svg_chart(fid, "FID per epoch", best) + _svg_chart(kid, "KID per epoch", best)
+        def series(cols: tuple[str, str]) -> Series:
+            return {c: list(zip(table.epoch.astype(float), table[c].astype(float))) for c in cols}
+        charts = [svg_panel(series(("fid_AtoB", "fid_BtoA")), "FID per epoch (lower is better)", best),
+                  svg_panel(series(("kid_AtoB", "kid_BtoA")), "KID per epoch (lower is better)", best)]
+        cols = ["epoch", "fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid"]
+        head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+        body = "".join(
+            f"<tr{' class=best' if int(r['epoch']) == best else ''}>" + "".join(
+                f"<td>{int(r[c]) if c == 'epoch' else (f'{r[c]:.4g}' if math.isfinite(r[c]) else 'not finite')}</td>"
+                for c in cols) + "</tr>" for r in table.to_dict("records"))
+        metric_html = (f'<div class=panels>{"".join(c for c in charts if c)}</div>'
+                       f"<table class=numbers><tr>{head}</tr>{body}</table>")
     else:
-        metric_html = f"<p class=warn>FID/KID not computed: {esc(metrics_note)}.</p>"
-    head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
-    body = "".join(
-        f"<tr{' class=best' if int(r['epoch']) == best else ''}>"
-        + "".join(f"<td>{int(v) if k == 'epoch' else f'{v:.4g}'}</td>" for k, v in r.items()) + "</tr>"
-        for r in table.to_dict("records"))
-    params_html = "".join(f"<tr><td>{esc(section)}.{esc(k)}</td><td>{esc(json.dumps(v))}</td></tr>"
-                          for section, values in (("train", train_params), ("evaluate", eval_params))
-                          for k, v in values.items())
-    strip = "".join(
-        f'<figure{" class=best" if e == best else ""}><img src="samples/epoch_{e:03d}.png" '
-        f'alt="samples at epoch {e}" loading="eager"><figcaption>epoch {e}{" ★ best" if e == best else ""}'
-        f"</figcaption></figure>" for e in grids)
-    epochs_js = json.dumps(grids)
+        weights = summary.get("weights") or {}
+        metric_html = f"<p class=warn id=metrics-skipped>{esc(summary.get('metrics_skipped') or 'FID/KID not computed')}</p>"
+        if weights:
+            metric_html += (
+                "<p>To compute them without internet, fetch the file elsewhere and copy it in:</p><dl class=facts>"
+                f"<dt>URL</dt><dd><a href=\"{esc(weights['url'])}\">{esc(weights['url'])}</a></dd>"
+                f"<dt>file name</dt><dd><code>{esc(weights['file'])}</code></dd>"
+                f"<dt>folder</dt><dd><code>{esc(weights['folder'])}/</code> ($TORCH_HOME/hub/checkpoints)</dd>"
+                f"<dt>sha256</dt><dd>starts with <code>{esc(weights['sha256_prefix'] or '?')}</code> (torch-fidelity "
+                f"publishes only this prefix, in the file name)</dd>"
+                f"<dt>then</dt><dd><code>{esc(weights['check'])}</code>, and run evaluate again</dd></dl>")
+
+    notes = "".join(f"<p class=warn>{esc(n)}</p>" for n in summary.get("notes") or [])
+    best_cls = "warn" if summary.get("select_fallback") else "ok"
+    best_html = (f"<p class={best_cls} id=best>Best epoch: <b>{best}</b> — {esc(summary['best_reason'])}. Its "
+                 f"generators are in <code>models/best/generators.pt</code>. {len(table)} saved epoch(s) evaluated. "
+                 f'Every test image translated by them: <a href="test_set/index.html">test_set/index.html</a>.</p>')
+    if grids:
+        start = grids.index(best) if best in grids else len(grids) - 1
+        strip = "".join(
+            f'<figure{" class=best" if e == best else ""}><img src="samples/epoch_{e:03d}.png" '
+            f'alt="samples at epoch {e}" loading="eager"><figcaption>epoch {e}{" ★ best" if e == best else ""}'
+            f"</figcaption></figure>" for e in grids)
+        grids_html = f"""<p>Rows: real A | fake B | reconstructed A, then real B | fake A | reconstructed B; the same test
+images every epoch.</p>
+<div id="viewer"><input id="epoch" type="range" min="0" max="{len(grids) - 1}" value="{start}"
+ aria-label="epoch"> <span id="label"></span><br>
+<img id="grid" src="samples/epoch_{grids[start]:03d}.png" alt="sample grid"></div>
+<h3>All epochs</h3><div class="strip">{strip}</div>"""
+    else:
+        grids_html = "<p class=warn>No sample grids: there are no test images (see above).</p>"
+
+    sections = {**params_all, "evaluate": eval_params}
+    scalars = {k: v for k, v in sections.items() if not isinstance(v, dict)}
+    blocks = ([f"<div><h3>top level</h3>{_params_table('', scalars)}</div>"] if scalars else []) + [
+        f"<div><h3>{esc(name)}</h3>{_params_table(name, values)}</div>"
+        for name, values in sections.items() if isinstance(values, dict)]
+    params_html = f'<div class=params-grid>{"".join(blocks)}</div>'
+
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>unpaired: evaluation report</title>
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }}
-h1 {{ font-size: 22px; }} h2 {{ font-size: 17px; margin-top: 28px; }}
+h1 {{ font-size: 22px; }} h2 {{ font-size: 17px; margin-top: 28px; }} h3 {{ font-size: 15px; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+td.detail, table.params td, th.detail {{ text-align: left; font-size: 12px; }} table.params {{ margin-bottom: 8px; }}
+.params-grid {{ display: flex; flex-wrap: wrap; gap: 4px 24px; align-items: flex-start; }}
 tr.best td {{ background: #e6f7e6; font-weight: bold; }}
-.chart {{ width: 520px; height: 220px; margin: 4px 12px 4px 0; border: 1px solid #eee; }}
-.chart text {{ font-size: 11px; fill: #444; }} .chart .title {{ font-weight: bold; }}
-.warn {{ background: #fff4e5; padding: 8px; border-left: 4px solid #f0a020; }} .note {{ color: #666; }}
+dl.facts {{ display: grid; grid-template-columns: max-content auto; gap: 2px 12px; }}
+dl.facts dt {{ font-weight: bold; }} dl.facts dd {{ margin: 0; }}
+.panels {{ display: flex; flex-wrap: wrap; gap: 8px; }}
+.panel {{ margin: 0; border: 1px solid #eee; padding: 4px; }}
+.chart {{ width: 340px; height: 190px; display: block; }}
+.chart .tick {{ font-size: 10px; fill: #555; }} .chart .grid {{ stroke: #eee; }} .chart .axis {{ stroke: #999; }}
+.chart .best {{ stroke: #2a2; stroke-dasharray: 4 3; }}
+.legend {{ font-size: 12px; }} .legend .key {{ margin-left: 10px; white-space: nowrap; }}
+.legend .key i {{ display: inline-block; width: 14px; height: 3px; margin: 0 4px 3px 0; vertical-align: middle; }}
+.warn {{ background: #fff4e5; padding: 8px; border-left: 4px solid #f0a020; }}
+.ok {{ background: #eef7ee; padding: 8px; border-left: 4px solid #2a2; }} .note {{ color: #666; }}
 #viewer img, .strip img {{ image-rendering: pixelated; }}
 #viewer img {{ max-height: 70vh; border: 1px solid #ccc; }}
 .strip {{ display: flex; gap: 12px; overflow-x: auto; padding-bottom: 8px; }}
@@ -103,20 +261,18 @@ tr.best td {{ background: #e6f7e6; font-weight: bold; }}
 .strip figure.best img {{ border-color: #2a2; }}
 </style></head><body>
 <h1>unpaired — evaluation report</h1>
-<p>Best epoch: <b>{best}</b> — {esc(summary['best_reason'])}. Its generators are in
-<code>models/best/generators.pt</code>. {len(grids)} saved epoch(s) evaluated.</p>
+{header}
+{best_html}
+{notes}
 <h2>Sample grids</h2>
-<p>Rows: real A | fake B | reconstructed A, then real B | fake A | reconstructed B; the same test images every epoch.</p>
-<div id="viewer"><input id="epoch" type="range" min="0" max="{len(grids) - 1}" value="{grids.index(best)}"
- aria-label="epoch"> <span id="label"></span><br>
-<img id="grid" src="samples/epoch_{best:03d}.png" alt="sample grid"></div>
-<h3>All epochs</h3><div class="strip">{strip}</div>
+{grids_html}
 <h2>FID / KID</h2>{metric_html}
-<table><tr>{head}</tr>{body}</table>
-<h2>Training losses</h2>{loss_html}
-<h2>Params</h2><table>{params_html}</table>
+<h2>Training losses</h2>
+<p>Per-epoch means, each panel on its own scale; the dashed line marks the best epoch.</p>
+{loss_html}
+<h2>Params</h2>{params_html}
 <script>
-const epochs = {epochs_js}, best = {best};
+const epochs = {json.dumps(grids)}, best = {best};
 const slider = document.getElementById("epoch"), img = document.getElementById("grid"),
       label = document.getElementById("label");
 function show() {{
@@ -124,8 +280,7 @@ function show() {{
   img.src = "samples/epoch_" + String(e).padStart(3, "0") + ".png";
   label.textContent = "epoch " + e + (e === best ? " ★ best" : "");
 }}
-slider.addEventListener("input", show);
-show();
+if (slider) {{ slider.addEventListener("input", show); show(); }}
 </script>
 </body></html>
 """

@@ -40,6 +40,18 @@ class UnsafePickle(UserError):
     """The file references something a network pickle has no business calling."""
 
 
+class TensorFlowPickle(UserError):
+    """A TensorFlow-era network (NVlabs/stylegan2, stylegan2-ada): it pickles `dnnlib.tflib` objects,
+    whose weights only TensorFlow 1.x can rebuild. stylegan2-ada-pytorch's legacy.py converts it."""
+
+
+TF_MODULES = ("dnnlib.tflib", "tensorflow")
+CONVERT = ("convert it to a PyTorch network with stylegan2-ada-pytorch's legacy.py "
+           "(git clone https://github.com/NVlabs/stylegan2-ada-pytorch, then "
+           "`python legacy.py --source=THIS_FILE --dest=converted.pkl`; it needs no TensorFlow) "
+           "and give converted.pkl")
+
+
 class Persistent:
     """What `_reconstruct_persistent_obj(meta)` built, without building it: the class name, the
     pickled `__dict__` of the module, and its source code as an inert string."""
@@ -97,6 +109,10 @@ ALLOWED: dict[tuple[str, str], Any] = {
 
 class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if module == TF_MODULES[0] or module.startswith(tuple(m + "." for m in TF_MODULES)):
+            raise TensorFlowPickle(f"a TensorFlow-era StyleGAN2 network (a pickle of {module}.{name} "
+                                   f"objects, from NVlabs/stylegan2 or stylegan2-ada), which this "
+                                   f"loader cannot read; {CONVERT} (nothing in the file was run)")
         try:
             return ALLOWED[(module, name)]
         except KeyError:
@@ -113,6 +129,8 @@ def safe_load(path: str | Path) -> Any:
     try:
         with open(path, "rb") as f:
             return RestrictedUnpickler(f).load()
+    except TensorFlowPickle as err:
+        raise TensorFlowPickle(f"{path}: {err}".replace("THIS_FILE", str(path))) from None
     except UnsafePickle as err:
         raise UnsafePickle(f"{path}: {err}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,

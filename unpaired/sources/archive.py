@@ -9,8 +9,8 @@ from typing import Any
 
 from unpaired.params import Params, check, parse
 from unpaired.sources.archives import images_under
-from unpaired.sources.base import FetchContext, SourceError
-from unpaired.sources.download import locate
+from unpaired.sources.base import FetchContext, SourceError, flat_name
+from unpaired.sources.download import is_archive, locate
 
 CYCLEGAN_DATASETS = "https://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{name}.zip"
 
@@ -35,14 +35,14 @@ class ArchiveParams(Params):
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     p = parse(ArchiveParams, raw, ctx.key)
     path = locate(p.url, ctx.cache_dir, key=f"{ctx.key}.url", sha256=p.sha256, timeout=p.timeout,
-                  missing="is not a file; give a URL or an existing archive path")
+                  missing="is not a file; give a URL or an existing archive path", check=is_archive)
     selected = images_under(path, p.member, f"{ctx.key}.url")
     if not selected:
         raise SourceError(f"{ctx.key}.member: no images under {p.member or 'the archive root'!r} in "
                           f"{path.name}; check the folder name inside the archive")
     rows = []
     for member, rel, data in selected[:p.count]:
-        name = "__".join(rel.parts)
+        name = flat_name(rel)
         (ctx.out_dir / name).write_bytes(data)
         rows.append({"file": name, "source": "archive", "origin": f"{p.url}#{member.as_posix()}",
                      "licence": p.licence})

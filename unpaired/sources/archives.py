@@ -1,6 +1,7 @@
 """Safe reading of zip and tar archives: members are read as data, never extracted by the archive
 library, and any member that would escape the target (absolute path, `..`, a link, a device) makes
-the whole archive refused."""
+the whole archive refused. Archives are read to their real end: a tar whose listing stops early (a
+damaged header in the middle, which Python's tarfile takes for the end) is refused as corrupt."""
 from __future__ import annotations
 
 import tarfile
@@ -11,6 +12,29 @@ from pathlib import Path, PurePosixPath
 
 from unpaired.images import IMAGE_SUFFIXES
 from unpaired.sources.base import SourceError
+
+
+class CorruptArchive(SourceError):
+    """The archive is damaged; `detail` says how (without the advice of the message)."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
+def _read_to_end(t: tarfile.TarFile) -> None:
+    """Raise tarfile.ReadError unless everything after the last member tarfile listed is the zero
+    padding that ends a tar. tarfile stops silently at a header it cannot parse (its checksum fails)
+    after the first one, so a damaged header in the middle would otherwise drop every later member.
+    Reading a compressed stream to its end also checks its trailing CRC."""
+    t.fileobj.seek(t.offset)
+    position = t.offset
+    while block := t.fileobj.read(1 << 20):
+        rest = block.lstrip(b"\0")
+        if rest:
+            raise tarfile.ReadError(f"a damaged header at byte {position + len(block) - len(rest)} of the "
+                                    f"tar stream: the members after it cannot be read")
+        position += len(block)
 
 
 def _check(name: str, where: str) -> PurePosixPath:
@@ -42,14 +66,16 @@ def members(archive: Path, where: str) -> Iterator[tuple[PurePosixPath, bytes]]:
                     _check(info.name, where)
                     if not (info.isfile() or info.isdir()):
                         raise SourceError(f"{where}: refused: member {info.name!r} is a link or device")
+                _read_to_end(t)
                 for info in infos:
                     if info.isfile():
                         f = t.extractfile(info)
                         yield _check(info.name, where), f.read() if f else b""
             return
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError) as err:
-        raise SourceError(f"{where}: corrupt archive {archive.name} ({type(err).__name__}); delete it from "
-                          f"the cache and re-run, or check the URL") from None
+        detail = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+        raise CorruptArchive(f"{where}: corrupt archive {archive.name} ({detail}); delete it from "
+                             f"the cache and re-run, or check the URL", detail) from None
     raise SourceError(f"{where}: {archive.name} is not a readable zip or tar archive (corrupt, or not an "
                       f"archive at all); check the URL")
 

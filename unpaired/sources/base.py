@@ -7,9 +7,10 @@ the prefix for error messages), `ctx` says where to write. It writes image files
 """
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
@@ -36,3 +37,20 @@ def item_rng(seed: int, domain: str, index: int) -> np.random.Generator:
     """The random stream of item `index`: depends only on (seed, domain, index), so raising `count`
     leaves earlier items unchanged and items can be drawn in any order on any number of processes."""
     return np.random.default_rng([seed, zlib.crc32(domain.encode()), index])
+
+
+def _escape_part(part: str) -> str:
+    """`%` → `%25`, and every `_` that touches another `_` or an end of the part → `%5F`: the result
+    never contains `__` and never starts or ends with `_`."""
+    part = part.replace("%", "%25")
+    return re.sub(r"(?<![^_])_|_(?![^_])", "%5F", part)
+
+
+def flat_name(rel: PurePath) -> str:
+    """A file name for `rel` (a path relative to the source's folder) in the flat raw folder: its
+    parts joined by `__`, each escaped by `_escape_part`. Two different paths always give two
+    different names (`sub/x.png` → `sub__x.png`, `sub__x.png` → `sub%5F%5Fx.png`): inside a part
+    underscores come alone and never at its ends, so every `__` is a separator and escaping is
+    undone by splitting there and un-percenting. Ordinary names (`n02381460_1001.jpg`,
+    `trainA/1.jpg` → `trainA__1.jpg`) are unchanged."""
+    return "__".join(_escape_part(part) for part in rel.parts)

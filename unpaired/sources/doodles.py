@@ -23,18 +23,18 @@ SUPERSAMPLE = 4
 @dataclass(frozen=True)
 class DoodleParams(Params):
     count: int = 200
-    size: int = 64
+    image_size: int = 64
     strokes: tuple[int, int] = (2, 5)       # min, max strokes per image
     stroke_width: float = 2.0               # in output pixels
     seed: int = 0
 
     def validate(self, prefix: str) -> None:
         check(self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
-        check(self.size >= 8, f"{prefix}.size", f"must be >= 8 pixels, got {self.size}")
+        check(self.image_size >= 8, f"{prefix}.image_size", f"must be >= 8 pixels, got {self.image_size}")
         lo, hi = self.strokes
         check(1 <= lo <= hi, f"{prefix}.strokes", f"must be [min, max] with 1 <= min <= max, got {list(self.strokes)}")
-        check(0 < self.stroke_width <= self.size / 4, f"{prefix}.stroke_width",
-              f"must be in (0, size/4], got {self.stroke_width}")
+        check(0 < self.stroke_width <= self.image_size / 4, f"{prefix}.stroke_width",
+              f"must be in (0, image_size/4], got {self.stroke_width}")
 
 
 def _walk(rng: np.random.Generator, big: int) -> np.ndarray:
@@ -57,7 +57,7 @@ def _bezier(rng: np.random.Generator, big: int) -> np.ndarray:
 
 def render(p: DoodleParams, domain: str, index: int) -> Image.Image:
     rng = item_rng(p.seed, domain, index)
-    big = p.size * SUPERSAMPLE
+    big = p.image_size * SUPERSAMPLE
     canvas = Image.new("L", (big, big), 255)
     draw = ImageDraw.Draw(canvas)
     width = max(1, round(p.stroke_width * SUPERSAMPLE))
@@ -65,7 +65,7 @@ def render(p: DoodleParams, domain: str, index: int) -> Image.Image:
         points = _walk(rng, big) if rng.random() < 0.5 else _bezier(rng, big)
         points = np.clip(points, width, big - 1 - width)
         draw.line([tuple(pt) for pt in points.round(1).tolist()], fill=0, width=width, joint="curve")
-    return canvas.resize((p.size, p.size), Image.Resampling.LANCZOS)
+    return canvas.resize((p.image_size, p.image_size), Image.Resampling.LANCZOS)
 
 
 def _write_one(job: tuple[DoodleParams, str, int, Path]) -> dict[str, Any]:

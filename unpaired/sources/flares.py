@@ -25,14 +25,14 @@ SHAPES = ("ellipse", "polygon", "star", "arc", "blob", "gradient")
 @dataclass(frozen=True)
 class FlareParams(Params):
     count: int = 200
-    size: int = 64
+    image_size: int = 64
     shapes: tuple[int, int] = (4, 12)       # min, max shapes per image
     palette: tuple[str, ...] = FESTIVE      # colours as CSS names or #rrggbb
     seed: int = 0
 
     def validate(self, prefix: str) -> None:
         check(self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
-        check(self.size >= 8, f"{prefix}.size", f"must be >= 8 pixels, got {self.size}")
+        check(self.image_size >= 8, f"{prefix}.image_size", f"must be >= 8 pixels, got {self.image_size}")
         lo, hi = self.shapes
         check(1 <= lo <= hi, f"{prefix}.shapes", f"must be [min, max] with 1 <= min <= max, got {list(self.shapes)}")
         check(len(self.palette) >= 2, f"{prefix}.palette", "needs at least 2 colours")
@@ -80,7 +80,7 @@ def _blob(rng, cx, cy, r) -> list[tuple[float, float]]:
 def render(p: FlareParams, domain: str, index: int) -> Image.Image:
     rng = item_rng(p.seed, domain, index)
     palette = [ImageColor.getrgb(c)[:3] for c in p.palette]
-    big = p.size * SUPERSAMPLE
+    big = p.image_size * SUPERSAMPLE
     if rng.random() < 0.5:
         canvas = Image.new("RGB", (big, big), _pick(rng, palette))
     else:
@@ -114,7 +114,7 @@ def render(p: FlareParams, domain: str, index: int) -> Image.Image:
             mask = Image.new("L", (size, size), 0)
             ImageDraw.Draw(mask).ellipse([0, 0, size - 1, size - 1], fill=255)
             canvas.paste(disc, (int(cx - r), int(cy - r)), mask)
-    return canvas.resize((p.size, p.size), Image.Resampling.LANCZOS)
+    return canvas.resize((p.image_size, p.image_size), Image.Resampling.LANCZOS)
 
 
 def _write_one(job: tuple[FlareParams, str, int, Path]) -> dict[str, Any]:

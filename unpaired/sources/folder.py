@@ -11,7 +11,7 @@ from typing import Any
 
 from unpaired.images import IMAGE_SUFFIXES
 from unpaired.params import Params, check, parse
-from unpaired.sources.base import FetchContext, SourceError
+from unpaired.sources.base import FetchContext, SourceError, flat_name
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
         raise SourceError(f"{ctx.key}.pattern: no image files match {p.pattern!r} under {root}")
     rows = []
     for f in files[:p.count]:
-        name = "__".join(f.relative_to(root).parts)
+        name = flat_name(f.relative_to(root))
         shutil.copyfile(f, ctx.out_dir / name)
         rows.append({"file": name, "source": "folder", "origin": str(f.resolve()), "licence": p.licence})
     return rows

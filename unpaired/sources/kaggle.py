@@ -21,7 +21,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from time import sleep
 import zipfile
 from collections.abc import Iterator
@@ -31,9 +30,10 @@ from typing import Any, BinaryIO
 
 import requests
 
+from unpaired.files import NO_SPACE, atomic_write_bytes, space_guard, temp_file
 from unpaired.params import Params, check, parse
 from unpaired.sources.archives import images_under
-from unpaired.sources.base import FetchContext, SourceError
+from unpaired.sources.base import FetchContext, SourceError, flat_name
 from unpaired.sources.download import RETRY_STATUS, write_body
 
 DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -64,6 +64,8 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     owner, name = p.dataset.split("/")
     cached = ctx.cache_dir / f"{owner}__{name}.zip"
     about = ctx.cache_dir / f"{owner}__{name}.json"     # what Kaggle says about the dataset (its licence)
+    if cached.is_file() and not zipfile.is_zipfile(cached):
+        cached.unlink()     # not a zip (cached by hand or by an older version): download it again
     if not cached.is_file():
         _download(p.dataset, cached, about, key=key, timeout=p.timeout)
     licence = p.licence or _licence(about) or f"see https://www.kaggle.com/datasets/{p.dataset}"
@@ -79,7 +81,7 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     kept = [s for s in selected if s[0].name not in p.exclude and s[0].as_posix() not in p.exclude]
     rows = []
     for member, rel, data in kept[:p.count]:
-        file = "__".join(rel.parts)
+        file = flat_name(rel)
         (ctx.out_dir / file).write_bytes(data)
         rows.append({"file": file, "source": "kaggle", "origin": f"kaggle:{p.dataset}/{member.as_posix()}",
                      "licence": licence})
@@ -89,7 +91,12 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
 def _download(dataset: str, dest: Path, about: Path, *, key: str, timeout: float) -> None:
     """The dataset's zip → `dest` (atomically), and what Kaggle says about it → `about`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.part-", dir=dest.parent)
+    fd, tmp = temp_file(dest, "part")
+    with space_guard(dest):      # outside the try: the free space is reported without the partial file
+        _download_into(dataset, dest, about, fd, tmp, key=key, timeout=timeout)
+
+
+def _download_into(dataset: str, dest: Path, about: Path, fd: int, tmp: str, *, key: str, timeout: float) -> None:
     try:
         with os.fdopen(fd, "wb") as f, _quiet(), _client(key, timeout) as client:
             for attempt in range(RETRIES + 1):     # transient failures: bounded retry with backoff
@@ -100,6 +107,8 @@ def _download(dataset: str, dest: Path, about: Path, *, key: str, timeout: float
                 try:
                     short = _stream(client, dataset, f)
                 except Exception as err:  # noqa: BLE001 - anything from the package becomes one line
+                    if isinstance(err, OSError) and err.errno in NO_SPACE:
+                        raise      # a full disk: _download's space_guard says so
                     if attempt < RETRIES and _transient(err):
                         continue
                     raise SourceError(_explain(err, dataset, key)) from None
@@ -113,7 +122,7 @@ def _download(dataset: str, dest: Path, about: Path, *, key: str, timeout: float
             raise SourceError(f"{key}: Kaggle sent something that is not a zip archive for {dataset}; "
                               f"re-run later")
         if licence:
-            about.write_text(json.dumps({"licence": licence}) + "\n")
+            atomic_write_bytes(about, (json.dumps({"licence": licence}) + "\n").encode())
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -33,7 +33,7 @@ class QuickDrawParams(Params):
     count: int = 200
     recognized: bool = True       # only drawings the game's classifier recognised (false: all)
     base_url: str = BASE_URL
-    size: int = 64
+    image_size: int = 64
     stroke_width: float = 2.0     # output pixels
     margin: float = 0.1           # share of the size left free around the drawing
     seed: int = 0                 # which drawings: the `count` first in an order drawn from the seed
@@ -46,8 +46,8 @@ class QuickDrawParams(Params):
                  + (f"; did you mean {', '.join(close)}?" if close else
                     f"; see the {len(QUICK_DRAWING_NAMES)} names in quickdraw.names"))
         check(self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
-        check(self.size >= 8, f"{prefix}.size", f"must be >= 8, got {self.size}")
-        check(0 < self.stroke_width <= self.size / 4, f"{prefix}.stroke_width", "must be in (0, size/4]")
+        check(self.image_size >= 8, f"{prefix}.image_size", f"must be >= 8, got {self.image_size}")
+        check(0 < self.stroke_width <= self.image_size / 4, f"{prefix}.stroke_width", "must be in (0, image_size/4]")
         check(0 <= self.margin < 0.5, f"{prefix}.margin", "must be in [0, 0.5)")
         check(self.base_url.startswith(("http://", "https://")), f"{prefix}.base_url", "must be an http(s) URL")
 
@@ -75,7 +75,7 @@ def check_binary(path: Path) -> int:
 
 
 def render(strokes: list[tuple[tuple[int, ...], tuple[int, ...]]], p: QuickDrawParams) -> Image.Image:
-    big = p.size * SUPERSAMPLE
+    big = p.image_size * SUPERSAMPLE
     xs = np.concatenate([np.asarray(s[0], float) for s in strokes])
     ys = np.concatenate([np.asarray(s[1], float) for s in strokes])
     x0, y0 = xs.min(), ys.min()
@@ -91,7 +91,7 @@ def render(strokes: list[tuple[tuple[int, ...], tuple[int, ...]]], p: QuickDrawP
         if len(pts) == 1:
             pts = pts * 2
         draw.line(pts, fill=0, width=width, joint="curve")
-    return canvas.resize((p.size, p.size), Image.Resampling.LANCZOS)
+    return canvas.resize((p.image_size, p.image_size), Image.Resampling.LANCZOS)
 
 
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:

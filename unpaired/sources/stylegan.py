@@ -7,7 +7,7 @@ never runs code from the file, into the plain-PyTorch generator of stylegan2.py.
 
 Seed s gives the latent RandomState(s).randn(z_dim), as the official generate.py draws it, so the
 same seed and psi give the same face as the official tool. Images are synthesized in batches on
-a GPU (one by one on a CPU, where that is faster), converted to 8 bits the way generate.py does, downscaled to `size` with antialiasing and written as
+a GPU (one by one on a CPU, where that is faster), converted to 8 bits the way generate.py does, downscaled to `image_size` with antialiasing and written as
 `seedNNNNN.png`. On CPU the output is deterministic to the byte and equals the official tool's.
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from unpaired.devices import resolve_device
+from unpaired.devices import check_device, resolve_device
 from unpaired.errors import UserError
 from unpaired.files import sha256_of
 from unpaired.params import Params, check, fail, parse
 from unpaired.safe_pickle import load_generator
 from unpaired.sources.base import FetchContext, SourceError
-from unpaired.sources.download import locate
+from unpaired.sources.download import is_network_pickle, locate
 from unpaired.stylegan2 import seed_latents, to_uint8
 
 FFHQ = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/ffhq.pkl"
@@ -52,11 +52,11 @@ def parse_seeds(text: str | int, key: str) -> list[int]:
 class StyleGANParams(Params):
     network: str = ""                 # path or http(s) URL of the network pickle
     sha256: str | None = None         # optional checksum of the network file
-    seeds: str = "0-99"               # which latents: "0-499", "1,5,9" (one image per seed)
+    seeds: str | int = "0-99"         # which latents: "0-499", "1,5,9" (one image per seed)
     truncation_psi: float = 0.7
     noise_mode: str = "const"         # const, random (seeded per image) or none
     batch_size: int = 16              # images per pass on a GPU (a CPU goes one by one)
-    size: int = 256                   # output side in pixels (downscaled with antialiasing)
+    image_size: int = 256             # output side in pixels (downscaled with antialiasing)
     device: str = "auto"
     precision: str = "auto"           # auto: the network's fp16 layers on CUDA; fp32 everywhere
     licence: str = "NVIDIA Source Code License-NC (non-commercial) for NVIDIA's networks"
@@ -70,10 +70,11 @@ class StyleGANParams(Params):
         check(-1.0 <= self.truncation_psi <= 2.0, f"{prefix}.truncation_psi",
               f"must be in [-1, 2] (0.7 is usual), got {self.truncation_psi}")
         check(self.batch_size > 0, f"{prefix}.batch_size", f"must be > 0, got {self.batch_size}")
-        check(self.size >= 8, f"{prefix}.size", f"must be >= 8, got {self.size}")
+        check(self.image_size >= 8, f"{prefix}.image_size", f"must be >= 8, got {self.image_size}")
         check(self.precision in ("auto", "fp32"), f"{prefix}.precision",
               f"must be auto or fp32, got {self.precision!r}")
         check(self.sha256 is None or len(self.sha256) == 64, f"{prefix}.sha256", "must be 64 hex digits")
+        check_device(self.device, f"{prefix}.device")
 
 
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
@@ -81,7 +82,8 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     seeds = parse_seeds(p.seeds, f"{ctx.key}.seeds")
     device = resolve_device(p.device, f"{ctx.key}.device")
     path = locate(p.network, ctx.cache_dir, key=f"{ctx.key}.network", sha256=p.sha256, timeout=120,
-                  missing=f"not found; give a StyleGAN2-ADA network pickle path or URL, {WHERE_TO_GET}")
+                  missing=f"not found; give a StyleGAN2-ADA network pickle path or URL, {WHERE_TO_GET}",
+                  check=is_network_pickle)
     digest = sha256_of(path)
     try:
         G = load_generator(path).to(device)
@@ -106,8 +108,8 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
                        allow_fp16=p.precision == "auto", generator=gens)
             for seed, img in zip(batch, to_uint8(images).cpu().numpy()):
                 im = Image.fromarray(img)
-                if im.size != (p.size, p.size):
-                    im = im.resize((p.size, p.size), Image.Resampling.LANCZOS)
+                if im.size != (p.image_size, p.image_size):
+                    im = im.resize((p.image_size, p.image_size), Image.Resampling.LANCZOS)
                 name = f"seed{seed:05d}.png"
                 im.save(ctx.out_dir / name, compress_level=6)
                 rows.append({"file": name, "source": "stylegan",

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from time import sleep
-from types import SimpleNamespace
 from typing import Any, Literal
 from urllib.parse import quote_plus, urlsplit, urlunsplit
 
@@ -103,12 +102,23 @@ def bing_pages(keyword: str) -> list[str]:
     return list(feeder.out_queue.queue)
 
 
-def bing_images(page: bytes) -> list[str]:
-    """icrawler's BingParser reads the `m` JSON of each result link; it only finds `.jpg` URLs."""
-    from icrawler.builtin.bing import BingParser
-    from icrawler.utils import Signal
-    parser = BingParser(1, Signal(), None)
-    return [task["file_url"] for task in parser.parse(SimpleNamespace(content=page))]
+def bing_images(page: bytes) -> list[str | None]:
+    """The full image URL (`murl` of the JSON in the `m` attribute) of every result on a page, in
+    rank order; None for a result that has none. Hand-written rather than icrawler's BingParser: that
+    one matches `murl":"(.*?)\\.jpg` with a regular expression, so it drops every .png, .jpeg, .JPG,
+    .webp or extension-less result, and runs on into the next field when a URL has no `.jpg`."""
+    from bs4 import BeautifulSoup
+    urls: list[str | None] = []
+    for div in BeautifulSoup(page.decode("utf-8", "ignore"), "html.parser").find_all("div", class_="imgpt"):
+        link = div.find("a", attrs={"m": True})
+        if link is None:
+            continue
+        try:
+            murl = json.loads(link["m"]).get("murl")     # the parser already unescaped the attribute
+        except (ValueError, AttributeError):
+            murl = None
+        urls.append(murl if isinstance(murl, str) and murl else None)
+    return urls
 
 
 def google_pages(keyword: str) -> list[str]:
@@ -138,7 +148,8 @@ def google_images(page: bytes) -> list[str]:
 class Engine:
     url: str                                      # the real scheme://host/path of its result pages
     pages: Callable[[str], list[str]]             # keyword -> result-page URLs, in order
-    images: Callable[[bytes], list[str]]          # result page -> image URLs, in rank order
+    images: Callable[[bytes], list[str | None]]   # result page -> image URLs in rank order (None:
+                                                  # a result without one)
 
 
 ENGINES = {"bing": Engine("https://www.bing.com/images/async", bing_pages, bing_images),
@@ -183,8 +194,11 @@ def search_page(url: str, dest: Path, key: str, engine: str, timeout: float) -> 
                       f"check the network, try again later, or try the other engine")
 
 
-def results(p: WebParams, keyword: str, ctx: FetchContext) -> Iterator[tuple[int, str]]:
-    """(rank, image URL) for `keyword` in the engine's order, each URL once; fetches pages lazily."""
+def results(p: WebParams, keyword: str, ctx: FetchContext, offered: Counter | None = None) -> Iterator[tuple[int, str]]:
+    """(rank, image URL) for `keyword` in the engine's order, each URL once; fetches pages lazily.
+    `offered` counts the results on the pages read ("results") and those without an image URL
+    ("no_image_url")."""
+    offered = Counter() if offered is None else offered
     engine = ENGINES[p.engine]
     search_id = hashlib.sha256(f"{p.base_url} {keyword}".encode()).hexdigest()[:10]
     folder = ctx.cache_dir / "web" / p.engine / f"{slug(keyword)}-{search_id}"
@@ -192,8 +206,10 @@ def results(p: WebParams, keyword: str, ctx: FetchContext) -> Iterator[tuple[int
     for i, url in enumerate(engine.pages(keyword)):
         url = rebase(url, p.base_url or engine.url)
         cached = folder / f"page-{i:03d}.html"
-        new = [u for u in dict.fromkeys(engine.images(search_page(url, cached, f"{ctx.key}.engine", p.engine,
-                                                                  p.timeout))) if u not in seen]
+        found = engine.images(search_page(url, cached, f"{ctx.key}.engine", p.engine, p.timeout))
+        offered["results"] += len(found)
+        offered["no_image_url"] += found.count(None)
+        new = [u for u in dict.fromkeys(found) if u is not None and u not in seen]
         if not new:
             cached.unlink()     # the end of the results, or a captcha: ask again next time
             if i == 0:
@@ -246,6 +262,9 @@ class Cache:
         except Skip as skip:
             path.unlink()
             return {"skip": skip.reason}
+        except Exception:  # noqa: BLE001 - a decoder failure on one strange file: skip it, keep going
+            path.unlink()
+            return {"skip": "error"}
         return {"sha256": hashlib.sha256(data).hexdigest(), "ext": ext, "width": img.width, "height": img.height}
 
     def save(self) -> None:
@@ -255,9 +274,9 @@ class Cache:
 # --- the source ----------------------------------------------------------------------------------
 
 def collect(p: WebParams, keyword: str, prefix: str, quota: int, ctx: FetchContext, cache: Cache,
-            hashes: set[str], skips: Counter) -> list[dict[str, Any]]:
+            hashes: set[str], skips: Counter, offered: Counter | None = None) -> list[dict[str, Any]]:
     """Up to `quota` new images for `keyword`, in rank order, written into ctx.out_dir."""
-    found = results(p, keyword, ctx)
+    found = results(p, keyword, ctx, offered)
     rows: list[dict[str, Any]] = []
     with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
         # Ask for as many results as are still missing: each gives at most one image, so nothing is
@@ -286,15 +305,19 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     hashes: set[str] = set()
     skips: Counter = Counter()
+    offered: Counter = Counter()
     for i, word in enumerate(words):
         quota = -(-(p.count - len(rows)) // (len(words) - i))   # an even share of what is left, rounded up
         if quota > 0:
-            rows += collect(p, word, f"{slug(word)}_" if len(words) > 1 else "", quota, ctx, cache, hashes, skips)
+            rows += collect(p, word, f"{slug(word)}_" if len(words) > 1 else "", quota, ctx, cache, hashes, skips,
+                            offered)
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(skips.items())) or "none"
     if not rows:
         raise SourceError(f"{ctx.key}.keywords: none of the {p.engine} results could be used (skipped: {skipped}); "
                           f"try other keywords" + (" or a smaller min_size" if p.min_size else ""))
     cache.save()    # only after a run that got images: a failed run (network down) leaves no verdicts
     short = f"; only {len(rows)} of {p.count}: the results ran out" if len(rows) < p.count else ""
-    print(f"web: {len(rows)} images from {p.engine} for {', '.join(map(repr, words))}; skipped: {skipped}{short}")
+    print(f"web: {len(rows)} images from {p.engine} for {', '.join(map(repr, words))}; the result pages read "
+          f"offered {offered['results']} results ({offered['no_image_url']} without an image URL), "
+          f"{len(rows)} kept; skipped: {skipped}{short}")
     return rows
