@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from PIL import Image
+from unpaired import threads
+threads.passive_wait()   # before torch loads OpenMP, which reads its wait policy only then
+
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from unpaired.devices import check_device, resolve_device
 from unpaired import checkpoint, params
@@ -54,6 +57,7 @@ class EvaluateParams(params.Params):
     kid_subsets: int = 100
     batch_size: int = 16
     device: str = "auto"
+    threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
     def validate(self, prefix: str) -> None:
         params.check(self.samples >= 1, f"{prefix}.samples", f"must be >= 1, got {self.samples}")
@@ -63,6 +67,7 @@ class EvaluateParams(params.Params):
                      f"unknown {self.metrics!r}; use auto, required or off")
         params.check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", f"must be >= 1, got {self.kid_subsets}")
         params.check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        threads.check(self.threads, f"{prefix}.threads")
         check_device(self.device, f"{prefix}.device")
 
 
@@ -323,6 +328,7 @@ def main() -> None:
     remove_stale_temporaries(METRICS, BEST.parent, BEST, CACHE, DATA.parent)   # what a killed run left
     data = params.load()
     p = params.parse(EvaluateParams, params.section(data, "evaluate"), "evaluate")
+    threads.apply(p.threads)
     if PACKED.is_file():       # after a `dvc pull` only the tar is there
         unpack_view(PACKED, DATA)
     evaluate(p, train_params=params.section(data, "train"), all_params=data, prepare_report=PREPARE_REPORT)

@@ -4,30 +4,41 @@
 
 CycleGAN with the reference update order and defaults (see unpaired/training.py). Resumable: if
 models/checkpoints/last.pt exists and was written by a run with the same train params and the same
-prepared data, training continues from it; otherwise it starts afresh and says why. The dvclive logs
-are rebuilt from the history stored in last.pt, so they always match the checkpoints.
+prepared data, training continues from it; if only the schedule length (train.epochs,
+train.epochs_decay) grew, the run is extended from it; otherwise it starts afresh, names the keys
+that differ and moves the earlier run's checkpoints to models/checkpoints.previous/<time>/. The
+dvclive logs are rebuilt from the history stored in last.pt, so they always match the checkpoints.
+Checkpoints are verified before they are resumed from; a run whose losses stop being finite stops.
+One train run at a time writes the outputs (a lock file, models/.checkpoints.lock).
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import math
+import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-from tqdm import tqdm
+from unpaired import threads
+threads.passive_wait()   # before torch loads OpenMP, which reads its wait policy only then
 
-from unpaired import checkpoint, params
-from unpaired.errors import UserError, main_guard
-from unpaired.devices import check_device, resolve_device
-from unpaired.files import remove_stale_temporaries, unpack_view
-from unpaired.samples import fixed_images, grid, triplets
-from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, load_folder,
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from unpaired import checkpoint, params  # noqa: E402
+from unpaired.errors import UserError, main_guard  # noqa: E402
+from unpaired.devices import check_device, resolve_device  # noqa: E402
+from unpaired.files import remove_stale_temporaries, unpack_view  # noqa: E402
+from unpaired.samples import fixed_images, grid, triplets  # noqa: E402
+from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, load_folder,  # noqa: E402
                                lr_factor, optimizers, train_step)
 
 DATA = Path("data/prepared")
@@ -35,8 +46,15 @@ PACKED = Path("data/prepared.tar")
 CHECKPOINTS = Path("models/checkpoints")
 LIVE = Path("metrics/train")
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
-NOT_HASHED = ("save_every", "compile", "samples")
+NOT_HASHED = ("save_every", "compile", "samples", "threads")
+SCHEDULE = ("epochs", "epochs_decay")   # the keys along which a finished run can be extended
 LOG_EVERY = 50   # steps between progress-bar loss updates (each one reads the losses from the device)
+# Without a terminal (logs, CI): a plain progress line when PROGRESS_EVERY_S passed since the last
+# one, or at each 10 % of an epoch but at most one per PROGRESS_MIN_GAP_S. Each line reads the
+# running losses from the device (one sync), so the rate is bounded on both ends.
+PROGRESS_EVERY_S = 60.0
+PROGRESS_MIN_GAP_S = 10.0
+SLOW_FACTOR = 3.0   # warn once when an epoch runs this many times slower than the first steps did
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,7 @@ class TrainParams(params.Params):
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     precision: str = "auto"          # auto (bf16 on CUDA, else fp32), bf16, fp32
     compile: bool = False            # torch.compile the networks (CUDA)
+    threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
     def validate(self, prefix: str) -> None:
         c = params.check
@@ -85,6 +104,7 @@ class TrainParams(params.Params):
         check_device(self.device, f"{prefix}.device")
         c(self.precision in ("auto", "bf16", "fp32"), f"{prefix}.precision",
           f"unknown precision {self.precision!r}; use auto, bf16 or fp32")
+        threads.check(self.threads, f"{prefix}.threads")
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -94,27 +114,302 @@ def autocast_for(device: torch.device, precision: str):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def run_params(p: TrainParams) -> dict[str, Any]:
+    """The train params that change the numbers a run produces (stored in last.pt, compared per key)."""
+    return {k: v for k, v in params.as_dict(p).items() if k not in NOT_HASHED}
+
+
+def data_names(data: Path) -> list[str]:
+    """The prepared training files: their names are content hashes, so the sorted names identify the data."""
+    return sorted(f.relative_to(data).as_posix() for f in data.glob("train*/*.png"))
+
+
 def run_hash(p: TrainParams, data: Path) -> str:
-    """What a resumable last.pt must match: the params that change results, and the data (prepared
-    file names are content hashes, so the sorted names identify the data)."""
-    names = sorted(f.relative_to(data).as_posix() for f in data.glob("train*/*.png"))
-    payload = {k: v for k, v in params.as_dict(p).items() if k not in NOT_HASHED}
-    return hashlib.sha256(json.dumps([payload, names], sort_keys=True).encode()).hexdigest()
+    """One digest of run_params and data_names: what a resumable last.pt must match."""
+    return hashlib.sha256(json.dumps([run_params(p), data_names(data)], sort_keys=True).encode()).hexdigest()
 
 
-def _load_resume(out: Path, expected: str) -> dict[str, Any] | None:
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` for one train run: flock on `.<out name>.lock` next to it (not
+    inside: `out` is a DVC output). The file holds the holder's PID; the lock ends with the process,
+    even on kill -9. Raises UserError naming the holder when another process holds it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{out}: another train run (PID {holder}) is writing it; wait for it to end, "
+                        f"or stop it (kill {holder}) and run again") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
+def _move_aside(out: Path, why: str) -> None:
+    """Move every file of `out` (the checkpoints of an earlier run) to <out>.previous/<time>/, which
+    git ignores (a `*` .gitignore inside) and DVC does not track, and say so. Nothing is deleted."""
+    if not out.is_dir() or not any(not f.name.startswith(".") for f in out.iterdir()):
+        return          # nothing of a run (hidden files are temporaries of interrupted writes)
+    aside_root = out.parent / f"{out.name}.previous"
+    aside_root.mkdir(exist_ok=True)
+    ignore = aside_root / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# checkpoints of earlier train runs, moved aside by stages/train.py\n*\n")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = aside_root / stamp, 1
+    while dest.exists():
+        n += 1
+        dest = aside_root / f"{stamp}-{n}"
+    epochs = sorted(checkpoint.epoch_files(out))
+    out.rename(dest)
+    out.mkdir()
+    what = f"epochs {epochs[0]}-{epochs[-1]}" if epochs else "no epoch files"
+    print(f"train: {why}; moved the earlier checkpoints ({what}) to {dest}/ (delete it when you no "
+          f"longer need them)")
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, str]:
+    """{key: "train.key old -> new"} for each key whose value differs (a missing one shows as absent)."""
+    absent = object()
+    show = lambda v: "absent" if v is absent else repr(v)  # noqa: E731
+    out = {}
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key, absent), current.get(key, absent)
+        if old != new:
+            out[key] = f"train.{key} {show(old)} -> {show(new)}"
+    return out
+
+
+RESUME_KEYS = ("epoch", "run_params", "data_names", "nets", "opt_G", "opt_D", "sched_G", "sched_D",
+               "pool_A", "pool_B", "rng", "history", "G_AB", "G_BA", "model", "format")
+
+
+def _resume(p: TrainParams, data: Path, out: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The verified state of out/last.pt to continue from, and the schedule keys that changed
+    (non-empty: the run is extended). None when there is nothing to continue: then every earlier
+    file has been moved aside (never deleted) with a line saying why. Raises UserError when the
+    schedule is shorter than the epochs already trained."""
     last = out / "last.pt"
     if not last.exists():
-        return None
+        _move_aside(out, f"starting afresh: {last} is missing")
+        return None, []
     try:
         state = checkpoint.load(last)
-    except UserError as err:
-        print(f"train: starting afresh: {err}")
-        return None
-    if state.get("run_hash") != expected:
-        print(f"train: starting afresh: {last} was written with other train params or data")
-        return None
-    return state
+    except checkpoint.CheckpointError as err:
+        _move_aside(out, f"starting afresh: {err.problem}")
+        return None, []
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        _move_aside(out, f"starting afresh: {last} lacks {', '.join(missing)} (written by an older "
+                         f"version of train, or edited)")
+        return None, []
+    changed = _differences(state["run_params"], run_params(p))
+    other_data = state["data_names"] != data_names(data)
+    if other_data or not set(changed) <= set(SCHEDULE):
+        why = ", ".join(list(changed.values()) + ([f"other prepared training images in {data}"] if other_data else []))
+        _move_aside(out, f"starting afresh: {last} was written with {why}")
+        return None, []
+    total = p.epochs + p.epochs_decay
+    if state["epoch"] > total:
+        raise UserError(f"params.yaml: train.epochs + train.epochs_decay = {total} is below the "
+                        f"{state['epoch']} epochs already in {last}: raise them to extend that run, or "
+                        f"move {out} away to start afresh")
+    _check_epoch_files(out, state)
+    if changed and state["epoch"] == total:
+        print(f"train: {last} already holds all {total} epochs of the new schedule "
+              f"({', '.join(changed.values())}); nothing to train")
+    elif changed:
+        old = state["history"][-1]["metrics"]["lr"] if state["history"] else float("nan")
+        new = p.lr * lr_factor(state["epoch"], p.epochs, p.epochs_decay)
+        print(f"train: extending the run in {last} (epoch {state['epoch']}): {', '.join(changed.values())}; from "
+              f"epoch {state['epoch'] + 1} on the learning rate follows the new schedule: {new:.3g} "
+              f"(epoch {state['epoch']} ran at {old:.3g})")
+    return state, sorted(changed)
+
+
+def _check_epoch_files(out: Path, state: dict[str, Any]) -> None:
+    """Verify the epoch_NNN.pt files of the run being resumed: one past last.pt's epoch (from an older
+    version, which wrote it first) is removed, to be written again; last.pt's own epoch file is
+    written from last.pt if an interruption left it missing (train writes last.pt first); a damaged
+    one is rewritten from last.pt when it is last.pt's epoch, else removed (its weights exist nowhere
+    else), with a line saying so. So a damaged file is never carried forward into the DVC output."""
+    generators = {k: state[k] for k in ("format", "epoch", "model", "G_AB", "G_BA")}
+    files = checkpoint.epoch_files(out)
+    if state["epoch"] not in files:
+        checkpoint.save(generators, out / f"epoch_{state['epoch']:03d}.pt")
+    for epoch, path in files.items():
+        if epoch > state["epoch"]:
+            path.unlink()
+            continue
+        try:
+            checkpoint.load(path)
+        except checkpoint.CheckpointError as err:
+            if epoch == state["epoch"]:
+                checkpoint.save(generators, path)
+                print(f"train: {err.problem}; rewrote it from {out / 'last.pt'}")
+            else:
+                path.unlink()
+                print(f"train: {err.problem}; removed it (its weights exist nowhere else: retrain from "
+                      f"scratch to have that epoch again)")
+
+
+def _restore(state: dict[str, Any], last: Path, models, opt_G, opt_D, sched_G, sched_D, pool_A, pool_B,
+             g_data: torch.Generator, g_pool: torch.Generator, device: torch.device,
+             rule: Callable[[int], float] | None) -> None:
+    """Load a verified last.pt state into the run's objects; `rule` (the new lr rule) when the
+    schedule was extended. Raises UserError (one line) when the state does not fit the models."""
+    try:
+        for name in ("G_A", "G_B", "D_A", "D_B"):
+            getattr(models, name).load_state_dict(state["nets"][name])
+        opt_G.load_state_dict(state["opt_G"])
+        opt_D.load_state_dict(state["opt_D"])
+        sched_G.load_state_dict(state["sched_G"])
+        sched_D.load_state_dict(state["sched_D"])
+        pool_A.load(state["pool_A"], device)
+        pool_B.load(state["pool_B"], device)
+        torch.set_rng_state(state["rng"]["torch"])
+        g_data.set_state(state["rng"]["data"])
+        g_pool.set_state(state["rng"]["pool"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UserError(f"{last}: its stored state does not fit the models its train params describe "
+                        f"({type(err).__name__}: {detail}); it was edited or written by another version: "
+                        f"move {last.parent} away to start afresh") from None
+    if rule is not None:   # extended: the new rule's lr from the resumed epoch on (LambdaLR's formula)
+        for opt, sched in ((opt_G, sched_G), (opt_D, sched_D)):
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * rule(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+
+def _diverged(epoch: int, total: int, what: str, p: TrainParams, out: Path) -> UserError:
+    kept = (f"{out / 'last.pt'} keeps the last good epoch" if (out / "last.pt").exists()
+            else "no checkpoint was written")
+    return UserError(f"epoch {epoch}/{total}: {what}: training diverged; lower params.yaml: train.lr "
+                     f"(now {p.lr:g}) or check the prepared data; nothing of this epoch was saved, {kept}")
+
+
+def _check_finite(epoch: int, total: int, losses: dict[str, float], p: TrainParams, out: Path) -> None:
+    """Stop the run at the first epoch whose mean losses are not finite, before anything of the
+    epoch is written; the last good last.pt stays resumable. Uses the per-epoch means, which reach
+    the host once per epoch anyway: no extra device sync."""
+    if not all(math.isfinite(v) for v in losses.values()):
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+        raise _diverged(epoch, total, f"the losses are not finite ({shown})", p, out)
+
+
+def _check_finite_weights(models, epoch: int, total: int, p: TrainParams, out: Path) -> None:
+    """Refuse to checkpoint non-finite weights (one device sync, where the save syncs anyway)."""
+    flags = [torch.isfinite(v).all() for name in ("G_A", "G_B", "D_A", "D_B")
+             for v in getattr(models, name).state_dict().values() if v.is_floating_point()]
+    if not bool(torch.stack(flags).all()):
+        raise _diverged(epoch, total, "the weights are not finite after this epoch", p, out)
+
+
+def _reset_live(live_dir: Path) -> None:
+    """Empty the dvclive folder for a rebuilt log, keeping the .gitignore files DVC writes there
+    (tracked in git: `metrics/train/plots/.gitignore`)."""
+    if not live_dir.exists():
+        return
+    keep = {f: f.read_bytes() for f in live_dir.rglob(".gitignore")}
+    shutil.rmtree(live_dir)
+    for f, content in keep.items():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(content)
+
+
+def _clock_str(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Progress inside epochs, for logs and CI (no terminal; tqdm's bar is used on terminals), and a
+    one-time warning when the run slows down far below what its first steps showed.
+
+    `plain` lines (stdout, flushed): `epoch 2/6  step 120/480 (25%)  3.4 img/s  ETA 1:45 (run
+    12:30)  G_A 0.512 ...` with the running mean losses, at a bounded rate (PROGRESS_EVERY_S,
+    PROGRESS_MIN_GAP_S). The first steps' speed is measured over steps 2..11 of the first epoch
+    this process trains (step 1 warms up); `hint` is the setting to try, named in the warning.
+    `clock` returns seconds (time.perf_counter)."""
+
+    def __init__(self, steps: int, images_per_step: float, total: int, hint: str,
+                 every_s: float | None = None, min_gap_s: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.steps, self.images_per_step, self.total, self.hint = steps, images_per_step, total, hint
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.min_gap_s = PROGRESS_MIN_GAP_S if min_gap_s is None else min_gap_s
+        self.clock = clock
+        self.baseline: float | None = None     # images/s of the first steps
+        self.warned = False
+        self.base_end = min(steps, 11)
+
+    def start_epoch(self, epoch: int, plain: bool) -> None:
+        self.epoch, self.plain = epoch, plain
+        self.t0 = self.last = self.clock()
+        self.t1: float | None = None
+        self.next_mark = 1
+
+    def step(self, step: int, sums: torch.Tensor) -> None:
+        """After each step; reads the device only at the bounded moments."""
+        now = self.clock()
+        if step == 1:
+            self.t1 = now
+        elif self.baseline is None and step == self.base_end and self.t1 is not None:
+            sums.sum().item()                                     # wait for the device: true timing
+            now = self.clock()
+            self.baseline = (step - 1) * self.images_per_step / max(now - self.t1, 1e-9)
+        if not self.plain or step >= self.steps:                  # the epoch line covers the end
+            return
+        marked = step * 10 >= self.next_mark * self.steps
+        if not (now - self.last >= self.every_s or (marked and now - self.last >= self.min_gap_s)):
+            return
+        while self.next_mark * self.steps <= step * 10:
+            self.next_mark += 1
+        means = (sums / step).tolist()                            # the one device read of this line
+        now = self.clock()
+        self.last = now
+        rate = step / max(now - self.t0, 1e-9)                    # steps/s in this epoch
+        left = self.steps - step
+        run_left = left + (self.total - self.epoch) * self.steps
+        print(f"epoch {self.epoch}/{self.total}  step {step}/{self.steps} ({100 * step // self.steps}%)  "
+              f"{rate * self.images_per_step:.1f} img/s  ETA {_clock_str(left / rate)} "
+              f"(run {_clock_str(run_left / rate)})  "
+              + "  ".join(f"{k} {v:.3f}" for k, v in zip(LOSS_NAMES, means)), flush=True)
+        self.check_speed(rate * self.images_per_step)
+
+    def end_epoch(self, images_per_s: float) -> None:
+        if self.baseline is None:                                 # epochs too short to measure steps
+            self.baseline = images_per_s
+        self.check_speed(images_per_s)
+
+    def check_speed(self, images_per_s: float) -> None:
+        if self.warned or self.baseline is None or images_per_s * SLOW_FACTOR > self.baseline:
+            return
+        self.warned = True
+        print(f"train: warning: epoch {self.epoch} runs at {images_per_s:.2f} img/s, "
+              f"{self.baseline / max(images_per_s, 1e-9):.0f}x slower than its first steps "
+              f"({self.baseline:.2f} img/s): other work is probably sharing the machine; {self.hint}",
+              flush=True)
+
+
+def _speed_hint(device: torch.device, p: TrainParams) -> str:
+    if device.type != "cpu":
+        return "stop the other work on the device, or train on another one"
+    if torch.get_num_threads() > 1:
+        return (f"try params.yaml: train.threads: 1 (now {threads.describe(p.threads)}), or stop the "
+                f"other work")
+    return "stop the other work, or train on another machine"
 
 
 def _log_epoch(live, record: dict[str, Any]) -> None:
@@ -134,6 +429,7 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
     from dvclive import Live  # imported here: dvclive pulls in dvc, slow to import for other users
 
     device = resolve_device(p.device)
+    threads.apply(p.threads)
     cuda = device.type == "cuda"
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
@@ -141,16 +437,8 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
     images_A = load_folder(data / "trainA", p.load_size)
     images_B = load_folder(data / "trainB", p.load_size)
     expected = run_hash(p, data)
-    state = _load_resume(out, expected)
+    state, extended = _resume(p, data, out)
     out.mkdir(parents=True, exist_ok=True)
-    if state is None:
-        stale = sorted(checkpoint.epoch_files(out).values()) + ([out / "last.pt"] if (out / "last.pt").exists() else [])
-        for f in stale:
-            f.unlink()
-    else:
-        for e, f in checkpoint.epoch_files(out).items():
-            if e > state["epoch"]:
-                f.unlink()
 
     torch.manual_seed(p.seed)
     g_data = torch.Generator().manual_seed(p.seed + 1)
@@ -164,19 +452,8 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
     history: list[dict[str, Any]] = []
     start = 0
     if state is not None:
-        for name in ("G_A", "G_B", "D_A", "D_B"):
-            getattr(models, name).load_state_dict(state["nets"][name])
-        opt_G.load_state_dict(state["opt_G"])
-        opt_D.load_state_dict(state["opt_D"])
-        sched_G.load_state_dict(state["sched_G"])
-        sched_D.load_state_dict(state["sched_D"])
-        pool_A.load(state["pool_A"], device)
-        pool_B.load(state["pool_B"], device)
-        torch.set_rng_state(state["rng"]["torch"])
-        g_data.set_state(state["rng"]["data"])
-        g_pool.set_state(state["rng"]["pool"])
-        if cuda and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        _restore(state, out / "last.pt", models, opt_G, opt_D, sched_G, sched_D, pool_A, pool_B,
+                 g_data, g_pool, device, rule if extended else None)
         history = state["history"]
         start = state["epoch"]
         print(f"train: resuming from {out / 'last.pt'} at epoch {start}")
@@ -190,14 +467,15 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
     autocast = autocast_for(device, p.precision)
     model_cfg = {"ngf": p.ngf, "n_blocks": p.n_blocks, "in_channels": 3, "out_channels": 3}
 
-    if live_dir.exists():
-        shutil.rmtree(live_dir)
+    _reset_live(live_dir)
     live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
     for record in history:
         _log_epoch(live, record)
 
     total = p.epochs + p.epochs_decay
     end = total if stop_after is None else min(total, stop_after)
+    progress = Progress(feeder.steps_per_epoch, max(len(images_A), len(images_B)) / feeder.steps_per_epoch,
+                        total, _speed_hint(device, p))
     for epoch in range(start + 1, end + 1):
         for net in (models.G_A, models.G_B, models.D_A, models.D_B):
             net.train()
@@ -207,13 +485,16 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
         t0 = time.perf_counter()
         bar = tqdm(feeder.batches(plan), total=feeder.steps_per_epoch, desc=f"epoch {epoch}/{total}",
                    unit="it", leave=False, disable=None)
+        progress.start_epoch(epoch, plain=bar.disable)
         for step, (real_A, real_B) in enumerate(bar, 1):
             sums += train_step(models, opt_G, opt_D, pool_A, pool_B, real_A, real_B,
                                p.lambda_cycle, p.lambda_identity, autocast)
             if step % LOG_EVERY == 0 and not bar.disable:   # one device read per LOG_EVERY steps
                 bar.set_postfix({k: f"{v:.2f}" for k, v in zip(LOSS_NAMES, (sums / step).tolist())})
+            progress.step(step, sums)
         means = (sums / feeder.steps_per_epoch).tolist()          # the one host sync of the epoch
         seconds = time.perf_counter() - t0
+        _check_finite(epoch, total, dict(zip(LOSS_NAMES, means)), p, out)
         sched_G.step()
         sched_D.step()
         metrics = dict(zip(LOSS_NAMES, means))
@@ -229,13 +510,14 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
         _log_epoch(live, record)
         print(f"epoch {epoch}/{total}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                                      if k in LOSS_NAMES)
-              + f"  lr {lr:.2e}  {metrics['images_per_s']:.1f} img/s")
+              + f"  lr {lr:.2e}  {metrics['images_per_s']:.1f} img/s", flush=True)
+        progress.end_epoch(metrics["images_per_s"])
         if epoch % p.save_every == 0 or epoch == total:
+            _check_finite_weights(models, epoch, total, p, out)
             payload = checkpoint.generators_payload(epoch, model_cfg, models.G_A, models.G_B)
-            checkpoint.save(payload, out / f"epoch_{epoch:03d}.pt")
             full = dict(payload)
             full.update({
-                "run_hash": expected,
+                "run_hash": expected, "run_params": run_params(p), "data_names": data_names(data),
                 "nets": {name: {k: v.detach().cpu() for k, v in getattr(models, name).state_dict().items()}
                          for name in ("G_A", "G_B", "D_A", "D_B")},
                 "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
@@ -246,17 +528,20 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
                         "cuda": torch.cuda.get_rng_state(device) if cuda else None},
                 "history": history,
             })
-            checkpoint.save(full, out / "last.pt")
+            checkpoint.save(full, out / "last.pt")     # first: a missing epoch file is rebuilt from it
+            checkpoint.save(payload, out / f"epoch_{epoch:03d}.pt")
     live.end()
+    (live_dir / "plots" / "images").mkdir(parents=True, exist_ok=True)   # a declared output, even empty
     return history[-1] if history else {}
 
 
 def main() -> None:
-    remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
     p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
-    if PACKED.is_file():       # after a `dvc pull` only the tar is there
-        unpack_view(PACKED, DATA)
-    train(p)
+    with output_lock(CHECKPOINTS):   # one train run at a time: a second one stops here, naming the first
+        remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
+        if PACKED.is_file():       # after a `dvc pull` only the tar is there
+            unpack_view(PACKED, DATA)
+        train(p)
 
 
 if __name__ == "__main__":

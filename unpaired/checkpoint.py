@@ -1,16 +1,25 @@
-"""Checkpoint files: atomic writes, safe loads.
+"""Checkpoint files: atomic writes, verified safe loads.
 
 `models/checkpoints/epoch_NNN.pt` holds what evaluation and translation need:
     {"format": "unpaired.generators/1", "epoch": int,
      "model": {"ngf": int, "n_blocks": int, "in_channels": 3, "out_channels": 3},
-     "G_AB": state_dict, "G_BA": state_dict}
+     "G_AB": state_dict, "G_BA": state_dict, "sha256": str}
 (`models/checkpoints/last.pt` is a superset written by the train stage for resuming.)
 Everything in them is tensors, numbers, strings, lists and dicts, so they load with
 `torch.load(weights_only=True)`: nothing in a checkpoint file can run code.
+
+Verification: `save` stores under "sha256" a digest of the whole content (every value, every
+tensor's dtype, shape and bytes; `content_digest`), and `load` recomputes it, so a file damaged
+after it was written (zeroed blocks, a bad copy) is refused instead of being used. torch's zip
+reader does not check the zip CRCs, so a file without a digest (written by an older version or
+another program) has its zip CRCs checked with `zipfile` instead.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,17 @@ from unpaired.errors import UserError
 from unpaired.files import atomic_write_bytes
 
 FORMAT = "unpaired.generators/1"
+DIGEST = "sha256"      # the key under which `save` stores `content_digest` of the rest
+REWRITE = "delete it and re-run the stage that wrote it"
+
+
+class CheckpointError(UserError):
+    """A file that `load` cannot use. str(err): one line with what to do; `problem`: the same line
+    without the advice, for callers that act on it themselves (the train stage's resume)."""
+
+    def __init__(self, path: Path, problem: str, advice: str):
+        self.problem = f"{path}: {problem}"
+        super().__init__(f"{self.problem}; {advice}")
 
 
 def epoch_files(folder: str | Path) -> dict[int, Path]:
@@ -33,22 +53,92 @@ def epoch_files(folder: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _feed(h: Any, obj: Any) -> None:
+    # A type tag and a length before each value, so that different structures never feed the same bytes.
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, str):
+        data = obj.encode()
+        h.update(f"S{len(data)};".encode() + data)
+    elif obj is None or isinstance(obj, (bool, int, float)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"checkpoint: cannot digest a {type(obj).__name__}")
+
+
+def content_digest(obj: Any) -> str:
+    """Hex SHA-256 of a checkpoint's content: dicts (keys in sorted order), lists, tuples, strings,
+    numbers, None, and tensors (dtype, shape and raw bytes, on the CPU). Independent of how torch
+    lays the file out, so it checks what `torch.load` returns."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
 def save(obj: dict[str, Any], path: str | Path) -> None:
-    """torch.save through a temp file + fsync + rename: a crash leaves the old file or the new one."""
+    """torch.save of `obj` plus its content digest under "sha256", through a temp file + fsync +
+    rename: a crash leaves the old file or the new one."""
+    content = {k: v for k, v in obj.items() if k != DIGEST}
+    content[DIGEST] = content_digest(content)
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(content, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _check_zip(path: Path) -> None:
+    """Refuse a file that is not a zip archive (torch's format) or whose zip CRCs do not match."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(path, "not a checkpoint, or a truncated one (a PyTorch checkpoint is a "
+                              "complete zip archive, this file is not)", "pass a models/checkpoints/"
+                              "epoch_NNN.pt or models/best/generators.pt file written by the train stage")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(path, f"damaged checkpoint ({err})", REWRITE) from None
+    if bad is not None:
+        raise CheckpointError(path, f"damaged checkpoint (CRC mismatch in {bad})", REWRITE)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The verified content of a checkpoint written by `save` (or, without the digest check, any
+    zip-format torch file of plain tensors, numbers and strings). Raises CheckpointError (one line)
+    when the file is not a checkpoint, is damaged, or holds other objects (refused, never run), and
+    UserError when it is missing."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
+    _check_zip(path)     # cheap compared with the load; torch itself skips the CRCs
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message here advises weights_only=False, which would let the file run code: never show it.
+        raise CheckpointError(path, "not an unpaired checkpoint (it holds objects other than tensors, numbers "
+                              "and strings, which are refused because loading them could run code)",
+                              "pass a checkpoint written by the train stage") from None
+    except Exception as err:  # torch raises several types for damaged or foreign files
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights_only" in detail:
+            detail = type(err).__name__
+        raise CheckpointError(path, f"not a readable checkpoint ({detail})", REWRITE) from None
+    if isinstance(obj, dict) and DIGEST in obj:
+        stored = obj.pop(DIGEST)
+        if content_digest(obj) != stored:
+            raise CheckpointError(path, "damaged checkpoint (its content does not match the sha256 stored "
+                                  "in it)", REWRITE)
+    return obj
 
 
 def generators_payload(epoch: int, model: dict[str, int], g_ab: torch.nn.Module,
@@ -59,9 +149,17 @@ def generators_payload(epoch: int, model: dict[str, int], g_ab: torch.nn.Module,
             "G_AB": cpu_state(g_ab), "G_BA": cpu_state(g_ba)}
 
 
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def load_generator(path: str | Path, direction: str = "AtoB", device: str | torch.device = "cpu"
                    ) -> tuple[ResnetGenerator, dict[str, Any]]:
-    """The generator for `direction` (AtoB or BtoA) from an epoch/last/best checkpoint, in eval mode."""
+    """The generator for `direction` (AtoB or BtoA) from an epoch/last/best checkpoint, in eval mode.
+    Raises UserError (one line) for a file that is not such a checkpoint, is damaged, whose model
+    settings do not fit its weights, or whose weights are not finite (a diverged run)."""
     ckpt = load(path, "cpu")
     key = {"AtoB": "G_AB", "BtoA": "G_BA"}.get(direction)
     if key is None:
@@ -69,6 +167,20 @@ def load_generator(path: str | Path, direction: str = "AtoB", device: str | torc
     if not isinstance(ckpt, dict) or key not in ckpt or "model" not in ckpt:
         raise UserError(f"{path}: not an unpaired generator checkpoint (no {key} / model entries)")
     m = ckpt["model"]
+    missing = [k for k in ("ngf", "n_blocks") if not isinstance(m, dict) or k not in m]
+    if missing:
+        raise UserError(f"{path}: the model settings lack {', '.join(missing)}; the file was edited or "
+                        f"written by another program: use a checkpoint written by the train stage")
+    bad = non_finite(ckpt[key])
+    if bad:
+        raise UserError(f"{path}: the {key} weights are not finite (NaN or inf in {bad[0]}"
+                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it "
+                        f"diverged; retrain with a lower params.yaml: train.lr")
     net = ResnetGenerator(m.get("in_channels", 3), m.get("out_channels", 3), m["ngf"], m["n_blocks"])
-    net.load_state_dict(ckpt[key])
+    try:
+        net.load_state_dict(ckpt[key])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        first = str(err).replace("\n", " ").replace("\t", "")
+        raise UserError(f"{path}: the {key} weights do not fit the stored model settings (ngf={m['ngf']}, "
+                        f"n_blocks={m['n_blocks']}): {first[:200]}; the file was edited or damaged") from None
     return net.to(device).eval(), ckpt
