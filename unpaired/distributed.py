@@ -107,7 +107,8 @@ def launch(n: int, module: str, args: list[str] | None = None) -> None:
 
 def init(rank: Rank, device: torch.device) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on the CPU) and return this rank's device: on
-    CUDA cuda:LOCAL_RANK; on the CPU the node's cores are split evenly between its processes."""
+    CUDA cuda:LOCAL_RANK; on the CPU the node's cores are split evenly between its processes
+    (unless OMP_NUM_THREADS says how many threads each takes)."""
     cuda = device.type == "cuda"
     if cuda:
         if rank.local_rank >= torch.cuda.device_count():
@@ -116,7 +117,7 @@ def init(rank: Rank, device: torch.device) -> torch.device:
                             f"but only {torch.cuda.device_count()} CUDA device(s)")
         device = torch.device("cuda", rank.local_rank)
         torch.cuda.set_device(device)
-    elif rank.distributed:
+    elif rank.distributed and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, cpu_cores() // rank.local_world_size))
     if rank.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank.rank, world_size=rank.world_size,

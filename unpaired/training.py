@@ -348,8 +348,8 @@ def distribute(m: Models, device: torch.device) -> Models:
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device.index] if device.type == "cuda" else None
     return Models(m.G_A, m.G_B, m.D_A, m.D_B,
-                  DDP(m.generators, device_ids=ids, broadcast_buffers=False),
-                  DDP(m.discriminators, device_ids=ids, broadcast_buffers=False))
+                  DDP(m.generators, device_ids=ids),
+                  DDP(m.discriminators, device_ids=ids))
 
 
 def compile_models(m: Models, mode: str) -> Models:
