@@ -1,0 +1,133 @@
+"""Every accelerator code path, run on the CPU: batched passes, memory formats, bf16 autocast, compile."""
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from unpaired.training import (ImagePool, build_models, channels_last_ok, compile_models, optimizers,
+                               train_step)
+
+CPU = torch.device("cpu")
+
+
+def pair(batch: int, size: int = 24, dtype=torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, 3, size, size, generator=g, dtype=dtype) * 2 - 1,
+            torch.rand(batch, 3, size, size, generator=g, dtype=dtype) * 2 - 1)
+
+
+def one_step(models, a, b, batched: bool, pool_size: int = 3, autocast=contextlib.nullcontext):
+    """Losses and every parameter's gradient of one train_step (G grads from the G step, D grads
+    from the D step), plus the weights after it."""
+    m = copy.deepcopy(models)
+    opt_G, opt_D = optimizers(m, 2e-4, 0.5, False)
+    g = torch.Generator().manual_seed(1)
+    pool_A, pool_B = ImagePool(pool_size, g), ImagePool(pool_size, g)
+    losses = None
+    for _ in range(pool_size + 2):              # fill the pools, then a step that swaps
+        losses = train_step(m, opt_G, opt_D, pool_A, pool_B, a, b, 10.0, 0.5, autocast, batched)
+    grads = {n: [p.grad.double() for p in getattr(m, n).parameters()] for n in ("G_A", "G_B", "D_A", "D_B")}
+    return losses.double(), grads, m
+
+
+def relative(x: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    scale = max(r.abs().max().item() for r in ref)
+    return max((a - r).abs().max().item() for a, r in zip(x, ref, strict=True)) / scale
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batched_passes_equal_the_reference_order(batch):
+    torch.manual_seed(0)
+    models = build_models(4, 4, 1, 3, CPU, False, dtype=torch.float64)
+    a, b = pair(batch)
+    loss_ref, grad_ref, m_ref = one_step(models, a, b, batched=False)
+    loss, grad, m = one_step(models, a, b, batched=True)
+    assert torch.allclose(loss, loss_ref, rtol=1e-9, atol=0)
+    for name in grad:
+        assert relative(grad[name], grad_ref[name]) < 1e-9, name
+    # the pools made the same choices: the D step saw the same images
+    assert torch.allclose(m.D_A.model[0].weight, m_ref.D_A.model[0].weight, rtol=1e-9, atol=1e-12)
+
+
+def test_gradients_in_every_memory_format_and_arrangement():
+    """One step's gradients, float32, in each memory format × batch arrangement × batch size the
+    product can run, against float64 contiguous in the reference order. Contiguous must always be
+    right; channels-last is what `channels_last_ok` (the stage's test before using it) predicts."""
+    torch.manual_seed(0)
+    models64 = build_models(4, 4, 1, 3, CPU, False, dtype=torch.float64)
+    errors = {}
+    for batch in (1, 2):
+        a, b = pair(batch)
+        _, ref, _ = one_step(models64, a, b, batched=False)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            models = copy.deepcopy(models64)
+            for net in models.nets():
+                net.to(dtype=torch.float32, memory_format=fmt)
+            a32, b32 = (x.float().contiguous(memory_format=fmt) for x in (a, b))
+            for batched in (False, True):
+                _, grads, _ = one_step(models, a32, b32, batched)
+                errors[str(fmt), batched, batch] = max(relative(grads[n], ref[n]) for n in ref)
+    contiguous = {k: v for k, v in errors.items() if k[0] == str(torch.contiguous_format)}
+    assert max(contiguous.values()) < 1e-3, contiguous
+    channels_last = {k: v for k, v in errors.items() if k[0] == str(torch.channels_last)}
+    assert (max(channels_last.values()) < 1e-3) == channels_last_ok(CPU), channels_last
+
+
+def test_channels_last_trains_where_it_is_right():
+    """Channels-last at batch 2 (right on CPU, see above): a few steps, finite, close to contiguous."""
+    torch.manual_seed(0)
+    models = build_models(4, 4, 1, 3, CPU, False)
+    a, b = pair(2, dtype=torch.float32)
+    loss_ref, _, _ = one_step(models, a, b, batched=True)
+    cl = copy.deepcopy(models)
+    for net in cl.nets():
+        net.to(memory_format=torch.channels_last)
+    loss, _, _ = one_step(cl, *(x.contiguous(memory_format=torch.channels_last) for x in (a, b)), batched=True)
+    assert torch.isfinite(loss).all() and torch.allclose(loss, loss_ref, rtol=1e-4)
+
+
+def loss_curve(seed: int, bf16: bool, steps: int = 120) -> torch.Tensor:
+    """steps×8 losses of small networks on 16 fixed pairs (B a darker, different domain)."""
+    torch.manual_seed(seed)
+    m = build_models(4, 4, 1, 3, CPU, False)
+    opt_G, opt_D = optimizers(m, 2e-4, 0.5, False)
+    g = torch.Generator().manual_seed(seed)
+    pool_A, pool_B = ImagePool(10, g), ImagePool(10, g)
+    a, b = pair(16, dtype=torch.float32, seed=100)
+    b = b.clamp(-1, 0) * 2 + 1
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    return torch.stack([train_step(m, opt_G, opt_D, pool_A, pool_B, a[i % 16:i % 16 + 1],
+                                   b[i * 7 % 16:i * 7 % 16 + 1], 10.0, 0.5, autocast) for i in range(steps)])
+
+
+def test_bf16_loss_curves_stay_within_seed_noise():
+    """bf16 autocast vs fp32 on the same data and init: the mean losses over each half of the run
+    differ far less than two fp32 runs that differ only by their seed (measured: at most 0.045 vs
+    0.24 max relative difference). Were bf16 to drift beyond that noise, fp32 would be the default."""
+    fp32, bf16, other = loss_curve(0, False), loss_curve(0, True), loss_curve(1, False)
+    assert torch.isfinite(bf16).all()
+    rel = lambda x, y: ((x - y).abs() / y.abs()).max().item()  # noqa: E731
+    for half in (slice(0, 60), slice(60, 120)):
+        drift = rel(bf16[half].mean(0), fp32[half].mean(0))
+        noise = rel(other[half].mean(0), fp32[half].mean(0))
+        assert drift < 0.5 * noise, (half, drift, noise)
+
+
+def test_compiled_step_has_no_graph_breaks_and_matches_eager():
+    """The pair modules compile whole (dynamo finds no graph break) and train as eager does.
+    Backend aot_eager: dynamo + AOT autograd as with inductor, without inductor's C++ build (minutes
+    on 2 cores); benchmarks/gpu_check.sh runs inductor with both modes on CUDA."""
+    torch.manual_seed(0)
+    models = build_models(4, 4, 1, 3, CPU, False)
+    a, b = pair(1, dtype=torch.float32)
+    for module, args in ((models.generators, (a, b, True, True)),
+                         (models.discriminators, (a, b, a, b, True))):
+        explained = torch._dynamo.explain(module)(*args)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    loss_ref, grads_ref, _ = one_step(models, a, b, batched=True)
+    torch._dynamo.reset()
+    loss, grads, _ = one_step(compile_models(models, "default", backend="aot_eager"), a, b, batched=True)
+    assert torch.isfinite(loss).all() and torch.allclose(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        assert relative(grads[name], grads_ref[name]) < 1e-4, name
