@@ -17,23 +17,27 @@ def pair(batch: int, size: int = 24, dtype=torch.float64, seed: int = 0):
             torch.rand(batch, 3, size, size, generator=g, dtype=dtype) * 2 - 1)
 
 
-def one_step(models, a, b, batched: bool, pool_size: int = 3, autocast=contextlib.nullcontext):
-    """Losses and every parameter's gradient of one train_step (G grads from the G step, D grads
-    from the D step), plus the weights after it."""
+def one_step(models, a, b, batched: bool, pool_size: int = 3, autocast=contextlib.nullcontext, steps=None):
+    """Losses and every parameter's gradient of the last of `steps` train_steps (default: fill the
+    pools, then a step that swaps; G grads from the G step, D grads from the D step), plus the
+    weights after it."""
     m = copy.deepcopy(models)
     opt_G, opt_D = optimizers(m, 2e-4, 0.5, False)
     g = torch.Generator().manual_seed(1)
     pool_A, pool_B = ImagePool(pool_size, g), ImagePool(pool_size, g)
     losses = None
-    for _ in range(pool_size + 2):              # fill the pools, then a step that swaps
+    for _ in range(steps or pool_size + 2):
         losses = train_step(m, opt_G, opt_D, pool_A, pool_B, a, b, 10.0, 0.5, autocast, batched)
     grads = {n: [p.grad.double() for p in getattr(m, n).parameters()] for n in ("G_A", "G_B", "D_A", "D_B")}
     return losses.double(), grads, m
 
 
-def relative(x: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    scale = max(r.abs().max().item() for r in ref)
-    return max((a - r).abs().max().item() for a, r in zip(x, ref, strict=True)) / scale
+def relative(x, ref) -> float:
+    """Norm-wise relative error of a network's whole gradient, ||x - ref|| / ||ref||: a wrong kernel
+    is off by O(1); float32 rounding, amplified where instance norm sees a near-constant map, stays
+    well below 1e-2 (a few elements' max-abs error can reach 5e-2 there at 64 px)."""
+    x, ref = torch.cat([t.flatten() for t in x]), torch.cat([t.flatten() for t in ref])
+    return ((x - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -59,14 +63,14 @@ def test_gradients_in_every_memory_format_and_arrangement():
     errors = {}
     for batch in (1, 2):
         a, b = pair(batch)
-        _, ref, _ = one_step(models64, a, b, batched=False)
+        _, ref, _ = one_step(models64, a, b, batched=False, steps=1)
         for fmt in (torch.contiguous_format, torch.channels_last):
             models = copy.deepcopy(models64)
             for net in models.nets():
                 net.to(dtype=torch.float32, memory_format=fmt)
             a32, b32 = (x.float().contiguous(memory_format=fmt) for x in (a, b))
             for batched in (False, True):
-                _, grads, _ = one_step(models, a32, b32, batched)
+                _, grads, _ = one_step(models, a32, b32, batched, steps=1)
                 errors[str(fmt), batched, batch] = max(relative(grads[n], ref[n]) for n in ref)
     contiguous = {k: v for k, v in errors.items() if k[0] == str(torch.contiguous_format)}
     assert max(contiguous.values()) < 1e-3, contiguous
