@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from unpaired.training import (ImagePool, build_models, channels_last_ok, compile_models, optimizers,
-                               train_step)
+from unpaired.training import (DeviceFeeder, ImagePool, build_models, channels_last_ok, choose_data_device,
+                               compile_models, optimizers, train_step)
 
 CPU = torch.device("cpu")
 
@@ -135,3 +135,49 @@ def test_compiled_step_has_no_graph_breaks_and_matches_eager():
     assert torch.isfinite(loss).all() and torch.allclose(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for name in grads:
         assert relative(grads[name], grads_ref[name]) < 1e-4, name
+
+
+def test_images_on_the_host_give_the_same_batches():
+    """data_device host: whole images gathered on the host and copied per batch (pinned and
+    asynchronous on CUDA), cropped on the device: the same batches as images on the device."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (5, 3, 28, 28), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8, generator=g)
+    on_device = DeviceFeeder(a, b, 24, True, 2, CPU, False)
+    on_host = DeviceFeeder(a, b, 24, True, 2, CPU, False, data_device=CPU, copy_per_batch=True)
+    assert on_host.host and not on_device.host
+    one = list(on_device.batches(on_device.plan(torch.Generator().manual_seed(3))))
+    two = list(on_host.batches(on_host.plan(torch.Generator().manual_seed(3))))
+    assert len(one) == len(two) == 3
+    assert all(torch.equal(x, y) for p, q in zip(one, two) for x, y in zip(p, q))
+    where, why = choose_data_device("auto", CPU, a.nbytes + b.nbytes)
+    assert where == CPU and why == "0 MiB of images on cpu (host memory is the device's)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: auto picks by free GPU memory")
+def test_data_device_auto_on_cuda():
+    cuda = torch.device("cuda")
+    free, _ = torch.cuda.mem_get_info(cuda)
+    assert choose_data_device("auto", cuda, 1 << 20)[0] == cuda
+    where, why = choose_data_device("auto", cuda, int(free * 0.5))
+    assert where == CPU and "pinned host memory" in why
+
+
+@pytest.mark.parametrize("raw, key", [({"compile": "max"}, "train.compile"), ({"devices": 0}, "train.devices"),
+                                      ({"lr_scaling": "cubic"}, "train.lr_scaling"),
+                                      ({"data_device": "gpu"}, "train.data_device")])
+def test_bad_speed_params_name_the_key(raw, key):
+    from stages.train import TrainParams
+    from unpaired.params import ParamsError, parse
+    with pytest.raises(ParamsError, match=f"^params.yaml: {key}: "):
+        parse(TrainParams, raw, "train")
+
+
+def test_compile_modes_and_lr_scaling():
+    from stages.train import TrainParams
+    from unpaired.params import parse
+    modes = [parse(TrainParams, {"compile": v}, "train").compile_mode
+             for v in (False, True, "default", "reduce-overhead")]
+    assert modes == [None, "default", "default", "reduce-overhead"]
+    lrs = [parse(TrainParams, {"lr_scaling": r}, "train").scaled_lr(4) for r in ("none", "linear", "sqrt")]
+    assert lrs == pytest.approx([2e-4, 8e-4, 4e-4])

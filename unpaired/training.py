@@ -183,10 +183,13 @@ class DeviceFeeder:
 
     def __init__(self, images_a: torch.Tensor, images_b: torch.Tensor, crop: int, flip: bool,
                  batch_size: int, device: torch.device, channels_last: bool,
-                 data_device: torch.device | None = None, rank: int = 0, world_size: int = 1):
+                 data_device: torch.device | None = None, rank: int = 0, world_size: int = 1,
+                 copy_per_batch: bool | None = None):
         self.device = device
         self.data_device = device if data_device is None else data_device
-        self.host = self.data_device.type == "cpu" and device.type != "cpu"
+        # Copy each batch's whole images to `device` (None: when the images live elsewhere; True
+        # on the CPU runs that path in tests, pinning and the asynchronous copy aside).
+        self.host = self.data_device != device if copy_per_batch is None else copy_per_batch
         self.a = images_a.to(self.data_device)
         self.b = images_b.to(self.data_device)
         if self.host and torch.cuda.is_available():
