@@ -9,6 +9,7 @@ processes of a node).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -97,6 +98,9 @@ def launch(n: int, module: str, args: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // n)))
     argv = ["--standalone", f"--nproc-per-node={n}", "--module", module, *(args or [])]
     sys.stdout.flush()
+    # The processes print their own one-line errors; torchrun's log of a failure would repeat them
+    # as a multi-line report.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as err:
