@@ -6,6 +6,11 @@ CycleGAN with the reference update order and defaults (see unpaired/training.py)
 models/checkpoints/last.pt exists and was written by a run with the same train params and the same
 prepared data, training continues from it; otherwise it starts afresh and says why. The dvclive logs
 are rebuilt from the history stored in last.pt, so they always match the checkpoints.
+
+With train.devices: N > 1, main() starts N copies of this stage through torch.distributed.run
+(unpaired/distributed.py); each runs train() with its Rank and trains one DistributedDataParallel
+model on its share of every epoch; rank 0 alone writes. Run by hand under torchrun (several nodes),
+the stage skips the launch and trains as the rank torchrun says.
 """
 from __future__ import annotations
 
@@ -174,8 +179,8 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
     """Train to p.epochs + p.epochs_decay (or stop after epoch `stop_after`, for tests that
     simulate an interruption). Returns the final history record.
 
-    `rank`: this process's place in a data-parallel job (the process group is already joined, see
-    unpaired.distributed); by default the only process. Every rank trains on its share of each
+    `rank`: this process's place in a data-parallel job (joins the process group if not yet done,
+    see unpaired.distributed); by default the only process. Every rank trains on its share of each
     epoch; rank 0 alone writes checkpoints, logs and samples."""
     from dvclive import Live  # imported here: dvclive pulls in dvc, slow to import for other users
 
