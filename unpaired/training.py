@@ -1,5 +1,7 @@
 """CycleGAN training pieces: the image pool, the learning-rate rule, the device-resident data feeder
-and one optimisation step in the reference order (G step with both Ds frozen, then D step).
+(sharded by rank for data-parallel runs), the generator and discriminator pair modules (the units
+DDP wraps and torch.compile compiles) and one optimisation step in the reference order (G step with
+both Ds frozen, then D step), its independent passes batched by default.
 
 Naming follows the reference implementation: G_A maps A→B, G_B maps B→A, D_A judges domain B
 (real B vs G_A's fakes), D_B judges domain A. Losses: G_A, G_B (LSGAN), cycle_A, cycle_B (L1 × λ),
