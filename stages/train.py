@@ -10,6 +10,11 @@ that differ and moves the earlier run's checkpoints to models/checkpoints.previo
 dvclive logs are rebuilt from the history stored in last.pt, so they always match the checkpoints.
 Checkpoints are verified before they are resumed from; a run whose losses stop being finite stops.
 One train run at a time writes the outputs (a lock file, models/.checkpoints.lock).
+
+With train.devices: N > 1, main() starts N copies of this stage through torch.distributed.run
+(unpaired/distributed.py); each runs train() with its Rank and trains one DistributedDataParallel
+model on its share of every epoch; rank 0 alone decides about resuming and writes. Run by hand under
+torchrun (several nodes), the stage skips the launch and trains as the rank torchrun says.
 """
 from __future__ import annotations
 
@@ -33,20 +38,25 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from unpaired import checkpoint, params  # noqa: E402
+from unpaired import checkpoint, distributed, params  # noqa: E402
 from unpaired.errors import UserError, main_guard  # noqa: E402
 from unpaired.devices import check_device, resolve_device  # noqa: E402
 from unpaired.files import remove_stale_temporaries, unpack_view  # noqa: E402
+from unpaired.distributed import Rank  # noqa: E402
 from unpaired.samples import fixed_images, grid, triplets  # noqa: E402
-from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, load_folder,  # noqa: E402
-                               lr_factor, optimizers, train_step)
+from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, channels_last_ok,  # noqa: E402
+                               choose_data_device, compile_models, distribute, load_folder, lr_factor,
+                               optimizers, train_step)
 
 DATA = Path("data/prepared")
 PACKED = Path("data/prepared.tar")
 CHECKPOINTS = Path("models/checkpoints")
 LIVE = Path("metrics/train")
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
-NOT_HASHED = ("save_every", "compile", "samples", "threads")
+NOT_HASHED = ("save_every", "compile", "samples", "threads", "devices", "data_device")
+COMPILE_MODES = ("default", "reduce-overhead")
+# Set by the launcher of a data-parallel run, which holds the output lock for its processes.
+LOCK_HELD = "UNPAIRED_TRAIN_LOCK_HELD"
 SCHEDULE = ("epochs", "epochs_decay")   # the keys along which a finished run can be extended
 LOG_EVERY = 50   # steps between progress-bar loss updates (each one reads the losses from the device)
 # Without a terminal (logs, CI): a plain progress line when PROGRESS_EVERY_S passed since the last
@@ -78,8 +88,12 @@ class TrainParams(params.Params):
     samples: int = 4                 # test images per direction in the per-epoch sample image
     seed: int = 0
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
-    precision: str = "auto"          # auto (bf16 on CUDA, else fp32), bf16, fp32
-    compile: bool = False            # torch.compile the networks (CUDA)
+    precision: str = "auto"          # auto (bf16 on CUDA, else fp32), bf16, fp32 (TF32 on CUDA)
+    compile: bool | str = False      # false, default or reduce-overhead (torch's modes; true = default)
+    batched_passes: bool = True      # run independent network passes of a step as one batch
+    devices: int = 1                 # processes (one per GPU, or CPU processes) on this node, via torchrun
+    lr_scaling: str = "none"         # none, linear or sqrt: lr × 1, world size, √(world size)
+    data_device: str = "auto"        # auto, device or host: where the training images live (CUDA)
     threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
     def validate(self, prefix: str) -> None:
@@ -105,11 +119,32 @@ class TrainParams(params.Params):
         c(self.precision in ("auto", "bf16", "fp32"), f"{prefix}.precision",
           f"unknown precision {self.precision!r}; use auto, bf16 or fp32")
         threads.check(self.threads, f"{prefix}.threads")
+        c(isinstance(self.compile, bool) or self.compile in COMPILE_MODES, f"{prefix}.compile",
+          f"unknown mode {self.compile!r}; use false, default or reduce-overhead")
+        c(self.devices >= 1, f"{prefix}.devices", f"must be >= 1, got {self.devices}")
+        c(self.lr_scaling in ("none", "linear", "sqrt"), f"{prefix}.lr_scaling",
+          f"unknown rule {self.lr_scaling!r}; use none, linear or sqrt")
+        c(self.data_device in ("auto", "device", "host"), f"{prefix}.data_device",
+          f"unknown place {self.data_device!r}; use auto, device or host")
+
+    @property
+    def compile_mode(self) -> str | None:
+        """None (eager) or the torch.compile mode."""
+        return "default" if self.compile is True else (self.compile or None)
+
+    def scaled_lr(self, world_size: int) -> float:
+        """train.lr under train.lr_scaling for an effective batch of batch_size × world_size."""
+        return self.lr * {"none": 1.0, "linear": world_size, "sqrt": world_size ** 0.5}[self.lr_scaling]
+
+
+def bf16_for(device: torch.device, precision: str) -> bool:
+    """bf16 autocast: asked for, or `auto` on CUDA (tests/test_accel.py: bf16 loss curves stay well
+    within the seed-to-seed noise of fp32 ones on CPU autocast; gpu_check.sh measures CUDA)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def autocast_for(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not bf16:
+    if not bf16_for(device, precision):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -191,10 +226,11 @@ RESUME_KEYS = ("epoch", "run_params", "data_names", "nets", "opt_G", "opt_D", "s
                "pool_A", "pool_B", "rng", "history", "G_AB", "G_BA", "model", "format")
 
 
-def _resume(p: TrainParams, data: Path, out: Path) -> tuple[dict[str, Any] | None, list[str]]:
+def _resume(p: TrainParams, data: Path, out: Path, world_size: int = 1) -> tuple[dict[str, Any] | None, list[str]]:
     """The verified state of out/last.pt to continue from, and the schedule keys that changed
     (non-empty: the run is extended). None when there is nothing to continue: then every earlier
-    file has been moved aside (never deleted) with a line saying why. Raises UserError when the
+    file has been moved aside (never deleted) with a line saying why. A last.pt written by another
+    world size (train.devices) is not continued. Run by rank 0 alone: it moves and rewrites files. Raises UserError when the
     schedule is shorter than the epochs already trained."""
     last = out / "last.pt"
     if not last.exists():
@@ -209,6 +245,12 @@ def _resume(p: TrainParams, data: Path, out: Path) -> tuple[dict[str, Any] | Non
     if missing:
         _move_aside(out, f"starting afresh: {last} lacks {', '.join(missing)} (written by an older "
                          f"version of train, or edited)")
+        return None, []
+    written = state.get("world_size", 1)
+    if written != world_size:
+        _move_aside(out, f"starting afresh: {last} was written by {written} process(es), this run has "
+                         f"{world_size} (train.devices); each process's pool and random streams cannot be "
+                         f"split or merged exactly")
         return None, []
     changed = _differences(state["run_params"], run_params(p))
     other_data = state["data_names"] != data_names(data)
@@ -262,9 +304,10 @@ def _check_epoch_files(out: Path, state: dict[str, Any]) -> None:
 
 def _restore(state: dict[str, Any], last: Path, models, opt_G, opt_D, sched_G, sched_D, pool_A, pool_B,
              g_data: torch.Generator, g_pool: torch.Generator, device: torch.device,
-             rule: Callable[[int], float] | None) -> None:
-    """Load a verified last.pt state into the run's objects; `rule` (the new lr rule) when the
-    schedule was extended. Raises UserError (one line) when the state does not fit the models."""
+             rule: Callable[[int], float] | None, rank: Rank = Rank()) -> None:
+    """Load a verified last.pt state into the run's objects (rank 0's pools from the top level, other
+    ranks' from `other_ranks`); `rule` (the new lr rule) when the schedule was extended. Raises
+    UserError (one line) when the state does not fit the models."""
     try:
         for name in ("G_A", "G_B", "D_A", "D_B"):
             getattr(models, name).load_state_dict(state["nets"][name])
@@ -272,11 +315,13 @@ def _restore(state: dict[str, Any], last: Path, models, opt_G, opt_D, sched_G, s
         opt_D.load_state_dict(state["opt_D"])
         sched_G.load_state_dict(state["sched_G"])
         sched_D.load_state_dict(state["sched_D"])
-        pool_A.load(state["pool_A"], device)
-        pool_B.load(state["pool_B"], device)
+        own = ({"pool_A": state["pool_A"], "pool_B": state["pool_B"], "pool": state["rng"]["pool"]}
+               if rank.main else state["other_ranks"][rank.rank - 1])
+        pool_A.load(own["pool_A"], device)
+        pool_B.load(own["pool_B"], device)
+        g_pool.set_state(own["pool"])
         torch.set_rng_state(state["rng"]["torch"])
         g_data.set_state(state["rng"]["data"])
-        g_pool.set_state(state["rng"]["pool"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
@@ -412,6 +457,11 @@ def _speed_hint(device: torch.device, p: TrainParams) -> str:
     return "stop the other work, or train on another machine"
 
 
+def _rank_state(pool_A: ImagePool, pool_B: ImagePool, g_pool: torch.Generator) -> dict[str, Any]:
+    """What is this rank's own: its pools and the random stream they draw from."""
+    return {"pool_A": pool_A.state(), "pool_B": pool_B.state(), "pool": g_pool.get_state()}
+
+
 def _log_epoch(live, record: dict[str, Any]) -> None:
     live.step = record["epoch"]
     for name, value in record["metrics"].items():
@@ -423,28 +473,45 @@ def _log_epoch(live, record: dict[str, Any]) -> None:
 
 
 def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: Path = LIVE,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, rank: Rank = Rank()) -> dict[str, Any]:
     """Train to p.epochs + p.epochs_decay (or stop after epoch `stop_after`, for tests that
-    simulate an interruption). Returns the final history record."""
+    simulate an interruption). Returns the final history record (rank 0; other ranks return {}).
+
+    `rank`: this process's place in a data-parallel job (joins the process group if not yet done,
+    see unpaired.distributed); by default the only process. Every rank trains on its share of each
+    epoch; rank 0 alone decides about resuming, and writes checkpoints, logs and samples.
+    Raises UserError (one line) for unusable data, a shorter schedule than the checkpoint's, a
+    checkpoint that does not fit, and non-finite losses or weights."""
     from dvclive import Live  # imported here: dvclive pulls in dvc, slow to import for other users
 
     device = resolve_device(p.device)
+    if rank.distributed:
+        device = distributed.init(rank, device)
     threads.apply(p.threads)
     cuda = device.type == "cuda"
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = cuda
+    if cuda and not bf16_for(device, p.precision):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     images_A = load_folder(data / "trainA", p.load_size)
     images_B = load_folder(data / "trainB", p.load_size)
     expected = run_hash(p, data)
-    state, extended = _resume(p, data, out)
-    out.mkdir(parents=True, exist_ok=True)
+    state, extended = _resume(p, data, out, rank.world_size) if rank.main else (None, [])
+    if rank.distributed:   # rank 0's decision (it has verified last.pt); the others read the same file
+        resumed, extended = rank.gather((state is not None, extended))[0]
+        if resumed and not rank.main:
+            state = checkpoint.load(out / "last.pt")
+    if rank.main:
+        out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(p.seed)
-    g_data = torch.Generator().manual_seed(p.seed + 1)
-    g_pool = torch.Generator().manual_seed(p.seed + 2)
-    models = build_models(p.ngf, p.ndf, p.n_blocks, p.n_layers, device, channels_last=cuda)
-    opt_G, opt_D = optimizers(models, p.lr, p.beta1, fused=cuda)
+    g_data = torch.Generator().manual_seed(p.seed + 1)          # the epoch plan: the same on every rank
+    g_pool = torch.Generator().manual_seed(p.seed + 2 + 1_000_003 * rank.rank)   # (seed, rank)
+    channels_last = cuda and channels_last_ok(device)
+    models = build_models(p.ngf, p.ndf, p.n_blocks, p.n_layers, device, channels_last=channels_last)
+    lr = p.scaled_lr(rank.world_size)
+    opt_G, opt_D = optimizers(models, lr, p.beta1, fused=cuda)
     rule = lambda e: lr_factor(e, p.epochs, p.epochs_decay)  # noqa: E731
     sched_G = torch.optim.lr_scheduler.LambdaLR(opt_G, rule)
     sched_D = torch.optim.lr_scheduler.LambdaLR(opt_D, rule)
@@ -453,53 +520,76 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
     start = 0
     if state is not None:
         _restore(state, out / "last.pt", models, opt_G, opt_D, sched_G, sched_D, pool_A, pool_B,
-                 g_data, g_pool, device, rule if extended else None)
+                 g_data, g_pool, device, rule if extended else None, rank)
         history = state["history"]
         start = state["epoch"]
-        print(f"train: resuming from {out / 'last.pt'} at epoch {start}")
-    if p.compile:
-        for net in (models.G_A, models.G_B, models.D_A, models.D_B):
-            net.compile()
+        if rank.main:
+            print(f"train: resuming from {out / 'last.pt'} at epoch {start}")
+    if rank.distributed:
+        models = distribute(models, device)
+    if p.compile_mode:
+        models = compile_models(models, p.compile_mode)
 
-    feeder = DeviceFeeder(images_A, images_B, p.crop_size, not p.no_flip, p.batch_size, device, cuda)
+    data_device, why = choose_data_device(p.data_device, device, images_A.nbytes + images_B.nbytes)
+    feeder = DeviceFeeder(images_A, images_B, p.crop_size, not p.no_flip, p.batch_size, device,
+                          channels_last, data_device, rank.rank, rank.world_size)
+    if rank.main:
+        print(f"train: {why}")
+        if rank.distributed:
+            print(f"train: {rank.world_size} processes ({'NCCL' if cuda else 'gloo'}), batch {p.batch_size} "
+                  f"each: effective batch {p.batch_size * rank.world_size}, lr {lr:.2e} "
+                  f"(train.lr_scaling: {p.lr_scaling})")
     sample_A = fixed_images(data / "testA", p.samples, p.crop_size).to(device)
     sample_B = fixed_images(data / "testB", p.samples, p.crop_size).to(device)
     autocast = autocast_for(device, p.precision)
     model_cfg = {"ngf": p.ngf, "n_blocks": p.n_blocks, "in_channels": 3, "out_channels": 3}
 
-    _reset_live(live_dir)
-    live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
-    for record in history:
-        _log_epoch(live, record)
+    live = None
+    if rank.main:
+        _reset_live(live_dir)
+        live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
+        for record in history:
+            _log_epoch(live, record)
 
     total = p.epochs + p.epochs_decay
     end = total if stop_after is None else min(total, stop_after)
-    progress = Progress(feeder.steps_per_epoch, max(len(images_A), len(images_B)) / feeder.steps_per_epoch,
-                        total, _speed_hint(device, p))
+    images_per_step = feeder.images_per_epoch * rank.world_size / feeder.steps_per_epoch
+    progress = Progress(feeder.steps_per_epoch, images_per_step, total, _speed_hint(device, p))
     for epoch in range(start + 1, end + 1):
-        for net in (models.G_A, models.G_B, models.D_A, models.D_B):
+        for net in models.nets():
             net.train()
         plan = feeder.plan(g_data)
+        pool_A.prepare(feeder.images_per_epoch, device)
+        pool_B.prepare(feeder.images_per_epoch, device)
         sums = torch.zeros(len(LOSS_NAMES), device=device)
         lr = opt_G.param_groups[0]["lr"]
         t0 = time.perf_counter()
         bar = tqdm(feeder.batches(plan), total=feeder.steps_per_epoch, desc=f"epoch {epoch}/{total}",
-                   unit="it", leave=False, disable=None)
-        progress.start_epoch(epoch, plain=bar.disable)
+                   unit="it", leave=False, disable=None if rank.main else True)
+        progress.start_epoch(epoch, plain=bar.disable and rank.main)
         for step, (real_A, real_B) in enumerate(bar, 1):
             sums += train_step(models, opt_G, opt_D, pool_A, pool_B, real_A, real_B,
-                               p.lambda_cycle, p.lambda_identity, autocast)
+                               p.lambda_cycle, p.lambda_identity, autocast, p.batched_passes)
             if step % LOG_EVERY == 0 and not bar.disable:   # one device read per LOG_EVERY steps
                 bar.set_postfix({k: f"{v:.2f}" for k, v in zip(LOSS_NAMES, (sums / step).tolist())})
             progress.step(step, sums)
-        means = (sums / feeder.steps_per_epoch).tolist()          # the one host sync of the epoch
+        rank.sum(sums)                                            # losses of all ranks, for the log
+        means = (sums / (feeder.steps_per_epoch * rank.world_size)).tolist()   # the epoch's one host sync
         seconds = time.perf_counter() - t0
-        _check_finite(epoch, total, dict(zip(LOSS_NAMES, means)), p, out)
+        _check_finite(epoch, total, dict(zip(LOSS_NAMES, means)), p, out)   # the same on every rank
         sched_G.step()
         sched_D.step()
         metrics = dict(zip(LOSS_NAMES, means))
         metrics["lr"] = lr
-        metrics["images_per_s"] = len(plan["a"]) / seconds
+        metrics["images_per_s"] = feeder.images_per_epoch * rank.world_size / seconds
+        saving = epoch % p.save_every == 0 or epoch == total
+        if saving:   # every rank holds the same weights: every rank stops here alike
+            _check_finite_weights(models, epoch, total, p, out)
+        others = rank.gather(_rank_state(pool_A, pool_B, g_pool))[1:] if saving else []
+        if not rank.main:
+            if saving:
+                rank.barrier()              # wait for rank 0's checkpoint (see below)
+            continue
         sample = None
         if len(sample_A) and len(sample_B):
             models.G_A.eval()
@@ -512,17 +602,18 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
                                                      if k in LOSS_NAMES)
               + f"  lr {lr:.2e}  {metrics['images_per_s']:.1f} img/s", flush=True)
         progress.end_epoch(metrics["images_per_s"])
-        if epoch % p.save_every == 0 or epoch == total:
-            _check_finite_weights(models, epoch, total, p, out)
+        if saving:
             payload = checkpoint.generators_payload(epoch, model_cfg, models.G_A, models.G_B)
             full = dict(payload)
             full.update({
                 "run_hash": expected, "run_params": run_params(p), "data_names": data_names(data),
+                "world_size": rank.world_size,
                 "nets": {name: {k: v.detach().cpu() for k, v in getattr(models, name).state_dict().items()}
                          for name in ("G_A", "G_B", "D_A", "D_B")},
                 "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
                 "sched_G": sched_G.state_dict(), "sched_D": sched_D.state_dict(),
                 "pool_A": pool_A.state(), "pool_B": pool_B.state(),
+                "other_ranks": others,          # ranks 1.. : their pools and pool streams
                 "rng": {"torch": torch.get_rng_state(), "data": g_data.get_state(),
                         "pool": g_pool.get_state(),
                         "cuda": torch.cuda.get_rng_state(device) if cuda else None},
@@ -530,18 +621,44 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
             })
             checkpoint.save(full, out / "last.pt")     # first: a missing epoch file is rebuilt from it
             checkpoint.save(payload, out / f"epoch_{epoch:03d}.pt")
-    live.end()
-    (live_dir / "plots" / "images").mkdir(parents=True, exist_ok=True)   # a declared output, even empty
-    return history[-1] if history else {}
+            rank.barrier()                  # no rank goes on (or exits) before the files are whole
+    if live is not None:
+        live.end()
+        (live_dir / "plots" / "images").mkdir(parents=True, exist_ok=True)   # a declared output, even empty
+    return history[-1] if history and rank.main else {}
 
 
 def main() -> None:
     p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
-    with output_lock(CHECKPOINTS):   # one train run at a time: a second one stops here, naming the first
-        remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
-        if PACKED.is_file():       # after a `dvc pull` only the tar is there
-            unpack_view(PACKED, DATA)
-        train(p)
+    rank = distributed.from_env()
+    if rank is None and p.devices > 1:
+        # This process is the launcher: check, lock, clean and unpack once, then run p.devices
+        # copies of the stage (they inherit the lock: LOCK_HELD).
+        distributed.check_devices(p.devices, resolve_device(p.device))
+        with output_lock(CHECKPOINTS):
+            remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
+            if PACKED.is_file():
+                unpack_view(PACKED, DATA)
+            os.environ[LOCK_HELD] = str(os.getpid())
+            distributed.launch(p.devices, "stages.train")
+        return
+    rank = rank or Rank()
+    # One train run at a time: a second one stops here, naming the first. Under torchrun by hand
+    # (several nodes on a shared filesystem) rank 0 takes the lock for the job.
+    locked = rank.main and not os.environ.get(LOCK_HELD)
+    with output_lock(CHECKPOINTS) if locked else contextlib.nullcontext():
+        if rank.distributed:          # run by torchrun (by the launcher above, or by hand on each node)
+            distributed.init(rank, resolve_device(p.device))
+        if rank.main:
+            if locked:
+                remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
+            if PACKED.is_file():       # after a `dvc pull` only the tar is there
+                unpack_view(PACKED, DATA)
+        rank.barrier()                 # (several nodes share one filesystem: rank 0 unpacks)
+        try:
+            train(p, rank=rank)
+        finally:
+            distributed.finish(rank)
 
 
 if __name__ == "__main__":

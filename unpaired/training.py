@@ -1,5 +1,7 @@
 """CycleGAN training pieces: the image pool, the learning-rate rule, the device-resident data feeder
-and one optimisation step in the reference order (G step with both Ds frozen, then D step).
+(sharded by rank for data-parallel runs), the generator and discriminator pair modules (the units
+DDP wraps and torch.compile compiles) and one optimisation step in the reference order (G step with
+both Ds frozen, then D step), its independent passes batched by default.
 
 Naming follows the reference implementation: G_A maps A→B, G_B maps B→A, D_A judges domain B
 (real B vs G_A's fakes), D_B judges domain A. Losses: G_A, G_B (LSGAN), cycle_A, cycle_B (L1 × λ),
@@ -29,35 +31,79 @@ class ImagePool:
     """The history buffer of generated images (Shrivastava et al.) as the reference uses it: until
     `size` images are stored, each new image is stored and returned; after that, with probability
     1/2 a random stored image is returned and replaced by the new one, else the new one is returned.
-    Randomness comes from `generator` (CPU), so the pool is reproducible and resumable."""
+    Images of a batch are taken one after the other, as the reference does.
+
+    Written with tensors only (a fixed buffer on the images' device, a stored-count tensor, and the
+    random draws made ahead on the CPU `generator`), so a query never reads a value back to the host
+    and `torch.compile` sees no data-dependent Python branch. `prepare(n)` draws the next `n`
+    queries' randomness in one go (the stage calls it once per epoch, like the crops); a query past
+    the prepared draws draws what it needs itself. Reproducible and resumable: `state()`/`load()`."""
 
     def __init__(self, size: int, generator: torch.Generator):
         self.size = size
-        self.images: list[torch.Tensor] = []
         self.generator = generator
+        self.buffer: torch.Tensor | None = None      # size×C×H×W once the first image arrives
+        self.count: torch.Tensor | None = None       # 0-d int64: images stored (<= size)
+        self._u = torch.empty(0)                      # per-image uniform draw in [0, 1)
+        self._index = torch.empty(0, dtype=torch.long)   # per-image slot draw in [0, size)
+
+    def prepare(self, n: int, device: torch.device | None = None) -> None:
+        """Draw the randomness of the next `n` images (two draws per image, even while filling)."""
+        if self.size == 0:
+            return
+        u = torch.rand(n, generator=self.generator)
+        index = torch.randint(self.size, (n,), generator=self.generator)
+        device = device if device is not None else self._u.device
+        self._u = torch.cat([self._u.to(device), u.to(device)])
+        self._index = torch.cat([self._index.to(device), index.to(device)])
 
     def query(self, images: torch.Tensor) -> torch.Tensor:
+        """images: B×C×H×W (any float dtype) → B×C×H×W, each image the new one or a stored one."""
+        images = images.detach()
         if self.size == 0:
             return images
+        if len(self._u) < len(images):
+            self.prepare(len(images) - len(self._u), images.device)
+        if self.buffer is None:
+            self.buffer = images.new_zeros((self.size, *images.shape[1:]))
+            self.count = torch.zeros((), dtype=torch.long, device=images.device)
+        u, index = self._u[:len(images)], self._index[:len(images)]
+        self._u, self._index = self._u[len(images):], self._index[len(images):]
         out = []
-        for image in images.detach():
-            image = image.unsqueeze(0)
-            if len(self.images) < self.size:
-                self.images.append(image.clone())
-                out.append(image)
-            elif torch.rand((), generator=self.generator).item() > 0.5:
-                index = int(torch.randint(self.size, (), generator=self.generator).item())
-                out.append(self.images[index].clone())
-                self.images[index] = image.clone()
-            else:
-                out.append(image)
+        for i in range(len(images)):
+            new = images[i:i + 1]
+            filling = self.count < self.size
+            slot = torch.where(filling, self.count, index[i]).view(1)
+            swap = ~filling & (u[i] > 0.5)
+            old = self.buffer.index_select(0, slot)
+            out.append(torch.where(swap, old, new))
+            self.buffer.index_copy_(0, slot, torch.where(filling | swap, new, old).to(self.buffer.dtype))
+            self.count = torch.clamp(self.count + 1, max=self.size)
         return torch.cat(out, 0)
 
-    def state(self) -> list[torch.Tensor]:
-        return [im.detach().cpu() for im in self.images]
+    @property
+    def images(self) -> list[torch.Tensor]:
+        """The stored images, 1×C×H×W each (reads the count back: for tests and checkpoints)."""
+        if self.buffer is None:
+            return []
+        return list(self.buffer[:int(self.count)].split(1))
 
-    def load(self, images: list[torch.Tensor], device: torch.device) -> None:
-        self.images = [im.to(device) for im in images]
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"images": torch.cat(self.images) if self.images else torch.empty(0),
+                "u": self._u.cpu(), "index": self._index.cpu()}
+
+    def load(self, state, device: torch.device) -> None:
+        """From `state()`; also accepts the list of 1×C×H×W images older checkpoints hold."""
+        if isinstance(state, list):
+            state = {"images": torch.cat(state) if state else torch.empty(0)}
+        images = state["images"]
+        self._u = state.get("u", torch.empty(0)).to(device)
+        self._index = state.get("index", torch.empty(0, dtype=torch.long)).to(device)
+        self.buffer = self.count = None
+        if len(images):
+            self.buffer = images.new_zeros((self.size, *images.shape[1:])).to(device)
+            self.buffer[:len(images)] = images.to(device)
+            self.count = torch.tensor(len(images), dtype=torch.long, device=device)
 
 
 def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
@@ -83,25 +129,90 @@ def load_folder(folder: Path, load_size: int) -> torch.Tensor:
     return torch.stack(images)
 
 
+def channels_last_ok(device: torch.device) -> bool:
+    """Whether `device` computes instance norm's input gradient right when the incoming gradient is
+    channels-last, at batch 1 and 2 (measured wrong on CPU at batch 1 in torch 2.15: the error was
+    larger than the gradient). A few small ops against a float64 contiguous computation on the CPU;
+    the train stage uses channels-last only where this holds. tests/test_accel.py checks a whole
+    step's gradients in every memory format and batch arrangement."""
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 2):
+        x = torch.randn(batch, 8, 6, 6, generator=g, dtype=torch.float64)
+        up = torch.randn(batch, 8, 6, 6, generator=g, dtype=torch.float64)
+        x64 = x.clone().requires_grad_(True)
+        F.instance_norm(x64).backward(up)
+        xd = x.float().to(device).requires_grad_(True)
+        F.instance_norm(xd).backward(up.float().to(device).contiguous(memory_format=torch.channels_last))
+        err = (xd.grad.double().cpu() - x64.grad).abs().max() / x64.grad.abs().max()
+        if not err < 1e-3:
+            return False
+    return True
+
+
+def choose_data_device(setting: str, device: torch.device, nbytes: int, share: float = 0.25
+                       ) -> tuple[torch.device, str]:
+    """Where the training images live: `device` or `host` as asked; `auto` keeps them on a CUDA
+    device when they take at most `share` of its free memory, else in pinned host memory (batches
+    copied asynchronously). Returns (device, the reason, for the log line)."""
+    mib = nbytes / 2 ** 20
+    if device.type != "cuda":
+        return device, f"{mib:.0f} MiB of images on {device.type} (host memory is the device's)"
+    if setting == "device":
+        return device, f"{mib:.0f} MiB of images on {device} (train.data_device: device)"
+    if setting == "host":
+        return torch.device("cpu"), f"{mib:.0f} MiB of images in pinned host memory (train.data_device: host)"
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes <= share * free:
+        return device, (f"{mib:.0f} MiB of images on {device}: within {share:.0%} of its "
+                        f"{free / 2 ** 30:.1f} GiB free (train.data_device: auto)")
+    return torch.device("cpu"), (f"{mib:.0f} MiB of images in pinned host memory: more than {share:.0%} of "
+                                 f"{device}'s {free / 2 ** 30:.1f} GiB free (train.data_device: auto)")
+
+
 class DeviceFeeder:
     """Batches for one epoch, drawn on the CPU generator up front (indices, crop offsets, flips: a
-    few small tensors per epoch), then cut out of the device-resident uint8 images on the device. No
-    per-step decode and no host-to-device copy of pixels."""
+    few small tensors per epoch), then cut out of the uint8 images on the training device.
+
+    Images on the device (`data_device` None or equal to `device`): no per-step decode and no
+    host-to-device copy of pixels. Images on the host (`data_device` cpu, training on CUDA): they
+    sit in pinned memory; each batch's whole images are copied asynchronously (one batch ahead)
+    and cropped on the device.
+
+    Data parallel (`world_size` > 1): every rank draws the same epoch plan, padded by wrapping to
+    a multiple of world_size × batch_size (as torch's DistributedSampler pads), and takes its
+    share of every global batch: rank r's step k is global samples [(k·W + r)·b, (k·W + r + 1)·b).
+    The ranks together make one epoch of max(|A|, |B|) images (plus the padding)."""
 
     def __init__(self, images_a: torch.Tensor, images_b: torch.Tensor, crop: int, flip: bool,
-                 batch_size: int, device: torch.device, channels_last: bool):
-        self.a = images_a.to(device)
-        self.b = images_b.to(device)
-        self.crop, self.flip, self.batch_size = crop, flip, batch_size
+                 batch_size: int, device: torch.device, channels_last: bool,
+                 data_device: torch.device | None = None, rank: int = 0, world_size: int = 1,
+                 copy_per_batch: bool | None = None):
         self.device = device
+        self.data_device = device if data_device is None else data_device
+        # Copy each batch's whole images to `device` (None: when the images live elsewhere; True
+        # on the CPU runs that path in tests, pinning and the asynchronous copy aside).
+        self.host = self.data_device != device if copy_per_batch is None else copy_per_batch
+        self.a = images_a.to(self.data_device)
+        self.b = images_b.to(self.data_device)
+        if self.host and torch.cuda.is_available():
+            self.a, self.b = self.a.pin_memory(), self.b.pin_memory()
+        self.crop, self.flip, self.batch_size = crop, flip, batch_size
+        self.rank, self.world_size = rank, world_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(max(len(self.a), len(self.b)) / self.batch_size)
+        return math.ceil(max(len(self.a), len(self.b)) / (self.batch_size * self.world_size))
+
+    @property
+    def images_per_epoch(self) -> int:
+        """Images this rank takes per epoch."""
+        n = max(len(self.a), len(self.b))
+        return n if self.world_size == 1 else self.steps_per_epoch * self.batch_size
 
     def plan(self, g: torch.Generator) -> dict[str, torch.Tensor]:
-        """The reference's sampling: A in a shuffled order over max(|A|, |B|) (wrapping), B at random."""
+        """The reference's sampling: A in a shuffled order over max(|A|, |B|) (wrapping), B at
+        random; then this rank's share (see the class docstring)."""
         n = max(len(self.a), len(self.b))
         load = self.a.shape[-1]
         plan = {
@@ -110,44 +221,149 @@ class DeviceFeeder:
             "offsets": torch.randint(load - self.crop + 1, (n, 2, 2), generator=g),
             "flips": (torch.rand((n, 2), generator=g) < 0.5) & self.flip,
         }
-        return {k: v.to(self.device) for k, v in plan.items()}
+        if self.world_size > 1:
+            b, w, steps = self.batch_size, self.world_size, self.steps_per_epoch
+            order = torch.arange(steps * w * b) % n                     # padded by wrapping
+            mine = order.view(steps, w, b)[:, self.rank].reshape(-1)
+            plan = {k: v[mine] for k, v in plan.items()}
+        index_device = self.data_device
+        return {k: v.to(index_device if k in ("a", "b") else self.device) for k, v in plan.items()}
 
-    def _take(self, images, index, offsets, flips) -> torch.Tensor:
+    def _take(self, batch, offsets, flips) -> torch.Tensor:
         # Per-image crop windows: build the gather index once per batch (all on the device).
         ar = torch.arange(self.crop, device=self.device)
         rows = (offsets[:, 0, None] + ar)[:, :, None]                   # B×crop×1
         cols = (offsets[:, 1, None] + ar)                               # B×crop
         cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, :]  # B×1×crop
-        batch = images[index]                                           # B×3×L×L uint8
-        b = torch.arange(len(index), device=self.device)[:, None, None]
+        b = torch.arange(len(batch), device=self.device)[:, None, None]
         crops = batch.permute(0, 2, 3, 1)[b, rows, cols]                # B×crop×crop×3
         out = crops.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         return out.contiguous(memory_format=self.memory_format)
 
+    def _whole(self, plan, sl):
+        """This step's whole uint8 images (B×3×L×L) on the device: indexed there, or gathered on
+        the host into pinned memory and copied without blocking."""
+        a, b = self.a[plan["a"][sl]], self.b[plan["b"][sl]]
+        if self.host:
+            pin = torch.cuda.is_available()
+            a, b = ((x.pin_memory() if pin else x).to(self.device, non_blocking=True) for x in (a, b))
+        return a, b
+
     def batches(self, plan: dict[str, torch.Tensor]):
         n = len(plan["a"])
-        for start in range(0, n, self.batch_size):
-            sl = slice(start, min(start + self.batch_size, n))
-            yield (self._take(self.a, plan["a"][sl], plan["offsets"][sl, 0], plan["flips"][sl, 0]),
-                   self._take(self.b, plan["b"][sl], plan["offsets"][sl, 1], plan["flips"][sl, 1]))
+        slices = [slice(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
+        ahead = self._whole(plan, slices[0]) if slices else None
+        for i, sl in enumerate(slices):
+            a, b = ahead
+            if i + 1 < len(slices):
+                ahead = self._whole(plan, slices[i + 1])   # next copy queued before this step's work
+            yield (self._take(a, plan["offsets"][sl, 0], plan["flips"][sl, 0]),
+                   self._take(b, plan["offsets"][sl, 1], plan["flips"][sl, 1]))
+
+
+class Generators(nn.Module):
+    """G_A and G_B as one module whose one forward call runs every generator pass of a G step: the
+    unit DistributedDataParallel wraps (DDP expects one forward per backward) and compile compiles.
+
+    `batched=True` runs independent passes as one batch (instance norm is per sample, so the numbers
+    are those of separate calls up to float rounding): G_A(cat[real_A, real_B]) gives fake_B and the
+    identity image G_A(real_B); G_B(cat[real_B, real_A, fake_B]) gives fake_A, G_B(real_A) and rec_A;
+    then G_A(fake_A) gives rec_B. Three calls instead of six. `batched=False` is the reference order.
+    Returns (fake_B, rec_A, fake_A, rec_B, idt_A_image, idt_B_image); the last two are None when
+    `identity` is False. Shapes B×3×H×W as the inputs."""
+
+    def __init__(self, G_A: nn.Module, G_B: nn.Module):
+        super().__init__()
+        self.G_A, self.G_B = G_A, G_B
+
+    def forward(self, real_A: torch.Tensor, real_B: torch.Tensor, identity: bool, batched: bool):
+        n = len(real_A)
+        if batched:
+            if identity:
+                fake_B, same_B = self.G_A(torch.cat([real_A, real_B])).split(n)
+                fake_A, same_A, rec_A = self.G_B(torch.cat([real_B, real_A, fake_B])).split(n)
+            else:
+                fake_B, same_B, same_A = self.G_A(real_A), None, None
+                fake_A, rec_A = self.G_B(torch.cat([real_B, fake_B])).split(n)
+            rec_B = self.G_A(fake_A)
+            return fake_B, rec_A, fake_A, rec_B, same_B, same_A
+        fake_B = self.G_A(real_A)
+        rec_A = self.G_B(fake_B)
+        fake_A = self.G_B(real_B)
+        rec_B = self.G_A(fake_A)
+        same_B = self.G_A(real_B) if identity else None
+        same_A = self.G_B(real_A) if identity else None
+        return fake_B, rec_A, fake_A, rec_B, same_B, same_A
+
+
+class Discriminators(nn.Module):
+    """D_A and D_B as one module for the D step (one forward per backward, for DDP). Returns D_A's
+    predictions on real B and on the pooled fake B, then D_B's on real A and pooled fake A.
+    `batched=True` runs D_A(cat[real_B, fake_B]) and D_B(cat[real_A, fake_A]); else four calls."""
+
+    def __init__(self, D_A: nn.Module, D_B: nn.Module):
+        super().__init__()
+        self.D_A, self.D_B = D_A, D_B
+
+    def forward(self, real_A, real_B, fake_A, fake_B, batched: bool):
+        if batched:
+            n = len(real_A)
+            real_b, fake_b = self.D_A(torch.cat([real_B, fake_B])).split(n)
+            real_a, fake_a = self.D_B(torch.cat([real_A, fake_A])).split(n)
+            return real_b, fake_b, real_a, fake_a
+        return self.D_A(real_B), self.D_A(fake_B), self.D_B(real_A), self.D_B(fake_A)
 
 
 @dataclass
 class Models:
+    """The four networks, and the two pair modules a step calls (the same networks; DDP-wrapped and
+    compiled versions replace `generators`/`discriminators`, the raw networks stay reachable)."""
     G_A: nn.Module
     G_B: nn.Module
     D_A: nn.Module
     D_B: nn.Module
+    generators: nn.Module | None = None
+    discriminators: nn.Module | None = None
+
+    def __post_init__(self):
+        if self.generators is None:
+            self.generators = Generators(self.G_A, self.G_B)
+        if self.discriminators is None:
+            self.discriminators = Discriminators(self.D_A, self.D_B)
+
+    def nets(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        return self.G_A, self.G_B, self.D_A, self.D_B
 
 
 def build_models(ngf: int, ndf: int, n_blocks: int, n_layers: int, device: torch.device,
-                 channels_last: bool) -> Models:
+                 channels_last: bool, dtype: torch.dtype = torch.float32) -> Models:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     nets = [init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks)),
             init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks)),
             init_weights(PatchDiscriminator(ndf=ndf, n_layers=n_layers)),
             init_weights(PatchDiscriminator(ndf=ndf, n_layers=n_layers))]
-    return Models(*(n.to(device=device, memory_format=fmt) for n in nets))
+    return Models(*(n.to(device=device, dtype=dtype, memory_format=fmt) for n in nets))
+
+
+def distribute(m: Models, device: torch.device) -> Models:
+    """Wrap the pair modules in DistributedDataParallel (process group already initialised):
+    gradients are averaged over ranks in the backward; rank 0's weights are broadcast at wrap time.
+    The G step calls the raw Ds (frozen there; a DDP-wrapped module whose forward produces no
+    gradients in a backward would leave its reducer waiting)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [device.index] if device.type == "cuda" else None
+    return Models(m.G_A, m.G_B, m.D_A, m.D_B,
+                  DDP(m.generators, device_ids=ids),
+                  DDP(m.discriminators, device_ids=ids))
+
+
+def compile_models(m: Models, mode: str, backend: str = "inductor") -> Models:
+    """torch.compile the pair modules (`mode`: "default" or "reduce-overhead", as torch names them;
+    reduce-overhead adds CUDA graphs on CUDA). Each pair compiles as one graph: nothing in a step's
+    network passes reads a value back to the host (the pool and the losses stay on the device)."""
+    kw = {"mode": mode} if backend == "inductor" else {}
+    return Models(m.G_A, m.G_B, m.D_A, m.D_B, torch.compile(m.generators, backend=backend, **kw),
+                  torch.compile(m.discriminators, backend=backend, **kw))
 
 
 def optimizers(m: Models, lr: float, beta1: float, fused: bool) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -164,6 +380,10 @@ def gan_loss(prediction: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(prediction.float(), target.float())
 
 
+def _l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(x.float(), y.float())
+
+
 def _requires_grad(nets, flag: bool) -> None:
     for net in nets:
         for p in net.parameters():
@@ -171,38 +391,39 @@ def _requires_grad(nets, flag: bool) -> None:
 
 
 def train_step(m: Models, opt_G, opt_D, pool_A: ImagePool, pool_B: ImagePool, real_A, real_B,
-               lambda_cycle: float, lambda_identity: float, autocast) -> torch.Tensor:
-    """One reference iteration; returns the 8 losses (LOSS_NAMES order) as a detached device tensor."""
-    # G step, discriminators frozen.
+               lambda_cycle: float, lambda_identity: float, autocast, batched: bool = True) -> torch.Tensor:
+    """One reference iteration: the G step with both Ds frozen, then the D step (D loss × 0.5).
+    real_A, real_B: B×3×H×W in [-1, 1]. Returns the 8 losses (LOSS_NAMES order) as a detached
+    float32 device tensor (no host sync). `batched` groups independent passes (see Generators);
+    False runs the reference order. Either way the D step runs one backward of D_A + D_B losses:
+    they share no parameters, so each D's gradient is what its own backward would give, bit for bit."""
+    identity = lambda_identity > 0
+    # G step, discriminators frozen (called raw: see distribute).
     _requires_grad((m.D_A, m.D_B), False)
     opt_G.zero_grad(set_to_none=True)
     with autocast():
-        fake_B = m.G_A(real_A)
-        rec_A = m.G_B(fake_B)
-        fake_A = m.G_B(real_B)
-        rec_B = m.G_A(fake_A)
-        if lambda_identity > 0:
-            idt_A = F.l1_loss(m.G_A(real_B).float(), real_B.float()) * lambda_cycle * lambda_identity
-            idt_B = F.l1_loss(m.G_B(real_A).float(), real_A.float()) * lambda_cycle * lambda_identity
+        fake_B, rec_A, fake_A, rec_B, same_B, same_A = m.generators(real_A, real_B, identity, batched)
+        if identity:
+            idt_A = _l1(same_B, real_B) * lambda_cycle * lambda_identity
+            idt_B = _l1(same_A, real_A) * lambda_cycle * lambda_identity
         else:
             idt_A = idt_B = real_A.new_zeros((), dtype=torch.float32)
         loss_G_A = gan_loss(m.D_A(fake_B), True)
         loss_G_B = gan_loss(m.D_B(fake_A), True)
-        cycle_A = F.l1_loss(rec_A.float(), real_A.float()) * lambda_cycle
-        cycle_B = F.l1_loss(rec_B.float(), real_B.float()) * lambda_cycle
+        cycle_A = _l1(rec_A, real_A) * lambda_cycle
+        cycle_B = _l1(rec_B, real_B) * lambda_cycle
         loss_G = loss_G_A + loss_G_B + cycle_A + cycle_B + idt_A + idt_B
     loss_G.backward()
     opt_G.step()
     # D step.
     _requires_grad((m.D_A, m.D_B), True)
     opt_D.zero_grad(set_to_none=True)
+    pooled_B = pool_B.query(fake_B)
+    pooled_A = pool_A.query(fake_A)
     with autocast():
-        pooled_B = pool_B.query(fake_B)
-        loss_D_A = (gan_loss(m.D_A(real_B), True) + gan_loss(m.D_A(pooled_B.detach()), False)) * 0.5
-    loss_D_A.backward()
-    with autocast():
-        pooled_A = pool_A.query(fake_A)
-        loss_D_B = (gan_loss(m.D_B(real_A), True) + gan_loss(m.D_B(pooled_A.detach()), False)) * 0.5
-    loss_D_B.backward()
+        real_b, fake_b, real_a, fake_a = m.discriminators(real_A, real_B, pooled_A, pooled_B, batched)
+        loss_D_A = (gan_loss(real_b, True) + gan_loss(fake_b, False)) * 0.5
+        loss_D_B = (gan_loss(real_a, True) + gan_loss(fake_a, False)) * 0.5
+    (loss_D_A + loss_D_B).backward()
     opt_D.step()
     return torch.stack([loss_G_A, loss_G_B, cycle_A, cycle_B, idt_A, idt_B, loss_D_A, loss_D_B]).detach().float()
