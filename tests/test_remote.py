@@ -24,7 +24,8 @@ def snapshot(repo: Path) -> dict[str, str]:
     for top in SHARED:
         for f in sorted((repo / top).rglob("*")):
             rel = f.relative_to(repo).as_posix()
-            if f.is_file() and not rel.startswith("data/cache/"):
+            # the download cache and train's lock file are not pipeline outputs (git-ignored, never pushed)
+            if f.is_file() and not rel.startswith("data/cache/") and rel != "models/.checkpoints.lock":
                 out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 
