@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="check this file instead (e.g. a copy before putting it in place); "
                         "default: the one in $TORCH_HOME/hub/checkpoints")
     args = ap.parse_args(argv)
+    from unpaired import threads
+    threads.passive_wait()   # before torch loads OpenMP (translate/export): see unpaired/threads.py
 
     def run() -> None:
         if args.command == "translate":
