@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from unpaired import params
+from unpaired.threads import cpu_count as cpu_cores   # the CPUs of this process's affinity mask
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,6 @@ def from_env() -> Rank | None:
     world = int(os.environ["WORLD_SIZE"])
     return Rank(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)),
                 int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def check_devices(n: int, device: torch.device, key: str = "train.devices") -> None:

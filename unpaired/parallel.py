@@ -1,13 +1,14 @@
 """Run a function over many items on all cores, with a progress bar, keeping input order."""
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 from tqdm import tqdm
+
+from unpaired.threads import cpu_count
 
 from unpaired.errors import UserError
 
@@ -16,7 +17,7 @@ R = TypeVar("R")
 
 
 def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpu_count()
 
 
 def pmap(fn: Callable[[A], R], items: Iterable[A], *, workers: int | None = None, desc: str = "",
