@@ -12,6 +12,7 @@ setup:
 	$(UV) sync --frozen
 
 repro: setup
+	$(UV) run python -m unpaired.params   # before DVC: a misspelled section would make it remove outputs
 	$(UV) run dvc repro
 
 test: setup

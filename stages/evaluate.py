@@ -213,7 +213,10 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
 
     has_metrics = features is not None
     best = select_best(rows, p.select, skipped_short)
-    if best["fallback"]:
+    if best["fallback"] and p.metrics == "off":   # the user turned FID/KID off: no alarm, one hint
+        print(f"evaluate: evaluate.metrics is off, so models/best holds the last epoch "
+              f"(set evaluate.select: last to say so)")
+    elif best["fallback"]:
         _warn(f"evaluate.select is {p.select}, but models/best holds {best['reason']}")
     best_row = next(r for r in rows if r["epoch"] == best["epoch"])
 

@@ -524,7 +524,8 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
         history = state["history"]
         start = state["epoch"]
         if rank.main:
-            print(f"train: resuming from {out / 'last.pt'} at epoch {start}")
+            print(f"train: resuming from {out / 'last.pt'}: epochs 1-{start} done, training from epoch "
+                  f"{start + 1}")
     if rank.distributed:
         models = distribute(models, device)
     if p.compile_mode:

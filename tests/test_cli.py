@@ -339,3 +339,16 @@ def test_every_subcommand_help_has_a_description_and_defaults(command, defaults,
     assert usage.startswith(f"usage: unpaired {command}") and len(description) > 40
     for d in defaults:
         assert d in " ".join(text.split()), (command, d)
+
+
+def test_a_folder_as_checkpoint_and_keep_size_without_size_are_one_line(tmp_path, capsys):
+    ckpt = save_generators(tmp_path / "best")
+    noise(tmp_path / "in" / "x.png", 24, 24)
+    folder = unpaired(capsys, "translate", str(ckpt.parent), str(tmp_path / "in"), "--out", str(tmp_path / "o"))
+    assert folder.returncode == 2 and folder.stderr == (
+        f"error: {ckpt.parent}: a folder, not a checkpoint file; pass a file in it, e.g. "
+        f"models/best/generators.pt or models/checkpoints/epoch_NNN.pt\n")
+    keep = unpaired(capsys, "translate", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                    "--keep-size")
+    assert keep.returncode == 2 and keep.stderr.startswith("error: --keep-size: only with --size N")
+    assert not (tmp_path / "o").exists()

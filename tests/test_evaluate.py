@@ -413,3 +413,14 @@ def test_weights_check_cli(tmp_path, monkeypatch, capsys):
 def argparse_namespace():
     import argparse
     return argparse.Namespace(payload="not a tensor")
+
+
+def test_metrics_off_on_purpose_is_a_note_not_a_warning(setup, capsys):
+    """evaluate.metrics: off with evaluate.select: kid takes the last epoch: the user chose that, so one
+    plain note with the setting that says so, no warning on stderr."""
+    _, dirs = setup
+    summary = evaluate(EvaluateParams(samples=2, select="kid", metrics="off"), **dirs)
+    out, err = capsys.readouterr()
+    assert summary["best_epoch"] == max(checkpoint.epoch_files(dirs["checkpoints"]))
+    assert "evaluate.metrics is off, so models/best holds the last epoch (set evaluate.select: last" in out
+    assert "warning" not in err

@@ -106,3 +106,22 @@ def test_every_stage_refuses_an_unknown_section(tmp_path, stage):
     assert proc.stderr.strip() == ("error: params.yaml: trian: unknown section; did you mean train? "
                                    "known: domains, prepare, train, evaluate, preset")
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("text, line", [
+    ("trian:\n  epochs: 1\n", "params.yaml: trian: unknown section; did you mean train?"),
+    ("domains: {}\nprepare: {}\nevaluate: {}\n", "params.yaml: train: missing section"),
+])
+def test_make_repro_checks_the_sections_before_dvc(tmp_path, text, line):
+    """DVC refuses a stage whose params section is missing only after removing the stage's outputs,
+    and before the stage's own check runs; so `make repro` runs `python -m unpaired.params` first."""
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    (tmp_path / "params.yaml").write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "unpaired.params"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(f"error: {line}")
+    assert len(proc.stderr.splitlines()) == 1
+    recipe = subprocess.run(["make", "-n", "repro"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert recipe.index("-m unpaired.params") < recipe.index("dvc repro")

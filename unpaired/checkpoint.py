@@ -119,6 +119,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]
     UserError when it is missing."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise UserError(f"{path}: a folder, not a checkpoint file; pass a file in it, e.g. "
+                            f"models/best/generators.pt or models/checkpoints/epoch_NNN.pt")
         raise UserError(f"{path}: checkpoint not found")
     _check_zip(path)     # cheap compared with the load; torch itself skips the CRCs
     try:

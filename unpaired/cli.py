@@ -410,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "translate":
             from unpaired.devices import check_device
             check_device(args.device, "--device")
+            if args.keep_size and args.size is None:
+                raise UserError("--keep-size: only with --size N (without --size, outputs already have the "
+                                "inputs' size)")
             done = translate_files(args.checkpoint, args.inputs, args.out, args.direction, args.size,
                                    args.batch_size, args.device, args.keep_size)
             if done.written:

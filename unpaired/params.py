@@ -161,3 +161,24 @@ def parse(cls: type[P], raw: dict[str, Any] | None, prefix: str) -> P:
 
 def as_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+# The sections dvc.yaml's stages declare as params: DVC itself refuses to run when one is missing
+# (`Parameters 'train' are missing from 'params.yaml'`), after removing that stage's outputs, so
+# `make repro` checks them first (python -m unpaired.params).
+STAGE_SECTIONS = ("domains", "prepare", "train", "evaluate")
+
+
+def check_file(path: str | Path = PARAMS_FILE) -> None:
+    """Raise ParamsError (one line) if `path` is not valid YAML, has an unknown top-level section
+    (with the nearest known name) or lacks a section that dvc.yaml's stages depend on."""
+    data = load(path)
+    for name in STAGE_SECTIONS:
+        if name not in data:
+            raise ParamsError(f"{path}: {name}: missing section (dvc.yaml's stages depend on "
+                              f"{', '.join(STAGE_SECTIONS)}); restore it, e.g. `git checkout {path}`")
+
+
+if __name__ == "__main__":
+    from unpaired.errors import main_guard
+    main_guard(check_file)
