@@ -524,8 +524,9 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
         history = state["history"]
         start = state["epoch"]
         if rank.main:
-            print(f"train: resuming from {out / 'last.pt'}: epochs 1-{start} done, training from epoch "
-                  f"{start + 1}")
+            total = p.epochs + p.epochs_decay
+            print(f"train: resuming from {out / 'last.pt'}: epochs 1-{start} done, "
+                  + (f"training from epoch {start + 1}" if start < total else "nothing left to train"))
     if rank.distributed:
         models = distribute(models, device)
     if p.compile_mode:
