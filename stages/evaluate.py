@@ -151,6 +151,17 @@ def select_best(rows: list[dict[str, Any]], select: str, skipped: str) -> dict[s
     return {"epoch": best, "selected_by": select, "fallback": False, "reason": reason}
 
 
+def _train_run(checkpoints: Path) -> dict[str, Any]:
+    """{"device": "cpu"|"cuda"|"mps", "world_size": N} as models/checkpoints/last.pt records them (what
+    train.device auto resolved to, and train.devices), for the report; {} when last.pt is absent,
+    unreadable or older than that record."""
+    try:
+        last = checkpoint.load(checkpoints / "last.pt")
+    except UserError:
+        return {}
+    return {k: last[k] for k in ("device", "world_size") if isinstance(last, dict) and k in last}
+
+
 def _clean_stale(folder: Path) -> None:
     """Remove temporaries a killed run left in `folder` (atomic writers' `.<name>.tmp-*`)."""
     if folder.is_dir():
@@ -266,7 +277,8 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
             "selected_by": best["selected_by"], "select_fallback": best["fallback"],
             "metrics_available": has_metrics, "metrics_skipped": skipped_why,
             "weights": weights_facts() if skipped_why and "Inception" in skipped_why else {},
-            "notes": notes, "device": str(device), "epochs": [r["epoch"] for r in rows]}
+            "notes": notes, "device": str(device), "epochs": [r["epoch"] for r in rows],
+            "train_run": _train_run(checkpoints)}
     atomic_write_json(metrics_dir / "eval_info.json", info)
     summary = {**info, "final": rows[-1], "best": best_row}
     write_report(metrics_dir / "report.html", summary=summary, table=pd.DataFrame(rows), grids=sorted(grids),

@@ -609,7 +609,7 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
             full = dict(payload)
             full.update({
                 "run_hash": expected, "run_params": run_params(p), "data_names": data_names(data),
-                "world_size": rank.world_size,
+                "world_size": rank.world_size, "device": device.type,   # what `auto` resolved to (report)
                 "nets": {name: {k: v.detach().cpu() for k, v in getattr(models, name).state_dict().items()}
                          for name in ("G_A", "G_B", "D_A", "D_B")},
                 "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),

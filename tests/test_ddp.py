@@ -93,7 +93,7 @@ def test_interrupted_two_process_run_resumes_bitwise(runs):
     tsv = lambda d: (one / d / "plots" / "metrics" / "G_A.tsv").read_text()  # noqa: E731
     assert tsv("live_straight") == tsv("live_resumed")
     last = checkpoint.load(one / "straight" / "last.pt")
-    assert last["world_size"] == 2 and len(last["other_ranks"]) == 1
+    assert last["world_size"] == 2 and len(last["other_ranks"]) == 1 and last["device"] == "cpu"
     assert sorted(p.name for p in (one / "straight").iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
 
 

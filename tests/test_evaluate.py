@@ -424,3 +424,19 @@ def test_metrics_off_on_purpose_is_a_note_not_a_warning(setup, capsys):
     assert summary["best_epoch"] == max(checkpoint.epoch_files(dirs["checkpoints"]))
     assert "evaluate.metrics is off, so models/best holds the last epoch (set evaluate.select: last" in out
     assert "warning" not in err
+
+
+def test_report_header_says_what_the_train_device_resolved_to(setup):
+    """The header names the device and process count train's last.pt recorded (train.device: auto
+    and train.devices), and says so plainly when last.pt does not record them."""
+    tmp_path, dirs = setup
+    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), **dirs,
+             all_params={"train": {"device": "auto", "batch_size": 1}})
+    page = (tmp_path / "metrics" / "report.html").read_text()
+    assert "train.device = auto (this run&#x27;s last.pt does not record what it resolved to)" in page
+    epoch = checkpoint.load(dirs["checkpoints"] / "epoch_002.pt")
+    checkpoint.save({**epoch, "device": "cpu", "world_size": 2}, dirs["checkpoints"] / "last.pt")
+    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), **dirs,
+             all_params={"train": {"device": "auto", "batch_size": 1}})
+    page = (tmp_path / "metrics" / "report.html").read_text()
+    assert "train: cpu, 2 processes (DDP, effective batch 2) (train.device = auto)" in page

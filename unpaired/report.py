@@ -101,6 +101,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _train_device(run: dict[str, Any], train: dict[str, Any]) -> str:
+    """`cpu, 2 processes (DDP, effective batch 2) (train.device = auto)`, from what last.pt recorded."""
+    setting = f"train.device = {train.get('device', 'auto')}"
+    if "device" not in run:
+        return html.escape(f"{setting} (this run's last.pt does not record what it resolved to)")
+    n, batch = int(run.get("world_size", 1)), int(train.get("batch_size", 1))
+    procs = f", {n} processes (DDP, effective batch {n * batch})" if n > 1 else ", 1 process"
+    return html.escape(f"{run['device']}{procs} ({setting})")
+
+
 def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path,
              summary: dict[str, Any]) -> tuple[str, str]:
     """(the header's HTML, the throughput note): what was trained, on what, how fast."""
@@ -141,9 +151,8 @@ def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path
             else "",
             f"ngf {train['ngf']}, {train['n_blocks']} residual blocks" if "ngf" in train and "n_blocks" in train
             else "") if part) or "see params below")),
-        ("device", f"train: train.device = {esc(str(train.get('device', 'auto')))} (the train stage does not "
-                   f"record what auto resolved to); evaluate: {esc(str(summary.get('device', '?')))} "
-                   f"(evaluate.device = {esc(str(evaluate.get('device', 'auto')))})"),
+        ("device", f"train: {_train_device(summary.get('train_run') or {}, train)}; evaluate: "
+                   f"{esc(str(summary.get('device', '?')))} (evaluate.device = {esc(str(evaluate.get('device', 'auto')))})"),
         ("training time", esc(took)),
         ("throughput", esc(speed)),
     ]
