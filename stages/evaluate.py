@@ -162,16 +162,6 @@ def _train_run(checkpoints: Path) -> dict[str, Any]:
     return {k: last[k] for k in ("device", "world_size") if isinstance(last, dict) and k in last}
 
 
-def _clean_stale(folder: Path) -> None:
-    """Remove temporaries a killed run left in `folder` (atomic writers' `.<name>.tmp-*`)."""
-    if folder.is_dir():
-        for stale in folder.glob(".*.tmp*"):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-
-
 def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOINTS, cache: Path = CACHE,
              best_dir: Path = BEST, metrics_dir: Path = METRICS, live_dir: Path = LIVE,
              train_params: dict[str, Any] | None = None, all_params: dict[str, Any] | None = None,
@@ -202,7 +192,7 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
     settings = json.dumps({"v": CACHE_VERSION, "samples": p.samples, "kid_subsets": p.kid_subsets,
                            "metrics": features is not None, "A": names_A, "B": names_B}, sort_keys=True)
     cache.mkdir(parents=True, exist_ok=True)
-    _clean_stale(cache)
+    remove_stale_temporaries(cache)          # what a killed run left (main() cleans the stage's other folders)
     rows, grids = [], {}
     for epoch, path in ckpts.items():
         key = hashlib.sha256((sha256_of(path) + settings).encode()).hexdigest()[:32]
@@ -340,7 +330,7 @@ def write_test_set(folder: Path, ckpt: Path, epoch: int, p: EvaluateParams, devi
 
 
 def main() -> None:
-    remove_stale_temporaries(METRICS, BEST.parent, BEST, CACHE, DATA.parent)   # what a killed run left
+    remove_stale_temporaries(METRICS, BEST.parent, BEST, DATA.parent)   # what a killed run left (the cache: evaluate())
     data = params.load()
     p = params.parse(EvaluateParams, params.section(data, "evaluate"), "evaluate")
     threads.apply(p.threads)

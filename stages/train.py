@@ -159,9 +159,9 @@ def data_names(data: Path) -> list[str]:
     return sorted(f.relative_to(data).as_posix() for f in data.glob("train*/*.png"))
 
 
-def run_hash(p: TrainParams, data: Path) -> str:
-    """One digest of run_params and data_names: what a resumable last.pt must match."""
-    return hashlib.sha256(json.dumps([run_params(p), data_names(data)], sort_keys=True).encode()).hexdigest()
+def run_hash(run: dict[str, Any], names: list[str]) -> str:
+    """One digest of run_params and data_names (stored in last.pt beside them)."""
+    return hashlib.sha256(json.dumps([run, names], sort_keys=True).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -496,7 +496,8 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     images_A = load_folder(data / "trainA", p.load_size)
     images_B = load_folder(data / "trainB", p.load_size)
-    expected = run_hash(p, data)
+    run, names = run_params(p), data_names(data)      # stored in every last.pt of this run
+    expected = run_hash(run, names)
     state, extended = _resume(p, data, out, rank.world_size) if rank.main else (None, [])
     if rank.distributed:   # rank 0's decision (it has verified last.pt); the others read the same file
         resumed, extended = rank.gather((state is not None, extended))[0]
@@ -608,7 +609,7 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
             payload = checkpoint.generators_payload(epoch, model_cfg, models.G_A, models.G_B)
             full = dict(payload)
             full.update({
-                "run_hash": expected, "run_params": run_params(p), "data_names": data_names(data),
+                "run_hash": expected, "run_params": run, "data_names": names,
                 "world_size": rank.world_size, "device": device.type,   # what `auto` resolved to (report)
                 "nets": {name: {k: v.detach().cpu() for k, v in getattr(models, name).state_dict().items()}
                          for name in ("G_A", "G_B", "D_A", "D_B")},
@@ -634,13 +635,10 @@ def main() -> None:
     p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
     rank = distributed.from_env()
     if rank is None and p.devices > 1:
-        # This process is the launcher: check, lock, clean and unpack once, then run p.devices
-        # copies of the stage (they inherit the lock: LOCK_HELD).
+        # This process is the launcher: check and lock, then run p.devices copies of the stage
+        # (they inherit the lock: LOCK_HELD; their rank 0 cleans and unpacks, below).
         distributed.check_devices(p.devices, resolve_device(p.device))
         with output_lock(CHECKPOINTS):
-            remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
-            if PACKED.is_file():
-                unpack_view(PACKED, DATA)
             os.environ[LOCK_HELD] = str(os.getpid())
             distributed.launch(p.devices, "stages.train")
         return
@@ -651,9 +649,8 @@ def main() -> None:
     with output_lock(CHECKPOINTS) if locked else contextlib.nullcontext():
         if rank.distributed:          # run by torchrun (by the launcher above, or by hand on each node)
             distributed.init(rank, resolve_device(p.device))
-        if rank.main:
-            if locked:
-                remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
+        if rank.main:                  # the lock is held, by this process or by the launcher
+            remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
             if PACKED.is_file():       # after a `dvc pull` only the tar is there
                 unpack_view(PACKED, DATA)
         rank.barrier()                 # (several nodes share one filesystem: rank 0 unpacks)

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +219,9 @@ def test_error_path_leaves_no_temporary(setup, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         evaluate(EvaluateParams(samples=2, kid_subsets=2), **dirs)
     assert temporaries(dirs["cache"], tmp_path / "metrics", tmp_path / "best") == []
-    (dirs["cache"] / ".abc.png.tmp-123").write_bytes(b"left by kill -9")
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                  # a writer that is gone, as after a kill -9
+    (dirs["cache"] / f".abc.png.tmp-{dead.pid}").write_bytes(b"left by kill -9")
     monkeypatch.setattr(ev, "inception_features", lambda device: (LocalFeatures(), ""))
     evaluate(EvaluateParams(samples=2, kid_subsets=2), **dirs)
     assert temporaries(dirs["cache"]) == []

@@ -185,7 +185,8 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
 
     from unpaired.checkpoint import load_generator
     from unpaired.devices import resolve_device
-    from unpaired.images import Skip, read_uint8, to_float, to_uint8
+    from unpaired.files import atomic_write_bytes, remove_stale_temporaries
+    from unpaired.images import Skip, png_bytes, read_uint8, to_float, to_uint8
 
     if size is not None and size < MIN_SIDE:
         raise UserError(f"--size: must be >= {MIN_SIDE} (the generator needs >= {MIN_SIDE} px per side), got {size}")
@@ -236,25 +237,19 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
     started = False
 
     def write(name: str, arr: Any) -> None:
-        """PNG through `.<name>.tmp` + rename; the temporary never outlives an error (and those of a
-        killed earlier run, for this run's names, are removed before the first write)."""
+        """PNG through files.atomic_write_bytes (a temporary that never outlives an error, the mode
+        open() gives); a killed earlier run's temporaries are removed before the first write."""
         nonlocal started
         if not started:
             out_dir.mkdir(parents=True, exist_ok=True)
-            for n in names:
-                (out_dir / f".{n}.tmp").unlink(missing_ok=True)
+            remove_stale_temporaries(out_dir)
             started = True
-        final, tmp = out_dir / name, out_dir / f".{name}.tmp"
+        final = out_dir / name
         try:
-            Image.fromarray(arr).save(tmp, format="PNG")
-            os.replace(tmp, final)
+            atomic_write_bytes(final, png_bytes(Image.fromarray(arr)))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise UserError(f"{final}: cannot write ({err.strerror or err}); check the --out folder "
                             f"and free space") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def run(batch: list[_Item]) -> None:
         x = to_float(torch.stack([it.image for it in batch])).to(dev)
