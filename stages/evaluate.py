@@ -101,8 +101,7 @@ def _metrics_plan(p: EvaluateParams, device: Any, data: Path, n_A: int, n_B: int
 def _evaluate_checkpoint(path: Path, p: EvaluateParams, device: Any, test_A: Any, test_B: Any,
                          features: Any, real_A: Any, real_B: Any) -> tuple[dict[str, Any], bytes | None]:
     """One checkpoint: its sample grid as PNG bytes (None without test images) and its row."""
-    G_A, _ = checkpoint.load_generator(path, "AtoB", device)
-    G_B, _ = checkpoint.load_generator(path, "BtoA", device)
+    G_A, G_B, _ = checkpoint.load_generators(path, device)
     fake_B = translate(G_A, test_A, p.batch_size, device)
     fake_A = translate(G_B, test_B, p.batch_size, device)
     k = p.samples
@@ -193,9 +192,10 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
                            "metrics": features is not None, "A": names_A, "B": names_B}, sort_keys=True)
     cache.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(cache)          # what a killed run left (main() cleans the stage's other folders)
-    rows, grids = [], {}
+    rows, grids, digests = [], {}, {}
     for epoch, path in ckpts.items():
-        key = hashlib.sha256((sha256_of(path) + settings).encode()).hexdigest()[:32]
+        digests[epoch] = sha256_of(path)
+        key = hashlib.sha256((digests[epoch] + settings).encode()).hexdigest()[:32]
         entry, grid_file = cache / f"{key}.json", cache / f"{key}.png"
         cached = json.loads(entry.read_text()) if entry.is_file() else None
         if cached is not None and (not cached["grid"] or grid_file.is_file()):
@@ -238,7 +238,7 @@ def evaluate(p: EvaluateParams, data: Path = DATA, checkpoints: Path = CHECKPOIN
         if best["epoch"] in grids:
             shutil.copyfile(grids[best["epoch"]], tmp / "samples_best_epoch.png")
     # the test-set page: built once per (best checkpoint, test images, params) in the cache
-    page_key = hashlib.sha256((sha256_of(ckpts[best["epoch"]]) + settings + f"pages{TEST_PAGE_ROWS}")
+    page_key = hashlib.sha256((digests[best["epoch"]] + settings + f"pages{TEST_PAGE_ROWS}")
                               .encode()).hexdigest()[:32]
     built = cache / f"test_set-{page_key}"
     if not built.is_dir():
@@ -285,8 +285,7 @@ def write_test_set(folder: Path, ckpt: Path, epoch: int, p: EvaluateParams, devi
     reconstruction by the best epoch's generators, both directions, TEST_PAGE_ROWS rows per direction
     per page, each image a link to its full-size PNG under `folder`/{AtoB,BtoA}/{real,fake,rec}/."""
     (names_A, test_A), (names_B, test_B) = side_A, side_B
-    G_A, _ = checkpoint.load_generator(ckpt, "AtoB", device)
-    G_B, _ = checkpoint.load_generator(ckpt, "BtoA", device)
+    G_A, G_B, _ = checkpoint.load_generators(ckpt, device)
     directions = []
     for label, names, real, fwd, back in (("AtoB", names_A, test_A, G_A, G_B), ("BtoA", names_B, test_B, G_B, G_A)):
         fake = translate(fwd, real, p.batch_size, device)

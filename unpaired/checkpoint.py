@@ -167,6 +167,19 @@ def load_generator(path: str | Path, direction: str = "AtoB", device: str | torc
     key = {"AtoB": "G_AB", "BtoA": "G_BA"}.get(direction)
     if key is None:
         raise UserError(f"direction must be AtoB or BtoA, got {direction!r}")
+    return _generator(ckpt, key, path, device), ckpt
+
+
+def load_generators(path: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[ResnetGenerator, ResnetGenerator, dict[str, Any]]:
+    """(G_A, G_B, checkpoint): both directions from one read and verification of the file (evaluate
+    uses both). Raises UserError as load_generator does."""
+    ckpt = load(path, "cpu")
+    return _generator(ckpt, "G_AB", path, device), _generator(ckpt, "G_BA", path, device), ckpt
+
+
+def _generator(ckpt: Any, key: str, path: str | Path, device: str | torch.device) -> ResnetGenerator:
+    """The generator stored under `key` (G_AB or G_BA) of a loaded checkpoint, checked (see load_generator)."""
     if not isinstance(ckpt, dict) or key not in ckpt or "model" not in ckpt:
         raise UserError(f"{path}: not an unpaired generator checkpoint (no {key} / model entries)")
     m = ckpt["model"]
@@ -186,4 +199,4 @@ def load_generator(path: str | Path, direction: str = "AtoB", device: str | torc
         first = str(err).replace("\n", " ").replace("\t", "")
         raise UserError(f"{path}: the {key} weights do not fit the stored model settings (ngf={m['ngf']}, "
                         f"n_blocks={m['n_blocks']}): {first[:200]}; the file was edited or damaged") from None
-    return net.to(device).eval(), ckpt
+    return net.to(device).eval()
