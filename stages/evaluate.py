@@ -31,9 +31,9 @@ import pandas as pd  # noqa: E402
 from unpaired import params  # noqa: E402
 from unpaired.devices import resolve_device  # noqa: E402
 from unpaired.errors import UserError, main_guard  # noqa: E402
-from unpaired.evaluation import (METRIC_COLUMNS, EvalImages, EvaluateParams, MetricsPlan, Scores, epoch_checkpoints,  # noqa: E402
-                                 finite, plan_metrics, score_epochs, select_best, train_run, translated_test_set,
-                                 warn, weights_facts)
+from unpaired.evaluation import (METRIC_COLUMNS, EvalImages, EvaluateParams, MetricsPlan,  # noqa: E402
+                                 Scores, epoch_checkpoints, finite, plan_metrics, score_epochs, select_best,
+                                 train_run, translated_test_set, warn, weights_facts)
 from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json,  # noqa: E402
                             remove_stale_temporaries, unpack_view)
 from unpaired.report import write_report  # noqa: E402
@@ -72,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> Paths:
     """Paths from the command line (sys.argv[1:] when `argv` is None); raises UserError (one line)
     for a missing or unknown flag."""
-    parser = _Parser(prog="python -m stages.evaluate", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m stages.evaluate", description=__doc__.splitlines()[0], allow_abbrev=False)
     for f in dataclasses.fields(Paths):
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=Path, required=True,
                             metavar="PATH", help=f.metadata["help"])
@@ -102,11 +102,10 @@ def evaluate(p: EvaluateParams, paths: Paths, all_params: dict[str, Any] | None 
     device = resolve_device(p.device, "evaluate.device")
     ckpts = epoch_checkpoints(paths.checkpoints)
     test = EvalImages.load(paths.view)
-    notes = [test.empty_note()] if test.empty_note() else []
-    if notes:
-        warn(notes[0])
+    if test.empty_note():
+        warn(test.empty_note())
     plan = plan_metrics(p, device, test)
-    notes += [plan.note] if plan.note else []
+    notes = [n for n in (test.empty_note(), plan.note) if n]    # for the report and --info
 
     scores = score_epochs(ckpts, paths.cache, p, device, test, plan)
 

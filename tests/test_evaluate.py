@@ -507,7 +507,8 @@ def test_report_reads_training_speed_from_the_train_live_folder(setup):
     without them (or with an unreadable one) the report says they are not known."""
     tmp_path, paths = setup
     write_live_logs(paths.train_live)                      # images/s 9, 4.5, 3 over 3 epochs
-    paths.prepare_metrics.write_text(json.dumps({"kept": {"a": {"train": 11, "test": 6}, "b": {"train": 9, "test": 6}}}))
+    kept = {"a": {"train": 11, "test": 6}, "b": {"train": 9, "test": 6}}
+    paths.prepare_metrics.write_text(json.dumps({"kept": kept}))
     epoch = checkpoint.load(paths.checkpoints / "epoch_002.pt")
     checkpoint.save({**epoch, "device": "cpu", "history": [{"images_per_s": 1e6}]}, paths.checkpoints / "last.pt")
     p = EvaluateParams(samples=1, select="last", metrics="off")
