@@ -2,7 +2,10 @@
 import hashlib
 import json
 import os
+import shlex
 import subprocess
+import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +15,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-import stages.evaluate as ev
-from stages.evaluate import EvaluateParams, evaluate
+import unpaired.evaluation as evl
+from stages.evaluate import EvaluateParams, Paths, evaluate, parse_args
 from unpaired import checkpoint
 from unpaired.cyclegan import ResnetGenerator, init_weights
 from unpaired.errors import UserError
@@ -110,9 +113,17 @@ def setup(tmp_path, monkeypatch):
     ckpts.mkdir()
     for e in (1, 2):
         save_epoch(ckpts, e, seed=e)
-    dirs = dict(data=data, checkpoints=ckpts, cache=tmp_path / "cache", best_dir=tmp_path / "best",
-                metrics_dir=tmp_path / "metrics", live_dir=tmp_path / "live")
-    return tmp_path, dirs
+    return tmp_path, paths_in(tmp_path, data, ckpts)
+
+
+def paths_in(root: Path, view: Path, checkpoints: Path) -> Paths:
+    """evaluate's paths for a test: the inputs `view` and `checkpoints`, all else under `root` where
+    the assertions look (prepare.json, live/, cache/, best/, metrics/...)."""
+    m = root / "metrics"
+    return Paths(checkpoints=checkpoints, data=root / "prepared.tar", view=view, prepare_metrics=root / "prepare.json",
+                 train_live=root / "live", cache=root / "cache", best=root / "best", samples=m / "samples",
+                 test_set=m / "test_set", report=m / "report.html", info=m / "eval_info.json",
+                 epochs_csv=m / "eval_epochs.csv", metrics=m / "eval.json", plots=m / "eval_plots")
 
 
 DECLARED = ("metrics/samples", "metrics/test_set/index.html", "metrics/report.html", "metrics/eval.json",
@@ -125,8 +136,8 @@ def temporaries(*folders: Path) -> list[Path]:
 
 
 def test_offline_skips_metrics_with_a_warning(setup, capsys):
-    tmp_path, dirs = setup
-    summary = evaluate(EvaluateParams(samples=2), **dirs)
+    tmp_path, paths = setup
+    summary = evaluate(EvaluateParams(samples=2), paths)
     err = capsys.readouterr().err
     folder = tmp_path / "torch-home" / "hub" / "checkpoints"
     skipped = next(line for line in err.splitlines() if "FID/KID skipped" in line)
@@ -141,7 +152,7 @@ def test_offline_skips_metrics_with_a_warning(setup, capsys):
     info = json.loads((tmp_path / "metrics" / "eval_info.json").read_text())
     assert info["select_fallback"] is True and info["selected_by"] == "last" and info["select"] == "kid"
     assert json.loads((tmp_path / "best" / "best.json").read_text())["epoch"] == 2
-    assert (tmp_path / "best" / "generators.pt").read_bytes() == (dirs["checkpoints"] / "epoch_002.pt").read_bytes()
+    assert (tmp_path / "best" / "generators.pt").read_bytes() == (paths.checkpoints / "epoch_002.pt").read_bytes()
     grids = sorted((tmp_path / "metrics" / "samples").iterdir())
     assert [g.name for g in grids] == ["epoch_001.png", "epoch_002.png"]
     assert Image.open(grids[0]).size == labelled_grid([[torch.zeros(3, 24, 24, dtype=torch.uint8)] * 3] * 2,
@@ -155,14 +166,14 @@ def test_offline_skips_metrics_with_a_warning(setup, capsys):
     assert sorted(f.name for f in (tmp_path / "metrics" / "eval_plots").iterdir()) == ["samples_best_epoch.png"]
     assert temporaries(tmp_path / "torch-home") == []
     with pytest.raises(UserError, match="evaluate.metrics is required but the InceptionV3 weights are not in"):
-        evaluate(EvaluateParams(metrics="required"), **dirs)
+        evaluate(EvaluateParams(metrics="required"), paths)
 
 
 def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
-    tmp_path, dirs = setup
+    tmp_path, paths = setup
     extract = LocalFeatures()
-    monkeypatch.setattr(ev, "inception_features", lambda device: (extract, ""))
-    summary = evaluate(EvaluateParams(samples=2, kid_subsets=3), **dirs)
+    monkeypatch.setattr(evl, "inception_features", lambda device: (extract, ""))
+    summary = evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
     table = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
     assert list(table.columns) == ["epoch", "fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid"]
     best = int(table.loc[table.kid.idxmin(), "epoch"])
@@ -176,8 +187,8 @@ def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
                                                        "kid_BtoA.tsv", "samples_best_epoch.png"]
     assert list(pd.read_csv(plots / "kid_AtoB.tsv", sep="\t").kid_AtoB) == pytest.approx(list(table.kid_AtoB))
     capsys.readouterr()
-    save_epoch(dirs["checkpoints"], 3, seed=3)
-    evaluate(EvaluateParams(samples=2, kid_subsets=3), **dirs)
+    save_epoch(paths.checkpoints, 3, seed=3)
+    evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
     out = capsys.readouterr().out
     assert "epoch 001: cached" in out and "epoch 002: cached" in out and "epoch 003: cached" not in out
     assert len(pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")) == 3
@@ -188,12 +199,12 @@ def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
 def test_one_test_image_skips_fid_kid_with_a_reason(setup, capsys, monkeypatch):
     """A test split of one image with metrics on: FID/KID are skipped with the reason (it was a
     linear-algebra traceback), the grids are still made, no temporary file is left."""
-    tmp_path, dirs = setup
+    tmp_path, paths = setup
     for d in "AB":
-        for f in sorted((dirs["data"] / f"test{d}").iterdir())[1:]:
+        for f in sorted((paths.view / f"test{d}").iterdir())[1:]:
             f.unlink()
-    monkeypatch.setattr(ev, "inception_features", lambda device: (LocalFeatures(), ""))
-    summary = evaluate(EvaluateParams(samples=2, kid_subsets=2), **dirs)
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), ""))
+    summary = evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
     err = capsys.readouterr().err
     assert "FID/KID skipped: they need at least 2 test images per domain" in err and "testA has 1" in err
     assert "raise prepare.test_fraction" in err
@@ -201,13 +212,13 @@ def test_one_test_image_skips_fid_kid_with_a_reason(setup, capsys, monkeypatch):
     report = (tmp_path / "metrics" / "report.html").read_text()
     assert "they need at least 2 test images per domain" in report
     assert len(list((tmp_path / "metrics" / "samples").iterdir())) == 2
-    assert temporaries(dirs["cache"], tmp_path / "metrics", tmp_path / "best") == []
+    assert temporaries(paths.cache, tmp_path / "metrics", tmp_path / "best") == []
 
 
 def test_error_path_leaves_no_temporary(setup, monkeypatch):
     """A failure after a checkpoint's grid is made (here: the feature extractor) leaves nothing
     behind in the cache; a killed run's leftover is removed by the next run."""
-    tmp_path, dirs = setup
+    tmp_path, paths = setup
     calls = []
 
     def failing(images):
@@ -215,33 +226,33 @@ def test_error_path_leaves_no_temporary(setup, monkeypatch):
         if len(calls) > 2:                       # the real images pass, the first fakes fail
             raise RuntimeError("boom")
         return LocalFeatures()(images)
-    monkeypatch.setattr(ev, "inception_features", lambda device: (failing, ""))
+    monkeypatch.setattr(evl, "inception_features", lambda device: (failing, ""))
     with pytest.raises(RuntimeError, match="boom"):
-        evaluate(EvaluateParams(samples=2, kid_subsets=2), **dirs)
-    assert temporaries(dirs["cache"], tmp_path / "metrics", tmp_path / "best") == []
+        evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
+    assert temporaries(paths.cache, tmp_path / "metrics", tmp_path / "best") == []
     dead = subprocess.Popen(["true"])
     dead.wait()                                  # a writer that is gone, as after a kill -9
-    (dirs["cache"] / f".abc.png.tmp-{dead.pid}").write_bytes(b"left by kill -9")
-    monkeypatch.setattr(ev, "inception_features", lambda device: (LocalFeatures(), ""))
-    evaluate(EvaluateParams(samples=2, kid_subsets=2), **dirs)
-    assert temporaries(dirs["cache"]) == []
+    (paths.cache / f".abc.png.tmp-{dead.pid}").write_bytes(b"left by kill -9")
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), ""))
+    evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
+    assert temporaries(paths.cache) == []
 
 
 @pytest.mark.parametrize("empty", ["AB", "B"])
 def test_empty_test_split_writes_every_output(setup, capsys, empty):
     """prepare.test_fraction: 0 (or a domain with no test image): every declared output exists and
     says why there is nothing to show; the last epoch is the best, loudly."""
-    tmp_path, dirs = setup
+    tmp_path, paths = setup
     for d in empty:
-        for f in (dirs["data"] / f"test{d}").iterdir():
+        for f in (paths.view / f"test{d}").iterdir():
             f.unlink()
-    summary = evaluate(EvaluateParams(samples=2), **dirs)
+    summary = evaluate(EvaluateParams(samples=2), paths)
     err = capsys.readouterr().err
     assert "no test images in" in err and "raise prepare.test_fraction" in err
     for name in DECLARED:
         assert (tmp_path / name).exists(), name
     assert summary["best_epoch"] == 2 and summary["select_fallback"] is True
-    assert (tmp_path / "best" / "generators.pt").read_bytes() == (dirs["checkpoints"] / "epoch_002.pt").read_bytes()
+    assert (tmp_path / "best" / "generators.pt").read_bytes() == (paths.checkpoints / "epoch_002.pt").read_bytes()
     report = (tmp_path / "metrics" / "report.html").read_text()
     assert "no test images in" in report
     index = (tmp_path / "metrics" / "test_set" / "index.html").read_text()
@@ -252,59 +263,59 @@ def test_empty_test_split_writes_every_output(setup, capsys, empty):
 
 def test_non_finite_metrics_never_best(setup, monkeypatch):
     """An epoch whose FID/KID come out NaN (a diverged generator) is never the best one."""
-    tmp_path, dirs = setup
-    save_epoch(dirs["checkpoints"], 3, seed=3)
+    tmp_path, paths = setup
+    save_epoch(paths.checkpoints, 3, seed=3)
     extract, calls = LocalFeatures(), []
 
     def features(images):
         calls.append(1)
         out = extract(images)
         return out * float("nan") if len(calls) in (5, 6) else out    # calls 5-6: epoch 2's fakes
-    monkeypatch.setattr(ev, "inception_features", lambda device: (features, ""))
-    summary = evaluate(EvaluateParams(samples=2, kid_subsets=2), **dirs)
+    monkeypatch.setattr(evl, "inception_features", lambda device: (features, ""))
+    summary = evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
     assert summary["best_epoch"] != 2 and "epochs 2 left out: KID is NaN or infinite" in summary["best_reason"]
     numbers = json.loads((tmp_path / "metrics" / "eval.json").read_text())   # strict JSON: no NaN
     assert numbers["best_epoch"] == summary["best_epoch"]
     rows = [{"epoch": 1, "kid": float("-inf")}, {"epoch": 2, "kid": 0.5}, {"epoch": 3, "kid": 0.2}]
-    assert ev.select_best(rows, "kid", "")["epoch"] == 3
-    nan = ev.select_best([{"epoch": 1, "kid": float("nan")}, {"epoch": 2, "kid": float("nan")}], "kid", "")
+    assert evl.select_best(rows, "kid", "")["epoch"] == 3
+    nan = evl.select_best([{"epoch": 1, "kid": float("nan")}, {"epoch": 2, "kid": float("nan")}], "kid", "")
     assert nan["epoch"] == 2 and nan["fallback"] and "every epoch's KID is NaN or infinite" in nan["reason"]
 
 
 def test_test_set_page_covers_every_image(setup, monkeypatch):
     """metrics/test_set: every test image of both domains with its translation and reconstruction by
     the best epoch, paged, each linking to its full-size file."""
-    tmp_path, dirs = setup
-    monkeypatch.setattr(ev, "TEST_PAGE_ROWS", 4)
-    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), **dirs)
+    tmp_path, paths = setup
+    monkeypatch.setattr(evl, "TEST_PAGE_ROWS", 4)
+    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), paths)
     folder = tmp_path / "metrics" / "test_set"
     pages = sorted(p.name for p in folder.glob("*.html"))
     assert pages == ["index.html", "page_002.html"]                # 6 images, 4 a page
     text = "".join((folder / p).read_text() for p in pages)
     for d, direction in (("A", "AtoB"), ("B", "BtoA")):
-        for f in (dirs["data"] / f"test{d}").iterdir():
+        for f in (paths.view / f"test{d}").iterdir():
             for kind in ("real", "fake", "rec"):
                 assert f'href="{direction}/{kind}/{f.name}"' in text
                 assert (folder / direction / kind / f.name).is_file()
         real = np.asarray(Image.open(folder / direction / "real" / "0.png"))
-        assert (real == np.asarray(Image.open(dirs["data"] / f"test{d}" / "0.png"))).all()
-    G_A, _ = checkpoint.load_generator(dirs["checkpoints"] / "epoch_002.pt", "AtoB")
+        assert (real == np.asarray(Image.open(paths.view / f"test{d}" / "0.png"))).all()
+    G_A, _ = checkpoint.load_generator(paths.checkpoints / "epoch_002.pt", "AtoB")
     from unpaired.evaluation import translate
-    want = translate(G_A, torch.from_numpy(np.array(Image.open(dirs["data"] / "testA" / "3.png"))).permute(2, 0, 1)[None],
+    want = translate(G_A, torch.from_numpy(np.array(Image.open(paths.view / "testA" / "3.png"))).permute(2, 0, 1)[None],
                      1, torch.device("cpu"))[0].permute(1, 2, 0).numpy()
     assert (np.asarray(Image.open(folder / "AtoB" / "fake" / "3.png")) == want).all()
     # a second run with the same best checkpoint reuses the page from the cache (no translation)
     before = {f.relative_to(folder): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
-    monkeypatch.setattr(ev, "write_test_set", lambda *a, **k: pytest.fail("test set translated again"))
-    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), **dirs)
+    monkeypatch.setattr(evl, "write_test_set", lambda *a, **k: pytest.fail("test set translated again"))
+    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), paths)
     assert {f.relative_to(folder): f.read_bytes() for f in folder.rglob("*") if f.is_file()} == before
-    assert len(list(dirs["cache"].glob("test_set-*"))) == 1
+    assert len(list(paths.cache.glob("test_set-*"))) == 1
 
 
 def test_no_checkpoints_is_one_line(setup):
-    tmp_path, dirs = setup
+    tmp_path, paths = setup
     with pytest.raises(UserError, match="no epoch_NNN.pt checkpoints; run the train stage first"):
-        evaluate(EvaluateParams(), **{**dirs, "checkpoints": tmp_path / "none"})
+        evaluate(EvaluateParams(), replace(paths, checkpoints=tmp_path / "none"))
 
 
 def write_live_logs(live_dir: Path, epochs: int = 3) -> None:
@@ -318,16 +329,16 @@ def write_live_logs(live_dir: Path, epochs: int = 3) -> None:
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_chromium(setup, monkeypatch):
     from playwright.sync_api import sync_playwright
-    tmp_path, dirs = setup
-    monkeypatch.setattr(ev, "inception_features", lambda device: (LocalFeatures(), ""))
-    write_live_logs(dirs["live_dir"])
+    tmp_path, paths = setup
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), ""))
+    write_live_logs(paths.train_live)
     prepare = tmp_path / "prepare.json"
     prepare.write_text(json.dumps({"kept": {"a": {"train": 11, "test": 6}, "b": {"train": 9, "test": 6}},
                                    "skipped": {"a": {"duplicate": 2}, "b": {}}}))
     all_params = {"preset": "doodles2flares", "domains": {"a": {"source": "doodles", "count": 17},
                                                           "b": {"source": "flares", "count": 15}},
                   "prepare": {"test_fraction": 0.3}, "train": {"epochs": 1, "epochs_decay": 1, "device": "cpu"}}
-    evaluate(EvaluateParams(samples=2, kid_subsets=2), **dirs, all_params=all_params, prepare_report=prepare)
+    evaluate(EvaluateParams(samples=2, kid_subsets=2), paths, all_params)
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     with sync_playwright() as p:
@@ -421,10 +432,10 @@ def argparse_namespace():
 def test_metrics_off_on_purpose_is_a_note_not_a_warning(setup, capsys):
     """evaluate.metrics: off with evaluate.select: kid takes the last epoch: the user chose that, so one
     plain note with the setting that says so, no warning on stderr."""
-    _, dirs = setup
-    summary = evaluate(EvaluateParams(samples=2, select="kid", metrics="off"), **dirs)
+    _, paths = setup
+    summary = evaluate(EvaluateParams(samples=2, select="kid", metrics="off"), paths)
     out, err = capsys.readouterr()
-    assert summary["best_epoch"] == max(checkpoint.epoch_files(dirs["checkpoints"]))
+    assert summary["best_epoch"] == max(checkpoint.epoch_files(paths.checkpoints))
     assert "evaluate.metrics is off, so models/best holds the last epoch (set evaluate.select: last" in out
     assert "warning" not in err
 
@@ -432,14 +443,106 @@ def test_metrics_off_on_purpose_is_a_note_not_a_warning(setup, capsys):
 def test_report_header_says_what_the_train_device_resolved_to(setup):
     """The header names the device and process count train's last.pt recorded (train.device: auto
     and train.devices), and says so plainly when last.pt does not record them."""
-    tmp_path, dirs = setup
-    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), **dirs,
-             all_params={"train": {"device": "auto", "batch_size": 1}})
+    tmp_path, paths = setup
+    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), paths,
+             {"train": {"device": "auto", "batch_size": 1}})
     page = (tmp_path / "metrics" / "report.html").read_text()
     assert "train.device = auto (this run&#x27;s last.pt does not record what it resolved to)" in page
-    epoch = checkpoint.load(dirs["checkpoints"] / "epoch_002.pt")
-    checkpoint.save({**epoch, "device": "cpu", "world_size": 2}, dirs["checkpoints"] / "last.pt")
-    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), **dirs,
-             all_params={"train": {"device": "auto", "batch_size": 1}})
+    epoch = checkpoint.load(paths.checkpoints / "epoch_002.pt")
+    checkpoint.save({**epoch, "device": "cpu", "world_size": 2}, paths.checkpoints / "last.pt")
+    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), paths,
+             {"train": {"device": "auto", "batch_size": 1}})
     page = (tmp_path / "metrics" / "report.html").read_text()
     assert "train: cpu, 2 processes (DDP, effective batch 2) (train.device = auto)" in page
+
+
+# --- the stage's command line, timing from the dvclive logs, reproducible artifacts (issue 16) --------
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC_PATHS = dict(checkpoints="models/checkpoints", data="data/prepared.tar", view="data/prepared",
+                 prepare_metrics="metrics/prepare.json", train_live="metrics/train", cache="models/eval_cache",
+                 best="models/best", samples="metrics/samples", test_set="metrics/test_set",
+                 report="metrics/report.html", info="metrics/eval_info.json", epochs_csv="metrics/eval_epochs.csv",
+                 metrics="metrics/eval.json", plots="metrics/eval_plots")
+
+
+def test_dvc_yaml_cmd_passes_every_path():
+    """dvc.yaml's evaluate cmd is the one place its paths are written: each flag maps to a Paths
+    field, and each of the stage's declared outputs is one of them."""
+    import yaml
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    argv = shlex.split(stage["cmd"])
+    assert argv[:3] == ["python", "-m", "stages.evaluate"]
+    paths = parse_args(argv[3:])
+    assert paths == Paths(**{k: Path(v) for k, v in DVC_PATHS.items()})
+    declared = {next(iter(o)) if isinstance(o, dict) else o for kind in ("outs", "plots") for o in stage.get(kind, [])}
+    assert declared == {getattr(paths, f.name).as_posix() for f in fields(Paths)} - {
+        DVC_PATHS[k] for k in ("checkpoints", "data", "view", "prepare_metrics", "train_live")}
+    with pytest.raises(UserError) as err:                  # a missing flag: one line, naming it
+        parse_args([a for a in argv[3:] if a not in ("--best", "models/best")])
+    assert "--best" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_main_runs_from_the_command_line(setup):
+    """`python -m stages.evaluate --checkpoints ... --plots ...` as dvc.yaml runs it: params from
+    ./params.yaml, every output where its flag says; a params error is one line, exit status 2."""
+    tmp_path, paths = setup
+    (tmp_path / "params.yaml").write_text("evaluate:\n  samples: 1\n  metrics: off\n  select: last\n")
+    argv = [a for f in fields(Paths) for a in (f"--{f.name.replace('_', '-')}",
+                                               os.path.relpath(getattr(paths, f.name), tmp_path))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(paths.metrics.read_text())["best_epoch"] == 2
+    assert json.loads((paths.best / "best.json").read_text())["source"] == "ckpts/epoch_002.pt"
+    (tmp_path / "params.yaml").write_text("evaluate:\n  samples: 0\n")
+    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == "error: params.yaml: evaluate.samples: must be >= 1, got 0\n"
+
+
+def test_report_reads_training_speed_from_the_train_live_folder(setup):
+    """Training speed and time come from train's dvclive logs (--train-live), not from a checkpoint;
+    without them (or with an unreadable one) the report says they are not known."""
+    tmp_path, paths = setup
+    write_live_logs(paths.train_live)                      # images/s 9, 4.5, 3 over 3 epochs
+    kept = {"a": {"train": 11, "test": 6}, "b": {"train": 9, "test": 6}}
+    paths.prepare_metrics.write_text(json.dumps({"kept": kept}))
+    epoch = checkpoint.load(paths.checkpoints / "epoch_002.pt")
+    checkpoint.save({**epoch, "device": "cpu", "history": [{"images_per_s": 1e6}]}, paths.checkpoints / "last.pt")
+    p = EvaluateParams(samples=1, select="last", metrics="off")
+    evaluate(p, paths)
+    page = paths.report.read_text()
+    assert "5.5 images/s on average over 3 epoch(s) (last 3)" in page
+    assert "≈ 7 s in training steps (11 images per epoch ÷ images/s, summed over epochs)" in page
+    speed = paths.train_live / "plots" / "metrics" / "images_per_s.tsv"
+    speed.write_text("step\tsomething_else\n1\t2\n")                     # not dvclive's images_per_s series
+    evaluate(p, paths)
+    assert "throughput</dt><dd>not known (no training logs)" in paths.report.read_text()
+    speed.unlink()
+    evaluate(p, paths)
+    page = paths.report.read_text()
+    assert "training time</dt><dd>not known (no training logs)" in page and "1e+06" not in page
+
+
+def test_artifacts_are_byte_identical_across_runs(setup, monkeypatch):
+    """Two runs from the same inputs (the second without the first's cache) write the same bytes in
+    every output, the report included (same training logs); none holds an absolute path."""
+    tmp_path, _ = setup
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), ""))
+    write_live_logs(Path("live"))
+    outputs = ("best", "metrics")
+
+    def run(root: str) -> dict[str, bytes]:
+        paths = replace(paths_in(Path(root), Path("prepared"), Path("ckpts")), train_live=Path("live"))
+        evaluate(EvaluateParams(samples=2, kid_subsets=2), paths, {"train": {"epochs": 1}})
+        return {f.relative_to(root).as_posix(): f.read_bytes()
+                for out in outputs for f in sorted((Path(root) / out).rglob("*")) if f.is_file()}
+
+    first = run("one")
+    assert run("two") == first                   # from scratch
+    assert run("one") == first                   # again, from its cache
+    assert {"metrics/report.html", "metrics/test_set/index.html", "best/generators.pt"} <= first.keys()
+    assert not [k for k, v in first.items() if str(tmp_path).encode() in v]

@@ -18,6 +18,7 @@ from PIL import Image
 import stages.train as st
 from stages.evaluate import EvaluateParams, evaluate
 from stages.train import Progress, TrainParams, output_lock, train
+from tests.test_evaluate import paths_in
 from tests.test_train import TINY, make_prepared, same, weights
 from unpaired import checkpoint, threads
 from unpaired.cli import translate_files
@@ -94,8 +95,7 @@ def test_evaluate_and_translate_refuse_non_finite_weights(tmp_path, data):
         checkpoint.load_generator(path, "AtoB")
     checkpoint.load_generator(path, "BtoA")          # the other direction is fine
     with pytest.raises(UserError, match="weights are not finite"):
-        evaluate(EvaluateParams(samples=1, metrics="off"), data, path.parent, tmp_path / "cache",
-                 tmp_path / "best", tmp_path / "metrics", tmp_path / "live")
+        evaluate(EvaluateParams(samples=1, metrics="off"), paths_in(tmp_path, data, path.parent))
     assert not (tmp_path / "best").exists()
     with pytest.raises(UserError, match="weights are not finite"):
         translate_files(str(path), [str(data / "testA")], str(tmp_path / "translated"), device="cpu")

@@ -1,4 +1,6 @@
-"""Evaluation pieces: batched translation, labelled sample grids, and FID/KID.
+"""Evaluation: the evaluate params, each epoch's score (its sample grid and FID/KID, cached per
+checkpoint), the choice of the best epoch, the test set translated by it, and the pieces under them:
+batched translation, labelled sample grids, FID/KID and the Inception weights they need.
 
 FID and KID come from torch-fidelity (the library behind many GAN papers' numbers; its InceptionV3 is
 a port of the TF-slim network that FID was defined with, so values are comparable with published
@@ -7,12 +9,17 @@ arithmetic be tested offline with any small feature extractor.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
+import shutil
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -20,9 +27,12 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_kid import kid_features_to_metric
 
+from unpaired import checkpoint, params, threads
+from unpaired.devices import check_device
 from unpaired.errors import UserError
-from unpaired.files import sha256_of
-from unpaired.images import read_uint8, to_float, to_uint8
+from unpaired.files import atomic_dir, atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_of
+from unpaired.images import png_bytes, read_uint8, to_float, to_uint8
+from unpaired.report import TEST_SET_KINDS, pages_for_test_set
 
 Features = Callable[[torch.Tensor], torch.Tensor]   # uint8 N×3×H×W → float N×D
 KID_SEED = 2020
@@ -252,3 +262,253 @@ def weights_command(file: str | None, check_only: bool) -> None:
     print(verdict.lines[-1])
     if file and Path(file).resolve() != weights_file().resolve():
         print(f"To use it, copy it to {weights_file()}")
+
+
+
+# --- evaluate: score every epoch, pick the best, translate the test set -------------------------
+CACHE_VERSION = 2
+TEST_PAGE_ROWS = 50        # images per direction on one page of metrics/test_set/
+METRIC_COLUMNS = ("fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid")
+
+
+@dataclass(frozen=True)
+class EvaluateParams(params.Params):
+    samples: int = 4                 # test images per direction in each epoch's grid (same every epoch)
+    select: str = "kid"              # best epoch by: kid or fid (summed over both directions), or last
+    metrics: str = "auto"            # auto: FID/KID when the Inception weights can be had; required; off
+    kid_subsets: int = 100
+    batch_size: int = 16
+    device: str = "auto"
+    threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+
+    def validate(self, prefix: str) -> None:
+        params.check(self.samples >= 1, f"{prefix}.samples", f"must be >= 1, got {self.samples}")
+        params.check(self.select in ("kid", "fid", "last"), f"{prefix}.select",
+                     f"unknown {self.select!r}; use kid, fid or last")
+        params.check(self.metrics in ("auto", "required", "off"), f"{prefix}.metrics",
+                     f"unknown {self.metrics!r}; use auto, required or off")
+        params.check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", f"must be >= 1, got {self.kid_subsets}")
+        params.check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        threads.check(self.threads, f"{prefix}.threads")
+        check_device(self.device, f"{prefix}.device")
+
+
+def warn(message: str) -> None:
+    """`warning: message` on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class EvalImages:
+    """The prepared test images: per domain the PNG file names (sorted) and a uint8 N×3×H×W tensor
+    (N may be 0)."""
+    folder: Path
+    names_A: list[str]
+    A: torch.Tensor
+    names_B: list[str]
+    B: torch.Tensor
+
+    @classmethod
+    def load(cls, folder: Path) -> EvalImages:
+        """`folder`/testA and `folder`/testB (absent or empty folders give empty domains)."""
+        return cls(folder, *load_images(folder / "testA"), *load_images(folder / "testB"))
+
+    def empty_note(self) -> str:
+        """Why some grids and pages are empty ("" when both domains have test images)."""
+        empty = " and ".join(f"{self.folder}/test{d}" for d, t in (("A", self.A), ("B", self.B)) if not len(t))
+        return (f"no test images in {empty}: nothing to translate there; raise prepare.test_fraction (or add "
+                f"images) and run prepare again") if empty else ""
+
+
+@dataclass(frozen=True)
+class MetricsPlan:
+    """Whether FID/KID run: the feature extractor and the real images' features (None when they are
+    skipped), a short and a full reason when they are skipped ("" when they run), and a note to show
+    when they run (a weights file that is not the published one)."""
+    features: Features | None = None
+    real_A: torch.Tensor | None = None
+    real_B: torch.Tensor | None = None
+    skipped: str = ""
+    why: str = ""
+    note: str = ""
+
+
+def plan_metrics(p: EvaluateParams, device: torch.device, test: EvalImages) -> MetricsPlan:
+    """Decide whether FID/KID run (evaluate.metrics, at least MIN_METRIC_IMAGES test images per
+    domain, usable Inception weights); warns on stderr when they are skipped. Raises UserError when
+    evaluate.metrics is required and they cannot run."""
+    if p.metrics == "off":
+        return MetricsPlan(skipped="evaluate.metrics is off", why="FID/KID skipped: evaluate.metrics is off")
+    n_A, n_B = len(test.A), len(test.B)
+    if min(n_A, n_B) < MIN_METRIC_IMAGES:
+        short = f"fewer than {MIN_METRIC_IMAGES} test images in a domain"
+        why = (f"FID/KID skipped: they need at least {MIN_METRIC_IMAGES} test images per domain, and "
+               f"{test.folder}/testA has {n_A}, {test.folder}/testB has {n_B}; raise prepare.test_fraction or "
+               f"add images")
+    else:
+        short = "no usable Inception weights"
+        features, why = inception_features(device)
+        if features is not None:
+            if why:
+                warn(why)
+            return MetricsPlan(features, features(test.A), features(test.B), note=why)
+    if p.metrics == "required":
+        raise UserError(f"evaluate.metrics is required but {why.removeprefix('FID/KID skipped: ')}")
+    warn(why)
+    return MetricsPlan(skipped=short, why=why)
+
+
+def score_checkpoint(path: Path, p: EvaluateParams, device: torch.device, test: EvalImages, plan: MetricsPlan
+                     ) -> tuple[dict[str, float], bytes | None]:
+    """One checkpoint: its FID/KID row (METRIC_COLUMNS; {} without metrics) and its sample grid as
+    PNG bytes (the first evaluate.samples test images per direction; None without test images)."""
+    G_A, G_B, _ = checkpoint.load_generators(path, device)
+    fake_B = translate(G_A, test.A, p.batch_size, device)
+    fake_A = translate(G_B, test.B, p.batch_size, device)
+    k = p.samples
+    rec_A = translate(G_B, fake_B[:k], p.batch_size, device)
+    rec_B = translate(G_A, fake_A[:k], p.batch_size, device)
+    rows_a = [list(t) for t in zip(test.A[:k], fake_B[:k], rec_A)]
+    rows_b = [list(t) for t in zip(test.B[:k], fake_A[:k], rec_B)]
+    png = png_bytes(labelled_grid(rows_a, rows_b)) if rows_a or rows_b else None
+    row: dict[str, float] = {}
+    if plan.features is not None:
+        ab = fid_kid(plan.real_B, plan.features(fake_B), p.kid_subsets)
+        ba = fid_kid(plan.real_A, plan.features(fake_A), p.kid_subsets)
+        row = {"fid_AtoB": ab["fid"], "fid_BtoA": ba["fid"], "kid_AtoB": ab["kid"], "kid_BtoA": ba["kid"],
+               "fid": ab["fid"] + ba["fid"], "kid": ab["kid"] + ba["kid"]}
+    return row, png
+
+
+@dataclass
+class Scores:
+    """Every epoch's score: `rows` ({"epoch": N, **METRIC_COLUMNS} in epoch order), `grids` (epoch →
+    its grid PNG in the cache; epochs without one are absent), `checkpoints` (epoch → file),
+    `digests` (epoch → the file's sha256) and `settings` (the cache key's other half)."""
+    rows: list[dict[str, Any]]
+    grids: dict[int, Path]
+    checkpoints: dict[int, Path]
+    digests: dict[int, str]
+    settings: str
+
+    def row(self, epoch: int) -> dict[str, Any]:
+        return next(r for r in self.rows if r["epoch"] == epoch)
+
+
+def epoch_checkpoints(folder: Path) -> dict[int, Path]:
+    """epoch → `folder`/epoch_NNN.pt, in epoch order; raises UserError when there is none."""
+    ckpts = checkpoint.epoch_files(folder)
+    if not ckpts:
+        raise UserError(f"{folder}: no epoch_NNN.pt checkpoints; run the train stage first")
+    return ckpts
+
+
+def train_run(checkpoints: Path) -> dict[str, Any]:
+    """{"device": "cpu"|"cuda"|"mps", "world_size": N} as `checkpoints`/last.pt records them (what
+    train.device auto resolved to, and train.devices), for the report; {} when last.pt is absent,
+    unreadable or older than that record."""
+    try:
+        last = checkpoint.load(checkpoints / "last.pt")
+    except UserError:
+        return {}
+    return {k: last[k] for k in ("device", "world_size") if isinstance(last, dict) and k in last}
+
+
+def score_epochs(ckpts: dict[int, Path], cache: Path, p: EvaluateParams, device: torch.device, test: EvalImages,
+                 plan: MetricsPlan) -> Scores:
+    """Score every epoch checkpoint of `ckpts` (epoch_checkpoints), each read from `cache` when the
+    same checkpoint (by sha256) was scored on the same test images with the same settings, and stored
+    there otherwise. Raises UserError for a damaged or diverged checkpoint."""
+    settings = json.dumps({"v": CACHE_VERSION, "samples": p.samples, "kid_subsets": p.kid_subsets,
+                           "metrics": plan.features is not None, "A": test.names_A, "B": test.names_B},
+                          sort_keys=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(cache)          # what a killed run left
+    scores = Scores([], {}, ckpts, {}, settings)
+    for epoch, path in ckpts.items():
+        scores.digests[epoch] = sha256_of(path)
+        key = hashlib.sha256((scores.digests[epoch] + settings).encode()).hexdigest()[:32]
+        entry, grid_file = cache / f"{key}.json", cache / f"{key}.png"
+        cached = json.loads(entry.read_text()) if entry.is_file() else None
+        if cached is not None and (not cached["grid"] or grid_file.is_file()):
+            row, has_grid = cached["row"], cached["grid"]
+            print(f"epoch {epoch:03d}: cached")
+        else:
+            row, png = score_checkpoint(path, p, device, test, plan)
+            has_grid = png is not None
+            if has_grid:    # the grid first, then the entry that says the grid is there
+                atomic_write_bytes(grid_file, png)
+            atomic_write_json(entry, {"row": row, "grid": has_grid})
+            print(f"epoch {epoch:03d}: " + (", ".join(f"{k} {v:.4g}" for k, v in row.items()) or "grid only"))
+        scores.rows.append({"epoch": epoch, **row})
+        if has_grid:
+            scores.grids[epoch] = grid_file
+    return scores
+
+
+def finite(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def select_best(rows: list[dict[str, Any]], select: str, skipped: str) -> dict[str, Any]:
+    """The best epoch: the lowest finite `select` (kid or fid) value, else the last epoch; never one
+    whose metric is NaN or infinite. Returns epoch, selected_by (kid, fid or last), fallback (True
+    when `select` asked for a metric and the last epoch was taken instead) and reason (one line).
+    `skipped`: why FID/KID were not computed ("" when they were)."""
+    last = rows[-1]["epoch"]
+    if select == "last":
+        return {"epoch": last, "selected_by": "last", "fallback": False,
+                "reason": "the last epoch (evaluate.select is last)"}
+    name = select.upper()
+    if skipped:
+        return {"epoch": last, "selected_by": "last", "fallback": True,
+                "reason": f"the LAST epoch, not the lowest {name} that evaluate.select asks for: FID/KID were "
+                          f"skipped ({skipped})"}
+    good = [r for r in rows if finite(r.get(select))]
+    bad = [r["epoch"] for r in rows if not finite(r.get(select))]
+    if not good:
+        return {"epoch": last, "selected_by": "last", "fallback": True,
+                "reason": f"the LAST epoch, not the lowest {name} that evaluate.select asks for: every epoch's "
+                          f"{name} is NaN or infinite"}
+    best = min(good, key=lambda r: (r[select], r["epoch"]))["epoch"]
+    reason = f"lowest {name} summed over both directions"
+    if bad:
+        reason += f" (epochs {', '.join(map(str, bad))} left out: {name} is NaN or infinite)"
+    return {"epoch": best, "selected_by": select, "fallback": False, "reason": reason}
+
+
+def translated_test_set(cache: Path, scores: Scores, epoch: int, p: EvaluateParams, device: torch.device,
+                        test: EvalImages) -> Path:
+    """The folder in `cache` holding the test-set pages of `epoch`'s checkpoint (write_test_set),
+    built once per (checkpoint, test images, settings, TEST_PAGE_ROWS); the pages of any other
+    checkpoint are removed from the cache."""
+    key = hashlib.sha256((scores.digests[epoch] + scores.settings + f"pages{TEST_PAGE_ROWS}").encode())
+    built = cache / f"test_set-{key.hexdigest()[:32]}"
+    if not built.is_dir():
+        write_test_set(built, scores.checkpoints[epoch], epoch, p, device, test)
+    for old in cache.glob("test_set-*"):       # only the current best's page is kept
+        if old != built:
+            shutil.rmtree(old, ignore_errors=True)
+    return built
+
+
+def write_test_set(folder: Path, ckpt: Path, epoch: int, p: EvaluateParams, device: torch.device,
+                   test: EvalImages) -> None:
+    """`folder`/index.html (+ page_NNN.html): every test image with its translation and
+    reconstruction by `ckpt`'s generators, both directions, TEST_PAGE_ROWS rows per direction per
+    page, each image a link to its full-size PNG under `folder`/{AtoB,BtoA}/{real,fake,rec}/."""
+    G_A, G_B, _ = checkpoint.load_generators(ckpt, device)
+    directions = {}
+    with atomic_dir(folder) as tmp:
+        for label, names, real, forward, back in (("AtoB", test.names_A, test.A, G_A, G_B),
+                                                  ("BtoA", test.names_B, test.B, G_B, G_A)):
+            fake = translate(forward, real, p.batch_size, device)
+            images = dict(zip(TEST_SET_KINDS, (real, fake, translate(back, fake, p.batch_size, device))))
+            for kind, batch in images.items():
+                (tmp / label / kind).mkdir(parents=True)
+                for name, img in zip(names, batch):
+                    (tmp / label / kind / name).write_bytes(png_bytes(Image.fromarray(img.permute(1, 2, 0).numpy())))
+            directions[label] = names
+        for name, page in pages_for_test_set(epoch, ckpt, directions, TEST_PAGE_ROWS).items():
+            (tmp / name).write_text(page)

@@ -8,6 +8,12 @@ inline SVG panels written here: a plotting library would add a heavy dependency 
 the page must render offline. Losses are drawn as small multiples, one panel per kind (G, D, cycle,
 identity) with its own y scale, since the D losses sit near 0.25 while cycle losses start near 3.
 Legends are HTML, coloured with inline styles, so no stylesheet rule can grey them out.
+
+Training time and throughput come from train's dvclive logs (`<train live>/plots/metrics/
+images_per_s.tsv`), never from a checkpoint: timing is kept out of every artifact but this page.
+
+Also here: the test-set pages (metrics/test_set/index.html, page_NNN.html), which evaluate fills with
+the best epoch's translations of every test image.
 """
 from __future__ import annotations
 
@@ -81,11 +87,16 @@ def svg_panel(series: Series, title: str, marker: float | None = None, note: str
 
 
 def _tsv_series(live_dir: Path, name: str) -> list[tuple[float, float]]:
+    """(step, value) pairs of dvclive's `live_dir`/plots/metrics/`name`.tsv; [] when the file is
+    absent or unreadable (a run that logged nothing yet, or an older run that logged no such series)."""
     tsv = live_dir / "plots" / "metrics" / f"{name}.tsv"
     if not tsv.is_file():
         return []
-    frame = pd.read_csv(tsv, sep="\t")
-    return list(zip(frame["step"].astype(float), frame[name].astype(float)))
+    try:
+        frame = pd.read_csv(tsv, sep="\t")
+        return list(zip(frame["step"].astype(float), frame[name].astype(float)))
+    except (OSError, ValueError, KeyError):    # empty, truncated or another program's file
+        return []
 
 
 def _read_json(path: Path | None) -> dict[str, Any]:
@@ -175,12 +186,13 @@ def _params_table(section: str, values: dict[str, Any]) -> str:
 
 
 def write_report(path: Path, *, summary: dict[str, Any], table: pd.DataFrame, grids: list[int],
-                 live_dir: Path, params_all: dict[str, Any], eval_params: dict[str, Any],
-                 prepare_report: Path | None = None) -> None:
+                 params_all: dict[str, Any], live_dir: Path, prepare_report: Path | None = None) -> None:
     """Write the report to `path` atomically. `summary` is evaluate's (best_epoch, best_reason,
-    select_fallback, metrics_available, metrics_skipped, weights, notes, device); `table` has a row
-    per evaluated epoch (epoch and, with metrics, fid_AtoB ... kid); `grids` the epochs with a sample
-    grid in samples/; `params_all` every params.yaml section."""
+    select_fallback, metrics_available, metrics_skipped, weights, notes, device, train_run); `table`
+    has a row per evaluated epoch (epoch and, with metrics, fid_AtoB ... kid); `grids` the epochs with
+    a sample grid in samples/; `params_all` every params.yaml section as the stages read it; `live_dir`
+    train's dvclive folder (losses, images/s: absent series are said to be unknown); `prepare_report`
+    prepare's counts (metrics/prepare.json; absent: shown as ?)."""
     best = summary["best_epoch"]
     esc = html.escape
     header, _ = _context(params_all, _read_json(prepare_report), live_dir, summary)
@@ -236,7 +248,7 @@ images every epoch.</p>
     else:
         grids_html = "<p class=warn>No sample grids: there are no test images (see above).</p>"
 
-    sections = {**params_all, "evaluate": eval_params}
+    sections = params_all
     scalars = {k: v for k, v in sections.items() if not isinstance(v, dict)}
     blocks = ([f"<div><h3>top level</h3>{_params_table('', scalars)}</div>"] if scalars else []) + [
         f"<div><h3>{esc(name)}</h3>{_params_table(name, values)}</div>"
@@ -294,3 +306,52 @@ if (slider) {{ slider.addEventListener("input", show); show(); }}
 </body></html>
 """
     atomic_write_bytes(path, page.encode())
+
+
+# --- metrics/test_set: every test image translated by the best epoch ----------------------------
+TEST_SET_STYLE = ("body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}"
+                  "td,th{border:1px solid #ccc;padding:3px}table{border-collapse:collapse}"
+                  "td.name{font:12px monospace}img{width:128px;height:auto;image-rendering:pixelated;display:block}"
+                  ".warn{background:#fff4e5;padding:8px;border-left:4px solid #f0a020}")
+TEST_SET_KINDS = ("real", "fake", "rec")
+
+
+def page_name_for_test_set(i: int) -> str:
+    """Page `i` (from 0) of the test set: index.html, then page_002.html, page_003.html, ..."""
+    return "index.html" if i == 0 else f"page_{i + 1:03d}.html"
+
+
+def pages_for_test_set(epoch: int, generators: Path, directions: dict[str, list[str]], rows_per_page: int
+                   ) -> dict[str, str]:
+    """The test-set pages as {file name: HTML}: for each direction ("AtoB", "BtoA" → the test file
+    names of its source domain) a table of `rows_per_page` rows per page, each row the real image,
+    its translation by G_A or G_B and its reconstruction, linked to the full-size PNGs the caller
+    writes at <direction>/{real,fake,rec}/<name>. A direction without images says how to get some.
+    `generators` is the checkpoint shown (= models/best/generators.pt); `epoch` its epoch."""
+    esc = html.escape
+    pages = max(1, math.ceil(max(map(len, directions.values()), default=0) / rows_per_page))
+    out = {}
+    for i in range(pages):
+        nav = " ".join(f"<b>{j + 1}</b>" if j == i else f'<a href="{page_name_for_test_set(j)}">{j + 1}</a>'
+                       for j in range(pages)) if pages > 1 else ""
+        parts = []
+        for label, names in directions.items():
+            a, b = label[0], label[-1]
+            rows = "".join(
+                f"<tr><td class=name>{esc(n)}</td>" + "".join(
+                    f'<td><a href="{label}/{kind}/{esc(n)}"><img src="{label}/{kind}/{esc(n)}" '
+                    f'alt="{kind} {esc(n)}" loading="lazy"></a></td>' for kind in TEST_SET_KINDS) + "</tr>"
+                for n in names[i * rows_per_page:(i + 1) * rows_per_page])
+            body = (f"<table><tr><th>file</th><th>real {a}</th><th>fake {b} (G_{a})</th><th>reconstructed {a}</th>"
+                    f"</tr>{rows}</table>" if names else
+                    f"<p class=warn>No test images in test{a}: raise prepare.test_fraction (or add images) and "
+                    f"run prepare again.</p>")
+            parts.append(f"<h2>{a} → {b}: {len(names)} test image(s)</h2>{body}")
+        out[page_name_for_test_set(i)] = (
+            f"<!doctype html><html lang=en><head><meta charset=utf-8><title>unpaired: test set, epoch {epoch}"
+            f"</title><style>{TEST_SET_STYLE}</style></head><body>"
+            f"<h1>Test set translated by the best epoch ({epoch})</h1>"
+            f"<p>Generators: <code>{esc(generators.as_posix())}</code> (= models/best/generators.pt). "
+            f"Click an image for the full-size file. Page {i + 1} of {pages}. {nav}</p>"
+            + "".join(parts) + (f"<p>{nav}</p>" if nav else "") + "</body></html>\n")
+    return out
