@@ -197,8 +197,10 @@ def test_an_unknown_preset_is_one_line_and_touches_nothing(tmp_path, capsys):
     assert params_file.read_text() == "train: {}\n"
 
 
-# Texts that YAML 1.1 (PyYAML, Hydra/OmegaConf) and YAML 1.2 (DVC) read differently.
-YAML_11_VS_12 = {"on": "on", "off": "off", "yes": "yes", "no": "no", "1_000": "1_000", "1:20": "1:20",
+# Texts that YAML 1.1 (PyYAML, Hydra/OmegaConf) reads differently from DVC (ruamel.yaml, YAML 1.2;
+# ruamel accepts `1_000` as 1000 there too): on/off/yes/no stay strings, `1:20` is no base-60 4800,
+# `017` no octal 15.
+YAML_11_VS_12 = {"on": "on", "off": "off", "yes": "yes", "no": "no", "1_000": 1000, "1:20": "1:20",
                  "017": 17}
 
 
