@@ -93,7 +93,18 @@ def test_unknown_section_suggests_the_nearest(tmp_path, monkeypatch, text, messa
     assert str(err.value) == message
 
 
-@pytest.mark.parametrize("stage", [["fetch", "a"], ["prepare"], ["train"], ["evaluate"]])
+@pytest.mark.parametrize("stage", [      # each with dvc.yaml's arguments (the paths)
+    ["fetch", "a", "--out", "data/raw/a"],
+    ["prepare", "--raw", "data/raw/a", "data/raw/b", "--out", "data/prepared.tar", "--view", "data/prepared",
+     "--metrics", "metrics/prepare.json"],
+    ["train", "--data", "data/prepared.tar", "--view", "data/prepared", "--out", "models/checkpoints",
+     "--live", "metrics/train"],
+    ["evaluate", "--checkpoints", "models/checkpoints", "--data", "data/prepared.tar", "--view", "data/prepared",
+     "--prepare-metrics", "metrics/prepare.json", "--train-live", "metrics/train", "--cache", "models/eval_cache",
+     "--best", "models/best", "--samples", "metrics/samples", "--test-set", "metrics/test_set",
+     "--report", "metrics/report.html", "--info", "metrics/eval_info.json", "--epochs-csv", "metrics/eval_epochs.csv",
+     "--metrics", "metrics/eval.json", "--plots", "metrics/eval_plots"],
+])
 def test_every_stage_refuses_an_unknown_section(tmp_path, stage):
     import subprocess
     import sys
