@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 from ruamel.yaml import YAML
 
-from tests.helpers import TINY, clone_project, dvc
+from tests.helpers import TINY, VENV_BIN, clone_project, dvc, run
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,12 @@ def deleted_by_dvc(project, stage):
     return [o["path"] for o in lock["outs"] if o["path"] not in persist]
 
 
+def repro(project, *args, check=False):
+    """`make repro`'s command (python -m unpaired.repro: params check, dvc repro, dvc checkout after a
+    failure) in `project`, with this venv."""
+    return run([str(VENV_BIN / "python"), "-m", "unpaired.repro", *args], cwd=project, check=check)
+
+
 @pytest.mark.parametrize("stage, key, value", [
     ("fetch@a", "domains.a.count", -3),
     ("prepare", "prepare.test_fraction", 1.5),
@@ -156,26 +162,41 @@ def deleted_by_dvc(project, stage):
 ])
 def test_a_failed_stage_keeps_its_previous_outputs(project, tmp_path, stage, key, value):
     """Under `dvc repro`, DVC deletes a stage's outputs before running it: a failed run used to
-    leave none. Now they are back, byte for byte, and `dvc status` names only the changed param."""
+    leave none. Through `make repro` they are back, byte for byte (dvc checkout, and the `cache:
+    false` metrics from the copy kept aside), and `dvc status` names only the changed param."""
     outputs = deleted_by_dvc(project, stage)
     assert outputs
     before = tree_bytes(project, outputs)
     copy = copy_with(project, tmp_path, set_key(key, value))
-    proc = dvc(copy, "repro", stage, check=False)
+    proc = repro(copy, stage)
     assert proc.returncode != 0
     assert f"params.yaml: {key}: " in proc.stderr and "kept the previous" in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: params.yaml: {key}: ") and "kept the previous" in last, proc.stderr
     assert tree_bytes(copy, outputs) == before
     status = json.loads(dvc(copy, "status", "--json", stage).stdout or "{}")
     assert status == {stage: [{"changed deps": {"params.yaml": {key.rsplit(".", 1)[0]: "modified"}}}]}
+    assert not (copy / ".dvc" / "tmp" / "repro-kept").exists()
 
 
 def test_a_failed_stage_without_cache_says_how_to_get_the_outputs_back(project, tmp_path):
     copy = copy_with(project, tmp_path, set_key("domains.a.count", -3))
     shutil.rmtree(copy / ".dvc" / "cache")
-    proc = dvc(copy, "repro", "fetch@a", check=False)
+    proc = repro(copy, "fetch@a")
     assert proc.returncode != 0
     assert ("params.yaml: domains.a.count: must be > 0, got -3; the previous data/raw/a could not be "
             "restored (not in the DVC cache): run `uv run dvc checkout fetch@a`") in proc.stderr
+
+
+def test_plain_dvc_repro_leaves_the_restore_to_dvc_checkout(project, tmp_path):
+    """Plain `dvc repro` no longer restores anything (DVC's own behaviour, README: run `uv run dvc
+    checkout` after a failure), and that command does bring the outputs back."""
+    before = tree_bytes(project, ["data/raw/a"])
+    copy = copy_with(project, tmp_path, set_key("domains.a.count", -3))
+    assert dvc(copy, "repro", "fetch@a", check=False).returncode != 0
+    assert not (copy / "data" / "raw" / "a").exists()
+    dvc(copy, "checkout", "fetch@a")
+    assert tree_bytes(copy, ["data/raw/a"]) == before
 
 
 KNOWN = "archive, doodles, flares, folder, kaggle, quickdraw, stylegan, web"

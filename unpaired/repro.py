@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unpaired.errors import UserError, main_guard
+from unpaired.files import remove_stale_temporaries
 from unpaired.params import check_file
 
 STATE = Path(".dvc/tmp/repro-kept")          # one run's record: present.json + kept/<output path>
@@ -57,12 +58,20 @@ class Output:
     cached: bool         # False for `cache: false` outputs (metrics)
 
 
-def outputs() -> list[Output]:
-    """Every non-persist output of every stage (persist ones DVC never deletes), from DVC's index."""
+def outputs(persist: bool = False) -> list[Output]:
+    """Every non-persist output of every stage (persist ones DVC never deletes; with `persist`, those
+    too), from DVC's index of dvc.yaml."""
     from dvc.repo import Repo
     with Repo(os.getcwd()) as repo:
         return [Output(out.def_path, stage.addressing, bool(out.use_cache))
-                for stage in repo.index.stages for out in stage.outs if not out.persist]
+                for stage in repo.index.stages for out in stage.outs if persist or not out.persist]
+
+
+def remove_stale(everything: list[Output]) -> None:
+    """The temporaries a killed stage left next to (and, for folders DVC keeps, inside) its outputs:
+    removed when their writer is dead (files.remove_stale_temporaries), so none outlives this run."""
+    folders = {Path(o.path).parent for o in everything} | {Path(o.path) for o in everything}
+    remove_stale_temporaries(*sorted(folders))
 
 
 def _exists(path: str | Path) -> bool:
@@ -93,9 +102,10 @@ def keep(present: list[Output]) -> None:
     (STATE / "present.json").write_text(json.dumps([out.__dict__ for out in present]))
 
 
-def put_back(signals: Signals) -> tuple[list[str], list[str], list[str]]:
+def put_back(signals: Signals) -> tuple[list[str], list[str]]:
     """Put back what a failed run removed: STATE's record of the outputs present before it, those now
-    missing. Returns (put back, still missing: targets for `dvc checkout`, notes). STATE is removed."""
+    missing. Returns (what was put back, notes: what could not be, with the command). STATE is
+    removed."""
     present = [Output(**o) for o in json.loads((STATE / "present.json").read_text())]
     missing = [o for o in present if not _exists(o.path)]
     restored, notes = [], []
@@ -105,21 +115,27 @@ def put_back(signals: Signals) -> tuple[list[str], list[str], list[str]]:
         os.replace(src, dst)                     # same filesystem: a rename, never half a file
         restored.append(out.path)
     cached = [o for o in missing if o.cached]
-    targets = _targets(cached)
-    lost: list[str] = []
-    if targets:
+    lost: list[Output] = []
+    if cached:
         count = signals.count
+        targets = _targets(cached)
+        print(f"repro: putting back the previous {', '.join(o.path for o in cached)}: "
+              f"dvc checkout {' '.join(targets)}", file=sys.stderr, flush=True)
         status = _run_dvc(["checkout", *targets], signals)
         if status == 0 and signals.count == count:
             restored += [o.path for o in cached]
-        else:
-            back = [o.path for o in cached if _exists(o.path)] if signals.count == count else []
-            restored += back
-            lost = [t for t in targets if t not in back]
+        else:            # interrupted: an output may be half checked out, so it is named as lost
+            lost = [o for o in cached if signals.count > count or not _exists(o.path)]
+            restored += [o.path for o in cached if o not in lost]
             if signals.count > count:
                 notes.append("interrupted while `dvc checkout` put back the previous outputs")
     shutil.rmtree(STATE, ignore_errors=True)
-    return restored, lost, notes
+    if lost:
+        command = " ".join(_targets(lost))
+        notes.append(f"the previous {', '.join(o.path for o in lost)} could not be restored"
+                     f"{'' if signals.count else ' (not in the DVC cache)'}: "
+                     f"run `uv run dvc checkout {command}` (or `uv run dvc pull {command}`)")
+    return restored, notes
 
 
 def _targets(cached: list[Output]) -> list[str]:
@@ -145,15 +161,12 @@ def recover(signals: Signals) -> list[str]:
     if not STATE.exists():
         return []
     try:
-        restored, lost, notes = put_back(signals)
+        restored, notes = put_back(signals)
     except (OSError, ValueError, TypeError):        # killed while writing its record: nothing removed yet
         shutil.rmtree(STATE, ignore_errors=True)
         return []
     if restored:
-        notes.append(f"an earlier `make repro` was killed: put back its previous {', '.join(restored)}")
-    if lost:
-        notes.append(f"an earlier `make repro` was killed; the previous {', '.join(lost)} could not be "
-                     f"put back: run `uv run dvc checkout {' '.join(lost)}` (or `uv run dvc pull`)")
+        notes.insert(0, f"an earlier `make repro` was killed: put back its previous {', '.join(restored)}")
     return notes
 
 
@@ -246,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     with _exclusive(), Signals() as signals:
         for note in recover(signals):
             print(f"note: {note}", file=sys.stderr)
+        remove_stale(outputs(persist=True))
         present = [o for o in outputs() if _exists(o.path)]
         try:
             keep(present)
@@ -260,16 +274,13 @@ def main(argv: list[str] | None = None) -> None:
         if status == 0 and not signals.count:
             shutil.rmtree(STATE, ignore_errors=True)
             return
-        restored, lost, notes = put_back(signals)
+        restored, notes = put_back(signals)
     first = errors[-1].removeprefix("error: ") if errors else (
         "interrupted" if signals.count else f"`dvc repro` failed (status {status}); see its output above")
-    parts = [first, *notes]
+    parts = [first]
     if restored:
         parts.append(f"kept the previous {', '.join(restored)} (put back as dvc.lock records them)")
-    if lost:
-        parts.append(f"the previous {', '.join(lost)} could not be restored"
-                     f"{'' if signals.count else ' (not in the DVC cache)'}: "
-                     f"run `uv run dvc checkout {' '.join(lost)}` (or `uv run dvc pull {' '.join(lost)}`)")
+    parts += notes
     print(f"error: {'; '.join(parts)}", file=sys.stderr)
     sys.exit(130 if signals.count else (status or 1))
 
