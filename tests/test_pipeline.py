@@ -1,7 +1,12 @@
 """End to end: the real `dvc repro` of the whole DAG in a fresh git copy of the project, tiny params."""
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,7 +14,7 @@ import yaml
 from PIL import Image
 from ruamel.yaml import YAML
 
-from tests.helpers import TINY, VENV_BIN, clone_project, dvc, run
+from tests.helpers import TINY, VENV_BIN, clone_project, dvc, env, run
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +238,147 @@ def test_a_failed_preset_switch_says_how_to_get_params_yaml_back(project, tmp_pa
     assert (copy / "params.yaml").read_text() != committed
     subprocess.run(["git", "checkout", "params.yaml"], cwd=copy, check=True)
     assert (copy / "params.yaml").read_text() == committed
+
+
+# --- issue 17.2: interrupted runs, with real signals on real processes -----------------------------
+
+class Live:
+    """`python -m unpaired.repro ARGS` in a session of its own (its process group is what a terminal's
+    Ctrl-C reaches), its output (stdout and stderr together) read as it comes."""
+
+    def __init__(self, project, *args):
+        import subprocess
+        import threading
+        self.project = project
+        self.proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "unpaired.repro", *args], cwd=project,
+                                     env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for raw in iter(self.proc.stdout.readline, b""):
+            with self.changed:
+                self.lines.append(raw.decode(errors="replace"))
+                self.changed.notify_all()
+
+    def wait_for(self, text, timeout=120):
+        with self.changed:
+            assert self.changed.wait_for(lambda: any(text in line for line in self.lines)
+                                         or self.proc.poll() is not None, timeout), "".join(self.lines)
+        assert any(text in line for line in self.lines), "".join(self.lines)
+
+    def signal(self, sig):
+        os.killpg(self.proc.pid, sig)
+
+    def finish(self, timeout=120):
+        self.proc.wait(timeout)
+        self.reader.join(timeout)
+        return self.proc.returncode, "".join(self.lines)
+
+
+def processes_in(project):
+    """PIDs of the processes whose working directory is inside `project` (dvc, a stage, a watchdog)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = Path(os.readlink(entry / "cwd"))
+            except OSError:
+                continue
+            if cwd == project or project in cwd.parents:
+                found.append(int(entry.name))
+    return found
+
+
+def no_process_left(project, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while processes_in(project) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return processes_in(project) == []
+
+
+def evaluate_outputs(project):
+    return deleted_by_dvc(project, "evaluate")
+
+
+def leftovers(project):
+    """The wrapper's folder and any temporary (files.TEMPORARY) next to or inside an output."""
+    from unpaired.files import TEMPORARY
+    found = [p for p in [project / ".dvc" / "tmp" / "repro-kept"] if p.exists()]
+    for folder in ("data", "models", "metrics"):
+        found += [p for p in (project / folder).rglob("*") if TEMPORARY.fullmatch(p.name)]
+    return found
+
+
+def test_ctrl_c_during_the_stages_imports_keeps_the_previous_outputs(project, tmp_path):
+    """Ctrl-C (SIGINT to the process group) while evaluate is still importing: DVC has already deleted
+    its outputs; they are back, and the last line says so."""
+    copy = copy_with(project, tmp_path, lambda p: None)
+    outputs = evaluate_outputs(copy)
+    before = tree_bytes(copy, outputs)
+    live = Live(copy, "-f", "-s", "evaluate")
+    live.wait_for("> python -m stages.evaluate")
+    time.sleep(0.5)                                   # torch is still loading
+    live.signal(signal.SIGINT)
+    code, out = live.finish()
+    assert code == 130, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted; kept the previous ") and "models/best" in last, out
+    assert tree_bytes(copy, outputs) == before
+    assert json.loads(dvc(copy, "status", "--json").stdout or "{}") == {}
+    assert no_process_left(copy) and leftovers(copy) == []
+
+
+def test_a_second_ctrl_c_during_the_checkout_names_the_command(project, tmp_path):
+    """Two Ctrl-C, the second while `dvc checkout` puts the outputs back: either they are back, or the
+    last line names the command that brings them back, and that command does."""
+    copy = copy_with(project, tmp_path, lambda p: None)
+    outputs = evaluate_outputs(copy)
+    before = tree_bytes(copy, outputs)
+    live = Live(copy, "-f", "-s", "evaluate")
+    live.wait_for("> python -m stages.evaluate")
+    time.sleep(0.5)
+    live.signal(signal.SIGINT)
+    live.wait_for("repro: putting back the previous")
+    live.signal(signal.SIGINT)
+    code, out = live.finish()
+    assert code == 130, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted"), out
+    command = re.search(r"run `uv run (dvc checkout [^`]+)`", last)
+    if command:
+        assert "interrupted while `dvc checkout` put back the previous outputs" in last
+        dvc(copy, *command[1].split()[1:])
+    assert tree_bytes(copy, outputs) == before
+    assert no_process_left(copy) and leftovers(copy) == []
+
+
+@pytest.mark.parametrize("moment", ["start", "imports", "checkout"])
+def test_kill_9_at_any_moment_then_the_next_run_puts_everything_back(project, tmp_path, moment):
+    """kill -9 of the wrapper's process group: at its start, while the stage imports, while `dvc
+    checkout` runs. No process of the run survives it (dvc runs in a group of its own, whose watchdog
+    sees the wrapper die), and the next run puts back what the killed one removed and leaves no
+    temporary folder."""
+    copy = copy_with(project, tmp_path, lambda p: None)
+    outputs = evaluate_outputs(copy)
+    before = tree_bytes(copy, outputs)
+    live = Live(copy, "-f", "-s", "evaluate")
+    if moment == "start":
+        time.sleep(1.0)
+    else:
+        live.wait_for("> python -m stages.evaluate")
+        time.sleep(0.5)
+        if moment == "checkout":
+            live.signal(signal.SIGINT)
+            live.wait_for("repro: putting back the previous")
+    live.signal(signal.SIGKILL)
+    live.finish()
+    assert no_process_left(copy)
+    proc = repro(copy, "evaluate")                     # evaluate's deps are unchanged: nothing to run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert tree_bytes(copy, outputs) == before
+    assert json.loads(dvc(copy, "status", "--json").stdout or "{}") == {}
+    assert leftovers(copy) == []
