@@ -382,3 +382,34 @@ def test_kill_9_at_any_moment_then_the_next_run_puts_everything_back(project, tm
     assert tree_bytes(copy, outputs) == before
     assert json.loads(dvc(copy, "status", "--json").stdout or "{}") == {}
     assert leftovers(copy) == []
+
+
+# --- issue 16: two runs on one machine give the same artifacts --------------------------------------
+
+# Outputs that legitimately hold timing (images/s), which DESIGN.md puts in the dvclive metrics and
+# the report only: the dvclive summary and curves (images_per_s) and the report's speed line.
+TIMING = {"metrics/train/metrics.json", "metrics/train/plots/metrics", "metrics/report.html"}
+# Outputs that still differ on this branch and are being made deterministic elsewhere (last.pt's
+# history keeps images_per_s: the `train` helper's branch); the lead empties this set after merging.
+NOT_YET_DETERMINISTIC = {"models/checkpoints"}
+
+
+def locked_outs(project):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {f"{stage}: {o['path']}": o["md5"] for stage, entry in lock.items() for o in entry.get("outs", [])}
+
+
+def test_repro_f_gives_every_artifact_the_same_hash(project, tmp_path):
+    """`dvc repro -f` after `dvc repro`: every output in dvc.lock has the same hash. The persistent
+    outputs (checkpoints, the evaluation cache) are removed first, or train would resume with
+    nothing left to train and evaluate would answer from its cache: this retrains from scratch."""
+    copy = copy_with(project, tmp_path, lambda p: None)
+    before = locked_outs(copy)
+    shutil.rmtree(copy / "models" / "checkpoints")
+    shutil.rmtree(copy / "models" / "eval_cache")
+    dvc(copy, "repro", "-f")
+    after = locked_outs(copy)
+    assert set(after) == set(before)
+    differ = sorted(key for key in before if before[key] != after[key])
+    path = lambda key: key.split(": ", 1)[1]                                    # noqa: E731
+    assert [k for k in differ if path(k) not in TIMING | NOT_YET_DETERMINISTIC] == []
