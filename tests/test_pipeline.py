@@ -216,7 +216,7 @@ def test_unknown_or_missing_source_is_the_products_line(project, tmp_path, value
     or "Could not find 'item.source'"."""
     before = tree_bytes(project, ["data/raw/a"])
     copy = copy_with(project, tmp_path, set_key("domains.a.source", value))
-    proc = dvc(copy, "repro", "fetch@a", check=False)
+    proc = repro(copy, "fetch@a")                      # make repro: the previous data/raw/a is put back
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stdout + proc.stderr
     assert "No such file" not in proc.stderr and "item.source" not in proc.stderr
