@@ -125,7 +125,8 @@ def test_every_stage_refuses_an_unknown_section(tmp_path, stage):
 ])
 def test_make_repro_checks_the_sections_before_dvc(tmp_path, text, line):
     """DVC refuses a stage whose params section is missing only after removing the stage's outputs,
-    and before the stage's own check runs; so `make repro` runs `python -m unpaired.params` first."""
+    and before the stage's own check runs; so `make repro` (python -m unpaired.repro) checks params.yaml
+    first, as `python -m unpaired.params` does."""
     import subprocess
     import sys
     from tests.helpers import ROOT
@@ -134,5 +135,11 @@ def test_make_repro_checks_the_sections_before_dvc(tmp_path, text, line):
                           text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(f"error: {line}")
     assert len(proc.stderr.splitlines()) == 1
+    # make repro's command (python -m unpaired.repro) checks the same way before it runs dvc repro:
+    # the same one line, and no DVC run (there is no DVC repository here: it would fail otherwise)
     recipe = subprocess.run(["make", "-n", "repro"], cwd=ROOT, capture_output=True, text=True).stdout
-    assert recipe.index("-m unpaired.params") < recipe.index("dvc repro")
+    assert "-m unpaired.repro" in recipe and "dvc repro" not in recipe
+    proc = subprocess.run([sys.executable, "-m", "unpaired.repro"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(f"error: {line}")
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / ".dvc").exists()
