@@ -20,7 +20,11 @@ Signals: Ctrl-C (SIGINT), SIGTERM and SIGHUP are passed on to `dvc repro` (its o
 and the wrapper still puts back what was removed; a second one during `dvc checkout` stops it, and the
 last line names the `uv run dvc checkout ...` that brings the rest back. A `kill -9` of the wrapper
 takes `dvc repro` with it (a watchdog in dvc's group sees the wrapper's pipe close); the next run
-finds the killed run's folder, puts back what that run removed and removes the folder first.
+finds the killed run's folder, puts back what that run removed and removes the folder first, and
+removes the temporaries a killed stage left next to the outputs (files.remove_stale_temporaries).
+
+The output passes through as it comes, but `dvc repro`'s stderr is read through a pipe (to find the
+stage's `error: ` line), so DVC shows no progress bars of its own.
 """
 from __future__ import annotations
 
@@ -76,13 +80,6 @@ def remove_stale(everything: list[Output]) -> None:
 
 def _exists(path: str | Path) -> bool:
     return os.path.lexists(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif _exists(path):
-        path.unlink()
 
 
 def _copy(src: Path, dst: Path) -> None:
