@@ -10,7 +10,6 @@ disk (or quota, or `ulimit -f`) becomes one `UserError` line naming the file and
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
