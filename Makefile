@@ -3,6 +3,7 @@
 SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PYTEST_ARGS ?=
+REPRO_ARGS ?=
 
 .PHONY: setup repro test push pull status-remote
 
@@ -11,9 +12,10 @@ setup:
 	  python3 -m pip install --quiet uv || python3 -m pip install --quiet --user --break-system-packages uv
 	$(UV) sync --frozen
 
+# `dvc repro` that checks params.yaml first and, when a stage fails, puts back the outputs DVC removed
+# (dvc checkout); arguments for dvc repro go in REPRO_ARGS, e.g. `make repro REPRO_ARGS="-s train"`.
 repro: setup
-	$(UV) run python -m unpaired.params   # before DVC: a misspelled section would make it remove outputs
-	$(UV) run dvc repro
+	$(UV) run python -m unpaired.repro $(REPRO_ARGS)
 
 test: setup
 	$(UV) run pytest $(PYTEST_ARGS)

@@ -1,28 +1,25 @@
-"""fetch@<domain>: build data/raw/<domain>/ (images + manifest.csv) from the domain's source.
+"""fetch@<domain>: build the domain's raw folder (images + manifest.csv) from its source.
 
-    python -m stages.fetch a        # reads params.yaml domains.a
+    python -m stages.fetch a --out data/raw/a       # reads params.yaml domains.a (dvc.yaml's cmd)
 
-The source writes into a temporary directory that replaces data/raw/<domain> only when complete.
-Downloads go through data/cache/ (shared by the domains, so one archive serves both), which
-survives re-runs.
+The source writes into a temporary directory that replaces the --out folder only when complete.
+Downloads go through --cache (data/cache by default, shared by the domains, so one archive serves
+both), which survives re-runs and is not a DVC output.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from unpaired import params, sources
-from unpaired.errors import UserError, main_guard
+from unpaired.errors import ArgumentParser, UserError, main_guard
 from unpaired.files import atomic_dir, remove_stale_temporaries, write_manifest
 from unpaired.parallel import default_workers
 from unpaired.sources.base import MANIFEST_COLUMNS, FetchContext
 
-RAW = Path("data/raw")
-CACHE = Path("data/cache")
 
-
-def fetch_domain(domain: str, params_file: Path = params.PARAMS_FILE, raw_root: Path = RAW,
-                 cache_root: Path = CACHE, workers: int | None = None) -> Path:
+def fetch_domain(domain: str, out: Path, cache: Path, params_file: Path = params.PARAMS_FILE,
+                 workers: int | None = None) -> Path:
+    """Fetch `domain` (a key of params.yaml's `domains`) into `out`, atomically; returns `out`."""
     data = params.load(params_file)
     domains = params.section(data, "domains")
     key = f"domains.{domain}"
@@ -33,9 +30,9 @@ def fetch_domain(domain: str, params_file: Path = params.PARAMS_FILE, raw_root: 
         params.fail(f"{key}.source", f"required; one of: {', '.join(sorted(sources.SOURCES))}")
     fetch = sources.get(spec["source"], f"{key}.source")
     raw = {k: v for k, v in spec.items() if k != "source"}
-    target = raw_root / domain
+    target = Path(out)
     with atomic_dir(target) as tmp:
-        ctx = FetchContext(domain=domain, key=key, out_dir=tmp, cache_dir=cache_root,
+        ctx = FetchContext(domain=domain, key=key, out_dir=tmp, cache_dir=Path(cache),
                            workers=workers or default_workers())
         rows = fetch(raw, ctx)
         if not rows:
@@ -45,13 +42,16 @@ def fetch_domain(domain: str, params_file: Path = params.PARAMS_FILE, raw_root: 
     return target
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        raise UserError("usage: python -m stages.fetch DOMAIN   (a key of `domains` in params.yaml)")
-    remove_stale_temporaries(RAW, CACHE, recursive=True)     # what a killed run left behind
-    fetch_domain(sys.argv[1])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m stages.fetch", description="Fetch one domain's raw images.")
+    parser.add_argument("domain", help="a key of `domains` in params.yaml")
+    parser.add_argument("--out", type=Path, required=True, help="the raw folder to build (data/raw/<domain>)")
+    parser.add_argument("--cache", type=Path, default=Path("data/cache"),
+                        help="download cache shared by the domains (default: data/cache)")
+    args = parser.parse_args(argv)
+    remove_stale_temporaries(args.out.parent, args.cache, recursive=True)   # what a killed run left behind
+    fetch_domain(args.domain, args.out, args.cache)
 
 
 if __name__ == "__main__":
-    from unpaired.restore import keep_outputs   # under dvc repro: a failure keeps the previous outputs
-    main_guard(keep_outputs(main))
+    main_guard(main)

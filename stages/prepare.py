@@ -2,7 +2,8 @@
 packed into data/prepared.tar (the DVC output: one remote object instead of thousands; the folder
 is its browsable view, see unpaired/files.py), and metrics/prepare.json (kept and skipped counts).
 
-    python -m stages.prepare
+    python -m stages.prepare --raw data/raw/a data/raw/b --out data/prepared.tar \
+        --view data/prepared --metrics metrics/prepare.json        # dvc.yaml's cmd
 
 Every raw file is decoded to 8-bit RGB (see unpaired/images.py), checked against `min_size`, resized to
 an `image_size`×`image_size` square and written as PNG named by the first 16 hex digits of the SHA-256 of the raw
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +25,12 @@ import pandas as pd
 from PIL import ImageColor
 
 from unpaired import params
-from unpaired.errors import UserError, main_guard
+from unpaired.errors import ArgumentParser, UserError, main_guard
 from unpaired.files import (NO_SPACE, atomic_dir, atomic_write_json, pack_dir, remove_stale_temporaries,
                             write_manifest)
 from unpaired.images import SKIP_REASONS, Skip, decode_scaled, png_bytes, square
 from unpaired.parallel import pmap
 
-RAW = Path("data/raw")
-PREPARED = Path("data/prepared")
-PACKED = Path("data/prepared.tar")   # the DVC output; data/prepared/ is its browsable view (files.py)
-METRICS = Path("metrics/prepare.json")
 DOMAINS = ("a", "b")
 MANIFEST_COLUMNS = ["file", "domain", "split", "sha256", "width", "height", "origin"]
 MIN_TEST = 2           # evaluate's FID/KID need at least two test images per domain
@@ -114,11 +112,14 @@ def _origins(folder: Path) -> dict[str, str]:
     return dict(zip(frame.file, frame.origin))
 
 
-def prepare(p: PrepareParams, raw_root: Path = RAW, out: Path = PREPARED, metrics: Path = METRICS,
+def prepare(p: PrepareParams, raw: Path | Mapping[str, Path], out: Path, metrics: Path,
             workers: int | None = None) -> dict[str, Any]:
+    """Build the prepared tree `out` from the raw folders `raw` (domain -> folder, or a folder holding
+    one folder per domain) and write the counts to `metrics`; returns those counts."""
+    raws = {d: Path(raw[d]) for d in DOMAINS} if isinstance(raw, Mapping) else {d: Path(raw) / d for d in DOMAINS}
     files: dict[str, list[Path]] = {}
     for d in DOMAINS:
-        folder = raw_root / d
+        folder = raws[d]
         if not folder.is_dir():
             raise UserError(f"{folder}: missing; run the fetch stage first (uv run dvc repro fetch@{d})")
         files[d] = _raw_files(folder)
@@ -129,7 +130,7 @@ def prepare(p: PrepareParams, raw_root: Path = RAW, out: Path = PREPARED, metric
         for d in DOMAINS:
             for split in ("train", "test"):
                 (tmp / f"{split}{d.upper()}").mkdir()
-            origins = _origins(raw_root / d)
+            origins = _origins(raws[d])
             staging = tmp / f".staging{d}"
             staging.mkdir()
             jobs = [(f, p, staging / f"{i}.png") for i, f in enumerate(files[d])]
@@ -151,12 +152,12 @@ def prepare(p: PrepareParams, raw_root: Path = RAW, out: Path = PREPARED, metric
                 name = f"{split}{d.upper()}/{r['sha256'][:16]}.png"
                 r["staged"].rename(tmp / name)
                 kept[split] += 1
-                rel = r["path"].relative_to(raw_root / d).as_posix()
+                rel = r["path"].relative_to(raws[d]).as_posix()
                 rows.append({"file": name, "domain": d, "split": split, "sha256": r["sha256"],
                              "width": r["width"], "height": r["height"],
-                             "origin": origins.get(rel, (raw_root / d / rel).as_posix())})
+                             "origin": origins.get(rel, (raws[d] / rel).as_posix())})
             if kept["train"] == 0:
-                raise UserError(f"{raw_root / d}: no usable training images for domain {d} "
+                raise UserError(f"{raws[d]}: no usable training images for domain {d} "
                                 f"({len(files[d])} files; skipped: {dict(+skipped) or 'none'}); add images "
                                 f"or check domains.{d}, prepare.min_size and prepare.test_fraction")
             staging.rmdir()
@@ -176,14 +177,21 @@ def prepare(p: PrepareParams, raw_root: Path = RAW, out: Path = PREPARED, metric
     return report
 
 
-def main() -> None:
-    remove_stale_temporaries(PREPARED.parent, METRICS.parent)   # what a killed run left behind
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m stages.prepare", description="Prepare and pack the dataset.")
+    parser.add_argument("--raw", type=Path, nargs=len(DOMAINS), required=True, metavar="DIR",
+                        help=f"the raw folders of domains {', '.join(DOMAINS)}, in that order")
+    parser.add_argument("--out", type=Path, required=True, help="the packed dataset (the DVC output)")
+    parser.add_argument("--view", type=Path, required=True, help="its browsable, unpacked view")
+    parser.add_argument("--metrics", type=Path, required=True, help="kept and skipped counts (JSON)")
+    parser.add_argument("--page", type=Path, help="the dataset page folder")
+    args = parser.parse_args(argv)
+    remove_stale_temporaries(args.view.parent, args.out.parent, args.metrics.parent)   # a killed run's
     p = params.parse(PrepareParams, params.section(params.load(), "prepare"), "prepare")
-    prepare(p)
-    pack_dir(PREPARED, PACKED)
-    print(f"prepare: packed {PREPARED}/ into {PACKED} (the DVC output; the folder is a view of it)")
+    prepare(p, dict(zip(DOMAINS, args.raw)), args.view, args.metrics)
+    pack_dir(args.view, args.out)
+    print(f"prepare: packed {args.view}/ into {args.out} (the DVC output; the folder is a view of it)")
 
 
 if __name__ == "__main__":
-    from unpaired.restore import keep_outputs   # under dvc repro: a failure keeps the previous outputs
-    main_guard(keep_outputs(main))
+    main_guard(main)

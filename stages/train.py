@@ -661,5 +661,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from unpaired.restore import keep_outputs   # under dvc repro: a failure keeps the previous outputs
-    main_guard(keep_outputs(main))
+    main_guard(main)

@@ -155,7 +155,8 @@ def test_a_stage_removes_stale_temporaries_from_its_output_folders(tmp_path):
     leftovers[2].mkdir()
     e = env()
     e["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=e, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare", "--raw", "data/raw/a", "data/raw/b",
+                           "--out", "data/prepared.tar", "--view", "data/prepared", "--metrics", "metrics/prepare.json"], cwd=tmp_path, env=e, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert not any(f.exists() for f in leftovers)
     assert (tmp_path / "data" / "prepared.tar").is_file()

@@ -93,7 +93,18 @@ def test_unknown_section_suggests_the_nearest(tmp_path, monkeypatch, text, messa
     assert str(err.value) == message
 
 
-@pytest.mark.parametrize("stage", [["fetch", "a"], ["prepare"], ["train"], ["evaluate"]])
+@pytest.mark.parametrize("stage", [      # each with dvc.yaml's arguments (the paths)
+    ["fetch", "a", "--out", "data/raw/a"],
+    ["prepare", "--raw", "data/raw/a", "data/raw/b", "--out", "data/prepared.tar", "--view", "data/prepared",
+     "--metrics", "metrics/prepare.json"],
+    ["train", "--data", "data/prepared.tar", "--view", "data/prepared", "--out", "models/checkpoints",
+     "--live", "metrics/train"],
+    ["evaluate", "--checkpoints", "models/checkpoints", "--data", "data/prepared.tar", "--view", "data/prepared",
+     "--prepare-metrics", "metrics/prepare.json", "--train-live", "metrics/train", "--cache", "models/eval_cache",
+     "--best", "models/best", "--samples", "metrics/samples", "--test-set", "metrics/test_set",
+     "--report", "metrics/report.html", "--info", "metrics/eval_info.json", "--epochs-csv", "metrics/eval_epochs.csv",
+     "--metrics", "metrics/eval.json", "--plots", "metrics/eval_plots"],
+])
 def test_every_stage_refuses_an_unknown_section(tmp_path, stage):
     import subprocess
     import sys
@@ -119,7 +130,8 @@ def test_every_stage_refuses_an_unknown_section(tmp_path, stage):
 ])
 def test_make_repro_checks_the_sections_before_dvc(tmp_path, text, line):
     """DVC refuses a stage whose params section is missing only after removing the stage's outputs,
-    and before the stage's own check runs; so `make repro` runs `python -m unpaired.params` first."""
+    and before the stage's own check runs; so `make repro` (python -m unpaired.repro) checks params.yaml
+    first, as `python -m unpaired.params` does."""
     import subprocess
     import sys
     from tests.helpers import ROOT
@@ -128,5 +140,11 @@ def test_make_repro_checks_the_sections_before_dvc(tmp_path, text, line):
                           text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(f"error: {line}")
     assert len(proc.stderr.splitlines()) == 1
+    # make repro's command (python -m unpaired.repro) checks the same way before it runs dvc repro:
+    # the same one line, and no DVC run (there is no DVC repository here: it would fail otherwise)
     recipe = subprocess.run(["make", "-n", "repro"], cwd=ROOT, capture_output=True, text=True).stdout
-    assert recipe.index("-m unpaired.params") < recipe.index("dvc repro")
+    assert "-m unpaired.repro" in recipe and "dvc repro" not in recipe
+    proc = subprocess.run([sys.executable, "-m", "unpaired.repro"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(f"error: {line}")
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / ".dvc").exists()

@@ -88,7 +88,7 @@ def server():
 def run_fetch(tmp_path, body: str, workers=1):
     pf = tmp_path / "params.yaml"
     pf.write_text(f"domains:\n  a:\n{body}")
-    return fetch_domain("a", pf, tmp_path / "raw", tmp_path / "cache", workers=workers)
+    return fetch_domain("a", tmp_path / "raw" / "a", tmp_path / "cache", pf, workers=workers)
 
 
 def test_archive_from_url_member_count_and_cache(server, tmp_path):

@@ -30,7 +30,7 @@ def test_deterministic_count_stable_and_parallel(tmp_path, source):
     runs = {}
     for name, count, workers in [("small", 5, 1), ("again", 5, 2), ("more", 9, 2)]:
         pf = write_params(tmp_path / f"{name}.yaml", f"domains:\n  x:\n    {SPEC[source]}\n    count: {count}\n")
-        out = fetch_domain("x", pf, tmp_path / name / "raw", tmp_path / name / "cache", workers=workers)
+        out = fetch_domain("x", tmp_path / name / "raw" / "x", tmp_path / name / "cache", pf, workers=workers)
         runs[name] = digests(out)
         manifest = pd.read_csv(out / "manifest.csv")
         assert list(manifest.columns) == ["file", "source", "origin", "licence"]
@@ -71,7 +71,7 @@ def test_what_the_images_look_like():
 def test_bad_params_one_line_no_output(tmp_path, body, key):
     pf = write_params(tmp_path / "p.yaml", f"domains:\n  x:\n    {body}\n")
     with pytest.raises(ParamsError) as err:
-        fetch_domain("x", pf, tmp_path / "raw", tmp_path / "cache", workers=1)
+        fetch_domain("x", tmp_path / "raw" / "x", tmp_path / "cache", pf, workers=1)
     assert str(err.value).startswith(f"params.yaml: {key}: ")
     assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
 
@@ -79,16 +79,16 @@ def test_bad_params_one_line_no_output(tmp_path, body, key):
 def test_unknown_source_lists_known_ones(tmp_path):
     pf = write_params(tmp_path / "p.yaml", "domains:\n  x:\n    source: pinterest\n")
     with pytest.raises(ParamsError, match="known sources: .*doodles.*flares"):
-        fetch_domain("x", pf, tmp_path / "raw", tmp_path / "cache", workers=1)
+        fetch_domain("x", tmp_path / "raw" / "x", tmp_path / "cache", pf, workers=1)
 
 
 def test_failed_refetch_keeps_previous_output(tmp_path):
     good = write_params(tmp_path / "g.yaml", f"domains:\n  x:\n    {SPEC['flares']}\n    count: 3\n")
-    out = fetch_domain("x", good, tmp_path / "raw", tmp_path / "cache", workers=1)
+    out = fetch_domain("x", tmp_path / "raw" / "x", tmp_path / "cache", good, workers=1)
     before = digests(out)
     bad = write_params(tmp_path / "b.yaml", f"domains:\n  x:\n    {SPEC['flares']}\n    count: -1\n")
     with pytest.raises(ParamsError):
-        fetch_domain("x", bad, tmp_path / "raw", tmp_path / "cache", workers=1)
+        fetch_domain("x", tmp_path / "raw" / "x", tmp_path / "cache", bad, workers=1)
     assert digests(out) == before
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["x"]   # no temp dirs left
 
@@ -97,7 +97,7 @@ def test_cli_error_is_one_line(tmp_path):
     import subprocess
     import sys
     (tmp_path / "params.yaml").write_text("domains:\n  a:\n    source: flares\n    image_size: 2\n")
-    proc = subprocess.run([sys.executable, "-m", "stages.fetch", "a"], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "stages.fetch", "a", "--out", "data/raw/a"], cwd=tmp_path, capture_output=True,
                           text=True, env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1]),
                                           "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2

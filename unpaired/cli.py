@@ -30,6 +30,10 @@ from unpaired.images import IMAGE_SUFFIXES
 if TYPE_CHECKING:
     import torch
 
+# The CLI's defaults for the pipeline's paths (dvc.yaml's cmds pass the stages theirs).
+PACKED = Path("data/prepared.tar")      # prepare's packed dataset (the DVC output)
+PREPARED = Path("data/prepared")        # its browsable view
+
 # The smallest side, in pixels, that the ResnetGenerator takes. An input is reflect-padded to a
 # multiple of 4; its two stride-2 convolutions bring that to 1/4, where each residual block
 # reflection-pads by 1, which needs >= 2 px: so the padded side must be >= 8, i.e. the image's side
@@ -193,7 +197,6 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
     if batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
     dev = resolve_device(device, "--device")
-    from stages.prepare import PACKED, PREPARED
     from unpaired.files import refresh_view_for
     refresh_view_for(inputs, PACKED, PREPARED)     # data/prepared/ is a view of the tar: never a stale one
     files = expand_inputs(inputs)
@@ -459,7 +462,6 @@ def main(argv: list[str] | None = None) -> None:
             path = export_onnx(args.checkpoint, args.out, args.direction)
             print(f"exported {args.direction} generator -> {path}")
         elif args.command == "unpack":
-            from stages.prepare import PACKED, PREPARED
             from unpaired.files import unpack_view
             if not PACKED.is_file():
                 raise UserError(f"{PACKED}: not here; run `uv run dvc pull` (or `make repro`) first")

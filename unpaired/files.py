@@ -10,7 +10,6 @@ disk (or quota, or `ulimit -f`) becomes one `UserError` line naming the file and
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -25,12 +24,9 @@ from typing import Any
 
 import pandas as pd
 
-from unpaired.errors import UserError
+from unpaired.errors import NO_SPACE, UserError, no_space_error
 
 # --- modes, temporaries, disk space ----------------------------------------------------------------
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
 
 def current_umask() -> int:
     """The process umask, read without changing it where Linux allows (/proc), else set and reset."""
@@ -55,32 +51,6 @@ def temp_dir(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
-
-
-def _human(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def no_space_error(path: str | Path | None, err: OSError, needed: int | None = None) -> UserError:
-    """One line for a write that failed for lack of space (ENOSPC, EDQUOT) or a file size limit
-    (EFBIG): the file (None: unknown, e.g. a buffered write failing on flush), the bytes needed when
-    known, and the space free where it was written (shutil.disk_usage)."""
-    target = Path(path) if path is not None else Path.cwd() / "-"
-    folder = next((p for p in (target.parent, *target.parents) if p.is_dir()), Path("."))
-    free = shutil.disk_usage(folder).free
-    need = f"{_human(needed)} needed, " if needed is not None else ""
-    subject = f"{path}: " if path is not None else "a write failed: "
-    if err.errno == errno.EFBIG:
-        return UserError(f"{subject}file too large for this process's file size limit (`ulimit -f`; "
-                         f"{need}{_human(free)} free on the disk); raise the limit and re-run")
-    what = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
-    intact = "; the previous output is intact" if path is not None else ""
-    return UserError(f"{subject}{what} ({need}{_human(free)} free in {folder}); free some space "
-                     f"(or point the folder elsewhere) and re-run{intact}")
 
 
 @contextlib.contextmanager
@@ -268,7 +238,7 @@ def unpack_view(tar_path: str | Path, folder: str | Path) -> bool:
     tar's sha256). Atomic; members that would escape the folder are refused. The tar is read to its
     real end and every file is checked against its SHA256SUMS: a damaged tar is refused with one
     `UserError` line and the previous view is left as it was. True if it unpacked."""
-    from unpaired.sources.archives import CorruptArchive, members   # safe reading, shared with sources
+    from unpaired.safe_archive import CorruptArchive, members   # safe reading, shared with sources
     tar_path, folder = Path(tar_path), Path(folder)
     digest = sha256_of(tar_path)
     mark = folder / VIEW_MARK

@@ -1,14 +1,14 @@
 """`archive` source: the images in one folder of a zip or tar, at a URL or a local path — e.g. the
 CycleGAN benchmark sets (`https://efrosgans.eecs.berkeley.edu/cyclegan/datasets/<name>.zip`, member
 `<name>/trainA`). A URL is downloaded once into the domain's cache; members are checked before any
-is used (see archives.py)."""
+is used (see unpaired/safe_archive.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
 from unpaired.params import Params, check, parse
-from unpaired.sources.archives import images_under
+from unpaired.safe_archive import images_under
 from unpaired.sources.base import FetchContext, SourceError, flat_name
 from unpaired.sources.download import is_archive, locate
 

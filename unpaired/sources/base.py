@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+from PIL import Image
 
-from unpaired.errors import UserError
+from unpaired.errors import SourceError
+from unpaired.parallel import pmap
 
 MANIFEST_COLUMNS = ["file", "source", "origin", "licence"]
 
@@ -29,8 +33,7 @@ class FetchContext:
     workers: int       # processes to use
 
 
-class SourceError(UserError):
-    """A source failed for a reason outside params (network, credentials, bad file). One line."""
+__all__ = ["MANIFEST_COLUMNS", "FetchContext", "SourceError", "item_rng", "flat_name", "fetch_drawn"]
 
 
 def item_rng(seed: int, domain: str, index: int) -> np.random.Generator:
@@ -54,3 +57,30 @@ def flat_name(rel: PurePath) -> str:
     undone by splitting there and un-percenting. Ordinary names (`n02381460_1001.jpg`,
     `trainA/1.jpg` → `trainA__1.jpg`) are unchanged."""
     return "__".join(_escape_part(part) for part in rel.parts)
+
+
+class Procedural(Protocol):
+    """What a procedural source's params have in common."""
+    count: int        # images to draw
+    seed: int         # with the domain and the index, the one input of an image's random stream
+
+
+P = TypeVar("P", bound=Procedural)
+
+
+def _write_drawn(job: tuple[Callable[[Any, str, int], Image.Image], Any, str, int, Path, str, str]
+                 ) -> dict[str, Any]:
+    draw, p, domain, index, out_dir, source, stem = job
+    name = f"{stem}_{index:06d}.png"
+    draw(p, domain, index).save(out_dir / name, optimize=False)
+    return {"file": name, "source": source, "origin": f"seed={p.seed} domain={domain} index={index}",
+            "licence": "generated"}
+
+
+def fetch_drawn(draw: Callable[[P, str, int], Image.Image], p: P, ctx: FetchContext, source: str,
+                stem: str) -> list[dict[str, Any]]:
+    """Draw images 0 .. p.count-1 with `draw(p, domain, index)` (a module-level function: it runs in
+    worker processes) into ctx.out_dir as `<stem>_<index:06d>.png` (PNG, not optimised, so the bytes
+    depend only on the pixels); returns their manifest rows (`licence: generated`)."""
+    jobs = [(draw, p, ctx.domain, i, ctx.out_dir, source, stem) for i in range(p.count)]
+    return pmap(_write_drawn, jobs, workers=ctx.workers, desc=f"{source} {ctx.domain}")

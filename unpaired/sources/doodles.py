@@ -7,15 +7,13 @@ gives the antialiased look of a rendered sketch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from unpaired.params import Params, check, parse
-from unpaired.parallel import pmap
-from unpaired.sources.base import FetchContext, item_rng
+from unpaired.sources.base import FetchContext, fetch_drawn, item_rng
 
 SUPERSAMPLE = 4
 
@@ -68,15 +66,5 @@ def render(p: DoodleParams, domain: str, index: int) -> Image.Image:
     return canvas.resize((p.image_size, p.image_size), Image.Resampling.LANCZOS)
 
 
-def _write_one(job: tuple[DoodleParams, str, int, Path]) -> dict[str, Any]:
-    p, domain, index, out_dir = job
-    name = f"doodle_{index:06d}.png"
-    render(p, domain, index).save(out_dir / name, optimize=False)
-    return {"file": name, "source": "doodles", "origin": f"seed={p.seed} domain={domain} index={index}",
-            "licence": "generated"}
-
-
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
-    p = parse(DoodleParams, raw, ctx.key)
-    jobs = [(p, ctx.domain, i, ctx.out_dir) for i in range(p.count)]
-    return pmap(_write_one, jobs, workers=ctx.workers, desc=f"doodles {ctx.domain}")
+    return fetch_drawn(render, parse(DoodleParams, raw, ctx.key), ctx, "doodles", "doodle")

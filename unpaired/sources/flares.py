@@ -6,15 +6,13 @@ Drawn at 2× the output size and downscaled with a Lanczos filter for smooth edg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
 from unpaired.params import Params, check, fail, parse
-from unpaired.parallel import pmap
-from unpaired.sources.base import FetchContext, item_rng
+from unpaired.sources.base import FetchContext, fetch_drawn, item_rng
 
 SUPERSAMPLE = 2
 FESTIVE = ("#b3001b", "#e63946", "#7a0010", "#f4c430", "#d4af37", "#ffdf6b",
@@ -117,15 +115,5 @@ def render(p: FlareParams, domain: str, index: int) -> Image.Image:
     return canvas.resize((p.image_size, p.image_size), Image.Resampling.LANCZOS)
 
 
-def _write_one(job: tuple[FlareParams, str, int, Path]) -> dict[str, Any]:
-    p, domain, index, out_dir = job
-    name = f"flare_{index:06d}.png"
-    render(p, domain, index).save(out_dir / name, optimize=False)
-    return {"file": name, "source": "flares", "origin": f"seed={p.seed} domain={domain} index={index}",
-            "licence": "generated"}
-
-
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
-    p = parse(FlareParams, raw, ctx.key)
-    jobs = [(p, ctx.domain, i, ctx.out_dir) for i in range(p.count)]
-    return pmap(_write_one, jobs, workers=ctx.workers, desc=f"flares {ctx.domain}")
+    return fetch_drawn(render, parse(FlareParams, raw, ctx.key), ctx, "flares", "flare")

@@ -12,7 +12,7 @@ signed storage URL, whose body is streamed into the domain's cache under a tempo
 when complete. The licence Kaggle reports for the dataset is kept next to it. A cached zip is reused
 without any request (or credentials), so changing `subdir`, `exclude` or `count` never downloads again;
 delete data/cache/<owner>__<name>.zip to get a newer version of the dataset. The zip is read with the safe reader
-of archives.py, which refuses members that would escape the target folder.
+of unpaired/safe_archive.py, which refuses members that would escape the target folder.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import requests
 
 from unpaired.files import NO_SPACE, atomic_write_bytes, space_guard, temp_file
 from unpaired.params import Params, check, parse
-from unpaired.sources.archives import images_under
+from unpaired.safe_archive import images_under
 from unpaired.sources.base import FetchContext, SourceError, flat_name
 from unpaired.sources.download import RETRY_STATUS, write_body
 

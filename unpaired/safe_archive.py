@@ -1,7 +1,9 @@
 """Safe reading of zip and tar archives: members are read as data, never extracted by the archive
 library, and any member that would escape the target (absolute path, `..`, a link, a device) makes
 the whole archive refused. Archives are read to their real end: a tar whose listing stops early (a
-damaged header in the middle, which Python's tarfile takes for the end) is refused as corrupt."""
+damaged header in the middle, which Python's tarfile takes for the end) is refused as corrupt.
+
+Used by the sources (archive, kaggle) and by files.unpack_view (data/prepared.tar)."""
 from __future__ import annotations
 
 import tarfile
@@ -10,11 +12,15 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from unpaired.errors import SourceError
 from unpaired.images import IMAGE_SUFFIXES
-from unpaired.sources.base import SourceError
 
 
-class CorruptArchive(SourceError):
+class ArchiveError(SourceError):
+    """An archive refused (a member would escape, a link or device) or unreadable. One line."""
+
+
+class CorruptArchive(ArchiveError):
     """The archive is damaged; `detail` says how (without the advice of the message)."""
 
     def __init__(self, message: str, detail: str):
@@ -40,7 +46,7 @@ def _read_to_end(t: tarfile.TarFile) -> None:
 def _check(name: str, where: str) -> PurePosixPath:
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
-        raise SourceError(f"{where}: refused: member {name!r} would escape the target folder")
+        raise ArchiveError(f"{where}: refused: member {name!r} would escape the target folder")
     return path
 
 
@@ -54,7 +60,7 @@ def members(archive: Path, where: str) -> Iterator[tuple[PurePosixPath, bytes]]:
                     _check(info.filename, where)
                     mode = info.external_attr >> 16
                     if (mode & 0o170000) == 0o120000:
-                        raise SourceError(f"{where}: refused: member {info.filename!r} is a symbolic link")
+                        raise ArchiveError(f"{where}: refused: member {info.filename!r} is a symbolic link")
                 for info in infos:
                     if not info.is_dir():
                         yield _check(info.filename, where), z.read(info)
@@ -65,7 +71,7 @@ def members(archive: Path, where: str) -> Iterator[tuple[PurePosixPath, bytes]]:
                 for info in infos:
                     _check(info.name, where)
                     if not (info.isfile() or info.isdir()):
-                        raise SourceError(f"{where}: refused: member {info.name!r} is a link or device")
+                        raise ArchiveError(f"{where}: refused: member {info.name!r} is a link or device")
                 _read_to_end(t)
                 for info in infos:
                     if info.isfile():
@@ -76,7 +82,7 @@ def members(archive: Path, where: str) -> Iterator[tuple[PurePosixPath, bytes]]:
         detail = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
         raise CorruptArchive(f"{where}: corrupt archive {archive.name} ({detail}); delete it from "
                              f"the cache and re-run, or check the URL", detail) from None
-    raise SourceError(f"{where}: {archive.name} is not a readable zip or tar archive (corrupt, or not an "
+    raise ArchiveError(f"{where}: {archive.name} is not a readable zip or tar archive (corrupt, or not an "
                       f"archive at all); check the URL")
 
 
