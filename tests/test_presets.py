@@ -1,5 +1,5 @@
-"""Presets: conf/preset/*.yaml, composed into params.yaml by DVC's Hydra support
-(`dvc exp run -S preset=<name>`)."""
+"""Presets: conf/preset/*.yaml laid over conf/config.yaml into params.yaml by `unpaired preset NAME`
+(unpaired/presets.py); params.yaml is then the one file runs read."""
 import dataclasses
 import io
 import json
@@ -14,8 +14,9 @@ from ruamel.yaml import YAML
 from stages.evaluate import EvaluateParams
 from stages.prepare import PrepareParams
 from stages.train import TrainParams
-from tests.helpers import ROOT, TINY, clone_project, committed_params, dvc
+from tests.helpers import ROOT, TINY, VENV_BIN, clone_project, committed_params, dvc, run
 from tests.test_sources_files import Server
+from unpaired import presets
 from unpaired.params import parse
 from unpaired.sources import archive, doodles, flares, folder, kaggle, quickdraw, stylegan, web
 
@@ -25,11 +26,9 @@ DOMAIN_PARAMS = {"doodles": doodles.DoodleParams, "flares": flares.FlareParams, 
                  "kaggle": kaggle.KaggleParams, "web": web.WebParams, "stylegan": stylegan.StyleGANParams}
 
 
-def compose(tmp_path, *overrides):
-    from dvc.utils.hydra import compose_and_dump
-    out = tmp_path / "params.yaml"
-    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), list(overrides))
-    return YAML(typ="safe").load(out.read_text())    # YAML 1.2, as DVC and the stages read it
+def compose(tmp_path, name="doodles2flares"):
+    """The params.yaml `unpaired preset NAME` writes, read as DVC reads it (YAML 1.2)."""
+    return YAML(typ="safe").load(presets.compose(ROOT / "conf", name))
 
 
 def test_the_issue_presets_exist_and_are_documented():
@@ -42,7 +41,7 @@ def test_the_issue_presets_exist_and_are_documented():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_composes_into_valid_params(tmp_path, name):
-    params = compose(tmp_path, f"preset={name}")
+    params = compose(tmp_path, name)
     assert params["preset"] == name and set(params["domains"]) == {"a", "b"}
     for domain, spec in params["domains"].items():
         spec = dict(spec)
@@ -52,24 +51,17 @@ def test_every_preset_composes_into_valid_params(tmp_path, name):
     parse(EvaluateParams, params["evaluate"], "evaluate")
 
 
-def test_default_preset_is_the_committed_params_yaml(tmp_path):
+def test_default_preset_is_the_committed_params_yaml():
     # The committed file, not the working copy: the README invites users to edit params.yaml.
-    assert compose(tmp_path) == YAML(typ="safe").load(committed_params())
+    # Text, not values: its comments explaining each key come from conf/config.yaml.
+    assert presets.compose(ROOT / "conf", "doodles2flares") == committed_params()
+    text = committed_params()
+    assert "# output width = height in pixels" in text and "unpaired preset NAME" in text
 
 
-def test_params_yaml_comments_live_in_conf(tmp_path):
-    """`dvc exp run` rewrites params.yaml without comments: the explanations must be in conf/, and
-    params.yaml is the composition itself under a header saying so."""
-    lines = committed_params().splitlines()
-    header = [line for line in lines if line.startswith("#")]
-    assert lines[:len(header)] == header and "generated from conf/" in header[0]
-    assert "git checkout params.yaml" in " ".join(header)
-    out = tmp_path / "params.yaml"
-    from dvc.utils.hydra import compose_and_dump
-    compose_and_dump(out, str(ROOT / "conf"), None, "config", str(tmp_path), [])
-    assert lines[len(header):] == out.read_text().splitlines()     # regenerating loses only the header
-    config = (ROOT / "conf" / "config.yaml").read_text()
-    assert "# output width = height in pixels" in config and "git checkout params.yaml" in config
+def test_dvc_hydra_composition_is_off():
+    """With Hydra on, every `dvc exp run` rewrote params.yaml from conf/ and dropped hand edits."""
+    assert "hydra" not in (ROOT / ".dvc" / "config").read_text()
 
 
 # DVC's run cache drops every mapping key named like these from its key (dvc/stage/cache.py,
@@ -92,7 +84,7 @@ def test_no_param_is_named_what_dvcs_run_cache_ignores(tmp_path):
     from dvc_data.hashfile.meta import Meta
     assert {Meta.PARAM_SIZE, Meta.PARAM_NFILES} == RUN_CACHE_BLIND    # what this DVC leaves out
     trees = {"params.yaml": YAML(typ="safe").load(committed_params())}
-    trees |= {f"preset={name}": compose(tmp_path, f"preset={name}") for name in PRESETS}
+    trees |= {f"preset={name}": compose(tmp_path, name) for name in PRESETS}
     bad = [f"{where}: {dotted}" for where, tree in trees.items()
            for dotted, key in leaf_keys(tree) if key in RUN_CACHE_BLIND]
     # ... and every key a dataclass accepts, including those no preset sets.
@@ -128,7 +120,9 @@ def test_switching_preset_is_one_command_and_dvc_lock_records_it(tmp_path):
         server.routes["/cyclegan/datasets/horse2zebra.zip"] = (200, zebra_zip(), "")
         url = f"{server.url}/cyclegan/datasets/horse2zebra.zip"
         repo = clone_project(tmp_path / "project")
-        args = ["exp", "run", "-S", "preset=horse2zebra", "-S", f"domains.a.url='{url}'",
+        switched = run([str(VENV_BIN / "unpaired"), "preset", "horse2zebra"], cwd=repo)
+        assert "domains.a.source: 'doodles' -> 'archive'" in switched.stdout
+        args = ["exp", "run", "-S", f"domains.a.url='{url}'",
                 "-S", f"domains.b.url='{url}'"]
         for o in tiny_overrides():
             args += ["-S", o]
@@ -145,3 +139,96 @@ def test_switching_preset_is_one_command_and_dvc_lock_records_it(tmp_path):
         assert server.hits["/cyclegan/datasets/horse2zebra.zip"] == 1    # one download serves both domains
     finally:
         server.close()
+
+
+def _conf(tmp_path, preset_text, config_extra=""):
+    """A conf/ folder: the project's config.yaml (+ extra text) and one preset `p`."""
+    conf = tmp_path / "conf"
+    (conf / "preset").mkdir(parents=True)
+    (conf / "config.yaml").write_text((ROOT / "conf" / "config.yaml").read_text() + config_extra)
+    (conf / "preset" / "p.yaml").write_text(preset_text)
+    (conf / "preset" / "q.yaml").write_text("preset: q\ntrain:\n  ngf: 8\n")
+    return conf
+
+
+def test_switching_prints_each_change_and_keeps_edits_only_when_asked(tmp_path, capsys):
+    from unpaired.cli import main
+    conf = _conf(tmp_path, "preset: p\ntrain:\n  ngf: 32\n")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(presets.compose(conf, "p"))
+    params_file.write_text(params_file.read_text().replace("lr: 0.0002", "lr: 0.0001"))   # a hand edit
+    args = ["preset", "q", "--params", str(params_file), "--conf", str(conf)]
+    main(args + ["--keep-edits"])
+    out = capsys.readouterr().out
+    assert "  train.ngf: 32 -> 8" in out and "  preset: 'p' -> 'q'" in out
+    assert "  kept your edit train.lr: 0.0001" in out and "train.lr: 0.0001 ->" not in out
+    switched = YAML(typ="safe").load(params_file.read_text())
+    assert switched["train"]["lr"] == 0.0001 and switched["train"]["ngf"] == 8
+    assert "# generator width (paper: 64)" in params_file.read_text()            # comments kept
+    main(["preset", "p", "--params", str(params_file), "--conf", str(conf)])    # without: dropped, said
+    out = capsys.readouterr().out
+    assert "  train.lr: 0.0001 -> 0.0002" in out
+    assert "  dropped your edit train.lr: 0.0001 (pass --keep-edits to keep it)" in out
+    assert params_file.read_text() == presets.compose(conf, "p")
+    main(["preset", "p", "--params", str(params_file), "--conf", str(conf)])
+    assert "already preset p; nothing changed" in capsys.readouterr().out
+
+
+def test_an_edit_the_new_preset_sets_is_replaced_and_said(tmp_path, capsys):
+    from unpaired.cli import main
+    conf = _conf(tmp_path, "preset: p\ntrain:\n  ngf: 32\n")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(presets.compose(conf, "p").replace("ngf: 32", "ngf: 12"))
+    main(["preset", "q", "--keep-edits", "--params", str(params_file), "--conf", str(conf)])
+    out = capsys.readouterr().out
+    assert "  dropped your edit train.ngf: 12: preset q sets it to 8" in out
+
+
+def test_an_unknown_preset_is_one_line_and_touches_nothing(tmp_path, capsys):
+    from unpaired.cli import main
+    conf = _conf(tmp_path, "preset: p\n")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("train: {}\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["preset", "zebra", "--params", str(params_file), "--conf", str(conf)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: unknown preset 'zebra'; known presets: p, q (conf/preset/)\n"
+    assert params_file.read_text() == "train: {}\n"
+
+
+# Texts that YAML 1.1 (PyYAML, Hydra/OmegaConf) reads differently from DVC (ruamel.yaml, YAML 1.2;
+# ruamel accepts `1_000` as 1000 there too): on/off/yes/no stay strings, `1:20` is no base-60 4800,
+# `017` no octal 15.
+YAML_11_VS_12 = {"on": "on", "off": "off", "yes": "yes", "no": "no", "1_000": 1000, "1:20": "1:20",
+                 "017": 17}
+
+
+@pytest.mark.parametrize("text", list(YAML_11_VS_12))
+def test_conf_and_presets_read_like_dvc_reads_params_yaml(tmp_path, text):
+    """The same text means the same value in conf/config.yaml, a preset and params.yaml, as DVC
+    reads params.yaml (YAML 1.2): `off` stays the string "off", never false."""
+    from dvc.utils.serialize import load_yaml
+    conf = _conf(tmp_path, f"preset: p\nevaluate:\n  metrics: {text}\n", f"\ndomains:\n  a:\n    x: {text}\n")
+    out = tmp_path / "params.yaml"
+    out.write_text(presets.compose(conf, "p"))
+    ours, dvcs = YAML(typ="safe").load(out.read_text()), load_yaml(str(out))
+    assert ours == dvcs
+    assert ours["evaluate"]["metrics"] == YAML_11_VS_12[text] == ours["domains"]["a"]["x"]
+    from unpaired import params
+    assert params.load(out)["evaluate"]["metrics"] == YAML_11_VS_12[text]
+
+
+def test_a_conf_change_params_yaml_does_not_have_is_one_line(tmp_path):
+    conf = _conf(tmp_path, "preset: p\ntrain:\n  ngf: 32\n")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(presets.compose(conf, "p"))
+    assert presets.stale_composition(params_file, conf) is None
+    params_file.write_text(params_file.read_text().replace("ngf: 32", "ngf: 12"))    # a hand edit: fine
+    assert presets.stale_composition(params_file, conf) is None
+    (conf / "preset" / "p.yaml").write_text("preset: p\ntrain:\n  ngf: 48\n")
+    line = presets.stale_composition(params_file, conf)
+    assert line is not None and "\n" not in line
+    assert "conf/preset/p.yaml, which changed since" in line and "unpaired preset p --keep-edits" in line
+    params_file.write_text("train: {}\n")                                            # written by hand
+    assert presets.stale_composition(params_file, conf) is None

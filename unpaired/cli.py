@@ -347,6 +347,26 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def preset_command(params_path: Path, conf: Path, name: str | None, keep_edits: bool) -> None:
+    """`unpaired preset [NAME] [--keep-edits]`: list the presets, or write params_path for NAME
+    (atomically, comments kept) and print what changed, key by key. UserError for an unknown preset."""
+    from unpaired import presets
+    from unpaired.files import atomic_write_bytes
+    if name is None:
+        print("presets (conf/preset/): " + ", ".join(presets.names(conf)))
+        return
+    text, lines = presets.switch(params_path, conf, name, keep_edits)
+    old = params_path.read_text() if params_path.is_file() else None
+    if text == old:
+        print(f"{params_path}: already preset {name}; nothing changed")
+        return
+    atomic_write_bytes(params_path, text.encode())
+    print(f"{params_path}: preset {name}; {len(lines)} change(s):" if lines else f"{params_path}: preset {name}")
+    for line in lines:
+        print(f"  {line}")
+    print("run `make repro` to build and train it; `git diff params.yaml` shows the file's change")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="unpaired", description=__doc__, formatter_class=_HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -400,6 +420,19 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("file", nargs="?", default=None, metavar="FILE",
                    help="check this file instead (e.g. a copy before putting it in place); "
                         "default: the one in $TORCH_HOME/hub/checkpoints")
+    # `unpaired preset`: switch params.yaml to another preset (implementation: unpaired/presets.py)
+    pr = sub.add_parser("preset", help="switch params.yaml to a preset (conf/preset/NAME.yaml), saying what changed",
+                        formatter_class=_HelpFormatter,
+                        description="Write params.yaml as conf/config.yaml with conf/preset/NAME.yaml laid over it\n"
+                                    "(comments kept) and print every key that changes. Your edits (where params.yaml\n"
+                                    "differs from the preset it names) are dropped and listed, unless --keep-edits:\n"
+                                    "then they stay wherever the new preset does not set the key itself.\n"
+                                    "Without NAME: list the presets.")
+    pr.add_argument("name", nargs="?", default=None, metavar="NAME", help="the preset; none: list them")
+    pr.add_argument("--keep-edits", action="store_true",
+                    help="keep your edits of keys the preset does not set")
+    pr.add_argument("--params", default="params.yaml", metavar="PATH", help="the params file to write")
+    pr.add_argument("--conf", default="conf", metavar="DIR", help="the folder of config.yaml and preset/")
     args = ap.parse_args(argv)
     from unpaired import threads
     threads.passive_wait()   # before torch loads OpenMP (translate/export): see unpaired/threads.py
@@ -434,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError(f"{PACKED}: not here; run `uv run dvc pull` (or `make repro`) first")
             done = unpack_view(PACKED, PREPARED)
             print(f"{PREPARED}/: {'unpacked from' if done else 'already matches'} {PACKED}")
+        elif args.command == "preset":
+            preset_command(Path(args.params), Path(args.conf), args.name, args.keep_edits)
         elif args.command == "weights":
             from unpaired.evaluation import weights_command
             weights_command(args.file, args.check)

@@ -55,11 +55,12 @@ def main_guard(fn: Callable[[], None]) -> None:
 
 
 def _exp_hint() -> str:
-    """Under `dvc exp run` (which sets DVC_EXP_BASELINE_REV) params.yaml may have been rewritten
-    (`-S`, a preset): say how to get the committed one back."""
+    """Under `dvc exp run` (which sets DVC_EXP_BASELINE_REV) params.yaml holds the `-S` overrides
+    (DVC writes them into it, and leaves them there when a stage fails): say how to get the committed
+    one back."""
     if not os.environ.get("DVC_EXP_BASELINE_REV"):
         return ""
-    return "; `dvc exp run` rewrote params.yaml: `git checkout params.yaml` restores the committed one"
+    return "; `dvc exp run -S` wrote its overrides into params.yaml: `git checkout params.yaml` restores the committed one"
 
 
 def _human(n: float) -> str:

@@ -179,6 +179,16 @@ def check_file(path: str | Path = PARAMS_FILE) -> None:
                               f"{', '.join(STAGE_SECTIONS)}); restore it, e.g. `git checkout {path}`")
 
 
+def check_all(path: str | Path = PARAMS_FILE) -> None:
+    """check_file, then one warning line when conf/ changed since params.yaml was composed from it
+    (unpaired.presets.stale_composition): `make repro` runs this before DVC."""
+    from unpaired.presets import stale_composition
+    check_file(path)
+    stale = stale_composition(Path(path))
+    if stale:
+        print(f"warning: {stale}", flush=True)
+
+
 if __name__ == "__main__":
     from unpaired.errors import main_guard
-    main_guard(check_file)
+    main_guard(check_all)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from unpaired.errors import UserError, main_guard
 from unpaired.files import remove_stale_temporaries
-from unpaired.params import check_file
+from unpaired.params import check_all
 
 STATE = Path(".dvc/tmp/repro-kept")          # one run's record: present.json + kept/<output path>
 LOCK = Path(".dvc/tmp/repro-kept.lock")      # held (flock) for the wrapper's whole run
@@ -252,7 +252,7 @@ def _exclusive():
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
-    check_file()                                  # before DVC: a missing section would remove outputs
+    check_all()        # before DVC: a missing section would remove outputs; a stale conf/ is a warning
     with _exclusive(), Signals() as signals:
         for note in recover(signals):
             print(f"note: {note}", file=sys.stderr)

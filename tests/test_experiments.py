@@ -1,0 +1,106 @@
+"""Sweeps with DVC's own experiment commands keep params.yaml the user's file: a queued sweep over one
+param runs the committed params.yaml plus exactly that override, in parallel workers; `dvc exp show`
+compares the runs; `dvc exp apply` brings the winner back; one experiment's checkpoints never leak
+into another's run."""
+import json
+import subprocess
+import time
+
+import pytest
+import torch
+from ruamel.yaml import YAML
+
+from tests.helpers import TINY, clone_project, deep_merge, dvc
+
+# A sweep's own edits of the committed params, so a test can tell them from conf/'s defaults: with
+# DVC's Hydra composition on, every experiment silently ran conf/'s values instead.
+EDITS = {"train": {"lambda_identity": 0.25, "seed": 3}, "domains": {"a": {"count": 10}}}
+SWEEP = (5.0, 20.0)
+
+
+def _params(repo):
+    return YAML(typ="safe").load((repo / "params.yaml").read_text())
+
+
+def _wait_for_queue(repo, count, limit_s=600):
+    """Until `count` experiments have finished (success or failure), bounded in time."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        status = dvc(repo, "queue", "status", check=False).stdout
+        done = status.count("Success") + status.count("Failed")
+        if done >= count:
+            return status
+        time.sleep(3)
+    raise AssertionError(f"the queue did not finish in {limit_s} s:\n{status}")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    repo = clone_project(tmp_path_factory.mktemp("sweep") / "project", deep_merge(TINY, EDITS))
+    committed = _params(repo)
+    dvc(repo, "repro")                                  # the baseline, committed with its dvc.lock
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    dvc(repo, "exp", "run", "--queue", "-S", f"train.lambda_cycle={SWEEP[0]},{SWEEP[1]}")
+    try:
+        dvc(repo, "queue", "start", "-j", "2")
+        status = _wait_for_queue(repo, len(SWEEP))
+    finally:
+        dvc(repo, "queue", "stop", check=False)
+    assert status.count("Success") == len(SWEEP), status
+    return repo, committed
+
+
+def _experiments(repo):
+    """{name: {"params": params.yaml's values, "metrics": {file: values}}} from `dvc exp show --json`."""
+    out = {}
+    for commit in json.loads(dvc(repo, "exp", "show", "--json").stdout):
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                name = rev.get("name") or data.get("name")
+                if not name:
+                    continue
+                params = data["params"]["params.yaml"]["data"]
+                metrics = {f: m["data"] for f, m in (data.get("metrics") or {}).items()}
+                out[name] = {"params": params, "metrics": metrics}
+    return out
+
+
+def test_each_queued_run_is_the_committed_params_plus_its_override(swept):
+    repo, committed = swept
+    exps = _experiments(repo)
+    assert len(exps) == len(SWEEP), exps.keys()
+    seen = set()
+    for name, exp in exps.items():
+        value = exp["params"]["train"]["lambda_cycle"]
+        seen.add(value)
+        expected = deep_merge(committed, {"train": {"lambda_cycle": value}})
+        assert exp["params"] == expected, name          # nothing else changed: no reset to conf/
+    assert seen == set(SWEEP)
+
+
+def test_exp_show_compares_the_runs_best_metrics(swept):
+    repo, _ = swept
+    for name, exp in _experiments(repo).items():
+        assert exp["metrics"]["metrics/eval.json"]["best_epoch"] >= 1, name
+        assert "G_A" in exp["metrics"]["metrics/train/metrics.json"], name
+    table = dvc(repo, "exp", "show", "--only-changed", "--csv").stdout.splitlines()[0]   # the header row
+    assert "train.lambda_cycle" in table.split(",")         # the swept param, beside what changed with it
+    assert "train.ngf" not in table.split(",")                # (--only-changed: not the rest)
+    full = dvc(repo, "exp", "show", "--csv").stdout.splitlines()[0].split(",")
+    assert {"best_epoch", "G_A", "train.lambda_cycle", "train.ngf"} <= set(full)
+
+
+def test_exp_apply_brings_the_chosen_run_and_its_own_checkpoints(swept, tmp_path):
+    repo, committed = swept
+    name = next(n for n, e in _experiments(repo).items() if e["params"]["train"]["lambda_cycle"] == SWEEP[1])
+    dvc(repo, "exp", "apply", name)
+    assert _params(repo) == deep_merge(committed, {"train": {"lambda_cycle": SWEEP[1]}})
+    last = torch.load(repo / "models" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    run = last["run_params"]
+    assert run["lambda_cycle"] == SWEEP[1] and run["lambda_identity"] == EDITS["train"]["lambda_identity"]
+    epochs = committed["train"]["epochs"] + committed["train"]["epochs_decay"]
+    assert last["epoch"] == epochs and len(last["history"]) == epochs    # trained afresh, no leftover epochs
+    baseline = torch.load(swept[0] / "models" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    assert baseline["run_params"]["lambda_cycle"] == SWEEP[1]     # (the workspace now holds the applied run)

@@ -1,0 +1,230 @@
+"""Presets: switching params.yaml to another pair of domains in one explicit command.
+
+params.yaml is the one file the pipeline reads and the user edits: `dvc repro`, `dvc exp run -S
+key=value`, `--queue` and `dvc queue start` run it as it is, plus exactly the named overrides (DVC
+rewrites only those keys and keeps every comment). Presets never rewrite it behind the user's back:
+
+    uv run unpaired preset horse2zebra               # switch; say what changed, key by key
+    uv run unpaired preset horse2zebra --keep-edits  # ... keeping your own edits the preset does not set
+
+A preset is `conf/preset/<name>.yaml`: a `preset:` name, the two `domains`, and the prepare/train/
+evaluate keys that suit them. `compose(conf, name)` lays it over `conf/config.yaml` (the shared
+settings, with a comment explaining each key) and gives the text of params.yaml, comments kept. So
+the committed params.yaml is exactly `compose(conf, "doodles2flares")` (a test checks it).
+
+Every file is read as DVC reads params.yaml: YAML 1.2 through ruamel.yaml (`off` is a string, `1_000`
+a string, `017` the integer 17), so a value means the same in conf/ as in params.yaml.
+
+"Your edits" are the leaves where params.yaml differs from the composition of the preset it names
+(`preset:`); with --keep-edits they survive the switch unless the new preset sets that key itself
+(the preset wins, and the line says so) or the edit belongs to a domain whose source changes.
+
+params.yaml's first line records the digest of the two conf/ files it was composed from, so a run
+can say in one line when conf/ changed since (`stale_composition`): an edit there is otherwise
+ignored without a word, since runs read params.yaml alone.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.error import YAMLError
+
+from unpaired.errors import UserError
+
+CONF = Path("conf")
+HEADER = ("# params.yaml: the one file the pipeline reads. Edit it, then `make repro`; `uv run dvc exp run -S "
+          "key=value` changes only that key.")
+SWITCH = "# Switch presets with `uv run unpaired preset NAME [--keep-edits]` (conf/preset/NAME.yaml); each key is explained below and in README.md."
+DIGEST = re.compile(r"^# composed by `unpaired preset (?P<name>[\w.-]+)` from conf/ \(sha256 (?P<digest>[0-9a-f]{16})\)$")
+_ABSENT = object()
+
+
+def _yaml() -> YAML:
+    y = YAML()                    # round trip: comments and key order kept; YAML 1.2 like DVC
+    y.width = 4096                # never fold a long line (a URL, a palette)
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+
+def _read(path: Path) -> CommentedMap:
+    """One YAML 1.2 mapping with its comments; UserError (one line) naming the file otherwise."""
+    try:
+        data = _yaml().load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, CommentedMap):
+        raise UserError(f"{path}: must be a mapping of sections")
+    return data
+
+
+def names(conf: Path = CONF) -> list[str]:
+    """The preset names: conf/preset/*.yaml without the suffix, sorted."""
+    return sorted(p.stem for p in (conf / "preset").glob("*.yaml"))
+
+
+def preset_file(conf: Path, name: str) -> Path:
+    """conf/preset/<name>.yaml; UserError naming the known presets when there is none."""
+    path = conf / "preset" / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset {name!r}; known presets: {', '.join(names(conf))} (conf/preset/)")
+    return path
+
+
+def digest(conf: Path, name: str) -> str:
+    """16 hex digits of sha256 over conf/config.yaml and conf/preset/<name>.yaml (their bytes)."""
+    h = hashlib.sha256()
+    for path in (conf / "config.yaml", preset_file(conf, name)):
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _merge(base: CommentedMap, over: CommentedMap) -> None:
+    """Lay `over` onto `base` in place: mappings merge key by key, anything else is replaced."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _composed(conf: Path, name: str) -> CommentedMap:
+    base = _read(conf / "config.yaml")
+    base.ca.comment = None                       # its own header explains conf/, not params.yaml
+    _merge(base, _read(preset_file(conf, name)))
+    return base
+
+
+def _dump(data: CommentedMap, conf_digest: str, name: str) -> str:
+    out = io.StringIO()
+    _yaml().dump(data, out)
+    lines = [f"# composed by `unpaired preset {name}` from conf/ (sha256 {conf_digest})", HEADER, SWITCH]
+    return "\n".join(lines) + "\n" + out.getvalue()
+
+
+def compose(conf: Path, name: str) -> str:
+    """The text of params.yaml for preset `name`: conf/config.yaml with conf/preset/<name>.yaml laid
+    over it, comments kept, under a three-line header (the first records `digest`). Raises UserError
+    for an unknown preset or a file that is not a YAML mapping."""
+    return _dump(_composed(conf, name), digest(conf, name), name)
+
+
+def leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of nested mappings; a list is one leaf."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    else:
+        yield prefix.rstrip("."), tree
+
+
+def _get(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def _set(tree: CommentedMap, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        if not isinstance(tree.get(part), dict):
+            tree[part] = CommentedMap()
+        tree = tree[part]
+    tree[last] = value
+
+
+def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return repr(list(value) if isinstance(value, list) else value)
+
+
+def _plain(tree: Any) -> Any:
+    return YAML(typ="safe").load(_yaml_text(tree))
+
+
+def _yaml_text(tree: Any) -> str:
+    out = io.StringIO()
+    _yaml().dump(tree, out)
+    return out.getvalue()
+
+
+def switch(params_path: Path, conf: Path, name: str, keep_edits: bool = False) -> tuple[str, list[str]]:
+    """The new text of params.yaml for preset `name`, and the lines that say what changed: one per
+    key whose value changes (`train.ngf: 16 -> 64`), then one per edit of yours kept or dropped.
+    Without `keep_edits` every key not set by the preset takes conf/config.yaml's value; with it,
+    your edits (see the module docstring) survive where the preset does not set the key. The current
+    params.yaml may be missing or unreadable (then there are no edits to keep). Raises UserError for
+    an unknown preset or a conf/ file that is not a YAML mapping."""
+    new = _composed(conf, name)
+    current = None
+    if params_path.is_file():
+        try:
+            current = _plain(_read(params_path))
+        except UserError:
+            current = None
+    edits: dict[str, Any] = {}
+    if current is not None:
+        old_name = current.get("preset")
+        baseline = _plain(_composed(conf, old_name)) if old_name in names(conf) else {}
+        edits = {k: v for k, v in leaves(current) if k != "preset" and _get(baseline, k) != v}
+    notes = []
+    preset_keys = {k for k, _ in leaves(_plain(_read(preset_file(conf, name))))}
+    old_domains = (current or {}).get("domains") or {}
+    for key, value in edits.items():
+        parts = key.split(".")
+        if parts[0] == "domains" and len(parts) > 2:
+            same_source = (_get(old_domains, f"{parts[1]}.source") == _get(new, f"domains.{parts[1]}.source"))
+        else:
+            same_source = True
+        if not keep_edits:
+            notes.append(f"dropped your edit {key}: {_show(value)} (pass --keep-edits to keep it)")
+        elif key in preset_keys:
+            notes.append(f"dropped your edit {key}: {_show(value)}: preset {name} sets it to {_show(_get(new, key))}")
+        elif not same_source:
+            notes.append(f"dropped your edit {key}: {_show(value)}: domain {parts[1]}'s source changes")
+        else:
+            _set(new, key, copy.deepcopy(value))
+            notes.append(f"kept your edit {key}: {_show(value)}")
+    text = _dump(new, digest(conf, name), name)
+    after = _plain(new)
+    before = current or {}
+    changes = []
+    for key in sorted({k for k, _ in leaves(before)} | {k for k, _ in leaves(after)}):
+        old, now = _get(before, key), _get(after, key)
+        if old != now:
+            changes.append(f"{key}: {_show(old)} -> {_show(now)}")
+    return text, changes + notes
+
+
+def stale_composition(params_path: Path, conf: Path = CONF) -> str | None:
+    """One line when params.yaml records (first line) that it was composed from conf/ files that
+    have changed since — runs read params.yaml alone, so that change would be ignored without a
+    word — else None (also for a params.yaml written by hand, without that line)."""
+    try:
+        first = params_path.read_text().split("\n", 1)[0]
+    except OSError:
+        return None
+    match = DIGEST.match(first)
+    if not match or not (conf / "preset" / f"{match['name']}.yaml").is_file():
+        return None
+    name = match["name"]
+    if digest(conf, name) == match["digest"]:
+        return None
+    return (f"{params_path} was composed from conf/config.yaml and conf/preset/{name}.yaml, which changed "
+            f"since; runs read {params_path} alone, so that change is not used: apply it with `uv run "
+            f"unpaired preset {name} --keep-edits`, or undo it (`git checkout conf/`)")
