@@ -281,6 +281,14 @@ class EvaluateParams(params.Params):
     device: str = "auto"
     threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
+    BOUNDS = {
+        "samples": params.SAMPLES,
+        "kid_subsets": params.Bound(100_000, "each subset is one kernel over up to 1000 test images; "
+                                             "the usual 100 is enough"),
+        "batch_size": params.Bound(1024, "images per translation and Inception pass"),
+        "threads": params.THREADS,
+    }
+
     def validate(self, prefix: str) -> None:
         params.check(self.samples >= 1, f"{prefix}.samples", f"must be >= 1, got {self.samples}")
         params.check(self.select in ("kid", "fid", "last"), f"{prefix}.select",

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import requests
 
 from unpaired.files import NO_SPACE, atomic_write_bytes, space_guard, temp_file
-from unpaired.params import Params, check, parse
+from unpaired.params import COUNT, TIMEOUT, Params, check, parse
 from unpaired.safe_archive import images_under
 from unpaired.sources.base import FetchContext, SourceError, flat_name
 from unpaired.sources.download import RETRY_STATUS, write_body
@@ -50,6 +50,8 @@ class KaggleParams(Params):
     exclude: tuple[str, ...] = () # file names (10.png) or paths in the dataset (cropped/10.png) to drop
     licence: str = ""             # recorded in the manifest; by default what Kaggle says
     timeout: float = 60.0
+
+    BOUNDS = {"count": COUNT, "timeout": TIMEOUT}
 
     def validate(self, prefix: str) -> None:
         check(bool(DATASET.fullmatch(self.dataset)), f"{prefix}.dataset",
