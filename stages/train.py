@@ -41,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from unpaired import checkpoint, distributed, params  # noqa: E402
 from unpaired.errors import UserError, main_guard  # noqa: E402
 from unpaired.devices import check_device, resolve_device  # noqa: E402
-from unpaired.files import remove_stale_temporaries, unpack_view  # noqa: E402
+from unpaired.files import creating, make_dirs, remove_stale_temporaries, unpack_view  # noqa: E402
 from unpaired.distributed import Rank  # noqa: E402
 from unpaired.samples import fixed_images, grid, triplets  # noqa: E402
 from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, channels_last_ok,  # noqa: E402
@@ -200,9 +200,10 @@ def output_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on `out` for one train run: flock on `.<out name>.lock` next to it (not
     inside: `out` is a DVC output). The file holds the holder's PID; the lock ends with the process,
     even on kill -9. Raises UserError naming the holder when another process holds it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     path = out.parent / f".{out.name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with creating(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -224,7 +225,7 @@ def _move_aside(out: Path, why: str) -> None:
     if not out.is_dir() or not any(not f.name.startswith(".") for f in out.iterdir()):
         return          # nothing of a run (hidden files are temporaries of interrupted writes)
     aside_root = out.parent / f"{out.name}.previous"
-    aside_root.mkdir(exist_ok=True)
+    make_dirs(aside_root)
     ignore = aside_root / ".gitignore"
     if not ignore.exists():
         ignore.write_text("# checkpoints of earlier train runs, moved aside by stages/train.py\n*\n")
@@ -535,7 +536,7 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
         if resumed and not rank.main:
             state = checkpoint.load(out / "last.pt")
     if rank.main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
 
     torch.manual_seed(p.seed)
     g_data = torch.Generator().manual_seed(p.seed + 1)          # the epoch plan: the same on every rank
@@ -580,7 +581,9 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
 
     live = None
     if rank.main:
-        _reset_live(live_dir)
+        with creating(live_dir):
+            _reset_live(live_dir)
+        make_dirs(live_dir)
         live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
         for record in history:
             _log_epoch(live, record)
@@ -658,7 +661,7 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
             rank.barrier()                  # no rank goes on (or exits) before the files are whole
     if live is not None:
         live.end()
-        (live_dir / "plots" / "images").mkdir(parents=True, exist_ok=True)   # a declared output, even empty
+        make_dirs(live_dir / "plots" / "images")   # a declared output, even empty
     return history[-1] if history and rank.main else {}
 
 

@@ -16,6 +16,7 @@ shorter side to N first.
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import os
 import warnings
@@ -46,19 +47,51 @@ MIN_SIDE = 5
 BATCH_PIXELS_PER_IMAGE = 256 * 256
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
+def _dead_link(path: Path) -> str | None:
+    """`symlink_loop` or `broken_link` for a symlink that leads to no file (a loop, or a target that
+    does not exist), None for anything else."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as err:
+        return "symlink_loop" if err.errno == errno.ELOOP else "broken_link"
+    return None
+
+
+def expand_inputs(inputs: list[str], skipped: list[str] | None = None) -> list[Path]:
+    """The image files of `inputs` (files, folders searched recursively, globs), in order, each once.
+    A symlink among them that leads nowhere (a loop, a missing target) is not an input: it is
+    appended to `skipped` as `path (symlink_loop)` or `path (broken_link)`, like unreadable files."""
     files: list[Path] = []
+    dead: list[str] = []
+
+    def keep(candidates: Iterable[Path], suffixes: Iterable[str] | None) -> None:
+        """Files among `candidates` (with one of `suffixes`, if given) and dead links (with one of
+        them, or none: a dead link's kind is unknown)."""
+        for p in candidates:
+            fits = suffixes is None or p.suffix.lower() in suffixes
+            if p.is_file():
+                if fits:
+                    files.append(p)
+            elif (fits or not p.suffix) and (why := _dead_link(p)):
+                dead.append(f"{p} ({why})")
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            keep(sorted(path.rglob("*")), IMAGE_SUFFIXES)
         elif path.is_file():
             files.append(path)
+        elif why := _dead_link(path):
+            dead.append(f"{path} ({why})")
         else:
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-            if not matches:
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not any(m.is_file() or _dead_link(m) for m in matches):
                 raise UserError(f"{item}: no such file, folder or matching glob")
-            files += matches
+            keep(matches, None)
+    if skipped is not None:
+        skipped.extend(dict.fromkeys(dead))
     return list(dict.fromkeys(files))
 
 
@@ -189,7 +222,7 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
 
     from unpaired.checkpoint import load_generator
     from unpaired.devices import resolve_device
-    from unpaired.files import atomic_write_bytes, remove_stale_temporaries
+    from unpaired.files import atomic_write_bytes, make_dirs, remove_stale_temporaries
     from unpaired.images import Skip, png_bytes, read_uint8, to_float, to_uint8
 
     if size is not None and size < MIN_SIDE:
@@ -199,15 +232,16 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
     dev = resolve_device(device, "--device")
     from unpaired.files import refresh_view_for
     refresh_view_for(inputs, PACKED, PREPARED)     # data/prepared/ is a view of the tar: never a stale one
-    files = expand_inputs(inputs)
+    skipped: list[str] = []
+    files = expand_inputs(inputs, skipped)
     if not files:
-        raise UserError("no input images found")
+        raise UserError("no input images found" + (f"; skipped {len(skipped)}: {', '.join(skipped[:3])}"
+                                                   f"{', ...' if len(skipped) > 3 else ''}" if skipped else ""))
     out_dir = Path(out)
     _check_out(out_dir, inputs, files)
     net, _ = load_generator(checkpoint_path, direction, dev)
     names = out_names(files)
     renamed = [f"{f} -> {n}" for f, n in zip(files, names) if n != f"{f.stem}.png"]
-    skipped: list[str] = []
 
     def resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:   # float N×C×H×W
         return F.interpolate(img, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
@@ -244,7 +278,7 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
         open() gives); a killed earlier run's temporaries are removed before the first write."""
         nonlocal started
         if not started:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(out_dir)
             remove_stale_temporaries(out_dir)
             started = True
         final = out_dir / name

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unpaired.errors import UserError, main_guard
-from unpaired.files import remove_stale_temporaries
+from unpaired.files import creating, make_dirs, remove_stale_temporaries
 from unpaired.params import check_file
 
 STATE = Path(".dvc/tmp/repro-kept")          # one run's record: present.json + kept/<output path>
@@ -83,7 +83,7 @@ def _exists(path: str | Path) -> bool:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(dst.parent)
     if src.is_dir() and not src.is_symlink():
         shutil.copytree(src, dst, symlinks=True)
     else:
@@ -92,7 +92,8 @@ def _copy(src: Path, dst: Path) -> None:
 
 def keep(present: list[Output]) -> None:
     """Record `present` and copy its `cache: false` outputs aside (STATE must not exist)."""
-    STATE.mkdir(parents=True)
+    with creating(STATE):
+        STATE.mkdir(parents=True)
     for out in present:
         if not out.cached:
             _copy(Path(out.path), STATE / "kept" / out.path)
@@ -108,7 +109,7 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
     restored, notes = [], []
     for out in (o for o in missing if not o.cached):
         src, dst = STATE / "kept" / out.path, Path(out.path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(dst.parent)
         os.replace(src, dst)                     # same filesystem: a rename, never half a file
         restored.append(out.path)
     cached = [o for o in missing if o.cached]
@@ -241,7 +242,7 @@ def _tee(fd: int, errors: list[str]) -> None:
 
 @contextlib.contextmanager
 def _exclusive():
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(LOCK.parent)
     with open(LOCK, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
