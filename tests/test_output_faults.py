@@ -134,3 +134,15 @@ def test_symlink_loops_among_translate_inputs_are_skipped_and_named(tmp_path):
                           capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr == f"error: no input images found; skipped 1: {tmp_path / 'top.png'} (symlink_loop)\n"
+
+
+@needs_namespaces
+def test_train_with_its_checkpoints_on_a_read_only_filesystem_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n  epochs_decay: 0\n")
+    proc = run_read_only(tmp_path / "models", [sys.executable, "-m", "stages.train", "--data", "data/prepared.tar",
+                                               "--view", "data/prepared", "--out", "models/checkpoints",
+                                               "--live", "metrics/train"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: models/"), proc.stderr
+    assert "cannot write here (Read-only file system); choose another place or make it writable\n" in proc.stderr
+    assert proc.stderr.count("\n") == 1
