@@ -201,7 +201,10 @@ def _inception(path: Path) -> torch.nn.Module:
 def download_weights(timeout: float = 20.0) -> str:
     """Fetch the weights into weights_file() (atomically, by torch.hub); "" or why it failed."""
     path = weights_file()
-    make_dirs(path.parent)
+    try:
+        make_dirs(path.parent)
+    except UserError as err:   # a read-only cache: the weights are as unavailable as without network
+        return str(err)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
