@@ -121,7 +121,6 @@ class TrainParams(params.Params):
     }
     POOL_BYTES = 4 * 2 ** 30   # both pools together, fp32 on the training device
 
-
     def validate(self, prefix: str) -> None:
         c = params.check
         for key in ("epochs", "ngf", "ndf", "n_blocks", "n_layers", "batch_size", "save_every"):

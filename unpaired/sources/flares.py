@@ -29,7 +29,7 @@ class FlareParams(Params):
     seed: int = 0
 
     BOUNDS = {"count": COUNT, "image_size": IMAGE_SIZE, "seed": SEED,
-              "shapes": Bound(1_000, "shapes per image; each is drawn at 4× the size")}
+              "shapes": Bound(1_000, "shapes per image; each is drawn at 2× the size")}
 
     def validate(self, prefix: str) -> None:
         check(self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
