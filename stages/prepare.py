@@ -47,7 +47,7 @@ class PrepareParams(params.Params):
 
     BOUNDS = {
         "image_size": params.IMAGE_SIZE,
-        "test_fraction": params.Bound(1, "a share of the images"),
+        "test_fraction": params.Bound(1, "a share of the images", 0, below=True),
         "min_size": params.Bound(65_535, "pixels; no format this reads stores a longer side (JPEG's limit)"),
         "seed": params.SEED,
     }

@@ -100,7 +100,7 @@ class TrainParams(params.Params):
         "epochs": params.Bound(10_000, "each epoch adds an epoch file, a sample grid and a log row"),
         "epochs_decay": params.Bound(10_000, "each epoch adds an epoch file, a sample grid and a log row"),
         "lr": params.Bound(1.0, "Adam moves each weight by about lr per step; the paper uses 0.0002"),
-        "beta1": params.Bound(1.0, "Adam's momentum, below 1"),
+        "beta1": params.Bound(1, "Adam's momentum: a decay rate", 0, below=True),
         "lambda_cycle": params.Bound(1_000, "past it the GAN loss no longer counts; the paper uses 10"),
         "lambda_identity": params.Bound(100, "× lambda_cycle; the paper uses 0.5"),
         "pool_size": params.Bound(10_000, "fake images kept per direction on the training device; "

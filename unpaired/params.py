@@ -139,15 +139,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Bound:
-    """The range a numeric field may take: `high` (inclusive, in the field's unit), `why` (a short
-    reason, printed with a refusal), and `low` (inclusive) where the class's own checks give none.
-    For a list or tuple of numbers, each item is checked."""
+    """The range a numeric field may take: `high` (inclusive unless `below`, in the field's unit),
+    `why` (a short reason, printed with a refusal), and `low` (inclusive) where 0 or 1 is not the
+    floor the class's own checks give. For a list or tuple of numbers, each item is checked."""
     high: int | float
     why: str
     low: int | float | None = None
+    below: bool = False   # `high` itself is out (a share < 1)
 
     def describe(self) -> str:
-        return f"<= {_number(self.high)}" if self.low is None else f"in [{_number(self.low)}, {_number(self.high)}]"
+        if self.low is None:
+            return f"{'<' if self.below else '<='} {_number(self.high)}"
+        return f"in [{_number(self.low)}, {_number(self.high)}{')' if self.below else ']'}"
+
+    def holds(self, value: int | float) -> bool:
+        return (value < self.high if self.below else value <= self.high) and (self.low is None or value >= self.low)
 
 
 # Bounds several classes share.
@@ -185,7 +191,7 @@ def check_bounds(obj: Params, prefix: str) -> None:
         for i, item in items:
             if not isinstance(item, (int, float)) or isinstance(item, bool):
                 continue
-            if item > bound.high or (bound.low is not None and item < bound.low):
+            if not bound.holds(item):
                 key = f"{prefix}.{name}" + ("" if i is None else f"[{i}]")
                 fail(key, f"must be {bound.describe()}, got {_number(item)}: {bound.why}")
 

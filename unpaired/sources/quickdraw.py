@@ -40,7 +40,7 @@ class QuickDrawParams(Params):
 
     BOUNDS = {"count": COUNT, "image_size": IMAGE_SIZE, "seed": SEED,
               "stroke_width": Bound(1_024, "pixels; at most image_size / 4"),
-              "margin": Bound(0.5, "a share of the side on each edge")}
+              "margin": Bound(0.5, "a share of the side on each edge", 0, below=True)}
 
     def validate(self, prefix: str) -> None:
         from quickdraw.names import QUICK_DRAWING_NAMES

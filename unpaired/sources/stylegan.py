@@ -64,7 +64,7 @@ class StyleGANParams(Params):
     precision: str = "auto"           # auto: the network's fp16 layers on CUDA; fp32 everywhere
     licence: str = "NVIDIA Source Code License-NC (non-commercial) for NVIDIA's networks"
 
-    BOUNDS = {"seeds": SEED, "truncation_psi": Bound(2.0, "truncation towards the average; 0.7 is usual"),
+    BOUNDS = {"seeds": SEED, "truncation_psi": Bound(2, "truncation towards the average; 0.7 is usual", -1),
               "batch_size": Bound(1024, "images per pass on a GPU"), "image_size": IMAGE_SIZE}
 
     def validate(self, prefix: str) -> None:
