@@ -146,3 +146,22 @@ def test_train_with_its_checkpoints_on_a_read_only_filesystem_is_one_line(tmp_pa
     assert proc.stderr.startswith("error: models/"), proc.stderr
     assert "cannot write here (Read-only file system); choose another place or make it writable\n" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_folder_loops_end_the_walk_and_are_named_and_linked_folders_are_followed(tmp_path):
+    """`in/a/up -> ..` and `in/self -> .`: rglob used to drop them without a word, and glob's `**`
+    followed them 40 deep (two of them: minutes). Now each is one skipped entry, in both forms."""
+    from unpaired.cli import expand_inputs
+    inputs = tmp_path / "in"
+    for name in ("x.png", "a/y.png"):
+        noise(inputs / name)
+    noise(tmp_path / "other" / "o.png")
+    (inputs / "linked").symlink_to(tmp_path / "other")
+    (inputs / "self").symlink_to(".")
+    (inputs / "a" / "up").symlink_to("..")
+    want = [inputs / "a" / "y.png", inputs / "linked" / "o.png", inputs / "x.png"]
+    loops = [f"{inputs / 'a' / 'up'} (symlink_loop)", f"{inputs / 'self'} (symlink_loop)"]
+    for given in (str(inputs), f"{inputs}/**/*.png"):
+        skipped: list[str] = []
+        assert expand_inputs([given], skipped) == want, given
+        assert skipped == loops, given

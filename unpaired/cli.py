@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fnmatch
 import glob
 import os
 import warnings
@@ -59,10 +60,73 @@ def _dead_link(path: Path) -> str | None:
     return None
 
 
+def _walk(root: Path, dead: list[str]) -> Iterator[Path]:
+    """Every file and dead link under the folder `root`, following linked folders, but never into a
+    folder that is its own ancestor: such a link is a loop, named once in `dead` (glob's `**` would
+    follow it 40 deep, and two of them for minutes; rglob would drop it without a word)."""
+    def visit(folder: Path, ancestors: frozenset[tuple[int, int]]) -> Iterator[Path]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            dead.append(f"{folder} (unreadable: {err.strerror})")
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                st = path.stat() if entry.is_dir() else None
+            except OSError:
+                st = None
+            if st is None:
+                yield path
+            elif (st.st_dev, st.st_ino) in ancestors:
+                dead.append(f"{path} (symlink_loop)")
+            else:
+                yield from visit(path, ancestors | {(st.st_dev, st.st_ino)})
+    st = root.stat()
+    yield from visit(root, frozenset({(st.st_dev, st.st_ino)}))
+
+
+def _glob_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """glob's rules for the path components `parts` against `pattern`: `**` is any number of
+    folders, a `*` does not match a leading dot."""
+    if not pattern:
+        return not parts
+    if not parts:
+        return all(p == "**" for p in pattern)
+    hidden = parts[0].startswith(".")
+    if pattern[0] == "**":
+        return _glob_match(parts, pattern[1:]) or (not hidden and _glob_match(parts[1:], pattern))
+    return ((not hidden or pattern[0].startswith(".")) and fnmatch.fnmatchcase(parts[0], pattern[0])
+            and _glob_match(parts[1:], pattern[1:]))
+
+
+def _recursive_glob(item: str, dead: list[str]) -> list[Path]:
+    """glob.glob(item, recursive=True) for a pattern with `**`, walked with `_walk`."""
+    parts = Path(item).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    if not root.is_dir():
+        return []
+    return [p for p in _walk(root, dead) if _glob_match(p.relative_to(root).parts, parts[fixed:])]
+
+
+def _dead_link(path: Path) -> str | None:
+    """`symlink_loop` or `broken_link` for a symlink that leads to no file (a loop, or a target that
+    does not exist), None for anything else."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as err:
+        return "symlink_loop" if err.errno == errno.ELOOP else "broken_link"
+    return None
+
+
 def expand_inputs(inputs: list[str], skipped: list[str] | None = None) -> list[Path]:
     """The image files of `inputs` (files, folders searched recursively, globs), in order, each once.
-    A symlink among them that leads nowhere (a loop, a missing target) is not an input: it is
-    appended to `skipped` as `path (symlink_loop)` or `path (broken_link)`, like unreadable files."""
+    Linked folders are followed. A symlink that leads nowhere (a loop, a missing target) or back to a
+    folder above it is not an input: it is appended to `skipped` as `path (symlink_loop)` or `path
+    (broken_link)`, like unreadable files."""
     files: list[Path] = []
     dead: list[str] = []
 
@@ -80,13 +144,16 @@ def expand_inputs(inputs: list[str], skipped: list[str] | None = None) -> list[P
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            keep(sorted(path.rglob("*")), IMAGE_SUFFIXES)
+            keep(sorted(_walk(path, dead)), IMAGE_SUFFIXES)
         elif path.is_file():
             files.append(path)
         elif why := _dead_link(path):
             dead.append(f"{path} ({why})")
         else:
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if "**" in item:
+                matches = sorted(_recursive_glob(item, dead))
+            else:
+                matches = sorted(Path(m) for m in glob.glob(item))
             if not any(m.is_file() or _dead_link(m) for m in matches):
                 raise UserError(f"{item}: no such file, folder or matching glob")
             keep(matches, None)
