@@ -144,7 +144,7 @@ def remove_stale_temporaries(*folders: str | Path, recursive: bool = False) -> l
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
-                    with contextlib.suppress(FileNotFoundError), creating(path):
+                    with creating(path), contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 removed.append(path)
             dirs[:] = [d for d in dirs if recursive and not TEMPORARY.fullmatch(d)]
