@@ -45,6 +45,13 @@ class PrepareParams(params.Params):
     min_size: int = 16                    # images whose shorter side is smaller are skipped
     seed: int = 0                         # split seed
 
+    BOUNDS = {
+        "image_size": params.IMAGE_SIZE,
+        "test_fraction": params.Bound(1, "a share of the images", 0, below=True),
+        "min_size": params.Bound(65_535, "pixels; no format this reads stores a longer side (JPEG's limit)"),
+        "seed": params.SEED,
+    }
+
     def validate(self, prefix: str) -> None:
         params.check(self.image_size > 0, f"{prefix}.image_size", f"must be > 0, got {self.image_size}")
         params.check(self.resize in ("crop", "pad"), f"{prefix}.resize",

@@ -41,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from unpaired import checkpoint, distributed, params  # noqa: E402
 from unpaired.errors import UserError, main_guard  # noqa: E402
 from unpaired.devices import check_device, resolve_device  # noqa: E402
-from unpaired.files import remove_stale_temporaries, unpack_view  # noqa: E402
+from unpaired.files import creating, make_dirs, remove_stale_temporaries, unpack_view  # noqa: E402
 from unpaired.distributed import Rank  # noqa: E402
 from unpaired.samples import fixed_images, grid, triplets  # noqa: E402
 from unpaired.training import (LOSS_NAMES, DeviceFeeder, ImagePool, build_models, channels_last_ok,  # noqa: E402
@@ -96,6 +96,31 @@ class TrainParams(params.Params):
     data_device: str = "auto"        # auto, device or host: where the training images live (CUDA)
     threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
+    BOUNDS = {   # generous: the paper trains 100 + 100 epochs at 256 px, ngf = ndf = 64, 9 blocks
+        "epochs": params.Bound(10_000, "each epoch adds an epoch file, a sample grid and a log row"),
+        "epochs_decay": params.Bound(10_000, "each epoch adds an epoch file, a sample grid and a log row"),
+        "lr": params.Bound(1.0, "Adam moves each weight by about lr per step; the paper uses 0.0002"),
+        "beta1": params.Bound(1, "Adam's momentum: a decay rate", 0, below=True),
+        "lambda_cycle": params.Bound(1_000, "past it the GAN loss no longer counts; the paper uses 10"),
+        "lambda_identity": params.Bound(100, "× lambda_cycle; the paper uses 0.5"),
+        "pool_size": params.Bound(10_000, "fake images kept per direction on the training device; "
+                                          "the paper keeps 50"),
+        "ngf": params.Bound(256, "weights grow with its square: 256 is ~180 M per generator at 9 blocks"),
+        "ndf": params.Bound(256, "weights grow with its square; the paper uses 64"),
+        "n_blocks": params.Bound(64, "residual blocks; the paper uses 9"),
+        "n_layers": params.Bound(8, "crop_size must be >= 3 × 2^n_layers, and crop_size <= 1024"),
+        "load_size": params.Bound(2048, "every training image is resized to load_size² before the crop"),
+        "crop_size": params.Bound(1024, "activations grow with its square: a step at 1024 px "
+                                        "needs 16× the memory of one at 256"),
+        "batch_size": params.Bound(1024, "images per step per process; the paper uses 1"),
+        "save_every": params.Bound(20_000, "epochs; past epochs + epochs_decay only the last is saved"),
+        "samples": params.SAMPLES,
+        "seed": params.SEED,
+        "devices": params.Bound(64, "processes on one node, each with its own copy of the models"),
+        "threads": params.THREADS,
+    }
+    POOL_BYTES = 4 * 2 ** 30   # both pools together, fp32 on the training device
+
     def validate(self, prefix: str) -> None:
         c = params.check
         for key in ("epochs", "ngf", "ndf", "n_blocks", "n_layers", "batch_size", "save_every"):
@@ -108,6 +133,11 @@ class TrainParams(params.Params):
           "lambda_cycle and lambda_identity must be >= 0")
         c(self.pool_size >= 0, f"{prefix}.pool_size", f"must be >= 0, got {self.pool_size}")
         c(self.samples >= 0, f"{prefix}.samples", f"must be >= 0, got {self.samples}")
+        pool = 2 * self.pool_size * 3 * self.crop_size ** 2 * 4   # both directions, fp32 at most
+        c(pool <= self.POOL_BYTES, f"{prefix}.pool_size",
+          f"{self.pool_size:,} images per direction at crop_size {self.crop_size} need {pool / 2 ** 30:.1f} "
+          f"GiB on the training device, over {self.POOL_BYTES // 2 ** 30} GiB; use at most "
+          f"{self.POOL_BYTES // (24 * self.crop_size ** 2):,} (the paper keeps 50)")
         c(self.crop_size >= 16 and self.crop_size % 4 == 0, f"{prefix}.crop_size",
           f"must be a multiple of 4 and >= 16 (the generator downsamples twice), got {self.crop_size}")
         c(self.crop_size <= self.load_size, f"{prefix}.crop_size",
@@ -169,9 +199,10 @@ def output_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on `out` for one train run: flock on `.<out name>.lock` next to it (not
     inside: `out` is a DVC output). The file holds the holder's PID; the lock ends with the process,
     even on kill -9. Raises UserError naming the holder when another process holds it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     path = out.parent / f".{out.name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with creating(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -193,7 +224,7 @@ def _move_aside(out: Path, why: str) -> None:
     if not out.is_dir() or not any(not f.name.startswith(".") for f in out.iterdir()):
         return          # nothing of a run (hidden files are temporaries of interrupted writes)
     aside_root = out.parent / f"{out.name}.previous"
-    aside_root.mkdir(exist_ok=True)
+    make_dirs(aside_root)
     ignore = aside_root / ".gitignore"
     if not ignore.exists():
         ignore.write_text("# checkpoints of earlier train runs, moved aside by stages/train.py\n*\n")
@@ -504,7 +535,7 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
         if resumed and not rank.main:
             state = checkpoint.load(out / "last.pt")
     if rank.main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
 
     torch.manual_seed(p.seed)
     g_data = torch.Generator().manual_seed(p.seed + 1)          # the epoch plan: the same on every rank
@@ -549,7 +580,9 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
 
     live = None
     if rank.main:
-        _reset_live(live_dir)
+        with creating(live_dir):
+            _reset_live(live_dir)
+        make_dirs(live_dir)
         live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
         for record in history:
             _log_epoch(live, record)
@@ -627,7 +660,7 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
             rank.barrier()                  # no rank goes on (or exits) before the files are whole
     if live is not None:
         live.end()
-        (live_dir / "plots" / "images").mkdir(parents=True, exist_ok=True)   # a declared output, even empty
+        make_dirs(live_dir / "plots" / "images")   # a declared output, even empty
     return history[-1] if history and rank.main else {}
 
 

@@ -16,6 +16,8 @@ shorter side to N first.
 from __future__ import annotations
 
 import argparse
+import errno
+import fnmatch
 import glob
 import os
 import warnings
@@ -46,19 +48,117 @@ MIN_SIDE = 5
 BATCH_PIXELS_PER_IMAGE = 256 * 256
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
+def _dead_link(path: Path) -> str | None:
+    """`symlink_loop` or `broken_link` for a symlink that leads to no file (a loop, or a target that
+    does not exist), None for anything else."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as err:
+        return "symlink_loop" if err.errno == errno.ELOOP else "broken_link"
+    return None
+
+
+def _walk(root: Path, dead: list[str]) -> Iterator[Path]:
+    """Every file and dead link under the folder `root`, following linked folders, but never into a
+    folder that is its own ancestor: such a link is a loop, named once in `dead` (glob's `**` would
+    follow it 40 deep, and two of them for minutes; rglob would drop it without a word)."""
+    def visit(folder: Path, ancestors: frozenset[tuple[int, int]]) -> Iterator[Path]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            dead.append(f"{folder} (unreadable: {err.strerror})")
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                st = path.stat() if entry.is_dir() else None
+            except OSError:
+                st = None
+            if st is None:
+                yield path
+            elif (st.st_dev, st.st_ino) in ancestors:
+                dead.append(f"{path} (symlink_loop)")
+            else:
+                yield from visit(path, ancestors | {(st.st_dev, st.st_ino)})
+    st = root.stat()
+    yield from visit(root, frozenset({(st.st_dev, st.st_ino)}))
+
+
+def _glob_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """glob's rules for the path components `parts` against `pattern`: `**` is any number of
+    folders, a `*` does not match a leading dot."""
+    if not pattern:
+        return not parts
+    if not parts:
+        return all(p == "**" for p in pattern)
+    hidden = parts[0].startswith(".")
+    if pattern[0] == "**":
+        return _glob_match(parts, pattern[1:]) or (not hidden and _glob_match(parts[1:], pattern))
+    return ((not hidden or pattern[0].startswith(".")) and fnmatch.fnmatchcase(parts[0], pattern[0])
+            and _glob_match(parts[1:], pattern[1:]))
+
+
+def _recursive_glob(item: str, dead: list[str]) -> list[Path]:
+    """glob.glob(item, recursive=True) for a pattern with `**`, walked with `_walk`."""
+    parts = Path(item).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    if not root.is_dir():
+        return []
+    return [p for p in _walk(root, dead) if _glob_match(p.relative_to(root).parts, parts[fixed:])]
+
+
+def _dead_link(path: Path) -> str | None:
+    """`symlink_loop` or `broken_link` for a symlink that leads to no file (a loop, or a target that
+    does not exist), None for anything else."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as err:
+        return "symlink_loop" if err.errno == errno.ELOOP else "broken_link"
+    return None
+
+
+def expand_inputs(inputs: list[str], skipped: list[str] | None = None) -> list[Path]:
+    """The image files of `inputs` (files, folders searched recursively, globs), in order, each once.
+    Linked folders are followed. A symlink that leads nowhere (a loop, a missing target) or back to a
+    folder above it is not an input: it is appended to `skipped` as `path (symlink_loop)` or `path
+    (broken_link)`, like unreadable files."""
     files: list[Path] = []
+    dead: list[str] = []
+
+    def keep(candidates: Iterable[Path], suffixes: Iterable[str] | None) -> None:
+        """Files among `candidates` (with one of `suffixes`, if given) and dead links (with one of
+        them, or none: a dead link's kind is unknown)."""
+        for p in candidates:
+            fits = suffixes is None or p.suffix.lower() in suffixes
+            if p.is_file():
+                if fits:
+                    files.append(p)
+            elif (fits or not p.suffix) and (why := _dead_link(p)):
+                dead.append(f"{p} ({why})")
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            keep(sorted(_walk(path, dead)), IMAGE_SUFFIXES)
         elif path.is_file():
             files.append(path)
+        elif why := _dead_link(path):
+            dead.append(f"{path} ({why})")
         else:
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-            if not matches:
+            if "**" in item:
+                matches = sorted(_recursive_glob(item, dead))
+            else:
+                matches = sorted(Path(m) for m in glob.glob(item))
+            if not any(m.is_file() or _dead_link(m) for m in matches):
                 raise UserError(f"{item}: no such file, folder or matching glob")
-            files += matches
+            keep(matches, None)
+    if skipped is not None:
+        skipped.extend(dict.fromkeys(dead))
     return list(dict.fromkeys(files))
 
 
@@ -189,7 +289,7 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
 
     from unpaired.checkpoint import load_generator
     from unpaired.devices import resolve_device
-    from unpaired.files import atomic_write_bytes, remove_stale_temporaries
+    from unpaired.files import atomic_write_bytes, make_dirs, remove_stale_temporaries
     from unpaired.images import Skip, png_bytes, read_uint8, to_float, to_uint8
 
     if size is not None and size < MIN_SIDE:
@@ -199,15 +299,16 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
     dev = resolve_device(device, "--device")
     from unpaired.files import refresh_view_for
     refresh_view_for(inputs, PACKED, PREPARED)     # data/prepared/ is a view of the tar: never a stale one
-    files = expand_inputs(inputs)
+    skipped: list[str] = []
+    files = expand_inputs(inputs, skipped)
     if not files:
-        raise UserError("no input images found")
+        raise UserError("no input images found" + (f"; skipped {len(skipped)}: {', '.join(skipped[:3])}"
+                                                   f"{', ...' if len(skipped) > 3 else ''}" if skipped else ""))
     out_dir = Path(out)
     _check_out(out_dir, inputs, files)
     net, _ = load_generator(checkpoint_path, direction, dev)
     names = out_names(files)
     renamed = [f"{f} -> {n}" for f, n in zip(files, names) if n != f"{f.stem}.png"]
-    skipped: list[str] = []
 
     def resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:   # float N×C×H×W
         return F.interpolate(img, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
@@ -244,7 +345,7 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
         open() gives); a killed earlier run's temporaries are removed before the first write."""
         nonlocal started
         if not started:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(out_dir)
             remove_stale_temporaries(out_dir)
             started = True
         final = out_dir / name

@@ -30,7 +30,8 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from unpaired import checkpoint, params, threads
 from unpaired.devices import check_device
 from unpaired.errors import UserError
-from unpaired.files import atomic_dir, atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_of
+from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json, make_dirs, remove_stale_temporaries,
+                            sha256_of)
 from unpaired.images import png_bytes, read_uint8, to_float, to_uint8
 from unpaired.report import TEST_SET_KINDS, pages_for_test_set
 
@@ -200,7 +201,10 @@ def _inception(path: Path) -> torch.nn.Module:
 def download_weights(timeout: float = 20.0) -> str:
     """Fetch the weights into weights_file() (atomically, by torch.hub); "" or why it failed."""
     path = weights_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        make_dirs(path.parent)
+    except UserError as err:   # a read-only cache: the weights are as unavailable as without network
+        return str(err)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
@@ -280,6 +284,14 @@ class EvaluateParams(params.Params):
     batch_size: int = 16
     device: str = "auto"
     threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+
+    BOUNDS = {
+        "samples": params.SAMPLES,
+        "kid_subsets": params.Bound(100_000, "each subset is one kernel over up to 1000 test images; "
+                                             "the usual 100 is enough"),
+        "batch_size": params.Bound(1024, "images per translation and Inception pass"),
+        "threads": params.THREADS,
+    }
 
     def validate(self, prefix: str) -> None:
         params.check(self.samples >= 1, f"{prefix}.samples", f"must be >= 1, got {self.samples}")
@@ -422,7 +434,7 @@ def score_epochs(ckpts: dict[int, Path], cache: Path, p: EvaluateParams, device:
     settings = json.dumps({"v": CACHE_VERSION, "samples": p.samples, "kid_subsets": p.kid_subsets,
                            "metrics": plan.features is not None, "A": test.names_A, "B": test.names_B},
                           sort_keys=True)
-    cache.mkdir(parents=True, exist_ok=True)
+    make_dirs(cache)
     remove_stale_temporaries(cache)          # what a killed run left
     scores = Scores([], {}, ckpts, {}, settings)
     for epoch, path in ckpts.items():

@@ -10,6 +10,7 @@ disk (or quota, or `ulimit -f`) becomes one `UserError` line naming the file and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -38,17 +39,49 @@ def current_umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def creating(path: str | Path) -> Iterator[None]:
+    """Turn an OSError raised while creating `path` (a folder, or a file or temporary in it) into one
+    `UserError` line naming `path` and, when it differs, the part that failed: a read-only
+    filesystem (EROFS), no permission (EACCES, EPERM), a file where a folder must be (ENOTDIR,
+    EEXIST), a name too long... A full disk stays `no_space_error`."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise no_space_error(err.filename or path, err) from None
+        where = Path(err.filename) if err.filename else None   # named when a folder above failed
+        failed = (f" ({where}: {err.strerror})" if where is not None and where in Path(path).parents
+                  else f" ({err.strerror or type(err).__name__})")
+        raise UserError(f"{path}: cannot write here{failed}; choose another place or make it writable") from None
+
+
+def make_dirs(path: str | Path) -> Path:
+    """`mkdir -p path` for an output folder (the mode `mkdir` gives); one `UserError` line naming the
+    path when it cannot be created (see `creating`). Returns `path` as a Path."""
+    path = Path(path)
+    with creating(path):
+        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():   # mkdir -p through a symlink to a file, or a race
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path))
+    return path
+
+
 def temp_file(path: Path, tag: str = "tmp") -> tuple[int, str]:
     """`tempfile.mkstemp` next to `path`, named `.<name>.<tag>-<pid>-<random>`, with the mode `open()`
-    would give (0666 & ~umask) instead of mkstemp's 0600. Returns (fd, name)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}-{os.getpid()}-", dir=path.parent)
+    would give (0666 & ~umask) instead of mkstemp's 0600. Returns (fd, name). A folder that cannot be
+    written to is one `UserError` line naming `path`."""
+    with creating(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}-{os.getpid()}-", dir=path.parent)
     os.fchmod(fd, 0o666 & ~current_umask())
     return fd, tmp
 
 
 def temp_dir(path: Path) -> Path:
-    """`tempfile.mkdtemp` next to `path`, with the mode `mkdir` would give (0777 & ~umask)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    """`tempfile.mkdtemp` next to `path`, with the mode `mkdir` would give (0777 & ~umask). A folder
+    that cannot be written to is one `UserError` line naming `path`."""
+    with creating(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
 
@@ -111,7 +144,7 @@ def remove_stale_temporaries(*folders: str | Path, recursive: bool = False) -> l
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
-                    with contextlib.suppress(FileNotFoundError):
+                    with creating(path), contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 removed.append(path)
             dirs[:] = [d for d in dirs if recursive and not TEMPORARY.fullmatch(d)]
@@ -124,7 +157,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     replaces `target` (rename, so readers see the old or the new tree, never a mix); on error it is
     removed and `target` is left as it was. A full disk inside the block is one `UserError` line."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
     tmp = temp_dir(target)
     with space_guard(target):
         try:
@@ -161,7 +194,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file, fsync and rename; the file gets the mode a
     plain `open()` would. Out of space: one `UserError` line, the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = temp_file(path)
     with space_guard(path, len(data)):
         try:
@@ -205,7 +238,7 @@ def pack_dir(folder: str | Path, tar_path: str | Path) -> str:
     `unpack_view` checks every file against; mark `folder` as its view. Returns the tar's sha256.
     PNGs do not compress further, and an uncompressed tar extracts fastest."""
     folder, tar_path = Path(folder), Path(tar_path)
-    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(tar_path.parent)
     paths = sorted(p for p in folder.rglob("*") if p.name not in (VIEW_MARK, SUMS))
     needed = sum(p.stat().st_size + 1024 for p in paths if p.is_file()) + 10240
     fd, tmp = temp_file(tar_path)

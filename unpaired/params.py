@@ -6,6 +6,13 @@ value has the annotated type, and then runs the dataclass's own `__post_init__` 
 is a `ParamsError` whose message starts with the full dotted key, e.g.
 `params.yaml: train.crop_size: must be <= train.load_size (286), got 300`.
 
+Numbers have bounds. `_coerce` refuses a non-finite float (`.inf`, `.nan`) for every float field,
+and each dataclass lists in `BOUNDS` (a ClassVar mapping field name -> `Bound`) the largest value
+(and, where 0 is not the floor its own checks give, the smallest) each numeric field may take, with
+the reason: a value past it would ask for memory, disk or time no run needs (`prepare.image_size:
+100000` would make every prepare worker ask for 30 GB). `parse` checks them before the class's own
+`validate`; tests/test_params.py checks that every int and float field of every params class has one.
+
 This is written by hand because the few lines here are all we need: a schema library (pydantic,
 attrs+cattrs) would add a dependency and its own error format for what is a dozen checks.
 """
@@ -13,10 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -121,6 +129,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
               f"expected a number, got {value!r}")
+        check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         check(isinstance(value, str), key, f"expected a string, got {value!r}")
@@ -128,11 +137,63 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"params.parse: unsupported annotation {tp!r} for {key}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The range a numeric field may take: `high` (inclusive unless `below`, in the field's unit),
+    `why` (a short reason, printed with a refusal), and `low` (inclusive) where 0 or 1 is not the
+    floor the class's own checks give. For a list or tuple of numbers, each item is checked."""
+    high: int | float
+    why: str
+    low: int | float | None = None
+    below: bool = False   # `high` itself is out (a share < 1)
+
+    def describe(self) -> str:
+        if self.low is None:
+            return f"{'<' if self.below else '<='} {_number(self.high)}"
+        return f"in [{_number(self.low)}, {_number(self.high)}{')' if self.below else ']'}"
+
+    def holds(self, value: int | float) -> bool:
+        return (value < self.high if self.below else value <= self.high) and (self.low is None or value >= self.low)
+
+
+# Bounds several classes share.
+SEED = Bound(2 ** 32 - 1, "the range every random generator here accepts (numpy's needs >= 0)", 0)
+COUNT = Bound(1_000_000, "a million images is past any dataset this pipeline trains on; each one is "
+                         "a file on disk and a row in the manifest")
+IMAGE_SIZE = Bound(4096, "each image is held as 3 × side² bytes while it is made and resized "
+                         "(48 MiB at 4096, 30 GB at 100000), and training crops at most 1024")
+THREADS = Bound(1024, "CPU threads; past the largest machines' core counts more only wait on each other")
+SAMPLES = Bound(64, "images per direction in each epoch's sample grid, 3 rows of them; a bigger grid "
+                    "is a picture too large to look at")
+TIMEOUT = Bound(3600, "seconds per request; no server keeps a silent connection open for an hour")
+
+
 class Params:
-    """Base of every params dataclass: override `validate` for checks across fields."""
+    """Base of every params dataclass: override `validate` for checks across fields, and list each
+    int or float field's `Bound` in `BOUNDS` (checked by `parse` before `validate`)."""
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {}
 
     def validate(self, prefix: str) -> None:
         pass
+
+
+def _number(value: int | float) -> str:
+    return f"{value:,}" if abs(value) < 1e15 else f"{value:.3g}"
+
+
+def check_bounds(obj: Params, prefix: str) -> None:
+    """Raise ParamsError (one line naming the key, the bound and why) for the first field of `obj`
+    outside its `BOUNDS` entry. Non-numbers (None, "auto", strings) are not checked here."""
+    for name, bound in type(obj).BOUNDS.items():
+        value = getattr(obj, name)
+        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, item in items:
+            if not isinstance(item, (int, float)) or isinstance(item, bool):
+                continue
+            if not bound.holds(item):
+                key = f"{prefix}.{name}" + ("" if i is None else f"[{i}]")
+                fail(key, f"must be {bound.describe()}, got {_number(item)}: {bound.why}")
 
 
 P = TypeVar("P", bound=Params)
@@ -155,6 +216,7 @@ def parse(cls: type[P], raw: dict[str, Any] | None, prefix: str) -> P:
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             fail(key, "required key is missing")
     obj = cls(**values)
+    check_bounds(obj, prefix)
     obj.validate(prefix)
     return obj
 
@@ -179,16 +241,6 @@ def check_file(path: str | Path = PARAMS_FILE) -> None:
                               f"{', '.join(STAGE_SECTIONS)}); restore it, e.g. `git checkout {path}`")
 
 
-def check_all(path: str | Path = PARAMS_FILE) -> None:
-    """check_file, then one warning line when conf/ changed since params.yaml was composed from it
-    (unpaired.presets.stale_composition): `make repro` runs this before DVC."""
-    from unpaired.presets import stale_composition
-    check_file(path)
-    stale = stale_composition(Path(path))
-    if stale:
-        print(f"warning: {stale}", flush=True)
-
-
 if __name__ == "__main__":
     from unpaired.errors import main_guard
-    main_guard(check_all)
+    main_guard(check_file)

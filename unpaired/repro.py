@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unpaired.errors import UserError, main_guard
-from unpaired.files import remove_stale_temporaries
-from unpaired.params import check_all
+from unpaired.files import creating, make_dirs, remove_stale_temporaries
+from unpaired.params import PARAMS_FILE, check_file
+from unpaired.presets import stale_composition
 
 STATE = Path(".dvc/tmp/repro-kept")          # one run's record: present.json + kept/<output path>
 LOCK = Path(".dvc/tmp/repro-kept.lock")      # held (flock) for the wrapper's whole run
@@ -83,7 +84,7 @@ def _exists(path: str | Path) -> bool:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(dst.parent)
     if src.is_dir() and not src.is_symlink():
         shutil.copytree(src, dst, symlinks=True)
     else:
@@ -92,7 +93,8 @@ def _copy(src: Path, dst: Path) -> None:
 
 def keep(present: list[Output]) -> None:
     """Record `present` and copy its `cache: false` outputs aside (STATE must not exist)."""
-    STATE.mkdir(parents=True)
+    with creating(STATE):
+        STATE.mkdir(parents=True)
     for out in present:
         if not out.cached:
             _copy(Path(out.path), STATE / "kept" / out.path)
@@ -108,7 +110,7 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
     restored, notes = [], []
     for out in (o for o in missing if not o.cached):
         src, dst = STATE / "kept" / out.path, Path(out.path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(dst.parent)
         os.replace(src, dst)                     # same filesystem: a rename, never half a file
         restored.append(out.path)
     cached = [o for o in missing if o.cached]
@@ -241,7 +243,7 @@ def _tee(fd: int, errors: list[str]) -> None:
 
 @contextlib.contextmanager
 def _exclusive():
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(LOCK.parent)
     with open(LOCK, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -252,7 +254,10 @@ def _exclusive():
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
-    check_all()        # before DVC: a missing section would remove outputs; a stale conf/ is a warning
+    check_file()                                  # before DVC: a missing section would remove outputs
+    stale = stale_composition(PARAMS_FILE)        # conf/ edited since params.yaml was composed from it
+    if stale:
+        print(f"warning: {stale}", flush=True)
     with _exclusive(), Signals() as signals:
         for note in recover(signals):
             print(f"note: {note}", file=sys.stderr)

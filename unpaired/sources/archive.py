@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from unpaired.params import Params, check, parse
+from unpaired.params import COUNT, TIMEOUT, Params, check, parse
 from unpaired.safe_archive import images_under
 from unpaired.sources.base import FetchContext, SourceError, flat_name
 from unpaired.sources.download import is_archive, locate
@@ -23,6 +23,8 @@ class ArchiveParams(Params):
     count: int | None = None      # at most this many images (sorted by name); all by default
     licence: str = ""             # recorded in the manifest
     timeout: float = 60.0
+
+    BOUNDS = {"count": COUNT, "timeout": TIMEOUT}
 
     def validate(self, prefix: str) -> None:
         check(bool(self.url), f"{prefix}.url", "required: a URL or a local path of a zip or tar archive")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from unpaired.params import Params, check, parse
+from unpaired.params import COUNT, IMAGE_SIZE, SEED, Bound, Params, check, parse
 from unpaired.sources.base import FetchContext, fetch_drawn, item_rng
 
 SUPERSAMPLE = 4
@@ -25,6 +25,10 @@ class DoodleParams(Params):
     strokes: tuple[int, int] = (2, 5)       # min, max strokes per image
     stroke_width: float = 2.0               # in output pixels
     seed: int = 0
+
+    BOUNDS = {"count": COUNT, "image_size": IMAGE_SIZE, "seed": SEED,
+              "strokes": Bound(1_000, "strokes per image; each is drawn at 4× the size"),
+              "stroke_width": Bound(1_024, "pixels; at most image_size / 4")}
 
     def validate(self, prefix: str) -> None:
         check(self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from unpaired.files import NO_SPACE, no_space_error, sha256_of, temp_file
+from unpaired.files import NO_SPACE, make_dirs, no_space_error, sha256_of, temp_file
 from unpaired.sources.base import SourceError
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -84,7 +84,7 @@ def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeo
         if check is None or not check(dest):
             return dest
         dest.unlink()       # cached by an older version, or by hand: fetch it again
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(dest.parent)
     last = ""
     for attempt in range(retries + 1):
         if attempt:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
-from unpaired.params import Params, check, fail, parse
+from unpaired.params import COUNT, IMAGE_SIZE, SEED, Bound, Params, check, fail, parse
 from unpaired.sources.base import FetchContext, fetch_drawn, item_rng
 
 SUPERSAMPLE = 2
@@ -27,6 +27,9 @@ class FlareParams(Params):
     shapes: tuple[int, int] = (4, 12)       # min, max shapes per image
     palette: tuple[str, ...] = FESTIVE      # colours as CSS names or #rrggbb
     seed: int = 0
+
+    BOUNDS = {"count": COUNT, "image_size": IMAGE_SIZE, "seed": SEED,
+              "shapes": Bound(1_000, "shapes per image; each is drawn at 2× the size")}
 
     def validate(self, prefix: str) -> None:
         check(self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from unpaired.images import IMAGE_SUFFIXES
-from unpaired.params import Params, check, parse
+from unpaired.params import COUNT, Params, check, parse
 from unpaired.sources.base import FetchContext, SourceError, flat_name
 
 
@@ -20,6 +20,8 @@ class FolderParams(Params):
     pattern: str = "**/*"         # glob under path; ** matches any depth
     count: int | None = None      # at most this many files (sorted by path); all by default
     licence: str = ""
+
+    BOUNDS = {"count": COUNT}
 
     def validate(self, prefix: str) -> None:
         check(bool(self.path), f"{prefix}.path", "required: the folder holding your images")

@@ -30,8 +30,8 @@ from typing import Any, BinaryIO
 
 import requests
 
-from unpaired.files import NO_SPACE, atomic_write_bytes, space_guard, temp_file
-from unpaired.params import Params, check, parse
+from unpaired.files import NO_SPACE, atomic_write_bytes, make_dirs, space_guard, temp_file
+from unpaired.params import COUNT, TIMEOUT, Params, check, parse
 from unpaired.safe_archive import images_under
 from unpaired.sources.base import FetchContext, SourceError, flat_name
 from unpaired.sources.download import RETRY_STATUS, write_body
@@ -50,6 +50,8 @@ class KaggleParams(Params):
     exclude: tuple[str, ...] = () # file names (10.png) or paths in the dataset (cropped/10.png) to drop
     licence: str = ""             # recorded in the manifest; by default what Kaggle says
     timeout: float = 60.0
+
+    BOUNDS = {"count": COUNT, "timeout": TIMEOUT}
 
     def validate(self, prefix: str) -> None:
         check(bool(DATASET.fullmatch(self.dataset)), f"{prefix}.dataset",
@@ -90,7 +92,7 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
 
 def _download(dataset: str, dest: Path, about: Path, *, key: str, timeout: float) -> None:
     """The dataset's zip → `dest` (atomically), and what Kaggle says about it → `about`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(dest.parent)
     fd, tmp = temp_file(dest, "part")
     with space_guard(dest):      # outside the try: the free space is reported without the partial file
         _download_into(dataset, dest, about, fd, tmp, key=key, timeout=timeout)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from unpaired.params import Params, check, fail, parse
+from unpaired.params import COUNT, IMAGE_SIZE, SEED, Bound, Params, check, fail, parse
 from unpaired.sources.base import FetchContext, SourceError
 from unpaired.sources.download import download
 
@@ -37,6 +37,10 @@ class QuickDrawParams(Params):
     stroke_width: float = 2.0     # output pixels
     margin: float = 0.1           # share of the size left free around the drawing
     seed: int = 0                 # which drawings: the `count` first in an order drawn from the seed
+
+    BOUNDS = {"count": COUNT, "image_size": IMAGE_SIZE, "seed": SEED,
+              "stroke_width": Bound(1_024, "pixels; at most image_size / 4"),
+              "margin": Bound(0.5, "a share of the side on each edge", 0, below=True)}
 
     def validate(self, prefix: str) -> None:
         from quickdraw.names import QUICK_DRAWING_NAMES

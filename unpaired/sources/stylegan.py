@@ -22,7 +22,7 @@ from PIL import Image
 from unpaired.devices import check_device, resolve_device
 from unpaired.errors import UserError
 from unpaired.files import sha256_of
-from unpaired.params import Params, check, fail, parse
+from unpaired.params import COUNT, IMAGE_SIZE, SEED, Bound, Params, check, fail, parse
 from unpaired.safe_pickle import load_generator
 from unpaired.sources.base import FetchContext, SourceError
 from unpaired.sources.download import is_network_pickle, locate
@@ -42,6 +42,9 @@ def parse_seeds(text: str | int, key: str) -> list[int]:
             fail(key, f"expected seeds like '0-499' or '1,5,9', got {text!r}")
         if hi and int(hi) < int(lo):
             fail(key, f"range {part.strip()!r} ends before it starts")
+        check(int(hi or lo) <= SEED.high, key, f"seeds must be in [0, 2**32), got {part.strip()!r}")
+        check(len(seeds) + int(hi or lo) - int(lo) < COUNT.high, key,
+              f"at most {COUNT.high:,} seeds (one image each: {COUNT.why}), got {text!r}")
         seeds.extend(range(int(lo), int(hi or lo) + 1))
     check(len(set(seeds)) == len(seeds), key, "lists a seed twice")
     check(all(0 <= s < 2 ** 32 for s in seeds), key, "seeds must be in [0, 2**32)")
@@ -60,6 +63,9 @@ class StyleGANParams(Params):
     device: str = "auto"
     precision: str = "auto"           # auto: the network's fp16 layers on CUDA; fp32 everywhere
     licence: str = "NVIDIA Source Code License-NC (non-commercial) for NVIDIA's networks"
+
+    BOUNDS = {"seeds": SEED, "truncation_psi": Bound(2, "truncation towards the average; 0.7 is usual", -1),
+              "batch_size": Bound(1024, "images per pass on a GPU"), "image_size": IMAGE_SIZE}
 
     def validate(self, prefix: str) -> None:
         check(bool(self.network), f"{prefix}.network",

@@ -45,7 +45,7 @@ from PIL import Image
 
 from unpaired.files import atomic_write_bytes, atomic_write_json
 from unpaired.images import Skip, decode
-from unpaired.params import Params, check, parse
+from unpaired.params import TIMEOUT, Bound, Params, check, parse
 from unpaired.sources.base import FetchContext, SourceError
 from unpaired.sources.download import RETRY_STATUS, download
 
@@ -75,6 +75,10 @@ class WebParams(Params):
     @property
     def keyword_list(self) -> list[str]:
         return [self.keywords] if isinstance(self.keywords, str) else list(self.keywords)
+
+    BOUNDS = {"count": Bound(10_000, "search engines offer a few hundred results per phrase"),
+              "min_size": Bound(65_535, "pixels; no format this reads stores a longer side (JPEG's limit)"),
+              "timeout": TIMEOUT}
 
     def validate(self, prefix: str) -> None:
         words = self.keyword_list
