@@ -53,7 +53,7 @@ class PrepareParams(params.Params):
     test_fraction: float = 0.1            # share of images in testA/testB, in [0, 1)
     min_size: int = 16                    # images whose shorter side is smaller are skipped
     seed: int = 0                         # split seed (and the dataset page's samples)
-    near_duplicate_distance: int = 10     # perceptual-hash bits (of 64) within which images are one; 0: off
+    near_duplicate_distance: int = 72     # perceptual-hash bits (of 256) within which images are one; 0: off
     faces: dict[str, str] = field(default_factory=lambda: {d: "none" for d in DOMAINS})  # none|filter|crop
     face_margin: float = 0.25             # crop: margin around the face, × the face's side, per side
     page_thumbnails: int = 120            # dataset page: thumbnails per contact sheet / skip group
@@ -69,8 +69,8 @@ class PrepareParams(params.Params):
             ImageColor.getrgb(self.pad_color)
         except ValueError:
             params.fail(f"{prefix}.pad_color", f"not a colour: {self.pad_color!r} (CSS name or #rrggbb)")
-        params.check(0 <= self.near_duplicate_distance <= 32, f"{prefix}.near_duplicate_distance",
-                     f"must be in [0, 32] bits (0: off; 10 catches re-encoded, resized and slightly cropped "
+        params.check(0 <= self.near_duplicate_distance <= 128, f"{prefix}.near_duplicate_distance",
+                     f"must be in [0, 128] bits of 256 (0: off; 72 catches re-encoded, resized and 5 %-cropped "
                      f"copies), got {self.near_duplicate_distance}")
         for d in self.faces:
             params.check(d in DOMAINS, f"{prefix}.faces.{d}", f"unknown domain; use {' or '.join(DOMAINS)}")

@@ -1,17 +1,21 @@
 """Near-duplicate images: the same picture re-encoded, resized or cropped slightly.
 
-Each image gets a 64-bit perceptual hash (`imagehash.phash`: the low frequencies of a 32×32 DCT of
-the grey image, one bit per coefficient above the median). Two images are near-duplicates when their
-hashes differ in at most `max_distance` bits (Hamming distance). Measured on this project's data
-(tests/test_near_duplicates.py): a photo re-encoded as JPEG at quality 95 or 60, or resized to 0.8×,
-is at distance 0; with 5 % cut from one corner, 6-8; 200 distinct procedural doodles are at least
-12 apart. Hence prepare's default `near_duplicate_distance: 10`.
+Each image gets a 256-bit perceptual hash (`imagehash.phash` with hash_size 16: the 16×16 lowest
+frequencies of a 64×64 DCT of the grey image, one bit per coefficient above their median). Two images
+are near-duplicates when their hashes differ in at most `max_distance` bits (Hamming distance).
+Measured (tests/test_near_duplicates.py and the figures in README "Near-duplicates"): a photo
+re-encoded as JPEG at quality 95 or 60 or resized to 0.8× is at 0-8; with 5 % cut off (one side, a
+corner, or 2.5 % all round) at 44-72 for 13 of scikit-image's 15 sample photos (the astronaut: at
+most 66); distinct photos are at least 104 apart, the 240 doodles and 240 flares of the default
+pipeline at least 80 and 92. Hence prepare's default `near_duplicate_distance: 72`. The 64-bit hash
+(hash_size 8) separates worse: 5 %-cropped copies at up to 14 while two default flares are 10 apart.
 
-The comparison is all pairs, vectorised: XOR and popcount (`numpy.bitwise_count`) of one block of
-hashes against the rest, in C. benchmarks/near_duplicates.py measures it: see README "Near-duplicates"
-for the figures (it stays a small share of decoding the same images). An index (BK-tree, multi-index
-hashing) does not pay at this threshold: 10 of 64 bits means 11 chunks of under 6 bits for the
-pigeonhole split, whose buckets hold most of the data set.
+The comparison is all pairs, vectorised: XOR and popcount (`numpy.bitwise_count`) of a block of
+hashes against all of them, in C, never a Python loop over pairs. benchmarks/near_duplicates.py
+measures it (README "Near-duplicates": images/s at 1k and 50k images). An index (BK-tree,
+multi-index hashing) does not pay at this threshold: 72 of 256 bits allows pigeonhole chunks of 3
+bits, whose buckets each hold an eighth of the data set, and a BK-tree visits most nodes at a radius
+of over a quarter of the bits.
 """
 from __future__ import annotations
 
@@ -21,16 +25,22 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-BLOCK = 1024     # rows per vectorised block: BLOCK × n distances (uint8) in memory at a time
+HASH_SIZE = 16   # imagehash's hash_size: HASH_SIZE² = 256 bits
+BITS = HASH_SIZE * HASH_SIZE
+WORDS = BITS // 64
+BLOCK = 128      # rows per vectorised block: BLOCK × n × 8 bytes of XOR in memory at a time (50 MB at 50k)
 
 
 def phash(img: Image.Image) -> int:
-    """The 64-bit perceptual hash of a Pillow image (any mode, any size ≥ 1×1) as an int in [0, 2**64)."""
-    return int(str(imagehash.phash(img)), 16)
+    """The 256-bit perceptual hash of a Pillow image (any mode, any size ≥ 1×1) as an int in [0, 2**256)."""
+    return int(str(imagehash.phash(img, hash_size=HASH_SIZE)), 16)
 
 
 def _array(hashes: Sequence[int]) -> np.ndarray:
-    return np.asarray([int(h) for h in hashes], dtype=np.uint64)
+    """(n, WORDS) uint64: each hash split into 64-bit words."""
+    mask = (1 << 64) - 1
+    return np.asarray([[(int(h) >> (64 * w)) & mask for w in range(WORDS)] for h in hashes],
+                      dtype=np.uint64).reshape(len(hashes), WORDS)
 
 
 def close_pairs(hashes: Sequence[int], max_distance: int,
@@ -45,8 +55,11 @@ def close_pairs(hashes: Sequence[int], max_distance: int,
     o = h if others is None else _array(others)
     pairs: list[tuple[int, int]] = []
     for start in range(0, len(h), BLOCK):
-        block = h[start:start + BLOCK, None]
-        close = np.bitwise_count(block ^ o[None, :]) <= max_distance
+        block = h[start:start + BLOCK]
+        distance = np.zeros((len(block), len(o)), dtype=np.uint16)
+        for w in range(WORDS):
+            distance += np.bitwise_count(block[:, w, None] ^ o[None, :, w])
+        close = distance <= max_distance
         if others is None:      # only j > i: the upper triangle
             close &= np.arange(len(o))[None, :] > np.arange(start, start + len(block))[:, None]
         rows, cols = np.nonzero(close)
