@@ -156,7 +156,7 @@ def _sources(folder: Path) -> dict[str, tuple[str, str]]:
     if not {"file", "origin"} <= set(frame.columns):
         return {}
     sources = frame.source if "source" in frame.columns else [""] * len(frame)
-    return {f: (s or "?", o) for f, s, o in zip(frame.file, sources, frame.origin)}
+    return {f: (s or "(no source)", o) for f, s, o in zip(frame.file, sources, frame.origin)}
 
 
 def _drop_near_duplicates(results: list[dict[str, Any]], p: PrepareParams) -> None:
@@ -214,7 +214,7 @@ def prepare(p: PrepareParams, raw: Path | Mapping[str, Path], out: Path, metrics
             kept: Counter[str] = Counter({"train": 0, "test": 0})
             per_source: dict[str, Counter[str]] = {}
             for r in results:
-                source = sources.get(r["rel"], ("?", ""))[0]
+                source = sources.get(r["rel"], ("(not in manifest.csv)", ""))[0]
                 per_source.setdefault(source, Counter({"kept": 0, "skipped": 0}))
                 if r["skip"] is not None:
                     skipped[r["skip"]] += 1

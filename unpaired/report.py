@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,12 @@ def write_report(path: Path, *, summary: dict[str, Any], table: pd.DataFrame, gr
     prepare's counts (metrics/prepare.json; absent: shown as ?)."""
     best = summary["best_epoch"]
     esc = html.escape
-    header, _ = _context(params_all, _read_json(prepare_report), live_dir, summary)
+    prepare_counts = _read_json(prepare_report)
+    header, _ = _context(params_all, prepare_counts, live_dir, summary)
+    if prepare_counts.get("page"):      # the dataset page prepare wrote (metrics/data/index.html)
+        link = Path(os.path.relpath(prepare_counts["page"], path.parent)).as_posix()
+        header += (f'<p id=dataset-page>The prepared images, what was skipped and why: '
+                   f'<a href="{esc(link)}">{esc(link)}</a>.</p>')
 
     panels = [svg_panel({n: _tsv_series(live_dir, n) for n in names}, title, best) for title, names in LOSS_PANELS]
     panels = [p for p in panels if p]
@@ -370,7 +376,7 @@ DATASET_STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#22
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}h3{font-size:15px;margin:16px 0 4px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td.l,th.l{text-align:left}.note{color:#666}.warn{background:#fff4e5;padding:8px;border-left:4px solid #f0a020}
-.sheet{display:flex;flex-wrap:wrap;gap:3px}.sheet img,.pair img{width:64px;height:64px;object-fit:contain;
+.sheet{display:flex;flex-wrap:wrap;gap:3px}.sheet img,figure img{width:64px;height:64px;object-fit:contain;
 image-rendering:pixelated;background:#f4f4f4;display:block}
 .items{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;font-size:11px;max-width:150px;word-break:break-all}
 .pair{display:flex;gap:2px;align-items:flex-start}.pair figure:last-child img{outline:2px solid #2a2}
@@ -417,11 +423,12 @@ class DatasetSheets:
         shutil.copyfile(thumb, page / rel)
         return rel
 
-    def _figure(self, r: dict[str, Any], d: str, page: Path, caption: str) -> str:
+    def _figure(self, r: dict[str, Any], d: str, page: Path, caption: str, title: str = "") -> str:
         esc = html.escape
         rel = self._thumb(r, d, page)
-        img = (f'<img src="{esc(rel)}" alt="{esc(caption)}" title="{esc(caption)}">' if rel else
-               f'<div class=noimg title="{esc(caption)}">✕</div>')
+        title = title or caption
+        img = (f'<img src="{esc(rel)}" alt="{esc(caption)}" title="{esc(title)}">' if rel else
+               f'<div class=noimg title="{esc(title)}">✕</div>')
         return f"<figure>{img}<figcaption>{esc(caption)}</figcaption></figure>"
 
     def add_domain(self, d: str, results: list[dict[str, Any]], page: Path) -> None:
@@ -441,9 +448,8 @@ class DatasetSheets:
             chosen, note = _sample(skipped, self.cap, self.seed, f"{d}:{group}")
             items = []
             for r in chosen:
-                detail = r.get("detail") or ""
-                fig = self._figure(r, d, page, f"{r['rel']} ({r['skip']}{': ' + detail if detail else ''})"
-                                   if r["skip"] not in ("duplicate", "near_duplicate") else r["rel"])
+                caption = r["rel"] if "kept" in r else f"{r['rel']} ({r['skip']})"
+                fig = self._figure(r, d, page, caption, f"{caption}: {r.get('detail') or ''}")
                 if "kept" in r:
                     keeper = r["kept"]
                     fig = (f'<div class=pair data-kept="{esc(keeper["name"])}">{fig}'
