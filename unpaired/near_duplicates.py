@@ -56,14 +56,16 @@ def close_pairs(hashes: Sequence[int], max_distance: int,
     pairs: list[tuple[int, int]] = []
     for start in range(0, len(h), BLOCK):
         block = h[start:start + BLOCK]
-        distance = np.zeros((len(block), len(o)), dtype=np.uint16)
+        first = start if others is None else 0
+        cols_o = o[first:]
+        distance = np.zeros((len(block), len(cols_o)), dtype=np.uint16)
         for w in range(WORDS):
-            distance += np.bitwise_count(block[:, w, None] ^ o[None, :, w])
+            distance += np.bitwise_count(block[:, w, None] ^ cols_o[None, :, w])
         close = distance <= max_distance
-        if others is None:      # only j > i: the upper triangle
-            close &= np.arange(len(o))[None, :] > np.arange(start, start + len(block))[:, None]
+        if others is None:      # only j > i inside the block's own square
+            close &= np.arange(first, len(o))[None, :] > np.arange(start, start + len(block))[:, None]
         rows, cols = np.nonzero(close)
-        pairs.extend(zip((rows + start).tolist(), cols.tolist()))
+        pairs.extend(zip((rows + start).tolist(), (cols + first).tolist()))
     return sorted(pairs)
 
 
