@@ -121,3 +121,17 @@ def test_dataset_page_renders_in_chromium(tmp_path):
         browser.close()
     assert Image.open(shot).width == 1280
     assert not errors, errors
+
+
+def test_the_evaluate_report_links_the_page(tmp_path):
+    import json
+
+    from unpaired.report import write_report
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "prepare.json").write_text(json.dumps({"kept": {"a": {"train": 3, "test": 1}}, "skipped": {},
+                                                      "page": str(metrics / "data" / "index.html")}))
+    summary = {"best_epoch": 1, "best_reason": "last", "metrics_available": False, "metrics_skipped": "off"}
+    write_report(metrics / "report.html", summary=summary, table=pd.DataFrame({"epoch": [1]}), grids=[],
+                 params_all={}, live_dir=tmp_path / "live", prepare_report=metrics / "prepare.json")
+    assert '<a href="data/index.html">' in (metrics / "report.html").read_text()
