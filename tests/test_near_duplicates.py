@@ -152,6 +152,9 @@ def test_new_params_fail_in_one_line_naming_the_key(raw, key):
 
 def test_new_params_read_the_same_in_yaml_1_1_and_1_2():
     from tests.helpers import ROOT
+    for name in ("conf/config.yaml", "conf/preset/simpsons2faces.yaml"):     # what Hydra composes (1.1)
+        conf = (ROOT / name).read_text()
+        assert yaml.safe_load(conf)["prepare"] == YAML(typ="safe").load(conf)["prepare"], name
     text = (ROOT / "params.yaml").read_text()
     v11 = yaml.safe_load(text)["prepare"]
     v12 = YAML(typ="safe").load(text)["prepare"]
