@@ -4,14 +4,14 @@ Each image gets a 256-bit perceptual hash (`imagehash.phash` with hash_size 16: 
 frequencies of a 64×64 DCT of the grey image, one bit per coefficient above their median). Two images
 are near-duplicates when their hashes differ in at most `max_distance` bits (Hamming distance).
 Measured (tests/test_near_duplicates.py and the figures in README "Near-duplicates"): a photo
-re-encoded as JPEG at quality 95 or 60 or resized to 0.8× is at 0-8; with 5 % cut off (one side, a
-corner, or 2.5 % all round) at 44-72 for 13 of scikit-image's 15 sample photos (the astronaut: at
+re-encoded as JPEG at quality 95 or 60 or resized to 0.8× is at 0-8; with 5 % cut off one side (or 2.5 % all
+round) at 32-72 for 13 of scikit-image's 15 sample photos (the astronaut: at
 most 66); distinct photos are at least 104 apart, the 240 doodles and 240 flares of the default
 pipeline at least 80 and 92. Hence prepare's default `near_duplicate_distance: 72`. The 64-bit hash
 (hash_size 8) separates worse: 5 %-cropped copies at up to 14 while two default flares are 10 apart.
 
 The comparison is all pairs, vectorised: XOR and popcount (`numpy.bitwise_count`) of a block of
-hashes against all of them, in C, never a Python loop over pairs. benchmarks/near_duplicates.py
+hashes against those after it, in C, never a Python loop over pairs. benchmarks/near_duplicates.py
 measures it (README "Near-duplicates": images/s at 1k and 50k images). An index (BK-tree,
 multi-index hashing) does not pay at this threshold: 72 of 256 bits allows pigeonhole chunks of 3
 bits, whose buckets each hold an eighth of the data set, and a BK-tree visits most nodes at a radius
