@@ -1,30 +1,36 @@
 """prepare: data/raw/{a,b} → data/prepared/{trainA,trainB,testA,testB}/*.png + manifest.csv,
 packed into data/prepared.tar (the DVC output: one remote object instead of thousands; the folder
-is its browsable view, see unpaired/files.py), and metrics/prepare.json (kept and skipped counts).
+is its browsable view, see unpaired/files.py), metrics/prepare.json (kept and skipped counts) and
+the dataset page metrics/data/index.html (contact sheets, skipped images by reason, counts per source).
 
     python -m stages.prepare --raw data/raw/a data/raw/b --out data/prepared.tar \
-        --view data/prepared --metrics metrics/prepare.json        # dvc.yaml's cmd
+        --view data/prepared --metrics metrics/prepare.json --page metrics/data     # dvc.yaml's cmd
 
-Every raw file is decoded to 8-bit RGB (see unpaired/images.py), checked against `min_size`, resized to
-an `image_size`×`image_size` square and written as PNG named by the first 16 hex digits of the SHA-256 of the raw
-file's bytes. Exact duplicates (same hash) are kept once. The split is a pure function of (seed,
-content hash), so adding images never moves existing ones between train and test, and a duplicate can
-never land in both. Decoding runs on all cores; the tree is built in a temporary directory and renamed.
+Every raw file is decoded to 8-bit RGB (see unpaired/images.py), checked against `min_size`, optionally
+kept only with a face or cropped to it (`faces`, unpaired/faces.py), resized to an
+`image_size`×`image_size` square and written as PNG named by the first 16 hex digits of the SHA-256 of
+the raw file's bytes. Exact duplicates (same hash) are kept once; near-duplicates (perceptual hashes
+within `near_duplicate_distance` bits, unpaired/near_duplicates.py) once per cluster, the largest.
+The split is a pure function of (seed, content hash of the image kept), so adding images never moves
+existing ones between train and test, and neither a duplicate nor a near-duplicate can land in both.
+Decoding runs on all cores; the tree is built in a temporary directory and renamed.
 """
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from PIL import ImageColor
 
-from unpaired import params
+from unpaired import faces, near_duplicates, params, report
 from unpaired.errors import ArgumentParser, UserError, main_guard
 from unpaired.files import (NO_SPACE, atomic_dir, atomic_write_json, pack_dir, remove_stale_temporaries,
                             write_manifest)
@@ -32,6 +38,7 @@ from unpaired.images import SKIP_REASONS, Skip, decode_scaled, png_bytes, square
 from unpaired.parallel import pmap
 
 DOMAINS = ("a", "b")
+REASONS = (*SKIP_REASONS, "near_duplicate", "no_face")     # the skip reasons counted per domain
 MANIFEST_COLUMNS = ["file", "domain", "split", "sha256", "width", "height", "origin"]
 MIN_TEST = 2           # evaluate's FID/KID need at least two test images per domain
 
@@ -43,13 +50,21 @@ class PrepareParams(params.Params):
     pad_color: str = "white"              # letterbox colour for resize: pad
     test_fraction: float = 0.1            # share of images in testA/testB, in [0, 1)
     min_size: int = 16                    # images whose shorter side is smaller are skipped
-    seed: int = 0                         # split seed
+    seed: int = 0                         # split seed (and the dataset page's samples)
+    near_duplicate_distance: int = 72     # perceptual-hash bits (of 256) within which images are one; 0: off
+    faces: dict[str, str] = field(default_factory=lambda: {d: "none" for d in DOMAINS})  # none|filter|crop
+    face_margin: float = 0.25             # crop: margin around the face, × the face's side, per side
+    page_thumbnails: int = 120            # dataset page: thumbnails per contact sheet / skip group
 
     BOUNDS = {
         "image_size": params.IMAGE_SIZE,
         "test_fraction": params.Bound(1, "a share of the images", 0, below=True),
         "min_size": params.Bound(65_535, "pixels; no format this reads stores a longer side (JPEG's limit)"),
         "seed": params.SEED,
+        "near_duplicate_distance": params.Bound(128, "bits of a 256-bit perceptual hash; past half of "
+                                                     "them unrelated images match"),
+        "face_margin": params.Bound(2, "× the face's side on each side: past it the crop is mostly background"),
+        "page_thumbnails": params.Bound(10_000, "thumbnails per contact sheet: each is a file on the page"),
     }
 
     def validate(self, prefix: str) -> None:
@@ -63,6 +78,20 @@ class PrepareParams(params.Params):
             ImageColor.getrgb(self.pad_color)
         except ValueError:
             params.fail(f"{prefix}.pad_color", f"not a colour: {self.pad_color!r} (CSS name or #rrggbb)")
+        params.check(0 <= self.near_duplicate_distance <= 128, f"{prefix}.near_duplicate_distance",
+                     f"must be in [0, 128] bits of 256 (0: off; 72 catches re-encoded, resized and 5 %-cropped "
+                     f"copies), got {self.near_duplicate_distance}")
+        for d in self.faces:
+            params.check(d in DOMAINS, f"{prefix}.faces.{d}", f"unknown domain; use {' or '.join(DOMAINS)}")
+        for d in DOMAINS:
+            mode = self.faces.get(d, "none")
+            params.check(mode in faces.MODES, f"{prefix}.faces.{d}",
+                         f"must be none, filter or crop, got {mode!r}" + (
+                             " (YAML 1.1 reads off/no/false as false: write none)" if mode is False else ""))
+        params.check(0 <= self.face_margin <= 2, f"{prefix}.face_margin",
+                     f"must be in [0, 2] (× the face's side), got {self.face_margin}")
+        params.check(self.page_thumbnails >= 1, f"{prefix}.page_thumbnails",
+                     f"must be >= 1, got {self.page_thumbnails}")
 
 
 def is_test(sha256: str, seed: int, test_fraction: float) -> bool:
@@ -71,14 +100,15 @@ def is_test(sha256: str, seed: int, test_fraction: float) -> bool:
     return u < test_fraction
 
 
-def _process(job: tuple[Path, PrepareParams, Path]) -> dict[str, Any]:
+def _process(job: tuple[Path, PrepareParams, str, Path, bool]) -> dict[str, Any]:
     """Decode, check and resize one raw file, writing the PNG to `staged` (the worker writes it, so
-    the parent process only renames: that keeps the parent from becoming the bottleneck). Never
-    raises for one file: an unexpected failure (a decoder bug on a strange file) is the skip `error`
-    naming the file. Only a full disk stops the stage (atomic_dir makes it one line)."""
-    path, p, staged = job
+    the parent process only renames: that keeps the parent from becoming the bottleneck), and with
+    `thumbs` its dataset-page thumbnail next to it (`*.thumb.png`). Never raises for one file: an
+    unexpected failure (a decoder bug on a strange file) is the skip `error` naming the file. Only a
+    full disk stops the stage (atomic_dir makes it one line)."""
+    path = job[0]
     try:
-        return _process_one(path, p, staged)
+        return _process_one(*job)
     except OSError as err:
         if err.errno in NO_SPACE:
             raise      # the parent's atomic_dir names the output and the free space
@@ -87,7 +117,7 @@ def _process(job: tuple[Path, PrepareParams, Path]) -> dict[str, Any]:
         return {"path": path, "skip": "error", "detail": f"{type(err).__name__}: {err}"}
 
 
-def _process_one(path: Path, p: PrepareParams, staged: Path) -> dict[str, Any]:
+def _process_one(path: Path, p: PrepareParams, domain: str, staged: Path, thumbs: bool) -> dict[str, Any]:
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -96,12 +126,29 @@ def _process_one(path: Path, p: PrepareParams, staged: Path) -> dict[str, Any]:
     try:
         img, (width, height) = decode_scaled(data, str(path), min_side=p.image_size)
     except Skip as skip:
-        return {"path": path, "skip": skip.reason, "detail": str(skip)}
+        return {"path": path, "skip": skip.reason, "detail": str(skip), "sha256": digest}
+    thumb = staged.with_suffix(".thumb.png") if thumbs else None
+    out: dict[str, Any] = {"path": path, "skip": None, "sha256": digest, "width": width, "height": height,
+                           "staged": staged, "thumb": thumb, "cropped": False}
+    face = None
     if min(width, height) < p.min_size:
-        return {"path": path, "skip": "too_small", "detail": f"{width}x{height}"}
-    staged.write_bytes(png_bytes(square(img, p.image_size, p.resize, p.pad_color)))
-    return {"path": path, "skip": None, "sha256": digest, "width": width, "height": height,
-            "staged": staged}
+        out.update(skip="too_small", detail=f"{width}x{height}")
+    elif p.faces.get(domain, "none") != "none":
+        face = faces.largest_face(img)
+        if face is None:
+            out.update(skip="no_face", detail="no frontal face found")
+    if out["skip"] is not None:
+        if thumb:
+            thumb.write_bytes(report.dataset_thumbnail(img))
+        return out
+    out["phash"] = near_duplicates.phash(img) if p.near_duplicate_distance else 0
+    if face is not None and p.faces[domain] == "crop":
+        img, out["cropped"] = faces.crop_to_face(img, face, p.face_margin), True
+    small = square(img, p.image_size, p.resize, p.pad_color)
+    staged.write_bytes(png_bytes(small))
+    if thumb:
+        thumb.write_bytes(report.dataset_thumbnail(small))
+    return out
 
 
 def _raw_files(folder: Path) -> list[Path]:
@@ -109,20 +156,38 @@ def _raw_files(folder: Path) -> list[Path]:
                   if f.is_file() and f.name != "manifest.csv" and not f.name.startswith("."))
 
 
-def _origins(folder: Path) -> dict[str, str]:
+def _sources(folder: Path) -> dict[str, tuple[str, str]]:
+    """file (relative to `folder`) -> (source, origin), from the fetch stage's manifest.csv."""
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
         return {}
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     if not {"file", "origin"} <= set(frame.columns):
         return {}
-    return dict(zip(frame.file, frame.origin))
+    sources = frame.source if "source" in frame.columns else [""] * len(frame)
+    return {f: (s or "(no source)", o) for f, s, o in zip(frame.file, sources, frame.origin)}
+
+
+def _drop_near_duplicates(results: list[dict[str, Any]], p: PrepareParams) -> None:
+    """Mark every near-duplicate but its cluster's keeper (largest, then smallest SHA-256) as skipped
+    `near_duplicate`, with `kept` pointing at the keeper's result (also for the exact duplicates of an
+    image skipped so)."""
+    usable = [r for r in results if r["skip"] is None]
+    keep = near_duplicates.keepers([r["phash"] for r in usable], [r["width"] * r["height"] for r in usable],
+                                   [r["sha256"] for r in usable], p.near_duplicate_distance)
+    for r, k in zip(usable, keep):
+        if usable[k] is not r:
+            r.update(skip="near_duplicate", kept=usable[k])
+    for r in results:
+        while "kept" in r and r["kept"]["skip"] is not None:
+            r["kept"] = r["kept"]["kept"]
 
 
 def prepare(p: PrepareParams, raw: Path | Mapping[str, Path], out: Path, metrics: Path,
-            workers: int | None = None) -> dict[str, Any]:
+            workers: int | None = None, page: Path | None = None) -> dict[str, Any]:
     """Build the prepared tree `out` from the raw folders `raw` (domain -> folder, or a folder holding
-    one folder per domain) and write the counts to `metrics`; returns those counts."""
+    one folder per domain), write the counts to `metrics` and, with `page`, the dataset page there;
+    returns the counts. Raises UserError (one line) for a missing folder or a domain left empty."""
     raws = {d: Path(raw[d]) for d in DOMAINS} if isinstance(raw, Mapping) else {d: Path(raw) / d for d in DOMAINS}
     files: dict[str, list[Path]] = {}
     for d in DOMAINS:
@@ -131,57 +196,85 @@ def prepare(p: PrepareParams, raw: Path | Mapping[str, Path], out: Path, metrics
             raise UserError(f"{folder}: missing; run the fetch stage first (uv run dvc repro fetch@{d})")
         files[d] = _raw_files(folder)
     # test_too_small: domain -> test images, for each domain with fewer than MIN_TEST
-    report: dict[str, Any] = {"kept": {}, "skipped": {}, "test_too_small": {}}
+    counts: dict[str, Any] = {"kept": {}, "skipped": {}, "cropped_to_face": {}, "sources": {},
+                              "test_too_small": {}, "cross_domain_near_duplicates": []}
     rows: list[dict[str, Any]] = []
-    with atomic_dir(out) as tmp:
+    hashes: dict[str, list[tuple[str, int]]] = {}       # domain -> (prepared file, perceptual hash)
+    sheets = report.DatasetSheets(p.page_thumbnails, p.seed)
+    with atomic_dir(out) as tmp, (atomic_dir(page) if page is not None else nullcontext()) as page_tmp:
         for d in DOMAINS:
             for split in ("train", "test"):
                 (tmp / f"{split}{d.upper()}").mkdir()
-            origins = _origins(raws[d])
+            sources = _sources(raws[d])
             staging = tmp / f".staging{d}"
             staging.mkdir()
-            jobs = [(f, p, staging / f"{i}.png") for i, f in enumerate(files[d])]
+            jobs = [(f, p, d, staging / f"{i}.png", page is not None) for i, f in enumerate(files[d])]
             results = pmap(_process, jobs, workers=workers, desc=f"prepare {d}")
-            skipped: Counter[str] = Counter({reason: 0 for reason in SKIP_REASONS})
-            kept: Counter[str] = Counter({"train": 0, "test": 0})
-            seen: set[str] = set()
+            seen: dict[str, dict[str, Any]] = {}
             for r in results:
+                r["rel"] = r["path"].relative_to(raws[d]).as_posix()
                 if r["skip"] is None and r["sha256"] in seen:
-                    r["staged"].unlink()
-                    r = {**r, "skip": "duplicate"}
+                    r.update(skip="duplicate", kept=seen[r["sha256"]])
+                elif r["skip"] is None:
+                    seen[r["sha256"]] = r
+            if p.near_duplicate_distance:
+                _drop_near_duplicates(results, p)
+            skipped: Counter[str] = Counter({reason: 0 for reason in REASONS})
+            kept: Counter[str] = Counter({"train": 0, "test": 0})
+            per_source: dict[str, Counter[str]] = {}
+            for r in results:
+                source = sources.get(r["rel"], ("(not in manifest.csv)", ""))[0]
+                per_source.setdefault(source, Counter({"kept": 0, "skipped": 0}))
                 if r["skip"] is not None:
                     skipped[r["skip"]] += 1
+                    per_source[source]["skipped"] += 1
                     if r["skip"] in ("error", "too_large"):    # rare, and not the file's fault: name it
                         print(f"prepare {d}: skipped {r['path']} ({r['skip']}: {r['detail']})")
                     continue
-                seen.add(r["sha256"])
                 split = "test" if is_test(r["sha256"], p.seed, p.test_fraction) else "train"
-                name = f"{split}{d.upper()}/{r['sha256'][:16]}.png"
+                r["name"] = name = f"{split}{d.upper()}/{r['sha256'][:16]}.png"
                 r["staged"].rename(tmp / name)
                 kept[split] += 1
-                rel = r["path"].relative_to(raws[d]).as_posix()
+                per_source[source]["kept"] += 1
+                hashes.setdefault(d, []).append((name, r["phash"]))
                 rows.append({"file": name, "domain": d, "split": split, "sha256": r["sha256"],
                              "width": r["width"], "height": r["height"],
-                             "origin": origins.get(rel, (raws[d] / rel).as_posix())})
+                             "origin": sources.get(r["rel"], ("", (raws[d] / r["rel"]).as_posix()))[1]})
             if kept["train"] == 0:
                 raise UserError(f"{raws[d]}: no usable training images for domain {d} "
                                 f"({len(files[d])} files; skipped: {dict(+skipped) or 'none'}); add images "
-                                f"or check domains.{d}, prepare.min_size and prepare.test_fraction")
-            staging.rmdir()
-            report["kept"][d] = dict(kept)
-            report["skipped"][d] = dict(skipped)
+                                f"or check domains.{d}, prepare.min_size, prepare.test_fraction and "
+                                f"prepare.faces.{d}")
+            if page_tmp is not None:
+                sheets.add_domain(d, results, page_tmp)
+            shutil.rmtree(staging)
+            counts["kept"][d] = dict(kept)
+            counts["skipped"][d] = dict(skipped)
+            counts["cropped_to_face"][d] = sum(1 for r in results if r["skip"] is None and r.get("cropped"))
+            counts["sources"][d] = {s: dict(c) for s, c in sorted(per_source.items())}
             shown = ", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "none"
             print(f"prepare {d}: {kept['train']} train, {kept['test']} test; skipped: {shown}")
             if kept["test"] < MIN_TEST:
-                report["test_too_small"][d] = kept["test"]
+                counts["test_too_small"][d] = kept["test"]
                 print(f"warning: prepare {d}: test{d.upper()} has {kept['test']} image(s); evaluate needs at "
                       f"least {MIN_TEST} for FID/KID (skipped otherwise); raise prepare.test_fraction "
                       f"(now {p.test_fraction}) or add images to domain {d}", file=sys.stderr)
+        a, b = hashes.get("a", []), hashes.get("b", [])
+        across = near_duplicates.close_pairs([h for _, h in a], p.near_duplicate_distance, [h for _, h in b])
+        counts["cross_domain_near_duplicates"] = [[a[i][0], b[j][0]] for i, j in across]
+        if across:
+            shown = ", ".join(f"{a[i][0]} ~ {b[j][0]}" for i, j in across[:10])
+            print(f"warning: prepare: {len(across)} near-duplicate pair(s) across domains a and b (the same "
+                  f"picture in both): {shown}{', ...' if len(across) > 10 else ''}; see "
+                  f"{metrics} (cross_domain_near_duplicates)", file=sys.stderr)
         write_manifest(tmp / "manifest.csv", rows, MANIFEST_COLUMNS)
-    report["total_kept"] = sum(sum(k.values()) for k in report["kept"].values())
-    report["total_skipped"] = sum(sum(s.values()) for s in report["skipped"].values())
-    atomic_write_json(metrics, report)
-    return report
+        counts["total_kept"] = sum(sum(k.values()) for k in counts["kept"].values())
+        counts["total_skipped"] = sum(sum(s.values()) for s in counts["skipped"].values())
+        if page is not None:
+            counts["page"] = (page / "index.html").as_posix()
+            sheets.write(page_tmp, counts, params.as_dict(p))
+    atomic_write_json(metrics, counts)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,11 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the packed dataset (the DVC output)")
     parser.add_argument("--view", type=Path, required=True, help="its browsable, unpacked view")
     parser.add_argument("--metrics", type=Path, required=True, help="kept and skipped counts (JSON)")
-    parser.add_argument("--page", type=Path, help="the dataset page folder")
+    parser.add_argument("--page", type=Path, help="the dataset page folder (index.html + thumbnails)")
     args = parser.parse_args(argv)
-    remove_stale_temporaries(args.view.parent, args.out.parent, args.metrics.parent)   # a killed run's
+    folders = [args.view.parent, args.out.parent, args.metrics.parent] + ([args.page.parent] if args.page else [])
+    remove_stale_temporaries(*folders)   # what a killed run left behind
     p = params.parse(PrepareParams, params.section(params.load(), "prepare"), "prepare")
-    prepare(p, dict(zip(DOMAINS, args.raw)), args.view, args.metrics)
+    prepare(p, dict(zip(DOMAINS, args.raw)), args.view, args.metrics, page=args.page)
     pack_dir(args.view, args.out)
     print(f"prepare: packed {args.view}/ into {args.out} (the DVC output; the folder is a view of it)")
 

@@ -149,17 +149,19 @@ def test_a_stage_removes_stale_temporaries_from_its_output_folders(tmp_path):
     dead = dead_pid()
     (tmp_path / "metrics").mkdir()
     leftovers = [tmp_path / "data" / f".prepared.tar.tmp-{dead}-zz", tmp_path / "metrics" / f".prepare.json.tmp-{dead}-q",
-                 tmp_path / "data" / f".prepared.tmp-{dead}-d"]
+                 tmp_path / "data" / f".prepared.tmp-{dead}-d", tmp_path / "metrics" / f".data.tmp-{dead}-p"]
     for f in leftovers[:2]:
         f.write_bytes(b"partial")
-    leftovers[2].mkdir()
+    for f in leftovers[2:]:
+        f.mkdir()
     e = env()
     e["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([sys.executable, "-m", "stages.prepare", "--raw", "data/raw/a", "data/raw/b",
-                           "--out", "data/prepared.tar", "--view", "data/prepared", "--metrics", "metrics/prepare.json"], cwd=tmp_path, env=e, capture_output=True, text=True)
+                           "--out", "data/prepared.tar", "--view", "data/prepared", "--metrics", "metrics/prepare.json",
+                           "--page", "metrics/data"], cwd=tmp_path, env=e, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert not any(f.exists() for f in leftovers)
-    assert (tmp_path / "data" / "prepared.tar").is_file()
+    assert (tmp_path / "data" / "prepared.tar").is_file() and (tmp_path / "metrics" / "data" / "index.html").is_file()
 
 
 # --- 22: a full disk -------------------------------------------------------------------------------------

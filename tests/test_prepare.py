@@ -141,7 +141,8 @@ def test_stage_outputs_and_skip_report(tmp_path):
     p = PrepareParams(image_size=16, test_fraction=0.3, min_size=12)
     report = prepare(p, raw, tmp_path / "prepared", tmp_path / "prepare.json", workers=2)
     assert report["skipped"]["a"] == {"empty": 1, "not_image": 1, "truncated": 1, "unreadable": 0,
-                                      "too_large": 0, "too_small": 1, "duplicate": 1, "error": 0}
+                                      "too_large": 0, "too_small": 1, "duplicate": 1, "error": 0,
+                                      "near_duplicate": 0, "no_face": 0}
     assert sum(report["kept"]["a"].values()) == 12 and sum(report["kept"]["b"].values()) == 10
     assert json.loads((tmp_path / "prepare.json").read_text()) == report
     manifest = pd.read_csv(tmp_path / "prepared" / "manifest.csv")
@@ -310,7 +311,8 @@ def test_fuzzed_exif_never_stops_prepare(tmp_path):
         for pos in rng.integers(start + 6, start + length, rng.integers(1, 6)):
             data[pos] = int(rng.integers(0, 256))
         (raw / "a" / f"fuzz_{i:03d}.jpg").write_bytes(bytes(data))
-        r = _process((raw / "a" / f"fuzz_{i:03d}.jpg", PrepareParams(image_size=16, min_size=8), tmp_path / "s.png"))
+        r = _process((raw / "a" / f"fuzz_{i:03d}.jpg", PrepareParams(image_size=16, min_size=8), "a",
+                      tmp_path / "s.png", False))
         reasons.append(r["skip"])
         assert r["skip"] is None or r["skip"] in SKIP_REASONS
     assert reasons.count(None) > 300                  # the pixels are intact: most stay usable
