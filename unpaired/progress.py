@@ -105,11 +105,3 @@ def speed_hint(device: torch.device, p: TrainParams) -> str:
                 f"other work")
     return "stop the other work, or train on another machine"
 
-
-def speed_hint(device: torch.device, p: TrainParams) -> str:
-    if device.type != "cpu":
-        return "stop the other work on the device, or train on another one"
-    if torch.get_num_threads() > 1:
-        return (f"try params.yaml: train.threads: 1 (now {threads.describe(p.threads)}), or stop the "
-                f"other work")
-    return "stop the other work, or train on another machine"

@@ -502,3 +502,10 @@ class TrainParams(params.Params):
     def scaled_lr(self, world_size: int) -> float:
         """train.lr under train.lr_scaling for an effective batch of batch_size × world_size."""
         return self.lr * {"none": 1.0, "linear": world_size, "sqrt": world_size ** 0.5}[self.lr_scaling]
+
+
+def feeder_for(p: TrainParams, images_a: torch.Tensor, images_b: torch.Tensor, device: torch.device,
+               channels_last: bool, data_device: torch.device | None, rank) -> DeviceFeeder:
+    """The DeviceFeeder of a run with train params `p` for this `rank` (unpaired.distributed.Rank)."""
+    return DeviceFeeder(images_a, images_b, p.crop_size, not p.no_flip, p.batch_size, device,
+                        channels_last, data_device, rank.rank, rank.world_size)
