@@ -459,3 +459,34 @@ def test_training_prints_progress_lines_in_a_log(tmp_path, data, capsys, monkeyp
     train(TINY, data, tmp_path / "ckpt", tmp_path / "live")
     out = capsys.readouterr().out
     assert "epoch 1/2  step 1/5 (20%)" in out and "epoch 2/2  step 4/5 (80%)" in out and " img/s  ETA " in out
+
+
+# --- last.pt keeps its size; the logs are whole whatever happened to them (issue 17 cases 8 and 4) --
+
+def test_last_pt_does_not_grow_with_the_sample_grids(tmp_path, data):
+    out, live = tmp_path / "ckpt", tmp_path / "live"
+    p = replace(TINY, epochs=6, epochs_decay=0, samples=2)
+    train(p, data, out, live, stop_after=2)
+    at_2 = (out / "last.pt").stat().st_size
+    train(p, data, out, live)
+    at_6 = (out / "last.pt").stat().st_size
+    assert abs(at_6 - at_2) < 3000, (at_2, at_6)        # the history's numbers only
+    assert "sample" not in str(checkpoint.load(out / "last.pt")["history"])
+    assert names(out / "samples") == [f"epoch_{e:03d}.png" for e in range(1, 7)]     # each grid once
+
+
+def test_logs_deleted_during_a_run_are_whole_at_its_end(tmp_path, data, monkeypatch):
+    import shutil
+    import stages.train
+    out, live = tmp_path / "ckpt", tmp_path / "live"
+    real = stages.train.save_sample
+
+    def deleted_meanwhile(folder, epoch, grid):   # what a refused `dvc repro train` does to the logs
+        if epoch in (2, 3):
+            shutil.rmtree(live)
+        real(folder, epoch, grid)
+    monkeypatch.setattr(stages.train, "save_sample", deleted_meanwhile)
+    train(replace(TINY, epochs=4, epochs_decay=0), data, out, live)
+    for name in ("G_A", "D_B", "lr", "images_per_s"):
+        assert pd.read_csv(live / "plots" / "metrics" / f"{name}.tsv", sep="\t").step.tolist() == [1, 2, 3, 4]
+    assert names(live / "plots" / "images" / "samples") == [f"epoch_{e:03d}.png" for e in range(1, 5)]
