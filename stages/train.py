@@ -34,7 +34,7 @@ from unpaired.errors import main_guard  # noqa: E402
 from unpaired.files import output_lock, remove_stale_temporaries, unpack_view  # noqa: E402
 from unpaired.progress import Progress, speed_hint  # noqa: E402
 from unpaired.samples import fixed_images, grid, triplets  # noqa: E402
-from unpaired.train_state import TrainState  # noqa: E402
+from unpaired.train_state import TrainState, write_sample as save_sample  # noqa: E402
 from unpaired.training import (LOSS_NAMES, DeviceFeeder, TrainParams, channels_last_ok,  # noqa: E402
                                choose_data_device, compile_models, distribute, feeder_for, load_folder)
 
@@ -147,7 +147,7 @@ def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int
         if len(sample_A) and len(sample_B):
             state.models.G_A.eval()
             state.models.G_B.eval()
-            train_state.write_sample(out, epoch, grid(*triplets(state.models.G_A, state.models.G_B,
+            save_sample(out, epoch, grid(*triplets(state.models.G_A, state.models.G_B,
                                                                 sample_A, sample_B)))
         state.history.append({"epoch": epoch, "metrics": {**losses, "lr": lr}})
         speeds[epoch] = images_per_s

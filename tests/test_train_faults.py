@@ -477,15 +477,15 @@ def test_last_pt_does_not_grow_with_the_sample_grids(tmp_path, data):
 
 def test_logs_deleted_during_a_run_are_whole_at_its_end(tmp_path, data, monkeypatch):
     import shutil
-    import stages.train
+    import unpaired.train_state
     out, live = tmp_path / "ckpt", tmp_path / "live"
-    real = stages.train.save_sample
+    real = unpaired.train_state.write_sample
 
     def deleted_meanwhile(folder, epoch, grid):   # what a refused `dvc repro train` does to the logs
         if epoch in (2, 3):
             shutil.rmtree(live)
         real(folder, epoch, grid)
-    monkeypatch.setattr(stages.train, "save_sample", deleted_meanwhile)
+    monkeypatch.setattr(unpaired.train_state, "write_sample", deleted_meanwhile)
     train(replace(TINY, epochs=4, epochs_decay=0), data, out, live)
     for name in ("G_A", "D_B", "lr", "images_per_s"):
         assert pd.read_csv(live / "plots" / "metrics" / f"{name}.tsv", sep="\t").step.tolist() == [1, 2, 3, 4]
