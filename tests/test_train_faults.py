@@ -477,16 +477,18 @@ def test_last_pt_does_not_grow_with_the_sample_grids(tmp_path, data):
 
 def test_logs_deleted_during_a_run_are_whole_at_its_end(tmp_path, data, monkeypatch):
     import shutil
-    import unpaired.train_state
+    stage = sys.modules["stages.train"]
     out, live = tmp_path / "ckpt", tmp_path / "live"
-    real = unpaired.train_state.write_sample
+    real, deleted = stage.save_sample, []
 
     def deleted_meanwhile(folder, epoch, grid):   # what a refused `dvc repro train` does to the logs
         if epoch in (2, 3):
             shutil.rmtree(live)
+            deleted.append(epoch)
         real(folder, epoch, grid)
-    monkeypatch.setattr(unpaired.train_state, "write_sample", deleted_meanwhile)
+    monkeypatch.setattr(stage, "save_sample", deleted_meanwhile)
     train(replace(TINY, epochs=4, epochs_decay=0), data, out, live)
+    assert deleted == [2, 3]
     for name in ("G_A", "D_B", "lr", "images_per_s"):
         assert pd.read_csv(live / "plots" / "metrics" / f"{name}.tsv", sep="\t").step.tolist() == [1, 2, 3, 4]
     assert names(live / "plots" / "images" / "samples") == [f"epoch_{e:03d}.png" for e in range(1, 5)]
