@@ -113,19 +113,19 @@ def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int
 
     data_device, why = choose_data_device(p.data_device, device, images_A.nbytes + images_B.nbytes)
     feeder = feeder_for(p, images_A, images_B, device, channels_last, data_device, rank)
+    speeds = train_state.read_speeds(live_dir, state.epoch) if rank.main else {}   # dvclive only, not last.pt
     if rank.main:
         print(f"train: {why}")
         if rank.distributed:
             print(f"train: {rank.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
                   f"batch {p.batch_size} each: effective batch {p.batch_size * rank.world_size}, lr "
                   f"{p.scaled_lr(rank.world_size):.2e} (train.lr_scaling: {p.lr_scaling})")
-        train_state.write_live(live_dir, state.history, {}, out)
+        train_state.write_live(live_dir, state.history, speeds, out)
     sample_A = fixed_images(data / "testA", p.samples, p.crop_size).to(device)
     sample_B = fixed_images(data / "testB", p.samples, p.crop_size).to(device)
     autocast = autocast_for(device, p.precision)
     images_per_step = feeder.images_per_epoch * rank.world_size / feeder.steps_per_epoch
     progress = Progress(feeder.steps_per_epoch, images_per_step, total, speed_hint(device, p))
-    speeds: dict[int, float] = {}     # images/s per epoch of this process: dvclive only, never last.pt
     end = total if stop_after is None else min(total, stop_after)
     while state.epoch < end:
         lr = state.lr

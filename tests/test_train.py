@@ -191,6 +191,8 @@ def test_resume_equals_uninterrupted(tmp_path, data, capsys):
     assert same(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "resumed" / "last.pt"))
     tsv = lambda d: (tmp_path / d / "plots" / "metrics" / "G_A.tsv").read_text()  # noqa: E731
     assert tsv("l1") == tsv("l2")
+    speed = pd.read_csv(tmp_path / "l2" / "plots" / "metrics" / "images_per_s.tsv", sep="\t")
+    assert list(speed.step) == [1, 2, 3]            # the resumed run's log keeps epoch 1's images/s
 
 
 def test_changed_params_start_afresh(tmp_path, data, capsys):

@@ -226,6 +226,19 @@ def drop_samples_after(out: Path, epoch: int) -> None:
             f.unlink()
 
 
+def read_speeds(live_dir: Path, last_epoch: int) -> dict[int, float]:
+    """{epoch: images/s} of epochs 1..last_epoch from an existing dvclive log (timing lives there
+    alone, never in last.pt), so a resumed run's log keeps them; {} when there is none to read."""
+    import csv
+    try:
+        with open(live_dir / "plots" / "metrics" / "images_per_s.tsv", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        speeds = {int(r["step"]): float(r["images_per_s"]) for r in rows}
+    except (OSError, KeyError, ValueError, TypeError):
+        return {}
+    return {e: v for e, v in speeds.items() if 1 <= e <= last_epoch}
+
+
 def write_live(live_dir: Path, history: list[dict[str, Any]], speeds: dict[int, float], out: Path) -> None:
     """Write the dvclive logs afresh from the run's own history (the losses and lr of every epoch),
     this process's images/s per epoch (`speeds`, not kept in last.pt) and the sample PNGs in out/
