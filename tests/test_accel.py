@@ -167,14 +167,14 @@ def test_data_device_auto_on_cuda():
                                       ({"lr_scaling": "cubic"}, "train.lr_scaling"),
                                       ({"data_device": "gpu"}, "train.data_device")])
 def test_bad_speed_params_name_the_key(raw, key):
-    from stages.train import TrainParams
+    from unpaired.training import TrainParams
     from unpaired.params import ParamsError, parse
     with pytest.raises(ParamsError, match=f"^params.yaml: {key}: "):
         parse(TrainParams, raw, "train")
 
 
 def test_compile_modes_and_lr_scaling():
-    from stages.train import TrainParams
+    from unpaired.training import TrainParams
     from unpaired.params import parse
     modes = [parse(TrainParams, {"compile": v}, "train").compile_mode
              for v in (False, True, "default", "reduce-overhead")]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stages.evaluate import EvaluateParams
-from stages.train import TrainParams
+from unpaired.training import TrainParams
 from unpaired import checkpoint, params
 from unpaired.cli import MIN_SIDE, batches, export_onnx, out_names, pad_crop_forward, translate_files
 from unpaired.cyclegan import ResnetGenerator, init_weights

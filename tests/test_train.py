@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.train import TrainParams, train
+from stages.train import train
 from unpaired import checkpoint
 from unpaired.cyclegan import PatchDiscriminator, ResnetGenerator, count_parameters
 from unpaired.errors import UserError
 from unpaired.params import ParamsError, parse
-from unpaired.training import ImagePool, build_models, lr_factor, optimizers, train_step
+from unpaired.training import ImagePool, TrainParams, build_models, lr_factor, optimizers, train_step
 
 TINY = TrainParams(epochs=1, epochs_decay=1, ngf=4, ndf=4, n_blocks=1, load_size=28, crop_size=24,
                    samples=2, pool_size=3)
@@ -158,7 +158,8 @@ def data(tmp_path):
 def test_stage_writes_checkpoints_and_logs(tmp_path, data):
     out, live = tmp_path / "ckpt", tmp_path / "live"
     train(replace(TINY, epochs=2, epochs_decay=1, save_every=2), data, out, live)
-    assert sorted(p.name for p in out.iterdir()) == ["epoch_002.pt", "epoch_003.pt", "last.pt"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["epoch_002.pt", "epoch_003.pt", "last.pt"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png", "epoch_003.png"]
     g, ckpt = checkpoint.load_generator(out / "epoch_003.pt", "BtoA")
     assert ckpt["epoch"] == 3 and g(torch.zeros(1, 3, 24, 24)).shape == (1, 3, 24, 24)
     last = checkpoint.load(out / "last.pt")
@@ -184,12 +185,14 @@ def test_resume_equals_uninterrupted(tmp_path, data, capsys):
     p = replace(TINY, epochs=2, epochs_decay=1)
     train(p, data, tmp_path / "straight", tmp_path / "l1")
     train(p, data, tmp_path / "resumed", tmp_path / "l2", stop_after=1)
-    assert sorted(x.name for x in (tmp_path / "resumed").iterdir()) == ["epoch_001.pt", "last.pt"]
+    assert sorted(x.name for x in (tmp_path / "resumed").iterdir() if x.is_file()) == ["epoch_001.pt", "last.pt"]
     train(p, data, tmp_path / "resumed", tmp_path / "l2")
     assert "resuming from" in capsys.readouterr().out
     assert same(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "resumed" / "last.pt"))
     tsv = lambda d: (tmp_path / d / "plots" / "metrics" / "G_A.tsv").read_text()  # noqa: E731
     assert tsv("l1") == tsv("l2")
+    speed = pd.read_csv(tmp_path / "l2" / "plots" / "metrics" / "images_per_s.tsv", sep="\t")
+    assert list(speed.step) == [1, 2, 3]            # the resumed run's log keeps epoch 1's images/s
 
 
 def test_changed_params_start_afresh(tmp_path, data, capsys):
@@ -197,7 +200,7 @@ def test_changed_params_start_afresh(tmp_path, data, capsys):
     train(replace(TINY, epochs=2, epochs_decay=1), data, out, tmp_path / "live")
     train(replace(TINY, lr=1e-4), data, out, tmp_path / "live")
     assert "starting afresh" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
     assert checkpoint.load(out / "last.pt")["epoch"] == 2
 
 

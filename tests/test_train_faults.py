@@ -15,9 +15,12 @@ import torch
 import yaml
 from PIL import Image
 
-import stages.train as st
+import unpaired.progress
 from stages.evaluate import EvaluateParams, evaluate
-from stages.train import Progress, TrainParams, output_lock, train
+from stages.train import train
+from unpaired.files import output_lock
+from unpaired.progress import Progress
+from unpaired.training import TrainParams
 from tests.test_evaluate import paths_in
 from tests.test_train import TINY, make_prepared, same, weights
 from unpaired import checkpoint, threads
@@ -35,7 +38,7 @@ def data(tmp_path):
 
 
 def names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    return sorted(p.name for p in folder.iterdir() if p.name != "samples") if folder.exists() else []
 
 
 def lrs(live: Path) -> list[float]:
@@ -124,7 +127,7 @@ def test_every_declared_output_exists(tmp_path, monkeypatch, case):
         for split in ("testA", "testB"):
             for f in (data / split).iterdir():
                 f.unlink()
-    train(p)
+    train(p, Path("data/prepared"), Path("models/checkpoints"), Path("metrics/train"))
     outputs = declared_train_outputs()
     assert "metrics/train/plots/images" in outputs
     assert [o for o in outputs if not (tmp_path / o).exists()] == []
@@ -313,11 +316,15 @@ def test_an_image_as_checkpoint_never_suggests_weights_only_false(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from stages.train import output_lock
+from unpaired.files import output_lock
 with output_lock(Path("models/checkpoints")):
     print("locked", flush=True)
     time.sleep(60)
 """
+
+
+STAGE_ARGS = ["--data", "data/prepared.tar", "--view", "data/prepared", "--out", "models/checkpoints",
+              "--live", "metrics/train"]
 
 
 def test_a_second_train_process_stops_naming_the_first(tmp_path):
@@ -328,7 +335,7 @@ def test_a_second_train_process_stops_naming_the_first(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=tmp_path, env=env, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"locked\n"
-        second = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env,
+        second = subprocess.run([sys.executable, "-m", "stages.train", *STAGE_ARGS], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=300)
     finally:
         holder.kill()
@@ -448,7 +455,40 @@ def test_slowdown_is_said_once_with_the_setting_to_try(capsys):
 
 
 def test_training_prints_progress_lines_in_a_log(tmp_path, data, capsys, monkeypatch):
-    monkeypatch.setattr(st, "PROGRESS_MIN_GAP_S", 0.0)      # tiny epochs: lift the rate bound
+    monkeypatch.setattr(unpaired.progress, "PROGRESS_MIN_GAP_S", 0.0)      # tiny epochs: lift the rate bound
     train(TINY, data, tmp_path / "ckpt", tmp_path / "live")
     out = capsys.readouterr().out
     assert "epoch 1/2  step 1/5 (20%)" in out and "epoch 2/2  step 4/5 (80%)" in out and " img/s  ETA " in out
+
+
+# --- last.pt keeps its size; the logs are whole whatever happened to them (issue 17 cases 8 and 4) --
+
+def test_last_pt_does_not_grow_with_the_sample_grids(tmp_path, data):
+    out, live = tmp_path / "ckpt", tmp_path / "live"
+    p = replace(TINY, epochs=6, epochs_decay=0, samples=2)
+    train(p, data, out, live, stop_after=2)
+    at_2 = (out / "last.pt").stat().st_size
+    train(p, data, out, live)
+    at_6 = (out / "last.pt").stat().st_size
+    assert abs(at_6 - at_2) < 3000, (at_2, at_6)        # the history's numbers only
+    assert "sample" not in str(checkpoint.load(out / "last.pt")["history"])
+    assert names(out / "samples") == [f"epoch_{e:03d}.png" for e in range(1, 7)]     # each grid once
+
+
+def test_logs_deleted_during_a_run_are_whole_at_its_end(tmp_path, data, monkeypatch):
+    import shutil
+    stage = sys.modules["stages.train"]
+    out, live = tmp_path / "ckpt", tmp_path / "live"
+    real, deleted = stage.save_sample, []
+
+    def deleted_meanwhile(folder, epoch, grid):   # what a refused `dvc repro train` does to the logs
+        if epoch in (2, 3):
+            shutil.rmtree(live)
+            deleted.append(epoch)
+        real(folder, epoch, grid)
+    monkeypatch.setattr(stage, "save_sample", deleted_meanwhile)
+    train(replace(TINY, epochs=4, epochs_decay=0), data, out, live)
+    assert deleted == [2, 3]
+    for name in ("G_A", "D_B", "lr", "images_per_s"):
+        assert pd.read_csv(live / "plots" / "metrics" / f"{name}.tsv", sep="\t").step.tolist() == [1, 2, 3, 4]
+    assert names(live / "plots" / "images" / "samples") == [f"epoch_{e:03d}.png" for e in range(1, 5)]

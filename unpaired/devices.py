@@ -10,6 +10,7 @@ validating); `resolve_device` also checks that the device exists on this machine
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import TYPE_CHECKING, NoReturn
 
@@ -57,3 +58,17 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         _fail(key, "'mps' requested but MPS is not available here; use auto or cpu")
     return torch.device(name)
+
+
+def bf16_for(device: torch.device, precision: str) -> bool:
+    """bf16 autocast: asked for, or `auto` on CUDA (tests/test_accel.py: bf16 loss curves stay well
+    within the seed-to-seed noise of fp32 ones on CPU autocast; gpu_check.sh measures CUDA)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A no-argument context manager factory: bf16 autocast per bf16_for, else a null context."""
+    import torch
+    if not bf16_for(device, precision):
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
