@@ -55,8 +55,6 @@ LIVE = Path("metrics/train")
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
 NOT_HASHED = ("save_every", "compile", "samples", "threads", "devices", "data_device")
 COMPILE_MODES = ("default", "reduce-overhead")
-# Set by the launcher of a data-parallel run, which holds the output lock for its processes.
-LOCK_HELD = "UNPAIRED_TRAIN_LOCK_HELD"
 SCHEDULE = ("epochs", "epochs_decay")   # the keys along which a finished run can be extended
 LOG_EVERY = 50   # steps between progress-bar loss updates (each one reads the losses from the device)
 # Without a terminal (logs, CI): a plain progress line when PROGRESS_EVERY_S passed since the last
@@ -632,32 +630,20 @@ def train(p: TrainParams, data: Path = DATA, out: Path = CHECKPOINTS, live_dir: 
 
 
 def main() -> None:
-    p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
-    rank = distributed.from_env()
-    if rank is None and p.devices > 1:
-        # This process is the launcher: check and lock, then run p.devices copies of the stage
-        # (they inherit the lock: LOCK_HELD; their rank 0 cleans and unpacks, below).
-        distributed.check_devices(p.devices, resolve_device(p.device))
-        with output_lock(CHECKPOINTS):
-            os.environ[LOCK_HELD] = str(os.getpid())
-            distributed.launch(p.devices, "stages.train")
-        return
-    rank = rank or Rank()
-    # One train run at a time: a second one stops here, naming the first. Under torchrun by hand
-    # (several nodes on a shared filesystem) rank 0 takes the lock for the job.
-    locked = rank.main and not os.environ.get(LOCK_HELD)
-    with output_lock(CHECKPOINTS) if locked else contextlib.nullcontext():
-        if rank.distributed:          # run by torchrun (by the launcher above, or by hand on each node)
-            distributed.init(rank, resolve_device(p.device))
-        if rank.main:                  # the lock is held, by this process or by the launcher
-            remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
-            if PACKED.is_file():       # after a `dvc pull` only the tar is there
-                unpack_view(PACKED, DATA)
-        rank.barrier()                 # (several nodes share one filesystem: rank 0 unpacks)
-        try:
+    # A data-parallel run is launched from outside (dvc.yaml's cmd: unpaired.torchrun); each of its
+    # processes runs this with torchrun's rank. session(): signals, parent-death signal, one line.
+    with distributed.session() as rank:
+        p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
+        device = resolve_device(p.device)
+        distributed.check_devices(p.devices, device)
+        distributed.init(rank, device)
+        with distributed.output_lock(CHECKPOINTS, rank):   # one train run at a time, held by every rank
+            if rank.main:
+                remove_stale_temporaries(CHECKPOINTS, DATA.parent)    # what a killed run left (.last.pt.tmp-*)
+                if PACKED.is_file():       # after a `dvc pull` only the tar is there
+                    unpack_view(PACKED, DATA)
+            rank.barrier()                 # (several nodes share one filesystem: rank 0 unpacks)
             train(p, rank=rank)
-        finally:
-            distributed.finish(rank)
 
 
 if __name__ == "__main__":
