@@ -7,7 +7,7 @@ CycleGAN with the reference update order and defaults (unpaired/training.py), co
 params.yaml's `train` section (TrainParams). Resumable and extendable from out/last.pt; an earlier
 run that does not fit is moved aside (unpaired/train_state.py). The dvclive logs are rewritten from
 the run's own history after every epoch, so they always match the checkpoints. A run whose losses
-or weights stop being finite stops. One train run at a time writes the outputs (files.output_lock).
+or weights stop being finite stops. One train run at a time writes the outputs (distributed.output_lock).
 
 Data parallel: under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) each process
 trains one DistributedDataParallel replica on its share of every epoch; rank 0 alone decides about
@@ -15,8 +15,6 @@ resuming and writes. Without torchrun, or with world size 1, it is the plain one
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,8 @@ from tqdm import tqdm  # noqa: E402
 from unpaired import checkpoint, distributed, params, train_state  # noqa: E402
 from unpaired.devices import autocast_for, bf16_for, resolve_device  # noqa: E402
 from unpaired.distributed import Rank  # noqa: E402
-from unpaired.errors import main_guard  # noqa: E402
-from unpaired.files import make_dirs, output_lock, remove_stale_temporaries, unpack_view  # noqa: E402
+from unpaired.errors import ArgumentParser, main_guard  # noqa: E402
+from unpaired.files import make_dirs, remove_stale_temporaries, unpack_view  # noqa: E402
 from unpaired.progress import Progress, speed_hint  # noqa: E402
 from unpaired.samples import fixed_images, grid, triplets  # noqa: E402
 from unpaired.train_state import TrainState, write_sample as save_sample  # noqa: E402
@@ -165,28 +163,26 @@ def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m stages.train", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="the packed prepared data (a .tar)")
     ap.add_argument("--view", type=Path, required=True, help="its unpacked folder (trainA/B, testA/B)")
     ap.add_argument("--out", type=Path, required=True, help="the checkpoints folder")
     ap.add_argument("--live", type=Path, required=True, help="the dvclive folder")
     args = ap.parse_args(argv)
-    p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
-    rank = distributed.from_env() or Rank()
-    # One train run at a time: a second one stops here, naming the first. Under torchrun rank 0
-    # takes the lock for the job (several nodes share one filesystem).
-    with output_lock(args.out) if rank.main else contextlib.nullcontext():
-        if rank.distributed:
-            distributed.init(rank, resolve_device(p.device))
-        if rank.main:
-            remove_stale_temporaries(args.out, args.out / "samples", args.view.parent)   # what a killed run left (.last.pt.tmp-*)
-            if args.data.is_file():     # after a `dvc pull` only the tar is there
-                unpack_view(args.data, args.view)
-        rank.barrier()                  # (several nodes share one filesystem: rank 0 unpacks)
-        try:
+    # A data-parallel run is launched from outside (dvc.yaml's cmd: unpaired.torchrun); each of its
+    # processes runs this with torchrun's rank. session(): signals, parent-death signal, one line.
+    with distributed.session() as rank:
+        p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
+        device = resolve_device(p.device)
+        distributed.check_devices(p.devices, device)
+        distributed.init(rank, device)
+        with distributed.output_lock(args.out, rank):   # one train run at a time, held by every rank
+            if rank.main:
+                remove_stale_temporaries(args.out, args.out / "samples", args.view.parent)   # a killed run's
+                if args.data.is_file():     # after a `dvc pull` only the tar is there
+                    unpack_view(args.data, args.view)
+            rank.barrier()                  # (several nodes share one filesystem: rank 0 unpacks)
             train(p, args.view, args.out, args.live, rank=rank)
-        finally:
-            distributed.finish(rank)
 
 
 if __name__ == "__main__":

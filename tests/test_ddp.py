@@ -1,15 +1,21 @@
-"""Data-parallel training with real gloo processes on 127.0.0.1 (torchrun), tiny networks."""
+"""Data-parallel training with real gloo processes on 127.0.0.1 (unpaired.torchrun), tiny networks;
+real signals on real processes for the no-orphans rule and the one-line failures."""
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from stages.train import main, train
 from tests.ddp_worker import TINY, samples
@@ -26,7 +32,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or cpu_core
 
 def torchrun(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "unpaired.torchrun", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -129,3 +135,181 @@ def test_dvc_repro_with_two_processes_leaves_a_clean_status(tmp_path):
     assert "2 processes (gloo)" in out
     assert json.loads(dvc(project, "status", "--json", "train").stdout or "{}") == {}
     assert checkpoint.load(project / "models" / "checkpoints" / "last.pt")["world_size"] == 2
+
+
+# --- one entry (unpaired.torchrun): no orphans, one line per failure (issue 17.1, 17.5) -----------
+
+LAUNCH = [sys.executable, "-m", "unpaired.torchrun", "--standalone"]
+STAGE = ["-m", "stages.train", "--data", "data/prepared.tar", "--view", "data/prepared",
+         "--out", "models/checkpoints", "--live", "metrics/train"]     # as dvc.yaml's cmd
+LOCK = Path("models") / ".checkpoints.lock"
+
+
+def project(root: Path, **train) -> Path:
+    """A folder the stage runs in: tiny prepared data and params.yaml's train section."""
+    make_prepared(root / "data" / "prepared", n=(6, 5))
+    (root / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_PROJECT["train"], **train}}))
+    return root
+
+
+def start(root: Path, devices: int) -> subprocess.Popen:
+    """The stage through the entry, in a session of its own (its process group gets Ctrl-C);
+    stdout and stderr go to files in root."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(root / "out.txt", "w") as out, open(root / "err.txt", "w") as err:
+        return subprocess.Popen([*LAUNCH, f"--nproc-per-node={devices}", *STAGE], cwd=root, env=env,
+                                stdout=out, stderr=err, start_new_session=True)
+
+
+def wait_for(what, seconds: float, why: str):
+    deadline = time.monotonic() + seconds
+    while not (got := what()):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
+    return got
+
+
+def alive(pid: int) -> bool:
+    """Some thread of the process still runs: the process is not gone, nor a zombie whose threads
+    all ended (a killed leader turns zombie before its other threads end and its files close)."""
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError):
+            if stat.read_text().rpartition(")")[2].split()[0] not in ("Z", "X"):
+                return True
+    return False
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+def ranks(launcher: int) -> dict[int, int]:
+    """rank -> PID of the training processes the launcher started (from their environment)."""
+    out = {}
+    for pid in children(launcher):
+        with contextlib.suppress(OSError):
+            env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+            if "RANK" in env:
+                out[int(env["RANK"])] = pid
+    return out
+
+
+def lock_free(root: Path) -> bool:
+    fd = os.open(root / LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def running(root: Path, devices: int) -> tuple[subprocess.Popen, dict[int, int]]:
+    """A run of `devices` processes that has finished epoch 1 and keeps training; rank -> PID."""
+    proc = start(root, devices)
+    wait_for(lambda: "epoch 1/" in (root / "out.txt").read_text() or proc.poll() is not None, 60,
+             "no epoch finished within 60 s")
+    assert proc.poll() is None, (root / "err.txt").read_text()
+    return proc, (ranks(proc.pid) if devices > 1 else {0: proc.pid})
+
+
+KILLS = {   # case -> (whom, signal, the lines on stderr; PID: the killed rank's, LAUNCHER: the launcher's)
+    "kill -9 launcher": ("launcher", signal.SIGKILL, []),
+    "kill -9 rank 0": (0, signal.SIGKILL, ["error: rank 0 (PID {pid}) was killed by SIGKILL; the other "
+                                           "processes of the run were stopped"]),
+    "kill -9 rank 1": (1, signal.SIGKILL, ["error: rank 1 (PID {pid}) was killed by SIGKILL; the other "
+                                           "processes of the run were stopped"]),
+    "kill launcher (the lock's PID)": ("launcher", signal.SIGTERM, ["interrupted"]),
+    "SIGHUP launcher": ("launcher", signal.SIGHUP, ["interrupted"]),
+    "Ctrl-C": ("group", signal.SIGINT, ["interrupted"]),
+    "kill rank 1": (1, signal.SIGTERM, ["rank 1 (PID {pid}) failed first; the other processes of the run "
+                                        "were stopped", "interrupted"]),
+}
+
+
+@pytest.mark.parametrize("case", KILLS)
+def test_no_process_of_a_killed_run_remains_and_its_failure_is_one_line(tmp_path, case):
+    """Issue 17.1 / 17.5: whichever process of a 2-process run is killed, however, every process of
+    the run is gone within seconds, the lock is free, and stderr holds the one line a one-process
+    run gives (`interrupted`), or one line naming the rank that was killed, or both."""
+    whom, sig, lines = KILLS[case]
+    root = project(tmp_path, epochs=300, epochs_decay=0, devices=2)
+    proc, pids = running(root, 2)
+    assert sorted(pids) == [0, 1]
+    assert (root / LOCK).read_text() == f"{proc.pid}\n"         # the PID whose kill stops the run
+    assert not lock_free(root)
+    if whom == "group":
+        os.killpg(proc.pid, sig)                                 # Ctrl-C: the terminal's process group
+    else:
+        os.kill(proc.pid if whom == "launcher" else pids[whom], sig)
+    t0 = time.monotonic()
+    wait_for(lambda: not any(map(alive, [proc.pid, *pids.values()])), 10,
+             f"still running 10 s after {case}: {[p for p in [proc.pid, *pids.values()] if alive(p)]}")
+    assert lock_free(root)
+    proc.wait(timeout=5)
+    seconds = time.monotonic() - t0
+    pid = pids.get(whom)
+    assert (root / "err.txt").read_text().splitlines() == [line.format(pid=pid) for line in lines], case
+    assert seconds < 10
+    if sig != signal.SIGKILL or whom != "launcher":
+        assert proc.returncode == (130 if lines[-1] == "interrupted" else 1)
+
+
+def test_after_a_killed_run_a_second_run_works(tmp_path):
+    """The issue's case (kill -9 of the PID the lock names, then a run with devices: 1): the second
+    run takes the lock at once, moves the killed run's checkpoints aside and trains; as one process
+    it is the plain case (the launcher became the stage: same PID, no torchrun children)."""
+    root = project(tmp_path, epochs=300, epochs_decay=0, devices=2)
+    proc, pids = running(root, 2)
+    os.kill(int((root / LOCK).read_text()), signal.SIGKILL)
+    proc.wait(timeout=5)
+    wait_for(lambda: not any(map(alive, pids.values())), 5, "ranks outlived their launcher")
+    (root / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_PROJECT["train"], "devices": 1}}))
+    second = start(root, 1)
+    wait_for(lambda: (root / LOCK).read_text() == f"{second.pid}\n" or second.poll() is not None, 30,
+             "the second run did not take the lock")
+    assert children(second.pid) == []
+    assert second.wait(timeout=120) == 0, (root / "err.txt").read_text()
+    out = (root / "out.txt").read_text()
+    assert "was written by 2 process(es), this run has 1 (train.devices)" in out
+    assert (root / "err.txt").read_text() == ""
+    assert sorted(p.name for p in (root / "models" / "checkpoints").iterdir()) == \
+        ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    assert checkpoint.load(root / "models" / "checkpoints" / "last.pt")["world_size"] == 1
+    aside = [p for p in (root / "models" / "checkpoints.previous").iterdir() if p.is_dir()]
+    assert len(aside) == 1 and (aside[0] / "last.pt").is_file()
+
+
+def test_an_error_found_by_rank_0_is_its_one_line(tmp_path):
+    """Issue 17.5: last.pt at 2 epochs, params now `epochs: 1, epochs_decay: 0`: rank 0's line and
+    nothing else (rank 1, waiting for rank 0 in a collective, prints no gloo traceback)."""
+    root = project(tmp_path, devices=2)
+    assert start(root, 2).wait(timeout=120) == 0, (root / "err.txt").read_text()
+    (root / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_PROJECT["train"], "epochs": 1,
+                                                                "epochs_decay": 0, "devices": 2}}))
+    proc = start(root, 2)
+    assert proc.wait(timeout=120) == 2
+    assert (root / "err.txt").read_text() == (
+        "error: params.yaml: train.epochs + train.epochs_decay = 1 is below the 2 epochs already in "
+        "models/checkpoints/last.pt: raise them to extend that run, or move models/checkpoints away to "
+        "start afresh\n")
+    assert lock_free(root)
+
+
+def test_several_devices_without_a_launcher_is_one_line(tmp_path):
+    """`python -m stages.train` by hand is one process: train.devices: 2 there says what starts two."""
+    root = project(tmp_path, devices=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *STAGE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: params.yaml: train.devices: 2 processes are started by torchrun, "
+                                  "not by the stage: run `uv run dvc repro train`")
+    assert proc.stderr.count("\n") == 1
+    assert not (root / "models" / "checkpoints").exists()

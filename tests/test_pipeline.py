@@ -391,9 +391,6 @@ def test_kill_9_at_any_moment_then_the_next_run_puts_everything_back(project, tm
 # Outputs that legitimately hold timing (images/s), which DESIGN.md puts in the dvclive metrics and
 # the report only: the dvclive summary and curves (images_per_s) and the report's speed line.
 TIMING = {"metrics/train/metrics.json", "metrics/train/plots/metrics", "metrics/report.html"}
-# Outputs that still differ on this branch and are being made deterministic elsewhere (last.pt's
-# history keeps images_per_s: the `train` helper's branch); the lead empties this set after merging.
-NOT_YET_DETERMINISTIC = {"models/checkpoints"}
 
 
 def locked_outs(project):
@@ -414,4 +411,4 @@ def test_repro_f_gives_every_artifact_the_same_hash(project, tmp_path):
     assert set(after) == set(before)
     differ = sorted(key for key in before if before[key] != after[key])
     path = lambda key: key.split(": ", 1)[1]                                    # noqa: E731
-    assert [k for k in differ if path(k) not in TIMING | NOT_YET_DETERMINISTIC] == []
+    assert [k for k in differ if path(k) not in TIMING] == []

@@ -18,7 +18,7 @@ from PIL import Image
 import unpaired.progress
 from stages.evaluate import EvaluateParams, evaluate
 from stages.train import train
-from unpaired.files import output_lock
+from unpaired.distributed import output_lock
 from unpaired.progress import Progress
 from unpaired.training import TrainParams
 from tests.test_evaluate import paths_in
@@ -316,7 +316,7 @@ def test_an_image_as_checkpoint_never_suggests_weights_only_false(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from unpaired.files import output_lock
+from unpaired.distributed import output_lock
 with output_lock(Path("models/checkpoints")):
     print("locked", flush=True)
     time.sleep(60)

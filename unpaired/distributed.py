@@ -1,24 +1,38 @@
 """Data-parallel training over several processes with PyTorch's own engine (torch.distributed).
 
-The train stage with `train.devices: N > 1` re-launches itself as N processes on this node through
-`torch.distributed.run` (what the `torchrun` command runs); on several nodes, `torchrun` is run by
-hand on each (README, "Several GPUs and nodes"). Each process reads its place from the variables
-torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) and joins the process group: NCCL
-on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on the CPU (the cores split between the
-processes of a node).
+A data-parallel run is launched from outside the stage, by torchrun: the train stage's `cmd` in
+dvc.yaml runs `python -m unpaired.torchrun --standalone --nproc-per-node ${train.devices} -m
+stages.train ...` (unpaired/torchrun.py: torchrun with no orphans and one-line failures); on several
+nodes it is run by hand on each (README, "Several GPUs and nodes"). Each process reads its place
+from the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE: from_env), and
+joins the process group (init): NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on the
+CPU (the cores split between the processes of a node). Without torchrun's variables (or at world
+size 1) a process is the plain one-process case: no process group.
+
+session() is the frame of a stage's main() (signals, parent-death signal, failures recorded for
+the launcher, the process group left at the end); output_lock() keeps one run at a time on an
+output folder, held by every process of the run until the last one ends.
 """
 from __future__ import annotations
 
-import logging
+import contextlib
+import fcntl
+import io
 import os
-import sys
+import signal
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from unpaired import params
+from unpaired.errors import UserError, main_guard
+from unpaired.files import creating, make_dirs
 from unpaired.threads import cpu_count as cpu_cores   # the CPUs of this process's affinity mask
+from unpaired.torchrun import parent_death_signal, record_failure
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,9 @@ def from_env() -> Rank | None:
 
 def check_devices(n: int, device: torch.device, key: str = "train.devices") -> None:
     """One line naming `key` when this node cannot hold n processes: one GPU each on CUDA, at least
-    one core each on the CPU (threads are split between them), a single device on MPS."""
+    one core each on the CPU (threads are split between them), a single device on MPS; or when
+    n > 1 but this process was not started by torchrun: nothing would start the other n - 1.
+    (Under torchrun, torchrun's options say how many processes there are.)"""
     if n <= 1:
         return
     if device.type == "cuda":
@@ -81,29 +97,11 @@ def check_devices(n: int, device: torch.device, key: str = "train.devices") -> N
         have = cpu_cores()
         params.check(n <= have, key, f"{n} processes requested but only {have} CPU core(s) here (each "
                                      f"process needs one); use {key}: {have} or less")
-
-
-def launch(n: int, module: str, args: list[str] | None = None) -> None:
-    """Run `python -m module args` as n processes on this node through torch.distributed.run
-    (standalone rendezvous on a free local port) and wait for them. A failed process has printed
-    its own line; this raises UserError naming how many failed."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    from unpaired.errors import UserError
-    # torchrun would otherwise set OMP_NUM_THREADS=1 with a banner; each process sets its threads.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // n)))
-    argv = ["--standalone", f"--nproc-per-node={n}", "--module", module, *(args or [])]
-    sys.stdout.flush()
-    # The processes print their own one-line errors; torchrun's log of a failure would repeat them
-    # as a multi-line report.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    try:
-        run(get_args_parser().parse_args(argv))
-    except ChildFailedError as err:
-        failed = sorted(err.failures)
-        raise UserError(f"{len(failed)} of {n} training processes failed (rank(s) "
-                        f"{', '.join(map(str, failed))}); see their messages above") from None
+    if from_env() is None:
+        params.fail(key, f"{n} processes are started by torchrun, not by the stage: run `uv run dvc "
+                         f"repro train` (its command starts them), or by hand `python -m unpaired.torchrun "
+                         f"--standalone --nproc-per-node {n} -m stages.train ...` (the command in dvc.yaml); "
+                         f"for one process use {key}: 1")
 
 
 def init(rank: Rank, device: torch.device) -> torch.device:
@@ -113,7 +111,6 @@ def init(rank: Rank, device: torch.device) -> torch.device:
     cuda = device.type == "cuda"
     if cuda:
         if rank.local_rank >= torch.cuda.device_count():
-            from unpaired.errors import UserError
             raise UserError(f"torchrun --nproc-per-node: {rank.local_world_size} processes on this node "
                             f"but only {torch.cuda.device_count()} CUDA device(s)")
         device = torch.device("cuda", rank.local_rank)
@@ -129,3 +126,116 @@ def init(rank: Rank, device: torch.device) -> torch.device:
 def finish(rank: Rank) -> None:
     if rank.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _as_printed(err: BaseException) -> tuple[str, int]:
+    """What unpaired.errors.main_guard prints for `err` (stderr) and the status it exits with; a
+    bug's traceback and status 1 when main_guard lets it through."""
+    trace = "".join(traceback.format_exception(err))
+
+    def fail() -> None:
+        raise err
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(out):
+            main_guard(fail)
+    except SystemExit as done:
+        return out.getvalue(), done.code if isinstance(done.code, int) else 1
+    except BaseException:        # noqa: BLE001 (main_guard lets bugs through: they keep their traceback)
+        pass
+    return trace, 1
+
+
+@contextlib.contextmanager
+def session() -> Iterator[Rank]:
+    """The frame of a stage's main(), around everything it does (params included). Yields this
+    process's Rank: torchrun's (from_env), or rank 0 of 1.
+
+    - SIGTERM and SIGHUP stop the process as Ctrl-C does (KeyboardInterrupt: `interrupted`, status
+      130, the lock released), in a one-process run as in each rank.
+    - Under torchrun: SIGKILL when the launcher dies (prctl PR_SET_PDEATHSIG, for a torchrun run by
+      hand; unpaired.torchrun's workers have it from their first instruction); any failure is
+      recorded for the launcher (what main_guard would print and its status: unpaired.torchrun
+      prints the first rank's) and the process exits with that status, printing nothing, so that
+      the other ranks' consequent errors (a peer gone in a collective) never reach the terminal;
+      at the end the process group is left (finish).
+    Join the process group with init(rank, device) inside, once the device is known."""
+    before = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rank = from_env()
+        if rank is None:
+            yield Rank()
+            return
+        parent_death_signal(signal.SIGKILL)
+        try:
+            yield rank
+        except SystemExit:
+            raise
+        except BaseException as err:   # noqa: BLE001 (KeyboardInterrupt too: one record, no print)
+            text, status = _as_printed(err)
+            if not record_failure(text, status):
+                raise
+            raise SystemExit(status) from None
+        finally:
+            finish(rank)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def lock_holder() -> int:
+    """The PID whose `kill` stops this whole run: torchrun's launcher (this process's parent)
+    under torchrun, else this process."""
+    return os.getppid() if from_env() is not None else os.getpid()
+
+
+def _refuse(out: Path, fd: int) -> UserError:
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    os.close(fd)
+    return UserError(f"{out}: another train run (PID {holder}) is writing it; wait for it to end, "
+                     f"or stop it (kill {holder}) and run again")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, rank: Rank = Rank()) -> Iterator[None]:
+    """Hold `out` for one run: flock on `.<out name>.lock` next to it (not inside: `out` is a DVC
+    output), taken by every process of the run and released by the kernel when the last of them
+    ends, however it ends (kill -9 included). The file names lock_holder(). Raises UserError
+    naming the holder when another run holds it. Every rank calls it (it has barriers).
+
+    Rank 0 takes the lock exclusively (no process of any other run holds it), writes the holder,
+    then, in a run of several processes, turns it shared; then the other ranks take it shared.
+    Another run's rank 0 cannot take it exclusively while any of them lives."""
+    make_dirs(out.parent)
+    path = out.parent / f".{out.name}.lock"
+    fd = -1
+    if rank.main:
+        with creating(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _refuse(out, fd) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{lock_holder()}\n".encode(), 0)
+        if rank.distributed:
+            try:     # not atomic: another run's rank 0 may win in between; this run then stops
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _refuse(out, fd) from None
+    rank.barrier()
+    if not rank.main:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _refuse(out, fd) from None
+    rank.barrier()
+    try:
+        yield
+    finally:
+        os.close(fd)   # releases this process's hold

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -336,25 +335,3 @@ def refresh_view_for(inputs: Iterable[str | Path], tar_path: str | Path, folder:
     return unpack_view(tar_path, folder)
 
 
-@contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out` for one train run: flock on `.<out name>.lock` next to it (not
-    inside: `out` is a DVC output). The file holds the holder's PID; the lock ends with the process,
-    even on kill -9. Raises UserError naming the holder when another process holds it."""
-    make_dirs(out.parent)
-    path = out.parent / f".{out.name}.lock"
-    with creating(path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UserError(f"{out}: another train run (PID {holder}) is writing it; wait for it to end, "
-                        f"or stop it (kill {holder}) and run again") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)   # releases the lock

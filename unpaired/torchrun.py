@@ -1,0 +1,203 @@
+"""The one entry for data-parallel runs: torchrun, with no orphans and one-line failures.
+
+    python -m unpaired.torchrun [torchrun options] -m MODULE [ARGS...]
+
+It is torchrun (torch.distributed.run): torch's own option parser and elastic agent, run in this
+process. The train stage's `cmd` in dvc.yaml launches through it with `--nproc-per-node
+${train.devices}`; on several nodes each node runs it by hand with torchrun's rendezvous options.
+What it adds to plain torchrun:
+
+- **One process is the plain case.** `--nproc-per-node 1` on one node (no other torchrun option
+  than `--standalone`): this process becomes `python -m MODULE ARGS` (exec, same PID) before torch
+  is imported: no agent, no rendezvous, no process group, no second interpreter (plain torchrun
+  adds about 3 s of start-up and a second process here).
+- **No process of the run outlives whatever launched it.** Each worker is started as
+  `python -m unpaired.torchrun --worker-of LAUNCHER_PID -- <what torchrun would run>`, which asks
+  Linux for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG, kept across exec), checks that
+  its parent is still LAUNCHER_PID (a launcher that died before the prctl is caught too) and execs
+  the worker in the same process. This launcher gets SIGTERM when its own parent dies (dvc, a
+  shell). SIGTERM, SIGINT and SIGHUP to the launcher stop every worker (torchrun's own handling:
+  the signal to each worker's process group, SIGKILL after its shutdown timeout).
+- **A failure is one line.** torchrun's logs and its multi-line failure report are not printed.
+  Each worker records what a one-process run would have printed (unpaired.distributed.session:
+  `error: ...`, `interrupted`, or a bug's traceback) in the error file torchrun gives it, and
+  prints nothing itself; this launcher prints the record of the rank that failed first, after one
+  line naming that rank when it is not rank 0, and exits with its status. A worker that died
+  without a record (kill -9) gets one line naming it and the signal.
+
+This module imports nothing heavy at the top: the worker start and the one-process exec run before
+torch is imported.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+PR_SET_PDEATHSIG = 1                    # <linux/prctl.h>
+WORKER = "--worker-of"
+INTERRUPTED = 130                       # what unpaired.errors.main_guard exits with on Ctrl-C
+
+
+def parent_death_signal(sig: int, parent: int | None = None) -> None:
+    """Ask Linux to send `sig` to this process when the thread that started it ends (prctl
+    PR_SET_PDEATHSIG; kept across exec, cleared in forked children). With `parent` (a PID): if
+    this process's parent is no longer `parent` (it died before the prctl and this process was
+    re-parented), send `sig` to this process now. Does nothing outside Linux."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+def record_failure(text: str, status: int) -> bool:
+    """In a worker started by torchrun: write `text` (what this process would have printed to
+    stderr: one line, or a traceback) and its exit status to the error file torchrun gave it
+    (TORCHELASTIC_ERROR_FILE, torch's format: `message`, `timestamp` in whole seconds; `time_ns`
+    orders failures finer). Returns False (and writes nothing) when not run by torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    now = time.time_ns()
+    record = {"message": text, "timestamp": now // 1_000_000_000, "time_ns": now, "status": status}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f)
+    return True
+
+
+def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """(global rank, torch ProcessFailure) of the failure that came first: a worker that died
+    without a record (killed from outside: torchrun's agent stops the others only after it saw a
+    failure) before any recorded one, then the earliest record."""
+    def order(item: tuple[int, Any]) -> tuple[int, int, int]:
+        rank, failure = item
+        data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
+        stamp = data.get("time_ns")
+        return (0, 0, rank) if not isinstance(stamp, int) else (1, stamp, rank)
+    return min(failures.items(), key=order)
+
+
+def failure_report(failures: dict[int, Any]) -> tuple[str, int]:
+    """The lines to print for torchrun's failed workers (global rank -> ProcessFailure), and the
+    exit status: the first failure's own record (one line as a one-process run prints it), after
+    a line naming its rank when that is not rank 0; one line for a worker killed without one."""
+    rank, failure = first_failure(failures)
+    data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
+    who = f"rank {rank} (PID {failure.pid})"
+    if isinstance(data.get("time_ns"), int):
+        text = str(data.get("message", "")).rstrip("\n")
+        status = data.get("status") if isinstance(data.get("status"), int) else 1
+        if rank != 0:
+            text = f"{who} failed first; the other processes of the run were stopped\n{text}"
+        return text, status
+    if failure.exitcode < 0:
+        how = f"was killed by {failure.signal_name()}"
+    else:
+        how = f"exited with status {failure.exitcode}"
+    return f"error: {who} {how}; the other processes of the run were stopped", 1
+
+
+def _one_process(argv: list[str]) -> list[str] | None:
+    """The `python` arguments of the plain one-process case (`-m MODULE ARGS`, or `SCRIPT ARGS`)
+    when argv asks for one process on one node with no other torchrun option than --standalone;
+    else None (torchrun parses argv)."""
+    values = {"--nproc-per-node": "1", "--nnodes": "1"}
+    module, i = False, 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        key = key.replace("_", "-")
+        if arg in ("-m", "--module"):
+            module = True
+        elif arg == "--standalone":
+            pass
+        elif key in values and eq:
+            values[key] = value
+        elif key in values and i + 1 < len(argv):
+            values[key] = argv[i + 1]
+            i += 1
+        elif arg.startswith("-"):
+            return None
+        else:
+            break
+        i += 1
+    if i == len(argv) or values["--nproc-per-node"] != "1" or values["--nnodes"] not in ("1", "1:1"):
+        return None
+    return (["-m"] if module else []) + argv[i:]
+
+
+def _worker(argv: list[str]) -> None:
+    """`--worker-of PID -- COMMAND...`: the parent-death signal, then exec COMMAND (same PID)."""
+    parent, sep, command = int(argv[0]), argv[1], argv[2:]
+    assert sep == "--" and command, argv
+    parent_death_signal(signal.SIGKILL, parent)
+    os.execvp(command[0], command)
+
+
+def _launch(argv: list[str]) -> int:
+    """torchrun's parser and agent in this process, each worker started through _worker."""
+    import logging
+    logging.disable(logging.CRITICAL)    # the agent's logs: start, closing signals, the failure report
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from unpaired.threads import cpu_count
+    args = get_args_parser().parse_args(argv)
+    if args.run_path:
+        print("error: unpaired.torchrun: --run-path is not supported; use -m MODULE or a script path",
+              file=sys.stderr)
+        return 2
+    if str(args.nproc_per_node).isdigit():
+        # torchrun would otherwise set 1 thread each with a banner; the processes split the cores
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // int(args.nproc_per_node))))
+    if args.no_python:
+        command = [args.training_script]
+    else:
+        command = [os.getenv("PYTHON_EXEC", sys.executable), "-u", *(["-m"] if args.module else []),
+                   args.training_script]
+    args.no_python, args.module, args.training_script = True, False, sys.executable
+    args.training_script_args = ["-m", "unpaired.torchrun", WORKER,
+                                 str(os.getpid()), "--", *command, *args.training_script_args]
+    sys.stdout.flush()
+    try:
+        run(args)
+    except SignalException:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except ChildFailedError as err:
+        text, status = failure_report(err.failures)
+        print(text, file=sys.stderr)
+        return status
+    except Exception as err:   # a rendezvous that failed or timed out, a port in use, ...
+        line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: torchrun: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [WORKER]:
+        _worker(argv[1:])
+        return
+    parent_death_signal(signal.SIGTERM)    # the launcher's parent died: stop the run as on Ctrl-C
+    one = _one_process(argv)
+    if one is not None:
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *one])
+    sys.exit(_launch(argv))
+
+
+if __name__ == "__main__":
+    main()
