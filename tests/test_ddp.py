@@ -100,7 +100,8 @@ def test_interrupted_two_process_run_resumes_bitwise(runs):
     assert tsv("live_straight") == tsv("live_resumed")
     last = checkpoint.load(one / "straight" / "last.pt")
     assert last["world_size"] == 2 and len(last["other_ranks"]) == 1 and last["device"] == "cpu"
-    assert sorted(p.name for p in (one / "straight").iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    assert sorted(p.name for p in (one / "straight").iterdir() if p.name != "samples") == \
+        ["epoch_001.pt", "epoch_002.pt", "last.pt"]
 
 
 def test_two_nodes_rendezvous_and_match_one_node(runs):
@@ -120,7 +121,8 @@ def test_more_devices_than_cores_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text(json.dumps({"train": {"devices": n, "device": "cpu"}}))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit:
-        main_guard(main)
+        main_guard(lambda: main(["--data", "data/prepared.tar", "--view", "data/prepared",
+                                 "--out", "models/checkpoints", "--live", "metrics/train"]))
     assert exit.value.code == 2
     out, err = capsys.readouterr()
     assert out == "" and err == (f"error: params.yaml: train.devices: {n} processes requested but only {n - 1} "
@@ -255,7 +257,13 @@ def test_no_process_of_a_killed_run_remains_and_its_failure_is_one_line(tmp_path
     proc.wait(timeout=5)
     seconds = time.monotonic() - t0
     pid = pids.get(whom)
-    assert (root / "err.txt").read_text().splitlines() == [line.format(pid=pid) for line in lines], case
+    # It ends in the one line a one-process run gives, plus at most one line before it (issue 17.5).
+    # Measured on the loaded 2-core machine: a worker stopped mid-collective may print its C++
+    # runtime's "terminate called ..." or "interrupted" first; that is the one extra line allowed.
+    got = (root / "err.txt").read_text().splitlines()
+    want = [line.format(pid=pid) for line in lines]
+    assert got[-len(want):] == want if want else got == [], (case, got)
+    assert len(got) <= len(want) + (1 if want else 0), (case, got)
     assert seconds < 10
     if sig != signal.SIGKILL or whom != "launcher":
         assert proc.returncode == (130 if lines[-1] == "interrupted" else 1)
@@ -279,7 +287,7 @@ def test_after_a_killed_run_a_second_run_works(tmp_path):
     out = (root / "out.txt").read_text()
     assert "was written by 2 process(es), this run has 1 (train.devices)" in out
     assert (root / "err.txt").read_text() == ""
-    assert sorted(p.name for p in (root / "models" / "checkpoints").iterdir()) == \
+    assert sorted(p.name for p in (root / "models" / "checkpoints").iterdir() if p.name != "samples") == \
         ["epoch_001.pt", "epoch_002.pt", "last.pt"]
     assert checkpoint.load(root / "models" / "checkpoints" / "last.pt")["world_size"] == 1
     aside = [p for p in (root / "models" / "checkpoints.previous").iterdir() if p.is_dir()]
