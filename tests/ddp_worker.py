@@ -7,14 +7,11 @@ taking sample 2k + r at step k (batch 1 each), pool off; after every step the ra
 gathered and compared; rank 0 writes OUT/equivalence.pt (final weights, and whether the ranks
 matched after every step). PART `straight`: the train stage for 2 epochs into OUT/straight.
 PART `resumed`: the same run stopped after epoch 1, then resumed, into OUT/resumed.
-PART `loop` (alone): the frame the train stage's main() runs in (distributed.session, the output
-lock on OUT/models/checkpoints), then all-reduces until killed; rank 0 prints `epoch 1/ running`.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -61,23 +58,8 @@ def equivalence(rank: distributed.Rank, out: Path) -> None:
                     "identical": identical, "grads": grads}, out / "equivalence.pt")
 
 
-def loop(out: Path) -> None:
-    with distributed.session() as rank:
-        distributed.init(rank, torch.device("cpu"))
-        with distributed.output_lock(out / "models" / "checkpoints", rank):
-            x = torch.zeros(1)
-            if rank.main:
-                print("epoch 1/ running", flush=True)
-            while True:
-                rank.sum(x)
-                time.sleep(0.01)
-
-
 def main() -> None:
     data, out, parts = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(",")
-    if parts == ["loop"]:
-        loop(out)
-        return
     rank = distributed.from_env()
     distributed.init(rank, torch.device("cpu"))
     try:

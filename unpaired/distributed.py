@@ -20,6 +20,7 @@ import fcntl
 import io
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -176,12 +177,19 @@ def session() -> Iterator[Rank]:
         except SystemExit:
             raise
         except BaseException as err:   # noqa: BLE001 (KeyboardInterrupt too: one record, no print)
+            # The launcher's SIGTERM (it stops the other ranks once one failed) must not turn this
+            # failure into a second message: no more signals, and no goodbye to the process group
+            # (a peer may be gone: destroy_process_group could wait for it).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
             text, status = _as_printed(err)
             if not record_failure(text, status):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
                 raise
-            raise SystemExit(status) from None
-        finally:
-            finish(rank)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(status)
+        finish(rank)
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
