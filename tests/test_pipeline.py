@@ -84,7 +84,7 @@ def test_dvc_plots_render_curves_and_images(project, tmp_path):
 
 def test_prepared_folder_is_a_view_of_the_tracked_tar(project, tmp_path):
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert [o["path"] for o in lock["prepare"]["outs"]] == ["data/prepared.tar", "metrics/prepare.json"]
+    assert [o["path"] for o in lock["prepare"]["outs"]] == ["data/prepared.tar", "metrics/data", "metrics/prepare.json"]
     copy = tmp_path / "copy"
     shutil.copytree(project, copy, symlinks=True)
     shutil.rmtree(copy / "data" / "prepared")
