@@ -46,6 +46,7 @@ print(json.dumps({"median": times[len(times) // 2], "mean": sum(times) / len(tim
 """
 
 BURN = "while True: pass"
+SPINCOUNTS: list[int] = []
 
 
 def cores() -> int:
@@ -63,6 +64,9 @@ def variants() -> list[tuple[str, int, dict[str, str]]]:
            (f"(c) auto: {auto} thread{'s' if auto > 1 else ''}, passive wait", auto, {"OMP_WAIT_POLICY": "PASSIVE"})]
     if auto != 1:
         out.append(("(d) 1 thread", 1, {"OMP_WAIT_POLICY": "PASSIVE"}))
+    # Bounded spinning (libgomp): idle threads spin GOMP_SPINCOUNT iterations, then sleep.
+    for spins in SPINCOUNTS:
+        out.append((f"(s) {n} threads, GOMP_SPINCOUNT={spins}", n, {"GOMP_SPINCOUNT": str(spins)}))
     return out
 
 
@@ -80,7 +84,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--burners", type=int, default=1, help="processes burning one core each when loaded")
+    ap.add_argument("--spincounts", default="",
+                    help="comma-separated GOMP_SPINCOUNT values to try with all cores (bounded spinning)")
     args = ap.parse_args()
+    SPINCOUNTS.extend(int(s) for s in args.spincounts.split(",") if s)
     print(f"{cores()} CPUs, load average {os.getloadavg()[0]:.2f} before the run; "
           f"{args.steps} steps of {args.size} px after 2 warm-up steps; median s/step")
     results: dict[str, dict[str, float]] = {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -80,18 +81,35 @@ def loader_batches(args, root: Path):
         yield from loader
 
 
+def reference_options(args, device) -> Namespace:
+    """The reference's train.py defaults for CycleGAN, with this run's sizes, under the option names
+    of every release: `gpu_ids` (up to 2022: BaseModel picks the device from it) and `device` (since
+    the 2025 DDP rewrite, BaseModel reads `opt.device`), `n_epochs` and the older `niter` names."""
+    return Namespace(
+        gpu_ids=[device.index or 0] if device.type == "cuda" else [], device=device, isTrain=True,
+        checkpoints_dir=tempfile.mkdtemp(), name="bench", preprocess="resize_and_crop", input_nc=3,
+        output_nc=3, ngf=args.ngf, ndf=args.ndf, netG=f"resnet_{args.blocks}blocks", netD="basic",
+        n_layers_D=3, norm="instance", no_dropout=True, init_type="normal", init_gain=0.02, pool_size=50,
+        gan_mode="lsgan", no_lsgan=False, lr=2e-4, beta1=0.5, lambda_A=10.0, lambda_B=10.0,
+        lambda_identity=0.5, direction="AtoB", which_direction="AtoB", lr_policy="linear",
+        lr_decay_iters=50, n_epochs=100, n_epochs_decay=100, niter=100, niter_decay=100, epoch_count=1,
+        continue_train=False, load_iter=0, epoch="latest", which_epoch="latest", verbose=False,
+        use_wandb=False, model="cycle_gan", dataset_mode="unaligned")
+
+
 def reference_step(args, device, root: Path):
-    """The reference implementation's own model and optimize_parameters (options as its train.py
-    defaults for CycleGAN, with this run's sizes)."""
+    """The reference implementation's own model and optimize_parameters, built as its train.py
+    does (`create_model` then `setup`: weight init, device placement, schedulers), fed by the loader
+    above. Works with the current upstream code (post-2025: `opt.device`, `setup()` moves the nets)
+    and with older releases (`gpu_ids`)."""
     sys.path.insert(0, str(Path(args.reference).resolve()))
     from models.cycle_gan_model import CycleGANModel
-    opt = Namespace(gpu_ids=[device.index or 0] if device.type == "cuda" else [], isTrain=True,
-                    checkpoints_dir=tempfile.mkdtemp(), name="bench", preprocess="resize_and_crop",
-                    input_nc=3, output_nc=3, ngf=args.ngf, ndf=args.ndf, netG=f"resnet_{args.blocks}blocks",
-                    netD="basic", n_layers_D=3, norm="instance", no_dropout=True, init_type="normal",
-                    init_gain=0.02, pool_size=50, gan_mode="lsgan", lr=2e-4, beta1=0.5, lambda_A=10.0,
-                    lambda_B=10.0, lambda_identity=0.5, direction="AtoB", lr_policy="linear", verbose=False)
-    model = CycleGANModel(opt)
+    opt = reference_options(args, device)
+    with contextlib.redirect_stdout(io.StringIO()):   # its network summaries and init messages
+        model = CycleGANModel(opt)
+        model.setup(opt)
+    for net in (model.netG_A, model.netG_B, model.netD_A, model.netD_B):
+        net.to(device)
     it = loader_batches(args, root)
 
     def step():
@@ -132,14 +150,18 @@ def our_step(args, device, root: Path, variant: str):
     return step
 
 
-def measure(args, variant: str, root: Path) -> tuple[float, float]:
-    """(steps/s, peak memory MiB) of one variant, in this (fresh) process."""
+def measure(args, variant: str, root: Path) -> tuple[float, float, float]:
+    """(steps/s, peak memory MiB, seconds of the first step) of one variant, in this (fresh) process."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     step = reference_step(args, device, root) if variant == "reference" else our_step(args, device, root, variant)
-    for _ in range(args.warmup):
+    t0 = time.perf_counter()
+    step()                                       # the first step: compiles, when the variant does
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
         step()
     sync(device)
     if device.type == "cuda":
@@ -155,7 +177,7 @@ def measure(args, variant: str, root: Path) -> tuple[float, float]:
     rate = args.steps / (time.perf_counter() - start)
     mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    return rate, mem
+    return rate, mem, first
 
 
 def _ddp_worker(rank: int, args, root: Path, port: int, queue) -> None:
@@ -166,7 +188,7 @@ def _ddp_worker(rank: int, args, root: Path, port: int, queue) -> None:
         args.device = f"cuda:{rank}"
     torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.world)
     args.rank = rank
-    rate, mem = measure(args, "batched", root)
+    rate, mem, _ = measure(args, "batched", root)
     if rank == 0:
         queue.put((rate, mem))
     torch.distributed.destroy_process_group()
@@ -176,7 +198,7 @@ def _isolated_worker(args, variant: str, root: Path, queue) -> None:
     queue.put(measure(args, variant, root))
 
 
-def run_isolated(args, variant: str, root: Path) -> tuple[float, float]:
+def run_isolated(args, variant: str, root: Path) -> tuple[float, float, float]:
     """measure() in a fresh process (not a Pool's daemon: the DataLoader starts workers)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -202,6 +224,12 @@ def run_ddp(args, root: Path) -> tuple[float, float]:
     for p in procs:
         p.join()
     return result
+
+
+def default_variant(device: torch.device) -> str:
+    """The variant `python -m stages.train` runs with the default params (train.compile false,
+    train.batched_passes true, train.precision auto: bf16 autocast on CUDA, float32 elsewhere)."""
+    return "batched+bf16" if device.type == "cuda" else "batched"
 
 
 def main() -> None:
@@ -236,8 +264,10 @@ def main() -> None:
     if args.reference and "reference" not in variants:
         variants.insert(0, "reference")
     name = torch.cuda.get_device_name(device) if cuda else f"cpu, {args.threads} threads"
+    load = os.getloadavg()[0]
     print(f"CycleGAN train step, {name}, crop {args.size} (load {args.load}), ngf {args.ngf}, ndf {args.ndf}, "
-          f"{args.blocks} blocks, batch 1, {args.steps} steps after {args.warmup} warm-up, best of {args.repeats}")
+          f"{args.blocks} blocks, batch 1, {args.steps} steps after {args.warmup} warm-up, best of {args.repeats}; "
+          f"load average {load:.2f} at the start")
     mem_name = "max alloc MiB" if cuda else "peak RSS MiB"
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,12 +277,12 @@ def main() -> None:
         per = Namespace(**{**vars(args), "threads": max(1, args.threads // max(1, args.ddp))})
         for r in range(args.repeats):
             for v in variants:
-                rate, mem = run_isolated(args, v, Path(tmp))
+                rate, mem, first = run_isolated(args, v, Path(tmp))
                 best = rows.get(v, (0.0, 0.0))
                 rows[v] = (max(best[0], rate), max(best[1], mem))
-                print(f"  round {r + 1}: {v}: {rate:.2f} it/s", flush=True)
+                print(f"  round {r + 1}: {v}: {rate:.2f} it/s (first step {first:.1f} s)", flush=True)
             if args.ddp > 1:
-                one, many = run_isolated(per, "batched", Path(tmp)), run_ddp(per, Path(tmp))
+                one, many = run_isolated(per, "batched", Path(tmp))[:2], run_ddp(per, Path(tmp))
                 print(f"  round {r + 1}: ddp: one process {one[0]:.2f}, {args.ddp} processes "
                       f"{many[0] * args.ddp:.2f} img/s", flush=True)
                 ddp = (one, many) if ddp is None else (max(ddp[0], one), max(ddp[1], many))
@@ -260,8 +290,11 @@ def main() -> None:
     ref = rows.get("reference", (None,))[0]
     print(f"\n{'variant':<18}{'it/s':>9}{'× ref-structured':>18}" + (f"{'× reference':>13}" if ref else "")
           + f"{mem_name:>16}")
+    default = default_variant(device)
     for v, (rate, mem) in rows.items():
-        print(f"{v:<18}{rate:>9.2f}{rate / base:>17.2f}x" + (f"{rate / ref:>12.2f}x" if ref else "") + f"{mem:>16.0f}")
+        print(f"{v + (' *' if v == default else ''):<18}{rate:>9.2f}{rate / base:>17.2f}x" + (f"{rate / ref:>12.2f}x" if ref else "") + f"{mem:>16.0f}")
+    print(f"* the variant python -m stages.train runs with the default params; load average "
+          f"{os.getloadavg()[0]:.2f} at the end")
     if ddp:
         (one, _), (many, mem) = ddp
         per_threads = max(1, args.threads // args.ddp)
@@ -269,9 +302,13 @@ def main() -> None:
               f"{args.ddp} processes {many * args.ddp:.2f} img/s in all; scaling efficiency "
               f"{many * args.ddp / (args.ddp * one):.2f} (rank 0 {mem_name} {mem:.0f})")
     if args.json:
+        default = default_variant(device)
         out = {"device": name, "crop": args.size, "ngf": args.ngf, "ndf": args.ndf, "blocks": args.blocks,
-               "steps": args.steps, "memory": mem_name,
-               "variants": {v: {"it_per_s": r, "ratio_ref_structured": r / base, "memory_mib": m}
+               "steps": args.steps, "threads": args.threads, "repeats": args.repeats, "memory": mem_name,
+               "load_average": load,
+               "variants": {v: {"it_per_s": r, "ratio_ref_structured": r / base, "memory_mib": m,
+                                **({"ratio_reference": r / ref} if ref else {}),
+                                **({"default": True} if v == default else {})}
                             for v, (r, m) in rows.items()}}
         if ddp:
             out["ddp"] = {"processes": args.ddp, "one_process_img_per_s": ddp[0][0],

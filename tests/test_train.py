@@ -73,6 +73,17 @@ def test_pool_semantics():
     assert len(pool.images) == 4 and 160 < swapped < 240   # about half of the queries swap
 
 
+def test_pool_grows_as_images_arrive():
+    """A huge pool_size allocates only what is stored (issue 17.6), with the same draws and results
+    as a pool that is never full."""
+    huge, small = ImagePool(10 ** 9, torch.Generator().manual_seed(0)), ImagePool(50, torch.Generator().manual_seed(0))
+    for i in range(5):
+        x = torch.randn(2, 3, 4, 4)
+        assert torch.equal(huge.query(x), x) and torch.equal(small.query(x), x)
+    assert huge.buffer is not None and len(huge.buffer) <= 16 and len(huge.images) == 10
+    assert torch.equal(huge.state()["images"], small.state()["images"])
+
+
 def test_learning_rate_schedule():
     assert [lr_factor(e, 100, 100) for e in (0, 50, 99)] == [1.0, 1.0, 1.0]
     assert lr_factor(100, 100, 100) == pytest.approx(1 - 1 / 101)

@@ -16,17 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from PIL import Image
 
 from unpaired.devices import check_device, resolve_device
 from unpaired.errors import UserError
 from unpaired.files import sha256_of
 from unpaired.params import COUNT, IMAGE_SIZE, SEED, Bound, Params, check, fail, parse
-from unpaired.safe_pickle import load_generator
 from unpaired.sources.base import FetchContext, SourceError
 from unpaired.sources.download import is_network_pickle, locate
-from unpaired.stylegan2 import seed_latents, to_uint8
 
 FFHQ = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/ffhq.pkl"
 WHERE_TO_GET = (f"e.g. NVIDIA's FFHQ network {FFHQ} (non-commercial licence), or a pickle trained "
@@ -84,6 +81,14 @@ class StyleGANParams(Params):
 
 
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
+    # torch and the network code are imported here, when a stylegan domain is fetched: the fetch
+    # stage imports every source module, and a procedural source should not pay torch's import
+    # (hundreds of MB of RSS and seconds of start-up per fetch).
+    import torch
+
+    from unpaired.safe_pickle import load_generator
+    from unpaired.stylegan2 import seed_latents, to_uint8
+
     p = parse(StyleGANParams, raw, ctx.key)
     seeds = parse_seeds(p.seeds, f"{ctx.key}.seeds")
     device = resolve_device(p.device, f"{ctx.key}.device")
