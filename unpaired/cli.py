@@ -110,18 +110,6 @@ def _recursive_glob(item: str, dead: list[str]) -> list[Path]:
     return [p for p in _walk(root, dead) if _glob_match(p.relative_to(root).parts, parts[fixed:])]
 
 
-def _dead_link(path: Path) -> str | None:
-    """`symlink_loop` or `broken_link` for a symlink that leads to no file (a loop, or a target that
-    does not exist), None for anything else."""
-    if not path.is_symlink():
-        return None
-    try:
-        path.stat()
-    except OSError as err:
-        return "symlink_loop" if err.errno == errno.ELOOP else "broken_link"
-    return None
-
-
 def expand_inputs(inputs: list[str], skipped: list[str] | None = None) -> list[Path]:
     """The image files of `inputs` (files, folders searched recursively, globs), in order, each once.
     Linked folders are followed. A symlink that leads nowhere (a loop, a missing target) or back to a
