@@ -2,15 +2,18 @@
 param runs the committed params.yaml plus exactly that override, in parallel workers; `dvc exp show`
 compares the runs; `dvc exp apply` brings the winner back; one experiment's checkpoints never leak
 into another's run."""
+import contextlib
 import json
+import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from ruamel.yaml import YAML
 
-from tests.helpers import TINY, clone_project, deep_merge, dvc
+from tests.helpers import TINY, VENV_BIN, clone_project, deep_merge, dvc, env
 
 # A sweep's own edits of the committed params, so a test can tell them from conf/'s defaults: with
 # DVC's Hydra composition on, every experiment silently ran conf/'s values instead.
@@ -34,6 +37,32 @@ def _wait_for_queue(repo, count, limit_s=600):
     raise AssertionError(f"the queue did not finish in {limit_s} s:\n{status}")
 
 
+def _stop_workers(repo, starter):
+    """No process of the sweep outlives the test: the starter's session, then any queue worker of
+    this repository (dvc names its workers after the repository's queue), bounded in time."""
+    import signal
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(starter.pid, signal.SIGKILL)
+    starter.wait(timeout=10)
+    for _ in range(50):
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_worker(p, repo)]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def _is_worker(proc_dir, repo):
+    try:
+        cmd = (proc_dir / "cmdline").read_bytes()
+        cwd = os.readlink(proc_dir / "cwd")
+    except OSError:
+        return False
+    return b"queue-worker" in cmd and cwd.startswith(str(repo))
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     repo = clone_project(tmp_path_factory.mktemp("sweep") / "project", deep_merge(TINY, EDITS))
@@ -42,11 +71,18 @@ def swept(tmp_path_factory):
     for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"]):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
     dvc(repo, "exp", "run", "--queue", "-S", f"train.lambda_cycle={SWEEP[0]},{SWEEP[1]}")
+    # `dvc queue start` daemonizes its workers, which may keep inherited pipes open: never wait on
+    # its output (subprocess.run(capture_output=True) waited for EOF for ever on a fresh clone).
+    log = (repo.parent / "queue-start.log").open("wb")
+    starter = subprocess.Popen([str(VENV_BIN / "dvc"), "queue", "start", "-j", "2"], cwd=repo, env=env(),
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
     try:
-        dvc(repo, "queue", "start", "-j", "2")
         status = _wait_for_queue(repo, len(SWEEP))
     finally:
-        dvc(repo, "queue", "stop", check=False)
+        dvc(repo, "queue", "stop", "--kill", check=False)
+        _stop_workers(repo, starter)
+        log.close()
     assert status.count("Success") == len(SWEEP), status
     return repo, committed
 
