@@ -1,11 +1,13 @@
 """Shared test helpers: a throw-away copy of the project to run real `dvc` in, with tiny params."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -79,3 +81,27 @@ def clone_project(dest: Path, overrides: dict[str, Any] | None = None) -> Path:
 
 def dvc(dest: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run([str(VENV_BIN / "dvc"), *args], cwd=dest, check=check)
+
+
+CHROMIUM = Path("/usr/bin/chromium")      # Debian's chromium, driven by playwright (no browser download)
+
+
+@contextlib.contextmanager
+def chromium_page(url: str, width: int) -> Iterator[tuple[Any, list[str]]]:
+    """Open `url` in headless Debian chromium at `width` × 900 px, loaded; yield the playwright page
+    and the list that collects its console errors and page errors. Offline: no network features."""
+    from playwright.sync_api import sync_playwright
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            page.wait_for_load_state("load")
+            yield page, errors
+        finally:
+            browser.close()

@@ -16,9 +16,9 @@ from PIL import Image
 from skimage import data
 
 from stages.prepare import PrepareParams, prepare
+from tests.helpers import CHROMIUM, chromium_page
 from unpaired.sources.doodles import DoodleParams, render
 
-CHROMIUM = Path("/usr/bin/chromium")
 CAP = 12
 
 
@@ -69,22 +69,12 @@ def test_the_page_is_the_same_bytes_on_every_run(tmp_path):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)")
 def test_dataset_page_renders_in_chromium(tmp_path):
-    from playwright.sync_api import sync_playwright
     raw = make_raw(tmp_path / "raw")
     counts = prepare(PARAMS, raw, tmp_path / "prepared", tmp_path / "metrics" / "prepare.json", workers=1,
                      page=tmp_path / "metrics" / "data")
     assert counts["skipped"]["a"]["duplicate"] == 1 and counts["skipped"]["b"]["near_duplicate"] == 2
     assert counts["skipped"]["b"]["no_face"] == 2 and counts["sources"]["b"]["skimage"] == {"kept": 2, "skipped": 0}
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto((tmp_path / "metrics" / "data" / "index.html").as_uri())
-        page.wait_for_load_state("load")
+    with chromium_page((tmp_path / "metrics" / "data" / "index.html").as_uri(), 1280) as (page, errors):
         images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.src])")
         assert images and all(ok and w > 0 for ok, w, _ in images), [s for ok, w, s in images if not (ok and w)]
         sheets = {(s.get_attribute("data-domain"), s.get_attribute("data-split")): s
@@ -118,7 +108,6 @@ def test_dataset_page_renders_in_chromium(tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         if os.environ.get("UNPAIRED_DATASET_SHOT"):       # to look at it: UNPAIRED_DATASET_SHOT=/tmp/x.png
             shutil.copyfile(shot, os.environ["UNPAIRED_DATASET_SHOT"])
-        browser.close()
     assert Image.open(shot).width == 1280
     assert not errors, errors
 

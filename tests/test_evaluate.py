@@ -17,12 +17,12 @@ from PIL import Image
 
 import unpaired.evaluation as evl
 from stages.evaluate import EvaluateParams, Paths, evaluate, parse_args
+from tests.helpers import CHROMIUM, chromium_page
 from unpaired import checkpoint
 from unpaired.cyclegan import ResnetGenerator, init_weights
 from unpaired.errors import UserError
 from unpaired.evaluation import fid_kid, labelled_grid
 
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 class LocalFeatures(torch.nn.Module):
@@ -328,7 +328,6 @@ def write_live_logs(live_dir: Path, epochs: int = 3) -> None:
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_chromium(setup, monkeypatch):
-    from playwright.sync_api import sync_playwright
     tmp_path, paths = setup
     monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), ""))
     write_live_logs(paths.train_live)
@@ -339,16 +338,7 @@ def test_report_renders_in_chromium(setup, monkeypatch):
                                                           "b": {"source": "flares", "count": 15}},
                   "prepare": {"test_fraction": 0.3}, "train": {"epochs": 1, "epochs_decay": 1, "device": "cpu"}}
     evaluate(EvaluateParams(samples=2, kid_subsets=2), paths, all_params)
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        page = browser.new_page(viewport={"width": 1000, "height": 900})
-        errors = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto((tmp_path / "metrics" / "report.html").as_uri())
-        page.wait_for_load_state("load")
+    with chromium_page((tmp_path / "metrics" / "report.html").as_uri(), 1000) as (page, errors):
         images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
         assert len(images) == 3 and all(ok and w > 0 for ok, w in images)
         # small multiples: 4 loss panels (G, D, cycle, identity) + FID + KID, each with its own scale
@@ -379,7 +369,6 @@ def test_report_renders_in_chromium(setup, monkeypatch):
         page.screenshot(path=str(shot), full_page=True)
         if os.environ.get("UNPAIRED_REPORT_SHOT"):       # to look at it: UNPAIRED_REPORT_SHOT=/tmp/x.png
             page.screenshot(path=os.environ["UNPAIRED_REPORT_SHOT"], full_page=True)
-        browser.close()
     assert errors == []
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 10                                      # not a blank page
