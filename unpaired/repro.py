@@ -48,12 +48,16 @@ STATE = Path(".dvc/tmp/repro-kept")          # one run's record: present.json + 
 LOCK = Path(".dvc/tmp/repro-kept.lock")      # held (flock) for the wrapper's whole run
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-# Runs in dvc's process group; its stdin is a pipe only the wrapper writes. EOF without the "done"
-# byte means the wrapper died (kill -9): take dvc repro and its stage down with it.
+# Watches dvc's process group (argv[1]) from a process group of its own, so that neither a signal the
+# wrapper forwards to dvc's group (even one that lands while the watchdog's Python still starts) nor a
+# kill of the wrapper's group reaches it. Its stdin is a pipe only the wrapper writes: EOF without the
+# "done" byte means the wrapper died (kill -9), so it takes dvc and its stage down with it.
 WATCHDOG = ("import os, signal, sys\n"
-            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
             "if sys.stdin.buffer.read(1) != b'd':\n"
-            "    os.killpg(os.getpgrp(), signal.SIGKILL)\n")
+            "    try:\n"
+            "        os.killpg(int(sys.argv[1]), signal.SIGKILL)\n"
+            "    except ProcessLookupError:\n"
+            "        pass\n")
 
 
 @dataclass(frozen=True)
@@ -201,10 +205,8 @@ def _run_dvc(args: list[str], signals: Signals, errors: list[str] | None = None)
                             stderr=subprocess.PIPE if errors is not None else None)
     signals.group = proc.pid
     read, write = os.pipe()
-    try:
-        watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=read, process_group=proc.pid)
-    except OSError:                   # dvc already gone (its group with it): nothing left to watch
-        watchdog = None
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(proc.pid)], stdin=read,
+                                process_group=0)
     os.close(read)
     try:
         if proc.stderr is not None and errors is not None:
@@ -217,10 +219,10 @@ def _run_dvc(args: list[str], signals: Signals, errors: list[str] | None = None)
                 continue
     finally:
         signals.group = None
-        os.write(write, b"d")
+        with contextlib.suppress(BrokenPipeError):  # the watchdog is gone already: nothing to tell it
+            os.write(write, b"d")
         os.close(write)
-        if watchdog is not None:
-            watchdog.wait()
+        watchdog.wait()
     return proc.returncode
 
 
