@@ -38,8 +38,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from unpaired.training import (DeviceFeeder, ImagePool, build_models, channels_last_ok, compile_models,
-                               load_folder, optimizers, train_step)
+from unpaired.feeding import DeviceFeeder, load_folder
+from unpaired.training import ImagePool, build_models, channels_last_ok, compile_models, optimizers, train_step
 
 VARIANTS = ["reference", "ref-structured", "eager", "batched", "batched+compile", "batched+bf16"]
 

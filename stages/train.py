@@ -15,6 +15,7 @@ resuming and writes. Without torchrun, or with world size 1, it is the plain one
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,15 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from unpaired import checkpoint, distributed, params, train_state  # noqa: E402
-from unpaired.devices import autocast_for, bf16_for, resolve_device  # noqa: E402
+from unpaired.devices import autocast_for, bf16_for, precision_warning, resolve_device  # noqa: E402
 from unpaired.distributed import Rank  # noqa: E402
 from unpaired.errors import ArgumentParser, main_guard  # noqa: E402
 from unpaired.files import make_dirs, remove_stale_temporaries, unpack_view  # noqa: E402
 from unpaired.progress import Progress, speed_hint  # noqa: E402
 from unpaired.samples import fixed_images, grid, triplets  # noqa: E402
 from unpaired.train_state import TrainState, write_sample as save_sample  # noqa: E402
-from unpaired.training import (LOSS_NAMES, DeviceFeeder, TrainParams, channels_last_ok,  # noqa: E402
-                               choose_data_device, compile_models, distribute, feeder_for, load_folder)
+from unpaired.feeding import DeviceFeeder, decoded_bytes, feeder_for, image_files, place_images  # noqa: E402
+from unpaired.training import LOSS_NAMES, TrainParams, channels_last_ok, compile_models, distribute  # noqa: E402
 
 LOG_EVERY = 50   # steps between progress-bar loss updates (each one reads the losses from the device)
 
@@ -76,6 +77,9 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
     torch.backends.cudnn.benchmark = cuda
     if cuda and not bf16_for(device, p.precision):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    warning = precision_warning(device, p.precision)
+    if warning and rank.main:
+        print(warning, file=sys.stderr)
     return device
 
 
@@ -87,8 +91,7 @@ def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int
     return {}). Raises UserError (one line) for unusable data, a shorter schedule than the
     checkpoint's, a checkpoint that does not fit, and non-finite losses or weights."""
     device = setup_device(p, rank)
-    images_A = load_folder(data / "trainA", p.load_size)
-    images_B = load_folder(data / "trainB", p.load_size)
+    files_A, files_B = image_files(data / "trainA"), image_files(data / "trainB")
     stored, extended = train_state.resume(p, data, out, rank.world_size) if rank.main else (None, [])
     if rank.distributed:   # rank 0's decision (it has verified last.pt); the others read the same file
         resumed, extended = rank.gather((stored is not None, extended))[0]
@@ -109,11 +112,12 @@ def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int
     if p.compile_mode:
         state.models = compile_models(state.models, p.compile_mode)
 
-    data_device, why = choose_data_device(p.data_device, device, images_A.nbytes + images_B.nbytes)
-    feeder = feeder_for(p, images_A, images_B, device, channels_last, data_device, rank)
+    placement = place_images(p.data_device, device, decoded_bytes(len(files_A) + len(files_B), p.load_size),
+                             rank.local_world_size)
+    feeder = feeder_for(p, files_A, files_B, device, channels_last, placement, rank)
     speeds = train_state.read_speeds(live_dir, state.epoch) if rank.main else {}   # dvclive only, not last.pt
     if rank.main:
-        print(f"train: {why}")
+        print(f"train: {placement.why}")
         if rank.distributed:
             print(f"train: {rank.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
                   f"batch {p.batch_size} each: effective batch {p.batch_size * rank.world_size}, lr "

@@ -1,12 +1,14 @@
 """Every accelerator code path, run on the CPU: batched passes, memory formats, bf16 autocast, compile."""
 import contextlib
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from unpaired.training import (DeviceFeeder, ImagePool, build_models, channels_last_ok, choose_data_device,
-                               compile_models, optimizers, train_step)
+from unpaired.feeding import DeviceFeeder, place_images
+from unpaired.training import ImagePool, build_models, channels_last_ok, compile_models, optimizers, train_step
 
 CPU = torch.device("cpu")
 
@@ -150,17 +152,15 @@ def test_images_on_the_host_give_the_same_batches():
     two = list(on_host.batches(on_host.plan(torch.Generator().manual_seed(3))))
     assert len(one) == len(two) == 3
     assert all(torch.equal(x, y) for p, q in zip(one, two) for x, y in zip(p, q))
-    where, why = choose_data_device("auto", CPU, a.nbytes + b.nbytes)
-    assert where == CPU and why == "0 MiB of images on cpu (host memory is the device's)"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: auto picks by free GPU memory")
 def test_data_device_auto_on_cuda():
     cuda = torch.device("cuda")
     free, _ = torch.cuda.mem_get_info(cuda)
-    assert choose_data_device("auto", cuda, 1 << 20)[0] == cuda
-    where, why = choose_data_device("auto", cuda, int(free * 0.5))
-    assert where == CPU and "pinned host memory" in why
+    assert place_images("auto", cuda, 1 << 20).device == cuda
+    placed = place_images("auto", cuda, int(free * 0.5))
+    assert placed.place == "host" and placed.device == CPU and "pinned host memory" in placed.why
 
 
 @pytest.mark.parametrize("raw, key", [({"compile": "max"}, "train.compile"), ({"devices": 0}, "train.devices"),
@@ -181,3 +181,40 @@ def test_compile_modes_and_lr_scaling():
     assert modes == [None, "default", "default", "reduce-overhead"]
     lrs = [parse(TrainParams, {"lr_scaling": r}, "train").scaled_lr(4) for r in ("none", "linear", "sqrt")]
     assert lrs == pytest.approx([2e-4, 8e-4, 4e-4])
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    """precision: auto never picks bf16 on a CPU; bf16 asked for on a CPU without native bf16
+    instructions gets one warning line naming the key."""
+    from unpaired import devices
+    x86_avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    x86_bf16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+    arm_bf16 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+    assert devices.cpu_bf16_native(x86_avx2) is False
+    assert devices.cpu_bf16_native(x86_bf16) is True and devices.cpu_bf16_native(arm_bf16) is True
+    assert not devices.bf16_for(CPU, "auto") and devices.bf16_for(CPU, "bf16")
+    assert devices.precision_warning(CPU, "auto") is None and devices.precision_warning(CPU, "fp32") is None
+    with open("/proc/cpuinfo") as f:
+        here = devices.cpu_bf16_native(f.read())
+    warning = devices.precision_warning(CPU, "bf16")
+    assert (warning is None) == here
+    if warning:
+        assert warning.startswith("warning: params.yaml: train.precision: bf16 on a CPU without native bf16")
+
+
+def test_compile_caches_persist_outside_tmp(monkeypatch, tmp_path):
+    """compile_models points inductor's caches at ~/.cache/unpaired (or $XDG_CACHE_HOME/unpaired),
+    which outlives a reboot, unless the user chose TORCHINDUCTOR_CACHE_DIR."""
+    from unpaired.training import compile_cache_dir
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    models = build_models(2, 2, 1, 1, CPU, False)
+    compile_models(models, "default", backend="eager")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "unpaired" / "torchinductor")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert cache_dir() == os.environ["TORCHINDUCTOR_CACHE_DIR"]            # what inductor will use
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert compile_cache_dir() == Path.home() / ".cache" / "unpaired" / "torchinductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compile_models(models, "default", backend="eager")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

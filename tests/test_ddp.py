@@ -215,8 +215,10 @@ def lock_free(root: Path) -> bool:
 def running(root: Path, devices: int) -> tuple[subprocess.Popen, dict[int, int]]:
     """A run of `devices` processes that has finished epoch 1 and keeps training; rank -> PID."""
     proc = start(root, devices)
-    wait_for(lambda: "epoch 1/" in (root / "out.txt").read_text() or proc.poll() is not None, 60,
-             "no epoch finished within 60 s")
+    # last.pt appears (atomically renamed) when epoch 1 is saved; the progress line "epoch 1/..." can
+    # come earlier, mid-epoch, on a loaded machine
+    last = root / "models" / "checkpoints" / "last.pt"
+    wait_for(lambda: last.is_file() or proc.poll() is not None, 90, "no epoch finished within 90 s")
     assert proc.poll() is None, (root / "err.txt").read_text()
     return proc, (ranks(proc.pid) if devices > 1 else {0: proc.pid})
 

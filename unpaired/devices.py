@@ -62,8 +62,42 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
 
 def bf16_for(device: torch.device, precision: str) -> bool:
     """bf16 autocast: asked for, or `auto` on CUDA (tests/test_accel.py: bf16 loss curves stay well
-    within the seed-to-seed noise of fp32 ones on CPU autocast; gpu_check.sh measures CUDA)."""
+    within the seed-to-seed noise of fp32 ones on CPU autocast; gpu_check.sh measures CUDA). `auto`
+    never picks bf16 on a CPU, with or without native bf16 instructions (see cpu_bf16_native)."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+# CPU feature flags that compute bf16 natively, as Linux names them in /proc/cpuinfo: x86's AVX-512
+# BF16 and AMX BF16 (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later), Arm's BF16.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has native bf16 instructions: any of NATIVE_BF16_FLAGS among the `flags`
+    (x86) or `Features` (Arm) of /proc/cpuinfo (or the given text). None where that file is absent
+    (not Linux): unknown. torch has no public query for it; without those instructions bf16 runs
+    emulated, measured 10× slower than fp32 on an AVX2-only CPU."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & NATIVE_BF16_FLAGS)
+
+
+def precision_warning(device: torch.device, precision: str, key: str = "train.precision") -> str | None:
+    """The one-line warning for bf16 asked for on a CPU without native bf16 (cpu_bf16_native), else None."""
+    if device.type == "cpu" and bf16_for(device, precision) and cpu_bf16_native() is False:
+        return (f"warning: params.yaml: {key}: bf16 on a CPU without native bf16 instructions (none of "
+                f"{', '.join(sorted(NATIVE_BF16_FLAGS))} in /proc/cpuinfo) runs emulated, about 10x slower "
+                f"than fp32; use auto or fp32")
+    return None
 
 
 def autocast_for(device: torch.device, precision: str):

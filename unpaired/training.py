@@ -1,5 +1,5 @@
-"""CycleGAN training pieces: the image pool, the learning-rate rule, the device-resident data feeder
-(sharded by rank for data-parallel runs), the generator and discriminator pair modules (the units
+"""CycleGAN training pieces: the image pool, the learning-rate rule (the data feeders are in
+unpaired/feeding.py), the generator and discriminator pair modules (the units
 DDP wraps and torch.compile compiles) and one optimisation step in the reference order (G step with
 both Ds frozen, then D step), its independent passes batched by default.
 
@@ -10,19 +10,15 @@ idt_A, idt_B (L1 × λ × λ_identity), D_A, D_B ((real + fake) × 0.5).
 from __future__ import annotations
 
 import itertools
-import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.v2 import functional as TF
-
-from unpaired.images import Skip, read_uint8
 
 from unpaired.cyclegan import PatchDiscriminator, ResnetGenerator, init_weights
-from unpaired.errors import UserError
 from unpaired import params, threads
 from unpaired.devices import check_device
 
@@ -129,23 +125,6 @@ def lr_factor(epoch: int, epochs: int, epochs_decay: int) -> float:
     return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
 
 
-def load_folder(folder: Path, load_size: int) -> torch.Tensor:
-    """All PNG/JPEG images of `folder` as one uint8 tensor N×3×load×load (decoded once, resized once
-    to `load_size` with antialiasing, as the reference's per-step Resize would do every time)."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        raise UserError(f"{folder}: no training images; run the prepare stage (uv run dvc repro prepare)")
-    images = []
-    for f in files:
-        try:
-            img = read_uint8(f)
-        except Skip as skip:
-            raise UserError(f"{f}: {skip.reason} image in the prepared data; re-run prepare "
-                            f"(uv run dvc repro prepare --force)") from None
-        images.append(TF.resize(img, [load_size, load_size], antialias=True))
-    return torch.stack(images)
-
-
 def channels_last_ok(device: torch.device) -> bool:
     """Whether `device` computes instance norm's input gradient right when the incoming gradient is
     channels-last, at batch 1 and 2 (measured wrong on CPU at batch 1 in torch 2.15: the error was
@@ -164,118 +143,6 @@ def channels_last_ok(device: torch.device) -> bool:
         if not err < 1e-3:
             return False
     return True
-
-
-def choose_data_device(setting: str, device: torch.device, nbytes: int, share: float = 0.25
-                       ) -> tuple[torch.device, str]:
-    """Where the training images live: `device` or `host` as asked; `auto` keeps them on a CUDA
-    device when they take at most `share` of its free memory, else in pinned host memory (batches
-    copied asynchronously). Returns (device, the reason, for the log line)."""
-    mib = nbytes / 2 ** 20
-    if device.type != "cuda":
-        return device, f"{mib:.0f} MiB of images on {device.type} (host memory is the device's)"
-    if setting == "device":
-        return device, f"{mib:.0f} MiB of images on {device} (train.data_device: device)"
-    if setting == "host":
-        return torch.device("cpu"), f"{mib:.0f} MiB of images in pinned host memory (train.data_device: host)"
-    free, _ = torch.cuda.mem_get_info(device)
-    if nbytes <= share * free:
-        return device, (f"{mib:.0f} MiB of images on {device}: within {share:.0%} of its "
-                        f"{free / 2 ** 30:.1f} GiB free (train.data_device: auto)")
-    return torch.device("cpu"), (f"{mib:.0f} MiB of images in pinned host memory: more than {share:.0%} of "
-                                 f"{device}'s {free / 2 ** 30:.1f} GiB free (train.data_device: auto)")
-
-
-class DeviceFeeder:
-    """Batches for one epoch, drawn on the CPU generator up front (indices, crop offsets, flips: a
-    few small tensors per epoch), then cut out of the uint8 images on the training device.
-
-    Images on the device (`data_device` None or equal to `device`): no per-step decode and no
-    host-to-device copy of pixels. Images on the host (`data_device` cpu, training on CUDA): they
-    sit in pinned memory; each batch's whole images are copied asynchronously (one batch ahead)
-    and cropped on the device.
-
-    Data parallel (`world_size` > 1): every rank draws the same epoch plan, padded by wrapping to
-    a multiple of world_size × batch_size (as torch's DistributedSampler pads), and takes its
-    share of every global batch: rank r's step k is global samples [(k·W + r)·b, (k·W + r + 1)·b).
-    The ranks together make one epoch of max(|A|, |B|) images (plus the padding)."""
-
-    def __init__(self, images_a: torch.Tensor, images_b: torch.Tensor, crop: int, flip: bool,
-                 batch_size: int, device: torch.device, channels_last: bool,
-                 data_device: torch.device | None = None, rank: int = 0, world_size: int = 1,
-                 copy_per_batch: bool | None = None):
-        self.device = device
-        self.data_device = device if data_device is None else data_device
-        # Copy each batch's whole images to `device` (None: when the images live elsewhere; True
-        # on the CPU runs that path in tests, pinning and the asynchronous copy aside).
-        self.host = self.data_device != device if copy_per_batch is None else copy_per_batch
-        self.a = images_a.to(self.data_device)
-        self.b = images_b.to(self.data_device)
-        if self.host and torch.cuda.is_available():
-            self.a, self.b = self.a.pin_memory(), self.b.pin_memory()
-        self.crop, self.flip, self.batch_size = crop, flip, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(max(len(self.a), len(self.b)) / (self.batch_size * self.world_size))
-
-    @property
-    def images_per_epoch(self) -> int:
-        """Images this rank takes per epoch."""
-        n = max(len(self.a), len(self.b))
-        return n if self.world_size == 1 else self.steps_per_epoch * self.batch_size
-
-    def plan(self, g: torch.Generator) -> dict[str, torch.Tensor]:
-        """The reference's sampling: A in a shuffled order over max(|A|, |B|) (wrapping), B at
-        random; then this rank's share (see the class docstring)."""
-        n = max(len(self.a), len(self.b))
-        load = self.a.shape[-1]
-        plan = {
-            "a": torch.randperm(n, generator=g) % len(self.a),
-            "b": torch.randint(len(self.b), (n,), generator=g),
-            "offsets": torch.randint(load - self.crop + 1, (n, 2, 2), generator=g),
-            "flips": (torch.rand((n, 2), generator=g) < 0.5) & self.flip,
-        }
-        if self.world_size > 1:
-            b, w, steps = self.batch_size, self.world_size, self.steps_per_epoch
-            order = torch.arange(steps * w * b) % n                     # padded by wrapping
-            mine = order.view(steps, w, b)[:, self.rank].reshape(-1)
-            plan = {k: v[mine] for k, v in plan.items()}
-        index_device = self.data_device
-        return {k: v.to(index_device if k in ("a", "b") else self.device) for k, v in plan.items()}
-
-    def _take(self, batch, offsets, flips) -> torch.Tensor:
-        # Per-image crop windows: build the gather index once per batch (all on the device).
-        ar = torch.arange(self.crop, device=self.device)
-        rows = (offsets[:, 0, None] + ar)[:, :, None]                   # B×crop×1
-        cols = (offsets[:, 1, None] + ar)                               # B×crop
-        cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, :]  # B×1×crop
-        b = torch.arange(len(batch), device=self.device)[:, None, None]
-        crops = batch.permute(0, 2, 3, 1)[b, rows, cols]                # B×crop×crop×3
-        out = crops.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        return out.contiguous(memory_format=self.memory_format)
-
-    def _whole(self, plan, sl):
-        """This step's whole uint8 images (B×3×L×L) on the device: indexed there, or gathered on
-        the host into pinned memory and copied without blocking."""
-        a, b = self.a[plan["a"][sl]], self.b[plan["b"][sl]]
-        if self.host:
-            pin = torch.cuda.is_available()
-            a, b = ((x.pin_memory() if pin else x).to(self.device, non_blocking=True) for x in (a, b))
-        return a, b
-
-    def batches(self, plan: dict[str, torch.Tensor]):
-        n = len(plan["a"])
-        slices = [slice(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
-        ahead = self._whole(plan, slices[0]) if slices else None
-        for i, sl in enumerate(slices):
-            a, b = ahead
-            if i + 1 < len(slices):
-                ahead = self._whole(plan, slices[i + 1])   # next copy queued before this step's work
-            yield (self._take(a, plan["offsets"][sl, 0], plan["flips"][sl, 0]),
-                   self._take(b, plan["offsets"][sl, 1], plan["flips"][sl, 1]))
 
 
 class Generators(nn.Module):
@@ -374,10 +241,21 @@ def distribute(m: Models, device: torch.device) -> Models:
                   DDP(m.discriminators, device_ids=ids))
 
 
+def compile_cache_dir() -> Path:
+    """Where torch.compile's caches (inductor's FX graph and AOT autograd caches, both on by default)
+    persist: $XDG_CACHE_HOME/unpaired/torchinductor, else ~/.cache/unpaired/torchinductor. Inductor's
+    own default, /tmp/torchinductor_<user>, goes with every reboot or fresh /tmp, and a cold compile
+    of the CPU step takes minutes; a warm one seconds (README, "Compile")."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "unpaired" / "torchinductor"
+
+
 def compile_models(m: Models, mode: str, backend: str = "inductor") -> Models:
     """torch.compile the pair modules (`mode`: "default" or "reduce-overhead", as torch names them;
     reduce-overhead adds CUDA graphs on CUDA). Each pair compiles as one graph: nothing in a step's
-    network passes reads a value back to the host (the pool and the losses stay on the device)."""
+    network passes reads a value back to the host (the pool and the losses stay on the device).
+    Inductor's caches go to compile_cache_dir() unless TORCHINDUCTOR_CACHE_DIR is set."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     kw = {"mode": mode} if backend == "inductor" else {}
     return Models(m.G_A, m.G_B, m.D_A, m.D_B, torch.compile(m.generators, backend=backend, **kw),
                   torch.compile(m.discriminators, backend=backend, **kw))
@@ -449,6 +327,9 @@ def train_step(m: Models, opt_G, opt_D, pool_A: ImagePool, pool_B: ImagePool, re
 COMPILE_MODES = ("default", "reduce-overhead")
 
 
+DATA_PLACES = ("auto", "device", "host", "disk")   # train.data_device; see unpaired.feeding.place_images
+
+
 @dataclass(frozen=True)
 class TrainParams(params.Params):
     epochs: int = 3                  # epochs at the initial learning rate
@@ -475,7 +356,7 @@ class TrainParams(params.Params):
     batched_passes: bool = True      # run independent network passes of a step as one batch
     devices: int = 1                 # processes (one per GPU, or CPU processes) on this node, via torchrun
     lr_scaling: str = "none"         # none, linear or sqrt: lr × 1, world size, √(world size)
-    data_device: str = "auto"        # auto, device or host: where the training images live (CUDA)
+    data_device: str = "auto"        # auto, device, host or disk: where the training images live
     threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
     BOUNDS = {   # generous: the paper trains 100 + 100 epochs at 256 px, ngf = ndf = 64, 9 blocks
@@ -536,8 +417,8 @@ class TrainParams(params.Params):
         c(self.devices >= 1, f"{prefix}.devices", f"must be >= 1, got {self.devices}")
         c(self.lr_scaling in ("none", "linear", "sqrt"), f"{prefix}.lr_scaling",
           f"unknown rule {self.lr_scaling!r}; use none, linear or sqrt")
-        c(self.data_device in ("auto", "device", "host"), f"{prefix}.data_device",
-          f"unknown place {self.data_device!r}; use auto, device or host")
+        c(self.data_device in DATA_PLACES, f"{prefix}.data_device",
+          f"unknown place {self.data_device!r}; use {', '.join(DATA_PLACES)}")
 
     @property
     def compile_mode(self) -> str | None:
@@ -547,10 +428,3 @@ class TrainParams(params.Params):
     def scaled_lr(self, world_size: int) -> float:
         """train.lr under train.lr_scaling for an effective batch of batch_size × world_size."""
         return self.lr * {"none": 1.0, "linear": world_size, "sqrt": world_size ** 0.5}[self.lr_scaling]
-
-
-def feeder_for(p: TrainParams, images_a: torch.Tensor, images_b: torch.Tensor, device: torch.device,
-               channels_last: bool, data_device: torch.device | None, rank) -> DeviceFeeder:
-    """The DeviceFeeder of a run with train params `p` for this `rank` (unpaired.distributed.Rank)."""
-    return DeviceFeeder(images_a, images_b, p.crop_size, not p.no_flip, p.batch_size, device,
-                        channels_last, data_device, rank.rank, rank.world_size)

@@ -1,0 +1,273 @@
+"""The training images: where they live (`train.data_device`) and the feeders that cut each step's
+batch out of them. Every place gives the same batches, bit for bit, for the same plan:
+
+- `device`: all images decoded once into one uint8 tensor N×3×L×L on the training device (L =
+  `load_size`): no per-step decode and no host-to-device copy of pixels;
+- `host` (CUDA only): the same tensor in pinned host memory, each batch's whole images copied to
+  the GPU asynchronously, one batch ahead;
+- `disk`: nothing decoded up front; each batch's images are read from the prepared folder and
+  resized one batch ahead in a background thread, so memory stays at a few batches whatever the
+  image count;
+- `auto`: `device` when the images fit a share of the memory they would live in, else `host`
+  (CUDA), else `disk`; `place_images` says which and why in one line.
+
+Decoded images take 3·L² bytes each: 10,000 images at L = 286 are 2.3 GiB per domain.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from unpaired.errors import UserError
+from unpaired.images import Skip, read_uint8
+
+if TYPE_CHECKING:
+    from unpaired.training import TrainParams
+
+SUFFIXES = (".png", ".jpg", ".jpeg")
+DEVICE_SHARE = 0.25    # of a GPU's free memory, for `auto`: the rest is the models' and activations'
+HOST_SHARE = 0.5       # of the host's available memory, for `auto` (shared by this node's processes)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The PNG/JPEG files of `folder`, sorted by name. Raises UserError when there are none."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise UserError(f"{folder}: no training images; run the prepare stage (uv run dvc repro prepare)")
+    return files
+
+
+def decode(path: Path, load_size: int) -> torch.Tensor:
+    """One prepared image as uint8 3×load×load, resized with antialiasing (once, as the reference's
+    per-step Resize would do every time). Raises UserError naming the file if it cannot be decoded."""
+    try:
+        img = read_uint8(path)
+    except Skip as skip:
+        raise UserError(f"{path}: {skip.reason} image in the prepared data; re-run prepare "
+                        f"(uv run dvc repro prepare --force)") from None
+    return TF.resize(img, [load_size, load_size], antialias=True)
+
+
+def decoded_bytes(count: int, load_size: int) -> int:
+    """Bytes of `count` decoded images: count × 3 × load_size² (uint8)."""
+    return count * 3 * load_size * load_size
+
+
+def load_folder(folder: Path | list[Path], load_size: int) -> torch.Tensor:
+    """All images of `folder` (or the given files) as one uint8 tensor N×3×load×load, decoded one by
+    one into a tensor allocated once (peak memory: the tensor plus one image). Raises UserError for an
+    empty folder or an undecodable image."""
+    files = image_files(folder) if isinstance(folder, Path) else folder
+    out = torch.empty(len(files), 3, load_size, load_size, dtype=torch.uint8)
+    for i, f in enumerate(files):
+        out[i] = decode(f, load_size)
+    return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the training images live: `place` is device, host or disk; `device` the torch device
+    holding the decoded tensor (None for disk); `why` the stage's log line."""
+    place: str
+    device: torch.device | None
+    why: str
+
+
+def place_images(setting: str, device: torch.device, nbytes: int, processes: int = 1,
+                 available: int | None = None, free: int | None = None) -> Placement:
+    """Where `nbytes` of decoded images go for `train.data_device` = `setting` (auto, device, host or
+    disk) when training on `device`. `processes`: training processes on this node, each holding its
+    own copy; `available`: the host's available memory in bytes (default: psutil's figure); `free`:
+    the GPU's free memory (default: torch.cuda.mem_get_info). Memory is bounded either way: `auto`
+    decodes into memory only within DEVICE_SHARE of the GPU's free memory or HOST_SHARE of the host's
+    available memory (split among `processes`), else streams from disk; an explicit `device` or
+    `host` that would not fit the memory it names raises UserError naming train.data_device."""
+    gib = nbytes / 2 ** 30
+    size = f"{gib:.2f} GiB of decoded images"
+    if setting == "disk":
+        return Placement("disk", None, f"{size} read from disk each step, one batch ahead "
+                                       f"(train.data_device: disk)")
+    cuda = device.type == "cuda"
+    host_left = (psutil.virtual_memory().available if available is None else available) / processes
+    if cuda:
+        gpu_free = torch.cuda.mem_get_info(device)[0] if free is None else free
+    if setting == "device" and cuda and nbytes > gpu_free:
+        raise UserError(f"params.yaml: train.data_device: device: {size} do not fit {device}'s "
+                        f"{gpu_free / 2 ** 30:.1f} GiB free; use host or disk (or auto)")
+    if setting == "host" or (setting == "device" and not cuda):
+        if nbytes > host_left:
+            raise UserError(f"params.yaml: train.data_device: {setting}: {size} do not fit the "
+                            f"{host_left / 2 ** 30:.1f} GiB of host memory available to each of {processes} "
+                            f"process(es); use disk (or auto)")
+    if setting == "device":
+        return Placement("device", device, f"{size} on {device} (train.data_device: device)")
+    if setting == "host":
+        if not cuda:
+            return Placement("device", device, f"{size} in memory (train.data_device: host; on "
+                                               f"{device.type} host memory is the device's)")
+        return Placement("host", torch.device("cpu"), f"{size} in pinned host memory (train.data_device: host)")
+    # auto
+    if cuda and nbytes <= DEVICE_SHARE * gpu_free:
+        return Placement("device", device, f"{size} on {device}: within {DEVICE_SHARE:.0%} of its "
+                                           f"{gpu_free / 2 ** 30:.1f} GiB free (train.data_device: auto)")
+    where = "pinned host memory" if cuda else "memory"
+    if nbytes <= HOST_SHARE * host_left:
+        return Placement("host" if cuda else "device", torch.device("cpu") if cuda else device,
+                         f"{size} in {where}: within {HOST_SHARE:.0%} of the {host_left / 2 ** 30:.1f} GiB "
+                         f"available{' to each process' if processes > 1 else ''} (train.data_device: auto)")
+    return Placement("disk", None, f"{size} read from disk each step: over {HOST_SHARE:.0%} of the "
+                                   f"{host_left / 2 ** 30:.1f} GiB of host memory available"
+                                   f"{' to each process' if processes > 1 else ''} (train.data_device: auto)")
+
+
+class DeviceFeeder:
+    """Batches for one epoch, drawn on the CPU generator up front (indices, crop offsets, flips: a
+    few small tensors per epoch), then cut out of the uint8 images on the training device.
+
+    Images on the device (`data_device` None or equal to `device`): no per-step decode and no
+    host-to-device copy of pixels. Images on the host (`data_device` cpu, training on CUDA): they
+    sit in pinned memory; each batch's whole images are copied asynchronously (one batch ahead)
+    and cropped on the device.
+
+    Data parallel (`world_size` > 1): every rank draws the same epoch plan, padded by wrapping to
+    a multiple of world_size × batch_size (as torch's DistributedSampler pads), and takes its
+    share of every global batch: rank r's step k is global samples [(k·W + r)·b, (k·W + r + 1)·b).
+    The ranks together make one epoch of max(|A|, |B|) images (plus the padding)."""
+
+    def __init__(self, images_a: torch.Tensor, images_b: torch.Tensor, crop: int, flip: bool,
+                 batch_size: int, device: torch.device, channels_last: bool,
+                 data_device: torch.device | None = None, rank: int = 0, world_size: int = 1,
+                 copy_per_batch: bool | None = None):
+        self.device = device
+        self.data_device = device if data_device is None else data_device
+        # Copy each batch's whole images to `device` (None: when the images live elsewhere; True
+        # on the CPU runs that path in tests, pinning and the asynchronous copy aside).
+        self.host = self.data_device != device if copy_per_batch is None else copy_per_batch
+        self.a = images_a.to(self.data_device)
+        self.b = images_b.to(self.data_device)
+        if self.host and torch.cuda.is_available():
+            self.a, self.b = self.a.pin_memory(), self.b.pin_memory()
+        self.count_a, self.count_b, self.load = len(self.a), len(self.b), self.a.shape[-1]
+        self.crop, self.flip, self.batch_size = crop, flip, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(max(self.count_a, self.count_b) / (self.batch_size * self.world_size))
+
+    @property
+    def images_per_epoch(self) -> int:
+        """Images this rank takes per epoch."""
+        n = max(self.count_a, self.count_b)
+        return n if self.world_size == 1 else self.steps_per_epoch * self.batch_size
+
+    def plan(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """The reference's sampling: A in a shuffled order over max(|A|, |B|) (wrapping), B at
+        random; then this rank's share (see the class docstring)."""
+        n = max(self.count_a, self.count_b)
+        plan = {
+            "a": torch.randperm(n, generator=g) % self.count_a,
+            "b": torch.randint(self.count_b, (n,), generator=g),
+            "offsets": torch.randint(self.load - self.crop + 1, (n, 2, 2), generator=g),
+            "flips": (torch.rand((n, 2), generator=g) < 0.5) & self.flip,
+        }
+        if self.world_size > 1:
+            b, w, steps = self.batch_size, self.world_size, self.steps_per_epoch
+            order = torch.arange(steps * w * b) % n                     # padded by wrapping
+            mine = order.view(steps, w, b)[:, self.rank].reshape(-1)
+            plan = {k: v[mine] for k, v in plan.items()}
+        return {k: v.to(self._index_device if k in ("a", "b") else self.device) for k, v in plan.items()}
+
+    @property
+    def _index_device(self) -> torch.device:
+        return self.data_device
+
+    def _take(self, batch, offsets, flips) -> torch.Tensor:
+        # Per-image crop windows: build the gather index once per batch (all on the device).
+        ar = torch.arange(self.crop, device=self.device)
+        rows = (offsets[:, 0, None] + ar)[:, :, None]                   # B×crop×1
+        cols = (offsets[:, 1, None] + ar)                               # B×crop
+        cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, :]  # B×1×crop
+        b = torch.arange(len(batch), device=self.device)[:, None, None]
+        crops = batch.permute(0, 2, 3, 1)[b, rows, cols]                # B×crop×crop×3
+        out = crops.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        return out.contiguous(memory_format=self.memory_format)
+
+    def _whole(self, plan, sl):
+        """This step's whole uint8 images (B×3×L×L) on the device: indexed there, or gathered on
+        the host into pinned memory and copied without blocking."""
+        a, b = self.a[plan["a"][sl]], self.b[plan["b"][sl]]
+        if self.host:
+            pin = torch.cuda.is_available()
+            a, b = ((x.pin_memory() if pin else x).to(self.device, non_blocking=True) for x in (a, b))
+        return a, b
+
+    def _ready(self, ahead):
+        """The pair `_whole` started (a Future in subclasses that work in the background)."""
+        return ahead
+
+    def batches(self, plan: dict[str, torch.Tensor]):
+        """Yields (real_A, real_B) per step: float B×3×crop×crop in [-1, 1] on the device."""
+        n = len(plan["a"])
+        slices = [slice(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
+        ahead = self._whole(plan, slices[0]) if slices else None
+        for i, sl in enumerate(slices):
+            a, b = self._ready(ahead)
+            if i + 1 < len(slices):
+                ahead = self._whole(plan, slices[i + 1])   # next batch started before this step's work
+            yield (self._take(a, plan["offsets"][sl, 0], plan["flips"][sl, 0]),
+                   self._take(b, plan["offsets"][sl, 1], plan["flips"][sl, 1]))
+
+
+class DiskFeeder(DeviceFeeder):
+    """The DeviceFeeder's batches with nothing decoded up front (`train.data_device: disk`): each
+    batch's images are read from `files_a` / `files_b` and resized to `load_size` (the same `decode`
+    that loading into memory runs, so the batches are the same bits) in one background thread, one
+    batch ahead of the step. Memory: two batches of uint8 images, whatever the image count."""
+
+    def __init__(self, files_a: list[Path], files_b: list[Path], load_size: int, crop: int, flip: bool,
+                 batch_size: int, device: torch.device, channels_last: bool, rank: int = 0,
+                 world_size: int = 1):
+        self.device, self.data_device, self.host = device, None, False
+        self.files_a, self.files_b = list(files_a), list(files_b)
+        self.count_a, self.count_b, self.load = len(self.files_a), len(self.files_b), load_size
+        self.crop, self.flip, self.batch_size = crop, flip, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+
+    @property
+    def _index_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _decode_pair(self, ia: list[int], ib: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.stack([decode(self.files_a[i], self.load) for i in ia])
+        b = torch.stack([decode(self.files_b[i], self.load) for i in ib])
+        return a.to(self.device), b.to(self.device)
+
+    def _whole(self, plan, sl) -> Future:
+        return self._pool.submit(self._decode_pair, plan["a"][sl].tolist(), plan["b"][sl].tolist())
+
+    def _ready(self, ahead: Future):
+        return ahead.result()
+
+
+def feeder_for(p: TrainParams, files_a: list[Path], files_b: list[Path], device: torch.device,
+               channels_last: bool, placement: Placement, rank) -> DeviceFeeder:
+    """The feeder of a run with train params `p` for this `rank` (unpaired.distributed.Rank), with
+    the images placed as `placement` says: decoded into memory now (device, host) or read per batch
+    (disk). Raises UserError naming an image that cannot be decoded."""
+    if placement.place == "disk":
+        return DiskFeeder(files_a, files_b, p.load_size, p.crop_size, not p.no_flip, p.batch_size, device,
+                          channels_last, rank.rank, rank.world_size)
+    images_a, images_b = load_folder(files_a, p.load_size), load_folder(files_b, p.load_size)
+    return DeviceFeeder(images_a, images_b, p.crop_size, not p.no_flip, p.batch_size, device,
+                        channels_last, placement.device, rank.rank, rank.world_size)
