@@ -39,8 +39,9 @@ def phash(img: Image.Image) -> int:
 
 
 def _array(hashes: Sequence[int]) -> np.ndarray:
-    """(n, WORDS) uint64: each hash split into 64-bit words, the lowest first (BITS / 8 bytes per hash)."""
-    data = b"".join(int(h).to_bytes(BITS // 8, "little") for h in hashes)
+    """(n, WORDS) uint64: each hash's lowest BITS bits split into 64-bit words, the lowest first."""
+    low = (1 << BITS) - 1
+    data = b"".join((int(h) & low).to_bytes(BITS // 8, "little") for h in hashes)
     return np.frombuffer(data, dtype="<u8").astype(np.uint64).reshape(len(hashes), WORDS)
 
 
