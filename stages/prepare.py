@@ -21,7 +21,7 @@ import hashlib
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +32,10 @@ from PIL import ImageColor
 
 from unpaired import faces, near_duplicates, params, report
 from unpaired.errors import ArgumentParser, UserError, main_guard
-from unpaired.files import (NO_SPACE, atomic_dir, atomic_write_json, pack_dir, remove_stale_temporaries,
+from unpaired.files import (NO_SPACE, atomic_dir, atomic_write_json, pack_dir, remove_stale_temporaries, tree,
                             write_manifest)
 from unpaired.images import SKIP_REASONS, Skip, decode_scaled, png_bytes, square
-from unpaired.parallel import pmap
+from unpaired.parallel import imap
 
 DOMAINS = ("a", "b")
 REASONS = (*SKIP_REASONS, "near_duplicate", "no_face")     # the skip reasons counted per domain
@@ -94,13 +94,31 @@ class PrepareParams(params.Params):
                      f"must be >= 1, got {self.page_thumbnails}")
 
 
+@dataclass(slots=True, eq=False)
+class Outcome:
+    """One raw file's outcome, kept by the parent until its domain is done (near-duplicates need them
+    all): about 400 bytes with its strings (sha256 hex 113, rel ~70, a 256-bit phash 60, name ~80)."""
+    skip: str | None                  # a REASONS entry, None while kept
+    detail: str | None = None         # why it was skipped (the log and the dataset page)
+    sha256: str = ""                  # of the raw file's bytes, hex ("" when unreadable)
+    width: int = 0                    # of the raw image, pixels
+    height: int = 0
+    phash: int = 0                    # near_duplicates.phash, 0 when that check is off
+    cropped: bool = False             # cut to a face
+    thumb: bool = False               # its dataset-page thumbnail was written (<index>.thumb.png)
+    index: int = 0                    # position among the domain's raw files: staged as <index>.png
+    rel: str = ""                     # path relative to the domain's raw folder, with "/"
+    name: str = ""                    # kept: the prepared file, trainA/<hash>.png
+    kept: Outcome | None = None       # duplicate, near_duplicate: the image kept instead
+
+
 def is_test(sha256: str, seed: int, test_fraction: float) -> bool:
     """Stable split: a uniform number drawn from (seed, content hash) alone."""
     u = int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:16], 16) / 2 ** 64
     return u < test_fraction
 
 
-def _process(job: tuple[Path, PrepareParams, str, Path, bool]) -> dict[str, Any]:
+def _process(job: tuple[Path, PrepareParams, str, Path, bool]) -> Outcome:
     """Decode, check and resize one raw file, writing the PNG to `staged` (the worker writes it, so
     the parent process only renames: that keeps the parent from becoming the bottleneck), and with
     `thumbs` its dataset-page thumbnail next to it (`*.thumb.png`). Never raises for one file: an
@@ -112,48 +130,52 @@ def _process(job: tuple[Path, PrepareParams, str, Path, bool]) -> dict[str, Any]
     except OSError as err:
         if err.errno in NO_SPACE:
             raise      # the parent's atomic_dir names the output and the free space
-        return {"path": path, "skip": "error", "detail": f"{type(err).__name__}: {err}"}
+        return Outcome("error", f"{type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - one file never stops the stage; it is counted and named
-        return {"path": path, "skip": "error", "detail": f"{type(err).__name__}: {err}"}
+        return Outcome("error", f"{type(err).__name__}: {err}")
 
 
-def _process_one(path: Path, p: PrepareParams, domain: str, staged: Path, thumbs: bool) -> dict[str, Any]:
+def _process_one(path: Path, p: PrepareParams, domain: str, staged: Path, thumbs: bool) -> Outcome:
     try:
         data = path.read_bytes()
     except OSError as err:
-        return {"path": path, "skip": "unreadable", "detail": str(err)}
+        return Outcome("unreadable", str(err))
     digest = hashlib.sha256(data).hexdigest()
     try:
         img, (width, height) = decode_scaled(data, str(path), min_side=p.image_size)
     except Skip as skip:
-        return {"path": path, "skip": skip.reason, "detail": str(skip), "sha256": digest}
+        return Outcome(skip.reason, str(skip), digest)
     thumb = staged.with_suffix(".thumb.png") if thumbs else None
-    out: dict[str, Any] = {"path": path, "skip": None, "sha256": digest, "width": width, "height": height,
-                           "staged": staged, "thumb": thumb, "cropped": False}
+    out = Outcome(None, sha256=digest, width=width, height=height)
     face = None
     if min(width, height) < p.min_size:
-        out.update(skip="too_small", detail=f"{width}x{height}")
+        out.skip, out.detail = "too_small", f"{width}x{height}"
     elif p.faces.get(domain, "none") != "none":
         face = faces.largest_face(img)
         if face is None:
-            out.update(skip="no_face", detail="no frontal face found")
-    if out["skip"] is not None:
+            out.skip, out.detail = "no_face", "no frontal face found"
+    if out.skip is not None:
         if thumb:
             thumb.write_bytes(report.dataset_thumbnail(img))
+            out.thumb = True
         return out
-    out["phash"] = near_duplicates.phash(img) if p.near_duplicate_distance else 0
+    out.phash = near_duplicates.phash(img) if p.near_duplicate_distance else 0
     if face is not None and p.faces[domain] == "crop":
-        img, out["cropped"] = faces.crop_to_face(img, face, p.face_margin), True
+        img, out.cropped = faces.crop_to_face(img, face, p.face_margin), True
     small = square(img, p.image_size, p.resize, p.pad_color)
     staged.write_bytes(png_bytes(small))
     if thumb:
         thumb.write_bytes(report.dataset_thumbnail(small))
+        out.thumb = True
     return out
 
 
-def _raw_files(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*")
-                  if f.is_file() and f.name != "manifest.csv" and not f.name.startswith("."))
+def _raw_files(folder: Path) -> Iterator[str]:
+    """The raw files under `folder`, relative with "/", sorted, one directory's names in memory at a time."""
+    for rel, _ in tree(folder):
+        name = rel.rpartition("/")[2]
+        if name != "manifest.csv" and not name.startswith(".") and (folder / rel).is_file():
+            yield rel
 
 
 def _sources(folder: Path) -> dict[str, tuple[str, str]]:
@@ -168,19 +190,19 @@ def _sources(folder: Path) -> dict[str, tuple[str, str]]:
     return {f: (s or "(no source)", o) for f, s, o in zip(frame.file, sources, frame.origin)}
 
 
-def _drop_near_duplicates(results: list[dict[str, Any]], p: PrepareParams) -> None:
+def _drop_near_duplicates(results: list[Outcome], p: PrepareParams) -> None:
     """Mark every near-duplicate but its cluster's keeper (largest, then smallest SHA-256) as skipped
-    `near_duplicate`, with `kept` pointing at the keeper's result (also for the exact duplicates of an
+    `near_duplicate`, with `kept` pointing at the keeper's outcome (also for the exact duplicates of an
     image skipped so)."""
-    usable = [r for r in results if r["skip"] is None]
-    keep = near_duplicates.keepers([r["phash"] for r in usable], [r["width"] * r["height"] for r in usable],
-                                   [r["sha256"] for r in usable], p.near_duplicate_distance)
+    usable = [r for r in results if r.skip is None]
+    keep = near_duplicates.keepers([r.phash for r in usable], [r.width * r.height for r in usable],
+                                   [r.sha256 for r in usable], p.near_duplicate_distance)
     for r, k in zip(usable, keep):
         if usable[k] is not r:
-            r.update(skip="near_duplicate", kept=usable[k])
+            r.skip, r.kept = "near_duplicate", usable[k]
     for r in results:
-        while "kept" in r and r["kept"]["skip"] is not None:
-            r["kept"] = r["kept"]["kept"]
+        while r.kept is not None and r.kept.skip is not None:
+            r.kept = r.kept.kept
 
 
 def prepare(p: PrepareParams, raw: Path | Mapping[str, Path], out: Path, metrics: Path,
@@ -189,17 +211,14 @@ def prepare(p: PrepareParams, raw: Path | Mapping[str, Path], out: Path, metrics
     one folder per domain), write the counts to `metrics` and, with `page`, the dataset page there;
     returns the counts. Raises UserError (one line) for a missing folder or a domain left empty."""
     raws = {d: Path(raw[d]) for d in DOMAINS} if isinstance(raw, Mapping) else {d: Path(raw) / d for d in DOMAINS}
-    files: dict[str, list[Path]] = {}
     for d in DOMAINS:
-        folder = raws[d]
-        if not folder.is_dir():
-            raise UserError(f"{folder}: missing; run the fetch stage first (uv run dvc repro fetch@{d})")
-        files[d] = _raw_files(folder)
+        if not raws[d].is_dir():
+            raise UserError(f"{raws[d]}: missing; run the fetch stage first (uv run dvc repro fetch@{d})")
     # test_too_small: domain -> test images, for each domain with fewer than MIN_TEST
     counts: dict[str, Any] = {"kept": {}, "skipped": {}, "cropped_to_face": {}, "sources": {},
                               "test_too_small": {}, "cross_domain_near_duplicates": []}
-    rows: list[dict[str, Any]] = []
-    hashes: dict[str, list[tuple[str, int]]] = {}       # domain -> (prepared file, perceptual hash)
+    rows: list[tuple[Any, ...]] = []      # manifest rows in MANIFEST_COLUMNS order: ~100 bytes + origin
+    hashes: dict[str, list[int]] = {d: [] for d in DOMAINS}   # domain -> perceptual hashes, in the order of rows
     sheets = report.DatasetSheets(p.page_thumbnails, p.seed)
     with atomic_dir(out) as tmp, (atomic_dir(page) if page is not None else nullcontext()) as page_tmp:
         for d in DOMAINS:
@@ -208,49 +227,53 @@ def prepare(p: PrepareParams, raw: Path | Mapping[str, Path], out: Path, metrics
             sources = _sources(raws[d])
             staging = tmp / f".staging{d}"
             staging.mkdir()
-            jobs = [(f, p, d, staging / f"{i}.png", page is not None) for i, f in enumerate(files[d])]
-            results = pmap(_process, jobs, workers=workers, desc=f"prepare {d}")
-            seen: dict[str, dict[str, Any]] = {}
-            for r in results:
-                r["rel"] = r["path"].relative_to(raws[d]).as_posix()
-                if r["skip"] is None and r["sha256"] in seen:
-                    r.update(skip="duplicate", kept=seen[r["sha256"]])
-                elif r["skip"] is None:
-                    seen[r["sha256"]] = r
+            rels = list(_raw_files(raws[d]))
+            jobs = ((raws[d] / f, p, d, staging / f"{i}.png", page is not None) for i, f in enumerate(rels))
+            results: list[Outcome] = []
+            seen: dict[str, Outcome] = {}     # sha256 -> the first usable image with it
+            for i, r in enumerate(imap(_process, jobs, workers=workers, desc=f"prepare {d}", total=len(rels))):
+                r.index, r.rel = i, rels[i]
+                results.append(r)
+                if r.skip is None and r.sha256 in seen:
+                    r.skip, r.kept = "duplicate", seen[r.sha256]
+                elif r.skip is None:
+                    seen[r.sha256] = r
+            del rels, seen
             if p.near_duplicate_distance:
                 _drop_near_duplicates(results, p)
             skipped: Counter[str] = Counter({reason: 0 for reason in REASONS})
             kept: Counter[str] = Counter({"train": 0, "test": 0})
             per_source: dict[str, Counter[str]] = {}
             for r in results:
-                source = sources.get(r["rel"], ("(not in manifest.csv)", ""))[0]
+                source = sources.get(r.rel, ("(not in manifest.csv)", ""))[0]
                 per_source.setdefault(source, Counter({"kept": 0, "skipped": 0}))
-                if r["skip"] is not None:
-                    skipped[r["skip"]] += 1
+                if r.skip is not None:
+                    skipped[r.skip] += 1
                     per_source[source]["skipped"] += 1
-                    if r["skip"] in ("error", "too_large"):    # rare, and not the file's fault: name it
-                        print(f"prepare {d}: skipped {r['path']} ({r['skip']}: {r['detail']})")
+                    if r.skip in ("error", "too_large"):    # rare, and not the file's fault: name it
+                        print(f"prepare {d}: skipped {raws[d] / r.rel} ({r.skip}: {r.detail})")
                     continue
-                split = "test" if is_test(r["sha256"], p.seed, p.test_fraction) else "train"
-                r["name"] = name = f"{split}{d.upper()}/{r['sha256'][:16]}.png"
-                r["staged"].rename(tmp / name)
+                split = "test" if is_test(r.sha256, p.seed, p.test_fraction) else "train"
+                r.name = name = f"{split}{d.upper()}/{r.sha256[:16]}.png"
+                (staging / f"{r.index}.png").rename(tmp / name)
                 kept[split] += 1
                 per_source[source]["kept"] += 1
-                hashes.setdefault(d, []).append((name, r["phash"]))
-                rows.append({"file": name, "domain": d, "split": split, "sha256": r["sha256"],
-                             "width": r["width"], "height": r["height"],
-                             "origin": sources.get(r["rel"], ("", (raws[d] / r["rel"]).as_posix()))[1]})
+                hashes[d].append(r.phash)
+                rows.append((name, d, split, r.sha256, r.width, r.height,
+                             sources.get(r.rel, ("", (raws[d] / r.rel).as_posix()))[1]))
+            del sources
             if kept["train"] == 0:
                 raise UserError(f"{raws[d]}: no usable training images for domain {d} "
-                                f"({len(files[d])} files; skipped: {dict(+skipped) or 'none'}); add images "
+                                f"({len(results)} files; skipped: {dict(+skipped) or 'none'}); add images "
                                 f"or check domains.{d}, prepare.min_size, prepare.test_fraction and "
                                 f"prepare.faces.{d}")
             if page_tmp is not None:
-                sheets.add_domain(d, results, page_tmp)
+                sheets.add_domain(d, results, page_tmp,
+                                  lambda r: staging / f"{r.index}.thumb.png" if r.thumb else None)
             shutil.rmtree(staging)
             counts["kept"][d] = dict(kept)
             counts["skipped"][d] = dict(skipped)
-            counts["cropped_to_face"][d] = sum(1 for r in results if r["skip"] is None and r.get("cropped"))
+            counts["cropped_to_face"][d] = sum(1 for r in results if r.skip is None and r.cropped)
             counts["sources"][d] = {s: dict(c) for s, c in sorted(per_source.items())}
             shown = ", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "none"
             print(f"prepare {d}: {kept['train']} train, {kept['test']} test; skipped: {shown}")
@@ -259,11 +282,11 @@ def prepare(p: PrepareParams, raw: Path | Mapping[str, Path], out: Path, metrics
                 print(f"warning: prepare {d}: test{d.upper()} has {kept['test']} image(s); evaluate needs at "
                       f"least {MIN_TEST} for FID/KID (skipped otherwise); raise prepare.test_fraction "
                       f"(now {p.test_fraction}) or add images to domain {d}", file=sys.stderr)
-        a, b = hashes.get("a", []), hashes.get("b", [])
-        across = near_duplicates.close_pairs([h for _, h in a], p.near_duplicate_distance, [h for _, h in b])
-        counts["cross_domain_near_duplicates"] = [[a[i][0], b[j][0]] for i, j in across]
+        a, b = ([row[0] for row in rows if row[1] == d] for d in DOMAINS)     # their prepared files
+        across = near_duplicates.close_pairs(hashes["a"], p.near_duplicate_distance, hashes["b"])
+        counts["cross_domain_near_duplicates"] = [[a[i], b[j]] for i, j in across]
         if across:
-            shown = ", ".join(f"{a[i][0]} ~ {b[j][0]}" for i, j in across[:10])
+            shown = ", ".join(f"{a[i]} ~ {b[j]}" for i, j in across[:10])
             print(f"warning: prepare: {len(across)} near-duplicate pair(s) across domains a and b (the same "
                   f"picture in both): {shown}{', ...' if len(across) > 10 else ''}; see "
                   f"{metrics} (cross_domain_near_duplicates)", file=sys.stderr)

@@ -313,8 +313,8 @@ def test_fuzzed_exif_never_stops_prepare(tmp_path):
         (raw / "a" / f"fuzz_{i:03d}.jpg").write_bytes(bytes(data))
         r = _process((raw / "a" / f"fuzz_{i:03d}.jpg", PrepareParams(image_size=16, min_size=8), "a",
                       tmp_path / "s.png", False))
-        reasons.append(r["skip"])
-        assert r["skip"] is None or r["skip"] in SKIP_REASONS
+        reasons.append(r.skip)
+        assert r.skip is None or r.skip in SKIP_REASONS
     assert reasons.count(None) > 300                  # the pixels are intact: most stay usable
     report = prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=2)
     assert sum(report["kept"]["a"].values()) + sum(report["skipped"]["a"].values()) == 402

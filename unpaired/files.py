@@ -213,12 +213,35 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def write_manifest(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """A CSV with a fixed column order, sorted by the first column, byte-stable across runs."""
+def write_manifest(path: str | Path, rows: list[dict[str, Any]] | list[tuple[Any, ...]],
+                   columns: list[str]) -> None:
+    """A CSV with a fixed column order, sorted by the first column, byte-stable across runs. `rows`:
+    dicts keyed by `columns`, or tuples in their order (a 7-field tuple takes 96 bytes, a dict 360)."""
     frame = pd.DataFrame(rows, columns=columns)
     if len(frame):
         frame = frame.sort_values(columns[0], kind="stable")
     atomic_write_bytes(path, frame.to_csv(index=False, lineterminator="\n").encode())
+
+
+def tree(folder: str | Path) -> Iterator[tuple[str, bool]]:
+    """(name relative to `folder` with "/", is a directory) for everything under it, in the order of
+    `sorted(Path(folder).rglob("*"))` (a directory before its content, names compared part by part),
+    entering directories but not symlinks to them, as rglob does. Holds one directory's sorted names
+    at a time (about 80 bytes each), never the whole tree. Raises OSError if `folder` is unreadable."""
+    def walk(path: str, prefix: str) -> Iterator[tuple[str, bool]]:
+        dirs: dict[str, bool] = {}      # directory (or link to one) -> enter it (not a link)
+        names: list[str] = []
+        with os.scandir(path) as it:
+            for e in it:
+                names.append(e.name)
+                if e.is_dir():
+                    dirs[e.name] = not e.is_symlink()
+        names.sort()
+        for name in names:
+            yield prefix + name, name in dirs
+            if dirs.get(name):
+                yield from walk(os.path.join(path, name), f"{prefix}{name}/")
+    yield from walk(os.fspath(folder), "")
 
 
 # --- packed outputs: one tar for DVC and its remote, a browsable folder for people --------------
@@ -236,30 +259,38 @@ def pack_dir(folder: str | Path, tar_path: str | Path) -> str:
     """Write every file under `folder` (sorted, relative names, no owner or time: the same files
     give the same bytes) into an uncompressed tar, atomically, followed by a SHA256SUMS member that
     `unpack_view` checks every file against; mark `folder` as its view. Returns the tar's sha256.
-    PNGs do not compress further, and an uncompressed tar extracts fastest."""
+    PNGs do not compress further, and an uncompressed tar extracts fastest. Streams: one file in
+    memory at a time, the SHA256SUMS lines in an unnamed temporary file beside the tar, and no
+    TarInfo kept per member (tarfile's `members` list is emptied after each), so memory does not grow
+    with the file count beyond one directory's names (see `tree`). A full disk is one UserError line."""
     folder, tar_path = Path(folder), Path(tar_path)
     make_dirs(tar_path.parent)
-    paths = sorted(p for p in folder.rglob("*") if p.name not in (VIEW_MARK, SUMS))
-    needed = sum(p.stat().st_size + 1024 for p in paths if p.is_file()) + 10240
+    skip = (VIEW_MARK, SUMS)
+    needed = sum((folder / rel).stat().st_size + 1024 for rel, _ in tree(folder)
+                 if rel.rpartition("/")[2] not in skip and (folder / rel).is_file()) + 10240
     fd, tmp = temp_file(tar_path)
     with space_guard(tar_path, needed), _removed_on_error(tmp):
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            sums = []
-            for path in paths:
-                info = tarfile.TarInfo(path.relative_to(folder).as_posix())
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar, \
+                tempfile.TemporaryFile(dir=tar_path.parent) as sums:
+            for rel, is_dir in tree(folder):
+                path = folder / rel
+                if path.name in skip:
+                    continue
+                info = tarfile.TarInfo(rel)
                 info.mtime = 0
-                if path.is_dir():    # kept, so that an empty split folder survives the round trip
+                if is_dir:    # kept, so that an empty split folder survives the round trip
                     info.type, info.mode = tarfile.DIRTYPE, 0o755
                     tar.addfile(info)
-                    continue
-                data = path.read_bytes()
-                info.size, info.mode = len(data), 0o644
-                tar.addfile(info, io.BytesIO(data))
-                sums.append(f"{hashlib.sha256(data).hexdigest()}  {info.name}\n")
-            listing = "".join(sums).encode()
+                else:
+                    data = path.read_bytes()
+                    info.size, info.mode = len(data), 0o644
+                    tar.addfile(info, io.BytesIO(data))
+                    sums.write(f"{hashlib.sha256(data).hexdigest()}  {info.name}\n".encode())
+                tar.members.clear()     # addfile keeps a copy of every TarInfo (~500 bytes), needed only to read
             info = tarfile.TarInfo(SUMS)
-            info.mtime, info.size, info.mode = 0, len(listing), 0o644
-            tar.addfile(info, io.BytesIO(listing))
+            info.mtime, info.size, info.mode = 0, sums.tell(), 0o644
+            sums.seek(0)
+            tar.addfile(info, sums)
         os.replace(tmp, tar_path)
     digest = sha256_of(tar_path)
     atomic_write_bytes(folder / VIEW_MARK, (digest + "\n").encode())

@@ -28,7 +28,9 @@ from PIL import Image
 HASH_SIZE = 16   # imagehash's hash_size: HASH_SIZE² = 256 bits
 BITS = HASH_SIZE * HASH_SIZE
 WORDS = BITS // 64
-BLOCK = 128      # rows per vectorised block: BLOCK × n × 8 bytes of XOR in memory at a time (50 MB at 50k)
+BLOCK = 128             # rows per vectorised block, at most,
+BLOCK_BYTES = 4 << 20   # and fewer past n = 4,096 hashes: a block's XOR (rows × n × 8 bytes) stays <= 4 MiB and
+                        # all its temporaries (+ popcount, sums, masks: 13 bytes a pair) <= 7 MiB at any n
 
 
 def phash(img: Image.Image) -> int:
@@ -37,10 +39,10 @@ def phash(img: Image.Image) -> int:
 
 
 def _array(hashes: Sequence[int]) -> np.ndarray:
-    """(n, WORDS) uint64: each hash split into 64-bit words."""
-    mask = (1 << 64) - 1
-    return np.asarray([[(int(h) >> (64 * w)) & mask for w in range(WORDS)] for h in hashes],
-                      dtype=np.uint64).reshape(len(hashes), WORDS)
+    """(n, WORDS) uint64: each hash's lowest BITS bits split into 64-bit words, the lowest first."""
+    low = (1 << BITS) - 1
+    data = b"".join((int(h) & low).to_bytes(BITS // 8, "little") for h in hashes)
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64).reshape(len(hashes), WORDS)
 
 
 def close_pairs(hashes: Sequence[int], max_distance: int,
@@ -54,8 +56,9 @@ def close_pairs(hashes: Sequence[int], max_distance: int,
     h = _array(hashes)
     o = h if others is None else _array(others)
     pairs: list[tuple[int, int]] = []
-    for start in range(0, len(h), BLOCK):
-        block = h[start:start + BLOCK]
+    rows_per_block = max(1, min(BLOCK, BLOCK_BYTES // (8 * len(o))))
+    for start in range(0, len(h), rows_per_block):
+        block = h[start:start + rows_per_block]
         first = start if others is None else 0
         cols_o = o[first:]
         distance = np.zeros((len(block), len(cols_o)), dtype=np.uint16)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -412,48 +413,49 @@ class DatasetSheets:
         self.sheets: list[tuple[str, str, str, list[tuple[str, str]]]] = []   # domain, split, note, figures
         self.groups: dict[str, list[tuple[str, str, list[str]]]] = {}        # group -> (domain, note, items)
 
-    def _thumb(self, r: dict[str, Any], d: str, page: Path) -> str | None:
+    def _thumb(self, r: Any, d: str, page: Path, thumb: Callable[[Any], Path | None]) -> str | None:
         """Copy r's staged thumbnail into page/thumbs/<d>/ and return its page-relative path."""
-        thumb = r.get("thumb")
-        if thumb is None or not Path(thumb).is_file():
+        staged = thumb(r)
+        if staged is None or not staged.is_file():
             return None
-        prefix = "" if r["skip"] is None else "skipped-"
-        rel = f"thumbs/{d}/{prefix}{r['sha256'][:16]}.png"
+        prefix = "" if r.skip is None else "skipped-"
+        rel = f"thumbs/{d}/{prefix}{r.sha256[:16]}.png"
         (page / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(thumb, page / rel)
+        shutil.copyfile(staged, page / rel)
         return rel
 
-    def _figure(self, r: dict[str, Any], d: str, page: Path, caption: str, title: str = "") -> str:
+    def _figure(self, r: Any, d: str, page: Path, thumb: Callable[[Any], Path | None], caption: str,
+                title: str = "") -> str:
         esc = html.escape
-        rel = self._thumb(r, d, page)
+        rel = self._thumb(r, d, page, thumb)
         title = title or caption
         img = (f'<img src="{esc(rel)}" alt="{esc(caption)}" title="{esc(title)}">' if rel else
                f'<div class=noimg title="{esc(title)}">✕</div>')
         return f"<figure>{img}<figcaption>{esc(caption)}</figcaption></figure>"
 
-    def add_domain(self, d: str, results: list[dict[str, Any]], page: Path) -> None:
-        """`results`: prepare's per-file dicts for domain `d` (skip, rel, sha256, thumb, name, kept,
-        detail); kept ones carry their prepared `name` (trainA/<hash>.png)."""
+    def add_domain(self, d: str, results: list[Any], page: Path, thumb: Callable[[Any], Path | None]) -> None:
+        """`results`: prepare's per-file outcomes for domain `d` (stages/prepare.py Outcome: attributes
+        skip, rel, sha256, name, kept, detail); kept ones carry their prepared `name` (trainA/<hash>.png).
+        `thumb(r)`: the file of r's staged thumbnail, or None when it has none."""
         esc = html.escape
         for split in ("train", "test"):
-            kept = sorted((r for r in results if r["skip"] is None and r["name"].startswith(split)),
-                          key=lambda r: r["name"])
+            kept = sorted((r for r in results if r.skip is None and r.name.startswith(split)), key=lambda r: r.name)
             chosen, note = _sample(kept, self.cap, self.seed, f"{d}:{split}")
-            figs = [(self._thumb(r, d, page) or "", f"{r['name']} ← {r['rel']}") for r in chosen]
+            figs = [(self._thumb(r, d, page, thumb) or "", f"{r.name} ← {r.rel}") for r in chosen]
             self.sheets.append((d, split, note, figs))
         for group, _, reasons in SKIP_GROUPS:
-            skipped = sorted((r for r in results if r["skip"] in reasons), key=lambda r: (r["skip"], r["rel"]))
+            skipped = sorted((r for r in results if r.skip in reasons), key=lambda r: (r.skip, r.rel))
             if not skipped:
                 continue
             chosen, note = _sample(skipped, self.cap, self.seed, f"{d}:{group}")
             items = []
             for r in chosen:
-                caption = r["rel"] if "kept" in r else f"{r['rel']} ({r['skip']})"
-                fig = self._figure(r, d, page, caption, f"{caption}: {r.get('detail') or ''}")
-                if "kept" in r:
-                    keeper = r["kept"]
-                    fig = (f'<div class=pair data-kept="{esc(keeper["name"])}">{fig}'
-                           f'{self._figure(keeper, d, page, "kept: " + keeper["name"])}</div>')
+                caption = r.rel if r.kept is not None else f"{r.rel} ({r.skip})"
+                fig = self._figure(r, d, page, thumb, caption, f"{caption}: {r.detail or ''}")
+                if r.kept is not None:
+                    keeper = r.kept
+                    fig = (f'<div class=pair data-kept="{esc(keeper.name)}">{fig}'
+                           f'{self._figure(keeper, d, page, thumb, "kept: " + keeper.name)}</div>')
                 items.append(fig)
             self.groups.setdefault(group, []).append((d, note, items))
 
