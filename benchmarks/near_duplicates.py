@@ -7,7 +7,7 @@ in blocks), clusters by union-find, the largest of each kept. Its input is synth
 a tenth of them with a near-duplicate (a copy with a few bits flipped), as a scrape would hold. The
 hashes themselves are computed by prepare's workers while they decode each image; their cost is
 printed separately (`phash` of one decoded 512×512 photo), next to that of decoding a PNG, to put the
-check in proportion. The load average is printed: on a shared machine the figures are lower bounds.
+check in proportion. It runs with 1 thread and with one per CPU, side by side. The load average is printed: on a shared machine the figures are lower bounds.
 """
 from __future__ import annotations
 
@@ -39,15 +39,20 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=[1000, 50000])
     ap.add_argument("--distance", type=int, default=72)
     args = ap.parse_args()
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; numpy, one thread")
+    workers = nd.cpu_count()
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {workers} CPUs; numpy, 1 thread vs {workers}")
     for n in args.counts:
         hashes = synthetic(n)
-        start = time.perf_counter()
-        keep = nd.keepers(hashes, [1] * n, [f"{i:08d}" for i in range(n)], args.distance)
-        took = time.perf_counter() - start
+        took = {}
+        for threads in (1, workers):
+            start = time.perf_counter()
+            keep = nd.keepers(hashes, [1] * n, [f"{i:08d}" for i in range(n)], args.distance, workers=threads)
+            took[threads] = time.perf_counter() - start
         dropped = sum(1 for i, k in enumerate(keep) if i != k)
-        print(f"{n:>7} images: near-duplicate check {took:8.2f} s = {n / took:10,.0f} images/s "
-              f"({n * (n - 1) // 2 / took / 1e6:,.0f} M pairs/s; {dropped} near-duplicates found)")
+        for threads, t in took.items():
+            print(f"{n:>7} images, {threads} thread(s): near-duplicate check {t:8.2f} s = {n / t:10,.0f} "
+                  f"images/s ({n * (n - 1) // 2 / t / 1e6:,.0f} M pairs/s; {took[1] / t:.2f}x 1 thread)")
+        print(f"{n:>7} images: {dropped} near-duplicates found")
     from skimage import data
     photo = Image.fromarray(data.astronaut())
     buf = io.BytesIO()
