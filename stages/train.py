@@ -89,9 +89,12 @@ def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int
     an interruption). `data`: the prepared folder (trainA/B, testA/B); `out`: the checkpoints
     folder; `live_dir`: the dvclive folder. Returns the final history record (rank 0; other ranks
     return {}). Raises UserError (one line) for unusable data, a shorter schedule than the
-    checkpoint's, a checkpoint that does not fit, and non-finite losses or weights."""
+    checkpoint's, a checkpoint that does not fit, a train.data_device the images do not fit, and
+    non-finite losses or weights."""
     device = setup_device(p, rank)
     files_A, files_B = image_files(data / "trainA"), image_files(data / "trainB")
+    placement = place_images(p.data_device, device, decoded_bytes(len(files_A) + len(files_B), p.load_size),
+                             rank.local_world_size)      # before any output: a setting that does not fit stops here
     stored, extended = train_state.resume(p, data, out, rank.world_size) if rank.main else (None, [])
     if rank.distributed:   # rank 0's decision (it has verified last.pt); the others read the same file
         resumed, extended = rank.gather((stored is not None, extended))[0]
@@ -112,8 +115,6 @@ def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int
     if p.compile_mode:
         state.models = compile_models(state.models, p.compile_mode)
 
-    placement = place_images(p.data_device, device, decoded_bytes(len(files_A) + len(files_B), p.load_size),
-                             rank.local_world_size)
     feeder = feeder_for(p, files_A, files_B, device, channels_last, placement, rank)
     speeds = train_state.read_speeds(live_dir, state.epoch) if rank.main else {}   # dvclive only, not last.pt
     if rank.main:
