@@ -154,7 +154,13 @@ class DeviceFeeder:
         self.b = images_b.to(self.data_device)
         if self.host and torch.cuda.is_available():
             self.a, self.b = self.a.pin_memory(), self.b.pin_memory()
-        self.count_a, self.count_b, self.load = len(self.a), len(self.b), self.a.shape[-1]
+        self._sampling(len(self.a), len(self.b), self.a.shape[-1], crop, flip, batch_size, channels_last,
+                       rank, world_size)
+
+    def _sampling(self, count_a: int, count_b: int, load: int, crop: int, flip: bool, batch_size: int,
+                  channels_last: bool, rank: int, world_size: int) -> None:
+        """What `plan` and `batches` need besides the images, for every feeder."""
+        self.count_a, self.count_b, self.load = count_a, count_b, load
         self.crop, self.flip, self.batch_size = crop, flip, batch_size
         self.rank, self.world_size = rank, world_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -238,10 +244,8 @@ class DiskFeeder(DeviceFeeder):
                  world_size: int = 1):
         self.device, self.data_device, self.host = device, None, False
         self.files_a, self.files_b = list(files_a), list(files_b)
-        self.count_a, self.count_b, self.load = len(self.files_a), len(self.files_b), load_size
-        self.crop, self.flip, self.batch_size = crop, flip, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._sampling(len(self.files_a), len(self.files_b), load_size, crop, flip, batch_size, channels_last,
+                       rank, world_size)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
     @property
