@@ -116,9 +116,10 @@ def one(count: int, work: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--counts", default="1000,10000", help="images per domain, comma-separated")
+    ap.add_argument("--counts", nargs="+", default=["1000,10000"],
+                    help="images per domain: 1000,10000 or 1000 10000 (as benchmarks/near_duplicates.py takes them)")
     args = ap.parse_args()
-    counts = [int(c) for c in args.counts.split(",")]
+    counts = [int(c) for arg in args.counts for c in arg.split(",") if c]
     print(f"data stages, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start")
     rows = []
     with tempfile.TemporaryDirectory(prefix="data_scale_") as tmp:

@@ -36,9 +36,11 @@ def synthetic(n: int, seed: int = 0) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--counts", type=int, nargs="+", default=[1000, 50000])
+    ap.add_argument("--counts", nargs="+", default=["1000", "50000"],
+                    help="hash counts: 1000 50000 or 1000,50000 (as benchmarks/data_scale.py takes them)")
     ap.add_argument("--distance", type=int, default=72)
     args = ap.parse_args()
+    args.counts = [int(c) for arg in args.counts for c in arg.split(",") if c]
     workers = nd.cpu_count()
     print(f"load average before: {os.getloadavg()[0]:.1f} on {workers} CPUs; numpy, 1 thread vs {workers}")
     for n in args.counts:
