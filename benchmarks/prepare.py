@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from stages.fetch import fetch_domain
-from stages.prepare import PrepareParams, prepare
+from stages.prepare import prepare
 from unpaired.parallel import default_workers
+from unpaired.prepare import PrepareParams
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch
 
 from unpaired.devices import resolve_device
 from unpaired.safe_pickle import load_generator
-from unpaired.stylegan2 import Generator, GeneratorConfig, seed_latents, to_uint8
+from unpaired.sources.stylegan2 import Generator, GeneratorConfig, seed_latents, to_uint8
 
 PAPER256 = GeneratorConfig(z_dim=512, w_dim=512, img_resolution=256, mapping_layers=8,
                            channel_base=16384, channel_max=512, num_fp16_res=4, conv_clamp=256.0)

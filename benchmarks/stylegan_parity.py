@@ -1,4 +1,4 @@
-"""Parity of unpaired/stylegan2.py + safe_pickle.py with the official StyleGAN2-ADA code.
+"""Parity of unpaired/sources/stylegan2.py + safe_pickle.py with the official StyleGAN2-ADA code.
 
     git clone https://github.com/NVlabs/stylegan2-ada-pytorch /tmp/sg2-official   # outside this repo
     uv run python benchmarks/stylegan_parity.py --official /tmp/sg2-official
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from unpaired.safe_pickle import load_generator
-from unpaired.stylegan2 import seed_latents
+from unpaired.sources.stylegan2 import seed_latents
 
 VARIANTS = {
     "fp32": dict(num_fp16_res=0, conv_clamp=None),

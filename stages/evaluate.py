@@ -33,10 +33,11 @@ from unpaired.devices import resolve_device  # noqa: E402
 from unpaired.errors import UserError, main_guard  # noqa: E402
 from unpaired.evaluation import (METRIC_COLUMNS, EvalImages, EvaluateParams, MetricsPlan,  # noqa: E402
                                  Scores, epoch_checkpoints, finite, plan_metrics, score_epochs, select_best,
-                                 train_run, translated_test_set, warn, weights_facts)
+                                 train_run, translated_test_set, warn)
 from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json,  # noqa: E402
                             remove_stale_temporaries, unpack_view)
 from unpaired.report import write_report  # noqa: E402
+from unpaired.weights import weights_facts  # noqa: E402
 
 __all__ = ["EvaluateParams", "Paths", "evaluate", "main", "parse_args"]
 

@@ -15,7 +15,7 @@ from unpaired import params
 from unpaired.params import Params, ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["stages.prepare", "stages.train", "unpaired.evaluation", "unpaired.sources.archive",
+MODULES = ["unpaired.prepare", "stages.train", "unpaired.evaluation", "unpaired.sources.archive",
            "unpaired.sources.doodles", "unpaired.sources.flares", "unpaired.sources.folder",
            "unpaired.sources.kaggle", "unpaired.sources.quickdraw", "unpaired.sources.stylegan",
            "unpaired.sources.web"]

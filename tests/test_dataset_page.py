@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from stages.prepare import PrepareParams, prepare
+from stages.prepare import prepare
 from tests.helpers import CHROMIUM, chromium_page
+from unpaired.prepare import PrepareParams
 from unpaired.sources.doodles import DoodleParams, render
 
 CAP = 12

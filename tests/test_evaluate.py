@@ -107,7 +107,7 @@ OFFLINE_URL = "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth"   #
 def setup(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))   # no cached Inception weights ...
     # ... and a download address that refuses at once (a closed loopback port): never the internet.
-    monkeypatch.setattr("unpaired.evaluation.INCEPTION_URL", OFFLINE_URL)
+    monkeypatch.setattr("unpaired.weights.INCEPTION_URL", OFFLINE_URL)
     data = make_test_data(tmp_path / "prepared")
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()

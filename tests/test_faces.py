@@ -7,8 +7,9 @@ import pandas as pd
 from PIL import Image
 from skimage import data
 
-from stages.prepare import PrepareParams, prepare
+from stages.prepare import prepare
 from unpaired import faces
+from unpaired.prepare import PrepareParams
 from unpaired.sources.doodles import DoodleParams, render
 
 

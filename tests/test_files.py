@@ -196,7 +196,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_space(tmp_path, writer)
     call = {"checkpoint": "import torch; from unpaired import checkpoint; "
                           "checkpoint.save({'w': torch.zeros(300_000)}, target)",
             "packed_tar": f"from unpaired.files import pack_dir; pack_dir(Path({str(tmp_path / 'view')!r}), target)",
-            "prepare": "from stages.prepare import PrepareParams, prepare; "
+            "prepare": "from stages.prepare import prepare; from unpaired.prepare import PrepareParams; "
                        f"prepare(PrepareParams(min_size=8), Path({str(raw)!r}), target, Path({str(full / 'p.json')!r}), "
                        "workers=2)"}[writer]
     script = f"""

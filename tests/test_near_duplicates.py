@@ -14,9 +14,10 @@ from PIL import Image
 from ruamel.yaml import YAML
 from skimage import data
 
-from stages.prepare import PrepareParams, prepare
+from stages.prepare import prepare
 from unpaired import near_duplicates as nd
 from unpaired.params import ParamsError, parse
+from unpaired.prepare import PrepareParams
 from unpaired.sources.doodles import DoodleParams, render
 
 DEFAULT = PrepareParams().near_duplicate_distance

@@ -151,7 +151,7 @@ def test_train_with_its_checkpoints_on_a_read_only_filesystem_is_one_line(tmp_pa
 def test_folder_loops_end_the_walk_and_are_named_and_linked_folders_are_followed(tmp_path):
     """`in/a/up -> ..` and `in/self -> .`: rglob used to drop them without a word, and glob's `**`
     followed them 40 deep (two of them: minutes). Now each is one skipped entry, in both forms."""
-    from unpaired.cli import expand_inputs
+    from unpaired.translate import expand_inputs
     inputs = tmp_path / "in"
     for name in ("x.png", "a/y.png"):
         noise(inputs / name)

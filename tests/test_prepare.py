@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages.prepare import PrepareParams, is_test, prepare
+from stages.prepare import prepare
 from unpaired.files import VIEW_MARK, pack_dir, unpack_view
 from unpaired.errors import UserError
 from unpaired.images import Skip, decode
 from unpaired.params import ParamsError, parse
+from unpaired.prepare import PrepareParams, is_test
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -297,7 +298,7 @@ def test_malformed_exif_tag_still_gets_its_orientation(tmp_path):
 def test_fuzzed_exif_never_stops_prepare(tmp_path):
     """Bytes flipped at random in the EXIF block of an ordinary JPEG: every file is kept or counted
     under a skip reason; no worker raises."""
-    from stages.prepare import _process
+    from unpaired.prepare import _process
     from unpaired.images import SKIP_REASONS
     base = banded_jpeg(exif_block([ORIENTATION_6, (0x011A, 5, 1, b"\x1a\x00\x00\x00"),
                                    (0x010F, 2, 4, b"abc\x00"), (0x8769, 4, 1, b"\x1a\x00\x00\x00")]))

@@ -12,7 +12,7 @@ from PIL import Image
 from ruamel.yaml import YAML
 
 from stages.evaluate import EvaluateParams
-from stages.prepare import PrepareParams
+from unpaired.prepare import PrepareParams
 from unpaired.training import TrainParams
 from tests.helpers import ROOT, TINY, VENV_BIN, clone_project, committed_params, dvc, run
 from tests.test_sources_files import Server

@@ -1,7 +1,8 @@
 """The code's shape, read from the source (AST, imports inside functions included): stage modules stay
 short, `unpaired/` and `stages/` have no import cycle, the library never imports a stage, DVC is used
 through its public interfaces only, and each stage's dvc.yaml `deps` lists exactly the project
-modules it imports (so DVC re-runs a stage when, and only when, code it runs changed)."""
+modules it imports and the package data they read (so DVC re-runs a stage when, and only when, code
+it runs or a file it embeds changed)."""
 from __future__ import annotations
 
 import ast
@@ -169,12 +170,34 @@ def stage_module(stage: str) -> str:
     return f"stages.{stage}"
 
 
+def package_data(init: Path) -> set[str]:
+    """The data files (relative paths) of the package whose __init__.py is `init`: every file under its
+    folder that is not Python, hidden or in __pycache__, and not inside a subpackage (a folder with
+    its own __init__.py). A package reads them with importlib.resources (unpaired/templates/)."""
+    folder = init.parent
+    found = set()
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if (not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in rel.parts
+                or any(part.startswith(".") for part in rel.parts)):
+            continue
+        if next(p for p in path.parents if (p / "__init__.py").is_file()) == folder:
+            found.add(str(path.relative_to(ROOT)))
+    return found
+
+
 def needed_files(stage: str) -> set[str]:
-    """The files (relative paths) a stage's module runs: itself and every project module it imports,
-    transitively, package __init__s included; empty files (the bare package markers) left out."""
+    """The files (relative paths) a stage's module runs or reads: itself and every project module it
+    imports, transitively, package __init__s included (empty files, the bare package markers, left
+    out), and the data files of every package among them (a stylesheet the page embeds changes the
+    stage's output as much as code does)."""
     mods = modules()
-    return {str(mods[m].relative_to(ROOT)) for m in closure(stage_module(stage), graph(with_packages=True))
-            if mods[m].read_text().strip()}
+    imported = closure(stage_module(stage), graph(with_packages=True))
+    files = {str(mods[m].relative_to(ROOT)) for m in imported if mods[m].read_text().strip()}
+    for m in imported:
+        if mods[m].name == "__init__.py":
+            files |= package_data(mods[m])
+    return files
 
 
 def covered(file: str, deps: list[str]) -> bool:
@@ -192,7 +215,12 @@ def test_each_stage_lists_exactly_the_project_modules_it_imports(stage):
 
 
 def test_the_deps_check_can_fail():
-    """A module every stage imports (errors.py), dropped from a deps list, is found missing."""
+    """A module every stage imports (errors.py), dropped from a deps list, is found missing; so is a
+    data file a stage's page embeds (unpaired/templates/), with the templates folder dropped."""
     needed = needed_files("prepare")
     assert "unpaired/errors.py" in needed and "stages/prepare.py" in needed
     assert not covered("unpaired/errors.py", [d for d in stage_deps()["prepare"] if d != "unpaired/errors.py"])
+    for stage, data in (("prepare", "unpaired/templates/dataset.css"), ("evaluate", "unpaired/templates/report.js")):
+        assert data in needed_files(stage)
+        assert not covered(data, [d for d in stage_deps()[stage] if d != "unpaired/templates"])
+    assert not any(f.startswith("unpaired/templates/") for f in needed_files("train"))

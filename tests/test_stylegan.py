@@ -23,7 +23,7 @@ from unpaired.errors import UserError
 from unpaired.params import ParamsError
 from unpaired.safe_pickle import UnsafePickle, load_generator, save_generator
 from unpaired.sources.base import SourceError
-from unpaired.stylegan2 import Generator, GeneratorConfig, seed_latents, to_uint8
+from unpaired.sources.stylegan2 import Generator, GeneratorConfig, seed_latents, to_uint8
 
 SMALL = dict(z_dim=16, w_dim=16, img_resolution=16, img_channels=3, mapping_layers=2,
              channel_base=256, channel_max=32)

@@ -24,7 +24,7 @@ from unpaired.training import TrainParams
 from tests.test_evaluate import paths_in
 from tests.test_train import TINY, make_prepared, same, weights
 from unpaired import checkpoint, threads
-from unpaired.cli import translate_files
+from unpaired.translate import translate_files
 from unpaired.cyclegan import ResnetGenerator
 from unpaired.errors import UserError
 from unpaired.params import ParamsError, parse

@@ -1,6 +1,7 @@
 """Evaluation: the evaluate params, each epoch's score (its sample grid and FID/KID, cached per
 checkpoint), the choice of the best epoch, the test set translated by it, and the pieces under them:
-batched translation, labelled sample grids, FID/KID and the Inception weights they need.
+batched translation, labelled sample grids, FID/KID and the Inception features they are computed on
+(which weights file, where from and checked how: unpaired/weights.py).
 
 FID and KID come from torch-fidelity (the library behind many GAN papers' numbers; its InceptionV3 is
 a port of the TF-slim network that FID was defined with, so values are comparable with published
@@ -12,19 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
-import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from unpaired import checkpoint, params, threads
@@ -34,10 +32,11 @@ from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json, m
                             sha256_of)
 from unpaired.images import png_bytes, read_uint8, to_float, to_uint8
 from unpaired.report import TEST_SET_KINDS, pages_for_test_set
+from unpaired.weights import (check_weights, download_weights, load_inception, published_sha256_prefix,
+                              weights_advice, weights_file)
 
 Features = Callable[[torch.Tensor], torch.Tensor]   # uint8 N×3×H×W → float N×D
 KID_SEED = 2020
-INCEPTION_URL = URL_INCEPTION_V3     # torch-fidelity's release of the FID Inception weights
 
 
 def load_images(folder: Path) -> tuple[list[str], torch.Tensor]:
@@ -96,126 +95,8 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100) -> d
             "kid_std": float(kid["kernel_inception_distance_std"])}
 
 
-# --- the FID Inception weights ------------------------------------------------------------------
-# torch-fidelity downloads its InceptionV3 weights from one URL into torch's hub cache. Offline, a
-# user must fetch that file elsewhere and copy it in, so every message names the URL, the file, the
-# folder, and how to verify it. torch-fidelity publishes no full checksum: like torch.hub's own
-# files, its file name carries the first hex digits of the file's sha256 ("-6726825d.pth"), which
-# torch.hub's `check_hash` would compare; torch-fidelity does not. We compare that prefix, and print
-# the full sha256 of the file found so it can be checked against a copy the user trusts.
-HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")   # torch.hub's naming rule, as in torch.hub.HASH_REGEX
+# --- the Inception features FID/KID are computed on (the weights file: unpaired/weights.py) ------
 MIN_METRIC_IMAGES = 2      # FID needs a covariance, KID pairs of distinct images: >= 2 per side
-
-
-def weights_file() -> Path:
-    """Where torch-fidelity's Inception weights are looked for: $TORCH_HOME/hub/checkpoints/<name>
-    (torch.hub.get_dir(); default ~/.cache/torch/hub/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
-
-
-def published_sha256_prefix() -> str:
-    """The sha256 prefix in the weights' file name ("" if the name carries none)."""
-    found = HUB_HASH.search(Path(INCEPTION_URL).name)
-    return found.group(1) if found else ""
-
-
-def weights_facts() -> dict[str, str]:
-    """What an offline user needs, as fields: url, file, folder, sha256_prefix, check."""
-    path = weights_file()
-    return {"url": INCEPTION_URL, "file": path.name, "folder": str(path.parent),
-            "sha256_prefix": published_sha256_prefix(), "check": "uv run unpaired weights --check"}
-
-
-def weights_advice() -> str:
-    """One sentence: what to fetch, where to put it, how to verify it."""
-    path, prefix = weights_file(), published_sha256_prefix()
-    sha = (f"its sha256 starts with {prefix} (torch-fidelity publishes only this prefix, in the file name)"
-           if prefix else "torch-fidelity publishes no checksum for it")
-    return (f"download {INCEPTION_URL} on a machine with internet and copy it, named {path.name}, into "
-            f"{path.parent}/ ($TORCH_HOME/hub/checkpoints); {sha}; then check it with "
-            f"`uv run unpaired weights --check`")
-
-
-@dataclass
-class WeightsCheck:
-    """The verdict on a weights file: usable (FID/KID can run with it), published (its sha256
-    matches the name's prefix), and the lines that explain it."""
-    path: Path
-    usable: bool = False
-    published: bool = False
-    sha256: str = ""
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def why(self) -> str:
-        return " ".join(self.lines)
-
-
-def check_weights(path: Path | None = None, build: bool = True) -> WeightsCheck:
-    """Check a copy of torch-fidelity's Inception weights without running anything in it: the file
-    must load with torch.load(weights_only=True) as a mapping of tensors and (build=True) fit
-    torch-fidelity's InceptionV3 exactly; its sha256 is compared with the file name's prefix."""
-    path = Path(path) if path is not None else weights_file()
-    result = WeightsCheck(path)
-    if not path.is_file():
-        result.lines.append(f"{path}: not present; {weights_advice()}.")
-        return result
-    result.sha256 = sha256_of(path)
-    prefix = published_sha256_prefix()
-    result.published = bool(prefix) and result.sha256.startswith(prefix)
-    result.lines.append(f"{path}: {path.stat().st_size:,} bytes, sha256 {result.sha256}.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle with code, truncated zip, HTML page: all "not a weights file"
-        result.lines.append(f"Not a plain weights file ({type(err).__name__}): delete it; {weights_advice()}.")
-        return result
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        result.lines.append(f"Holds no state dict of tensors: delete it; {weights_advice()}.")
-        return result
-    if build:
-        try:
-            _inception(path)
-        except Exception as err:  # missing/extra keys, wrong shapes
-            detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-            result.lines.append(f"Does not fit torch-fidelity's InceptionV3 ({detail}): delete it; "
-                                f"{weights_advice()}.")
-            return result
-    result.usable = True
-    if result.published:
-        result.lines.append(f"Usable: loads as weights only, fits InceptionV3, and its sha256 starts with "
-                            f"{prefix} as the published file's name says.")
-    else:
-        result.lines.append(f"Usable (loads as weights only, fits InceptionV3), but its sha256 does not start "
-                            f"with {prefix or '(none published)'}: not the file torch-fidelity publishes, so "
-                            f"FID/KID will not be comparable with published numbers.")
-    return result
-
-
-def _inception(path: Path) -> torch.nn.Module:
-    """torch-fidelity's InceptionV3 (2048-d pool features) from a file that check_weights has
-    already loaded with weights_only=True (torch-fidelity itself loads it without that guard)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
-
-
-def download_weights(timeout: float = 20.0) -> str:
-    """Fetch the weights into weights_file() (atomically, by torch.hub); "" or why it failed."""
-    path = weights_file()
-    try:
-        make_dirs(path.parent)
-    except UserError as err:   # a read-only cache: the weights are as unavailable as without network
-        return str(err)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)
-    except Exception as err:  # no network, DNS failure, HTTP error, timeout: all mean "not available"
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'no detail'}"
-    finally:
-        socket.setdefaulttimeout(previous)
-        for stale in path.parent.glob(f"{path.name}.*.partial"):   # torch.hub's temp file on failure
-            stale.unlink(missing_ok=True)
-    return ""
 
 
 def inception_features(device: torch.device, timeout: float = 20.0) -> tuple[Features | None, str]:
@@ -235,7 +116,7 @@ def inception_features(device: torch.device, timeout: float = 20.0) -> tuple[Fea
     if not verdict.usable:
         return None, f"FID/KID skipped: {verdict.why}"
     try:
-        net = _inception(path).to(device).eval()
+        net = load_inception(path).to(device).eval()
     except Exception as err:
         return None, (f"FID/KID skipped: {path} does not fit torch-fidelity's InceptionV3 ({type(err).__name__}); "
                       f"delete it; {weights_advice()}")
@@ -247,26 +128,6 @@ def inception_features(device: torch.device, timeout: float = 20.0) -> tuple[Fea
         f"{path}: its sha256 ({verdict.sha256[:16]}...) does not start with {published_sha256_prefix()}, so it is "
         f"not the file torch-fidelity publishes: FID/KID are not comparable with published numbers")
     return features, note
-
-
-def weights_command(file: str | None, check_only: bool) -> None:
-    """`unpaired weights [--check] [FILE]`: say whether the FID weights are usable (download them
-    first unless --check or FILE); raises UserError (exit 2) when they are not."""
-    path = Path(file) if file else weights_file()
-    if not file and not check_only and not path.is_file():
-        print(f"downloading {INCEPTION_URL} -> {path}")
-        failure = download_weights()
-        if failure:
-            raise UserError(f"{path}: download failed ({failure}); {weights_advice()}")
-    verdict = check_weights(path)
-    for line in verdict.lines[:-1]:
-        print(line)
-    if not verdict.usable:
-        raise UserError(verdict.lines[-1])
-    print(verdict.lines[-1])
-    if file and Path(file).resolve() != weights_file().resolve():
-        print(f"To use it, copy it to {weights_file()}")
-
 
 
 # --- evaluate: score every epoch, pick the best, translate the test set -------------------------

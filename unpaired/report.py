@@ -13,7 +13,8 @@ Training time and throughput come from train's dvclive logs (`<train live>/plots
 images_per_s.tsv`), never from a checkpoint: timing is kept out of every artifact but this page.
 
 Also here: the test-set pages (metrics/test_set/index.html, page_NNN.html), which evaluate fills with
-the best epoch's translations of every test image.
+the best epoch's translations of every test image. The pages' stylesheets and script are package data
+in unpaired/templates/; prepare's dataset page is unpaired/dataset_page.py.
 """
 from __future__ import annotations
 
@@ -21,13 +22,12 @@ import html
 import json
 import math
 import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from unpaired import templates
 from unpaired.files import atomic_write_bytes
 
 LOSSES = ("G_A", "G_B", "D_A", "D_B", "cycle_A", "cycle_B", "idt_A", "idt_B")
@@ -263,31 +263,11 @@ images every epoch.</p>
         for name, values in sections.items() if isinstance(values, dict)]
     params_html = f'<div class=params-grid>{"".join(blocks)}</div>'
 
+    css, js = templates.text("report.css"), templates.text("report.js")   # unpaired/templates/
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>unpaired: evaluation report</title>
 <style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }}
-h1 {{ font-size: 22px; }} h2 {{ font-size: 17px; margin-top: 28px; }} h3 {{ font-size: 15px; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-td.detail, table.params td, th.detail {{ text-align: left; font-size: 12px; }} table.params {{ margin-bottom: 8px; }}
-.params-grid {{ display: flex; flex-wrap: wrap; gap: 4px 24px; align-items: flex-start; }}
-tr.best td {{ background: #e6f7e6; font-weight: bold; }}
-dl.facts {{ display: grid; grid-template-columns: max-content auto; gap: 2px 12px; }}
-dl.facts dt {{ font-weight: bold; }} dl.facts dd {{ margin: 0; }}
-.panels {{ display: flex; flex-wrap: wrap; gap: 8px; }}
-.panel {{ margin: 0; border: 1px solid #eee; padding: 4px; }}
-.chart {{ width: 340px; height: 190px; display: block; }}
-.chart .tick {{ font-size: 10px; fill: #555; }} .chart .grid {{ stroke: #eee; }} .chart .axis {{ stroke: #999; }}
-.chart .best {{ stroke: #2a2; stroke-dasharray: 4 3; }}
-.legend {{ font-size: 12px; }} .legend .key {{ margin-left: 10px; white-space: nowrap; }}
-.legend .key i {{ display: inline-block; width: 14px; height: 3px; margin: 0 4px 3px 0; vertical-align: middle; }}
-.warn {{ background: #fff4e5; padding: 8px; border-left: 4px solid #f0a020; }}
-.ok {{ background: #eef7ee; padding: 8px; border-left: 4px solid #2a2; }} .note {{ color: #666; }}
-#viewer img, .strip img {{ image-rendering: pixelated; }}
-#viewer img {{ max-height: 70vh; border: 1px solid #ccc; }}
-.strip {{ display: flex; gap: 12px; overflow-x: auto; padding-bottom: 8px; }}
-.strip figure {{ margin: 0; text-align: center; }} .strip img {{ height: 260px; border: 2px solid transparent; }}
-.strip figure.best img {{ border-color: #2a2; }}
+{css}
 </style></head><body>
 <h1>unpaired — evaluation report</h1>
 {header}
@@ -302,14 +282,7 @@ dl.facts dt {{ font-weight: bold; }} dl.facts dd {{ margin: 0; }}
 <h2>Params</h2>{params_html}
 <script>
 const epochs = {json.dumps(grids)}, best = {best};
-const slider = document.getElementById("epoch"), img = document.getElementById("grid"),
-      label = document.getElementById("label");
-function show() {{
-  const e = epochs[Number(slider.value)];
-  img.src = "samples/epoch_" + String(e).padStart(3, "0") + ".png";
-  label.textContent = "epoch " + e + (e === best ? " ★ best" : "");
-}}
-if (slider) {{ slider.addEventListener("input", show); show(); }}
+{js}
 </script>
 </body></html>
 """
@@ -317,10 +290,6 @@ if (slider) {{ slider.addEventListener("input", show); show(); }}
 
 
 # --- metrics/test_set: every test image translated by the best epoch ----------------------------
-TEST_SET_STYLE = ("body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}"
-                  "td,th{border:1px solid #ccc;padding:3px}table{border-collapse:collapse}"
-                  "td.name{font:12px monospace}img{width:128px;height:auto;image-rendering:pixelated;display:block}"
-                  ".warn{background:#fff4e5;padding:8px;border-left:4px solid #f0a020}")
 TEST_SET_KINDS = ("real", "fake", "rec")
 
 
@@ -337,6 +306,7 @@ def pages_for_test_set(epoch: int, generators: Path, directions: dict[str, list[
     writes at <direction>/{real,fake,rec}/<name>. A direction without images says how to get some.
     `generators` is the checkpoint shown (= models/best/generators.pt); `epoch` its epoch."""
     esc = html.escape
+    style = templates.text("test_set.css")     # unpaired/templates/
     pages = max(1, math.ceil(max(map(len, directions.values()), default=0) / rows_per_page))
     out = {}
     for i in range(pages):
@@ -357,150 +327,9 @@ def pages_for_test_set(epoch: int, generators: Path, directions: dict[str, list[
             parts.append(f"<h2>{a} → {b}: {len(names)} test image(s)</h2>{body}")
         out[page_name_for_test_set(i)] = (
             f"<!doctype html><html lang=en><head><meta charset=utf-8><title>unpaired: test set, epoch {epoch}"
-            f"</title><style>{TEST_SET_STYLE}</style></head><body>"
+            f"</title><style>{style}</style></head><body>"
             f"<h1>Test set translated by the best epoch ({epoch})</h1>"
             f"<p>Generators: <code>{esc(generators.as_posix())}</code> (= models/best/generators.pt). "
             f"Click an image for the full-size file. Page {i + 1} of {pages}. {nav}</p>"
             + "".join(parts) + (f"<p>{nav}</p>" if nav else "") + "</body></html>\n")
     return out
-
-
-# --- metrics/data: the dataset page prepare writes (contact sheets, skipped images, sources) -----
-THUMB = 64          # thumbnail side in pixels (the longer side; kept images are square)
-# the page's groups of skipped images: (id, heading, the skip reasons it gathers)
-SKIP_GROUPS = (("unreadable", "unreadable", ("empty", "not_image", "truncated", "unreadable", "error")),
-               ("too_small", "too small", ("too_small",)), ("too_large", "too large", ("too_large",)),
-               ("duplicate", "duplicate (same bytes)", ("duplicate",)),
-               ("near_duplicate", "near-duplicate (next to the image kept)", ("near_duplicate",)),
-               ("no_face", "no face", ("no_face",)))
-DATASET_STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1240px}
-h1{font-size:22px}h2{font-size:17px;margin-top:28px}h3{font-size:15px;margin:16px 0 4px}
-table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-td.l,th.l{text-align:left}.note{color:#666}.warn{background:#fff4e5;padding:8px;border-left:4px solid #f0a020}
-.sheet{display:flex;flex-wrap:wrap;gap:3px}.sheet img,figure img{width:64px;height:64px;object-fit:contain;
-image-rendering:pixelated;background:#f4f4f4;display:block}
-.items{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;font-size:11px;max-width:150px;word-break:break-all}
-.pair{display:flex;gap:2px;align-items:flex-start}.pair figure:last-child img{outline:2px solid #2a2}
-.noimg{width:64px;height:64px;background:#fee;display:flex;align-items:center;justify-content:center;color:#a00}
-.columns{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}"""
-
-
-def dataset_thumbnail(img: Any) -> bytes:
-    """A Pillow RGB image → PNG bytes of a copy whose longer side is at most THUMB pixels (aspect
-    kept; smaller images as they are). Deterministic bytes."""
-    from unpaired.images import RESAMPLE, png_bytes
-    small = img.copy()
-    small.thumbnail((THUMB, THUMB), RESAMPLE)
-    return png_bytes(small)
-
-
-def _sample(items: list[Any], cap: int, seed: int, key: str) -> tuple[list[Any], str]:
-    """All of `items` up to `cap`, else a sample of `cap` drawn with the seed (order kept), and the
-    note saying which."""
-    import random
-    if len(items) <= cap:
-        return items, f"all {len(items)}"
-    chosen = sorted(random.Random(f"{seed}:{key}").sample(range(len(items)), cap))
-    return [items[i] for i in chosen], f"a sample of {cap} of {len(items)} (seeded by prepare.seed)"
-
-
-class DatasetSheets:
-    """Collects, domain by domain, what the dataset page shows, copying the chosen thumbnails into
-    the page folder as it goes (so no image is held in memory), then writes index.html."""
-
-    def __init__(self, cap: int, seed: int):
-        self.cap, self.seed = cap, seed
-        self.sheets: list[tuple[str, str, str, list[tuple[str, str]]]] = []   # domain, split, note, figures
-        self.groups: dict[str, list[tuple[str, str, list[str]]]] = {}        # group -> (domain, note, items)
-
-    def _thumb(self, r: Any, d: str, page: Path, thumb: Callable[[Any], Path | None]) -> str | None:
-        """Copy r's staged thumbnail into page/thumbs/<d>/ and return its page-relative path."""
-        staged = thumb(r)
-        if staged is None or not staged.is_file():
-            return None
-        prefix = "" if r.skip is None else "skipped-"
-        rel = f"thumbs/{d}/{prefix}{r.sha256[:16]}.png"
-        (page / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(staged, page / rel)
-        return rel
-
-    def _figure(self, r: Any, d: str, page: Path, thumb: Callable[[Any], Path | None], caption: str,
-                title: str = "") -> str:
-        esc = html.escape
-        rel = self._thumb(r, d, page, thumb)
-        title = title or caption
-        img = (f'<img src="{esc(rel)}" alt="{esc(caption)}" title="{esc(title)}">' if rel else
-               f'<div class=noimg title="{esc(title)}">✕</div>')
-        return f"<figure>{img}<figcaption>{esc(caption)}</figcaption></figure>"
-
-    def add_domain(self, d: str, results: list[Any], page: Path, thumb: Callable[[Any], Path | None]) -> None:
-        """`results`: prepare's per-file outcomes for domain `d` (stages/prepare.py Outcome: attributes
-        skip, rel, sha256, name, kept, detail); kept ones carry their prepared `name` (trainA/<hash>.png).
-        `thumb(r)`: the file of r's staged thumbnail, or None when it has none."""
-        esc = html.escape
-        for split in ("train", "test"):
-            kept = sorted((r for r in results if r.skip is None and r.name.startswith(split)), key=lambda r: r.name)
-            chosen, note = _sample(kept, self.cap, self.seed, f"{d}:{split}")
-            figs = [(self._thumb(r, d, page, thumb) or "", f"{r.name} ← {r.rel}") for r in chosen]
-            self.sheets.append((d, split, note, figs))
-        for group, _, reasons in SKIP_GROUPS:
-            skipped = sorted((r for r in results if r.skip in reasons), key=lambda r: (r.skip, r.rel))
-            if not skipped:
-                continue
-            chosen, note = _sample(skipped, self.cap, self.seed, f"{d}:{group}")
-            items = []
-            for r in chosen:
-                caption = r.rel if r.kept is not None else f"{r.rel} ({r.skip})"
-                fig = self._figure(r, d, page, thumb, caption, f"{caption}: {r.detail or ''}")
-                if r.kept is not None:
-                    keeper = r.kept
-                    fig = (f'<div class=pair data-kept="{esc(keeper.name)}">{fig}'
-                           f'{self._figure(keeper, d, page, thumb, "kept: " + keeper.name)}</div>')
-                items.append(fig)
-            self.groups.setdefault(group, []).append((d, note, items))
-
-    def write(self, page: Path, counts: dict[str, Any], settings: dict[str, Any]) -> None:
-        """Write page/index.html from what add_domain collected, `counts` (prepare.json's content)
-        and `settings` (the prepare params)."""
-        esc = html.escape
-        total = ", ".join(f"{d.upper()}: {k.get('train', 0)} train + {k.get('test', 0)} test"
-                          for d, k in counts["kept"].items())
-        settings_rows = "".join(f"<tr><th class=l>prepare.{esc(k)}</th><td class=l>{esc(json.dumps(v))}</td></tr>"
-                                for k, v in settings.items())
-        source_rows = "".join(
-            f"<tr><th class=l>{d.upper()}</th><td class=l>{esc(s)}</td><td>{c.get('kept', 0)}</td>"
-            f"<td>{c.get('skipped', 0)}</td></tr>"
-            for d, per in counts.get("sources", {}).items() for s, c in per.items())
-        reasons = sorted({r for per in counts["skipped"].values() for r in per})
-        reason_rows = "".join(f"<tr><th class=l>{esc(r)}</th>" + "".join(
-            f"<td>{counts['skipped'][d].get(r, 0)}</td>" for d in counts["skipped"]) + "</tr>" for r in reasons)
-        reason_rows += "<tr><th class=l>cropped to a face (kept)</th>" + "".join(
-            f"<td>{counts.get('cropped_to_face', {}).get(d, 0)}</td>" for d in counts["skipped"]) + "</tr>"
-        cross = counts.get("cross_domain_near_duplicates") or []
-        cross_html = (f"<p class=warn id=cross-domain>{len(cross)} near-duplicate pair(s) across domains A and B "
-                      f"(the same picture in both): " + esc(", ".join(f"{a} ~ {b}" for a, b in cross[:20]))
-                      + (", ..." if len(cross) > 20 else "") + "</p>") if cross else ""
-        sheets = "".join(
-            f'<section class=split data-domain="{d}" data-split="{split}"><h3>{split}{d.upper()} — {esc(note)}</h3>'
-            f'<div class=sheet>' + "".join(f'<img src="{esc(src)}" alt="{esc(t)}" title="{esc(t)}">' for src, t in figs)
-            + "</div></section>" for d, split, note, figs in self.sheets)
-        groups = "".join(
-            f'<section class=group data-group="{gid}"><h3>{esc(title)}</h3>' + "".join(
-                f'<p class=note>domain {d.upper()}: {esc(note)}</p><div class=items>{"".join(items)}</div>'
-                for d, note, items in self.groups[gid]) + "</section>"
-            for gid, title, _ in SKIP_GROUPS if gid in self.groups)
-        doc = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>unpaired: dataset</title><style>{DATASET_STYLE}</style></head>
-<body><h1>unpaired — the prepared dataset</h1>
-<p>{esc(total)}; {counts.get('total_skipped', 0)} raw file(s) skipped. Thumbnails are the prepared images
-(hover for the file and where it came from).</p>{cross_html}
-<div class=columns><div><h2>Counts per source</h2><table id=sources><tr><th class=l>domain</th><th class=l>source</th>
-<th>kept</th><th>skipped</th></tr>{source_rows}</table></div>
-<div><h2>Skipped, by reason</h2><table id=reasons><tr><th class=l>reason</th>{"".join(
-    f"<th>{d.upper()}</th>" for d in counts["skipped"])}</tr>{reason_rows}</table></div>
-<div><h2>Settings</h2><table id=settings>{settings_rows}</table></div></div>
-<h2>Contact sheets</h2>{sheets}
-<h2>Skipped images</h2>{groups or "<p class=note id=none-skipped>No image was skipped.</p>"}
-</body></html>
-"""
-        (page / "index.html").write_bytes(doc.encode())

@@ -16,7 +16,7 @@ each to a harmless stand-in:
 Anything else (`os.system`, `builtins.eval`, a class to instantiate, ...) is refused when the
 unpickler meets it, before it is called: `UnsafePickle` names the global and nothing else runs.
 The generator's tensors and constructor arguments are then read out of the records and loaded into
-the plain-PyTorch generator of stylegan2.py.
+the plain-PyTorch generator of sources/stylegan2.py.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from unpaired.errors import UserError
-from unpaired.stylegan2 import Generator, GeneratorConfig
+from unpaired.sources.stylegan2 import Generator, GeneratorConfig
 
 FORMAT = "unpaired-stylegan2"
 

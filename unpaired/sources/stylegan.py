@@ -3,7 +3,7 @@
 `network` is an official stylegan2-ada-pytorch pickle (e.g. NVIDIA's FFHQ networks, licensed for
 non-commercial use only) or a generator saved by unpaired, given as a path or a URL (downloaded once
 into the domain's cache, checked against `sha256` when given). It is loaded by safe_pickle.py, which
-never runs code from the file, into the plain-PyTorch generator of stylegan2.py.
+never runs code from the file, into the plain-PyTorch generator of stylegan2.py (beside this file).
 
 Seed s gives the latent RandomState(s).randn(z_dim), as the official generate.py draws it, so the
 same seed and psi give the same face as the official tool. Images are synthesized in batches on
@@ -87,7 +87,7 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     import torch
 
     from unpaired.safe_pickle import load_generator
-    from unpaired.stylegan2 import seed_latents, to_uint8
+    from unpaired.sources.stylegan2 import seed_latents, to_uint8
 
     p = parse(StyleGANParams, raw, ctx.key)
     seeds = parse_seeds(p.seeds, f"{ctx.key}.seeds")
