@@ -110,5 +110,5 @@ class RunLog:
         if not state.history:
             return {}
         last = state.history[-1]
-        return {**last, "metrics": {**last["metrics"],
-                                    **({"images_per_s": self.speeds[state.epoch]} if state.epoch in self.speeds else {})}}
+        speed = {"images_per_s": self.speeds[state.epoch]} if state.epoch in self.speeds else {}
+        return {**last, "metrics": {**last["metrics"], **speed}}

@@ -95,8 +95,8 @@ def resume_keys(model: type[Model]) -> tuple[str, ...]:
 
 def resume(model: type[Model], p: TrainParams, data: Path, out: Path, world_size: int = 1
            ) -> tuple[dict[str, Any] | None, list[str]]:
-    """The verified state of out/last.pt (of a `model` run) to continue from, and the schedule keys that changed
-    (non-empty: the run is extended). None when there is nothing to continue: then every earlier
+    """The verified state of out/last.pt (a run of `model`) to continue from, and the schedule keys
+    that changed (non-empty: the run is extended). None when there is nothing to continue: then every earlier
     file has been moved aside (never deleted) with a line saying why. A last.pt written by another
     world size (train.devices) is not continued. Run by rank 0 alone: it moves and rewrites files. Raises UserError when the
     schedule is shorter than the epochs already trained."""
