@@ -1,9 +1,9 @@
 """torch.compile's first step cold and warm, side by side: the cost `train.compile` pays once per
-machine when inductor's caches persist (unpaired.training.compile_cache_dir).
+machine when inductor's caches persist (unpaired.models.training.compile_cache_dir).
 
     uv run python benchmarks/compile_cache.py [--size 64] [--ngf 16] [--ndf 32] [--blocks 6]
 
-Runs the compiled CycleGAN step (unpaired.training.compile_models, mode default) in two fresh
+Runs the compiled CycleGAN step (unpaired.models.cyclegan.compile_models, mode default) in two fresh
 processes that share one empty cache folder (a temp folder standing in for
 ~/.cache/unpaired/torchinductor): the first compiles from nothing, the second finds the first's
 FX graph and AOT autograd caches. Prints the seconds of the first step (compile included) and of
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import contextlib, json, sys, time, torch
-from unpaired.training import ImagePool, build_models, compile_models, optimizers, train_step
+from unpaired.models.cyclegan import build_models, compile_models, optimizers, train_step
+from unpaired.models.pool import ImagePool
 size, ngf, ndf, blocks = (int(x) for x in sys.argv[1:5])
 torch.set_num_threads(1)
 torch.manual_seed(0)

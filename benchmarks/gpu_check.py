@@ -19,7 +19,9 @@ import json
 
 import torch
 
-from unpaired.training import ImagePool, build_models, channels_last_ok, optimizers, train_step
+from unpaired.models.cyclegan import build_models, optimizers, train_step
+from unpaired.models.pool import ImagePool
+from unpaired.models.training import channels_last_ok
 
 
 def one_step(models, a, b, batched):

@@ -1,4 +1,4 @@
-"""Where the CPU train step's time goes: torch.profiler over a few steps of unpaired.training.train_step.
+"""Where the CPU train step's time goes: torch.profiler over a few steps of unpaired.models.cyclegan.train_step.
 
     uv run python benchmarks/profile_step.py                       # the default params (ngf 16, ndf 32, 6 blocks, 64 px)
     uv run python benchmarks/profile_step.py --ngf 64 --ndf 64 --blocks 9 --size 128
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from unpaired.training import ImagePool, build_models, optimizers, train_step
+from unpaired.models.cyclegan import build_models, optimizers, train_step
+from unpaired.models.pool import ImagePool
 
 KINDS = [("conv backward", ("convolution_backward", "conv_transpose", "slow_conv", "backward")),
          ("conv forward", ("conv", "mkldnn")),

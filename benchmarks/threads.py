@@ -10,7 +10,7 @@ Each variant runs in its own process, because OpenMP reads its wait policy only 
 "Loaded" runs the same variants while `--burners` other processes each burn one core, as other
 work on a shared machine does ("idle" means no burner: on a machine that others share, the load
 average printed says how idle it really was). The default params.yaml model (ngf 16, ndf 32, 6 blocks, 64 px crops)
-runs the CycleGAN step of unpaired.training; the printout gives s/step per variant, idle and loaded
+runs the CycleGAN step of unpaired.models.cyclegan; the printout gives s/step per variant, idle and loaded
 side by side, and the ratios to (a).
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import contextlib, json, sys, time, torch
-from unpaired.training import ImagePool, build_models, optimizers, train_step
+from unpaired.models.cyclegan import build_models, optimizers, train_step
+from unpaired.models.pool import ImagePool
 threads, steps, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 torch.manual_seed(0)

@@ -37,7 +37,7 @@ t0 = time.perf_counter()
 from pathlib import Path
 import torch
 from torchvision.transforms.v2 import functional as TF
-from unpaired.feeding import DeviceFeeder, DiskFeeder, decode, image_files, load_folder
+from unpaired.models.feeding import DeviceFeeder, DiskFeeder, decode, image_files, load_folder
 from unpaired.images import read_uint8
 variant, data, load, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(1)

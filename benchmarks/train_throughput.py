@@ -38,8 +38,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from unpaired.feeding import DeviceFeeder, load_folder
-from unpaired.training import ImagePool, build_models, channels_last_ok, compile_models, optimizers, train_step
+from unpaired.models.feeding import DeviceFeeder, load_folder
+from unpaired.models.cyclegan import build_models, compile_models, optimizers, train_step
+from unpaired.models.pool import ImagePool
+from unpaired.models.training import channels_last_ok
 
 VARIANTS = ["reference", "ref-structured", "eager", "batched", "batched+compile", "batched+bf16"]
 

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from stages.train import TrainParams, train
 from unpaired import distributed
-from unpaired.training import ImagePool, build_models, distribute, optimizers, train_step
+from unpaired.models.cyclegan import build_models, distribute, optimizers, train_step
+from unpaired.models.pool import ImagePool
 
 TINY = TrainParams(epochs=1, epochs_decay=1, ngf=4, ndf=4, n_blocks=1, load_size=28, crop_size=24,
                    samples=2, pool_size=3, devices=2)

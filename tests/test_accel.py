@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from unpaired.feeding import DeviceFeeder, place_images
-from unpaired.training import ImagePool, build_models, channels_last_ok, compile_models, optimizers, train_step
+from unpaired.models.feeding import DeviceFeeder, place_images
+from unpaired.models.cyclegan import build_models, compile_models, optimizers, train_step
+from unpaired.models.pool import ImagePool
+from unpaired.models.training import channels_last_ok
 
 CPU = torch.device("cpu")
 
@@ -167,14 +169,14 @@ def test_data_device_auto_on_cuda():
                                       ({"lr_scaling": "cubic"}, "train.lr_scaling"),
                                       ({"data_device": "gpu"}, "train.data_device")])
 def test_bad_speed_params_name_the_key(raw, key):
-    from unpaired.training import TrainParams
+    from unpaired.models.training import TrainParams
     from unpaired.params import ParamsError, parse
     with pytest.raises(ParamsError, match=f"^params.yaml: {key}: "):
         parse(TrainParams, raw, "train")
 
 
 def test_compile_modes_and_lr_scaling():
-    from unpaired.training import TrainParams
+    from unpaired.models.training import TrainParams
     from unpaired.params import parse
     modes = [parse(TrainParams, {"compile": v}, "train").compile_mode
              for v in (False, True, "default", "reduce-overhead")]
@@ -205,7 +207,7 @@ def test_native_bf16_is_read_from_the_cpu_flags():
 def test_compile_caches_persist_outside_tmp(monkeypatch, tmp_path):
     """compile_models points inductor's caches at ~/.cache/unpaired (or $XDG_CACHE_HOME/unpaired),
     which outlives a reboot, unless the user chose TORCHINDUCTOR_CACHE_DIR."""
-    from unpaired.training import compile_cache_dir
+    from unpaired.models.training import compile_cache_dir
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     models = build_models(2, 2, 1, 1, CPU, False)

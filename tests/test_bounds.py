@@ -89,7 +89,7 @@ def test_the_stage_refuses_an_unbounded_value_in_one_line(tmp_path, stage, secti
 def test_non_finite_floats_are_refused_for_every_float_field(tmp_path, text):
     (tmp_path / "params.yaml").write_text(f"train:\n  lr: {text}\n")
     raw = params.section(params.load(tmp_path / "params.yaml"), "train")
-    from unpaired.training import TrainParams
+    from unpaired.models.training import TrainParams
     with pytest.raises(ParamsError, match=r"^params.yaml: train.lr: must be a finite number, got -?(inf|nan)$"):
         params.parse(TrainParams, raw, "train")
     for cls in all_params_classes():
@@ -101,9 +101,9 @@ def test_non_finite_floats_are_refused_for_every_float_field(tmp_path, text):
 
 
 @pytest.mark.parametrize("cls_path, raw, key, words", [
-    ("unpaired.training.TrainParams", {"seed": -1}, "train.seed", "must be in [0, 4,294,967,295], got -1"),
-    ("unpaired.training.TrainParams", {"threads": 100000}, "train.threads", "must be <= 1,024"),
-    ("unpaired.training.TrainParams", {"pool_size": 5000, "load_size": 286, "crop_size": 256}, "train.pool_size",
+    ("unpaired.models.training.TrainParams", {"seed": -1}, "train.seed", "must be in [0, 4,294,967,295], got -1"),
+    ("unpaired.models.training.TrainParams", {"threads": 100000}, "train.threads", "must be <= 1,024"),
+    ("unpaired.models.training.TrainParams", {"pool_size": 5000, "load_size": 286, "crop_size": 256}, "train.pool_size",
      "5,000 images per direction at crop_size 256 need 7.3 GiB"),
     ("unpaired.sources.doodles.DoodleParams", {"strokes": [2, 10**20]}, "d.strokes[1]", "must be <= 1,000, got 1e+20"),
     ("unpaired.sources.stylegan.StyleGANParams", {"network": "x.pkl", "seeds": "0-99999999999"}, "d.seeds",

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stages.evaluate import EvaluateParams
-from unpaired.training import TrainParams
+from unpaired.models.training import TrainParams
 from unpaired import checkpoint, params
 from unpaired.export import export_onnx
 from unpaired.translate import MIN_SIDE, batches, out_names, pad_crop_forward, translate_files
-from unpaired.cyclegan import ResnetGenerator, init_weights
+from unpaired.models.networks import ResnetGenerator, init_weights
 from unpaired.devices import DEVICES, resolve_device
 from unpaired.errors import UserError
 from unpaired.sources.stylegan import StyleGANParams

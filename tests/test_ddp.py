@@ -24,7 +24,8 @@ from tests.test_train import make_prepared, same, weights
 from unpaired import checkpoint
 from unpaired.distributed import cpu_cores
 from unpaired.errors import main_guard
-from unpaired.training import ImagePool, build_models, optimizers, train_step
+from unpaired.models.cyclegan import build_models, optimizers, train_step
+from unpaired.models.pool import ImagePool
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or cpu_cores() < 2,
                                 reason="needs torch.distributed and 2 CPU cores")

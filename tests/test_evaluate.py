@@ -19,7 +19,7 @@ import unpaired.evaluation as evl
 from stages.evaluate import EvaluateParams, Paths, evaluate, parse_args
 from tests.helpers import CHROMIUM, chromium_page
 from unpaired import checkpoint
-from unpaired.cyclegan import ResnetGenerator, init_weights
+from unpaired.models.networks import ResnetGenerator, init_weights
 from unpaired.errors import UserError
 from unpaired.evaluation import fid_kid, labelled_grid
 

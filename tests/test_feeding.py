@@ -8,7 +8,7 @@ import torch
 from stages.train import train
 from tests.test_train import TINY, make_prepared, same, weights
 from unpaired.errors import UserError
-from unpaired.feeding import (DeviceFeeder, DiskFeeder, decoded_bytes, image_files, load_folder,
+from unpaired.models.feeding import (DeviceFeeder, DiskFeeder, decoded_bytes, image_files, load_folder,
                               place_images)
 
 CPU = torch.device("cpu")

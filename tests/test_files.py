@@ -274,7 +274,7 @@ def test_a_stale_view_is_refreshed_for_a_reader(tmp_path, capsys):
 def test_translate_of_the_prepared_view_reads_the_current_data(tmp_path, monkeypatch, capsys):
     """`unpaired translate data/prepared/testA` after `git checkout <older>` + `dvc checkout`."""
     from unpaired.cli import main
-    from unpaired.cyclegan import ResnetGenerator, init_weights
+    from unpaired.models.networks import ResnetGenerator, init_weights
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     nets = [init_weights(ResnetGenerator(ngf=4, n_blocks=1)) for _ in range(2)]

@@ -32,7 +32,7 @@ def noise(path: Path, h: int = 24, w: int = 24, seed: int = 0) -> Path:
 def generators(folder: Path) -> Path:
     import torch
     from unpaired import checkpoint
-    from unpaired.cyclegan import ResnetGenerator, init_weights
+    from unpaired.models.networks import ResnetGenerator, init_weights
     torch.manual_seed(0)
     nets = [init_weights(ResnetGenerator(ngf=4, n_blocks=1)) for _ in range(2)]
     path = folder / "epoch_001.pt"

@@ -13,7 +13,7 @@ from ruamel.yaml import YAML
 
 from stages.evaluate import EvaluateParams
 from unpaired.prepare import PrepareParams
-from unpaired.training import TrainParams
+from unpaired.models.training import TrainParams
 from tests.helpers import ROOT, TINY, VENV_BIN, clone_project, committed_params, dvc, run
 from tests.test_sources_files import Server
 from unpaired import presets

@@ -16,10 +16,13 @@ from PIL import Image
 
 from stages.train import train
 from unpaired import checkpoint
-from unpaired.cyclegan import PatchDiscriminator, ResnetGenerator, count_parameters
+from unpaired.models.networks import PatchDiscriminator, ResnetGenerator, count_parameters
 from unpaired.errors import UserError
 from unpaired.params import ParamsError, parse
-from unpaired.training import ImagePool, TrainParams, build_models, lr_factor, optimizers, train_step
+from unpaired.models.cyclegan import build_models, optimizers, train_step
+from unpaired.models.pool import ImagePool
+from unpaired.models.schedule import lr_factor
+from unpaired.models.training import TrainParams
 
 TINY = TrainParams(epochs=1, epochs_decay=1, ngf=4, ndf=4, n_blocks=1, load_size=28, crop_size=24,
                    samples=2, pool_size=3)

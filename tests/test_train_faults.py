@@ -15,17 +15,18 @@ import torch
 import yaml
 from PIL import Image
 
-import unpaired.progress
+import unpaired.models.progress
 from stages.evaluate import EvaluateParams, evaluate
 from stages.train import train
 from unpaired.distributed import output_lock
-from unpaired.progress import Progress
-from unpaired.training import TrainParams
+from unpaired.models.cyclegan import LOSS_NAMES
+from unpaired.models.progress import Progress
+from unpaired.models.training import TrainParams
 from tests.test_evaluate import paths_in
 from tests.test_train import TINY, make_prepared, same, weights
 from unpaired import checkpoint, threads
 from unpaired.translate import translate_files
-from unpaired.cyclegan import ResnetGenerator
+from unpaired.models.networks import ResnetGenerator
 from unpaired.errors import UserError
 from unpaired.params import ParamsError, parse
 
@@ -424,7 +425,8 @@ def run_epoch(progress: Progress, clock: Clock, epoch: int, seconds_per_step: fl
 
 def test_progress_lines_without_a_terminal_at_a_bounded_rate(capsys):
     clock = Clock()
-    progress = Progress(steps=200, images_per_step=2, total=3, hint="HINT", every_s=60, min_gap_s=10, clock=clock)
+    progress = Progress(steps=200, images_per_step=2, total=3, hint="HINT", names=LOSS_NAMES, every_s=60, min_gap_s=10,
+                        clock=clock)
     run_epoch(progress, clock, 1, 0.5)            # 100 s epoch: a line at each 10 % (10 s apart)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 9
@@ -432,7 +434,8 @@ def test_progress_lines_without_a_terminal_at_a_bounded_rate(capsys):
                         "cycle_A 2.000  cycle_B 3.000  idt_A 4.000  idt_B 5.000  D_A 6.000  D_B 7.000")
     run_epoch(progress, clock, 2, 0.02)           # 4 s epoch: the 10 s gap bounds it to no line
     assert capsys.readouterr().out == ""
-    progress = Progress(steps=10, images_per_step=1, total=1, hint="HINT", every_s=60, min_gap_s=10, clock=clock)
+    progress = Progress(steps=10, images_per_step=1, total=1, hint="HINT", names=LOSS_NAMES, every_s=60, min_gap_s=10,
+                        clock=clock)
     run_epoch(progress, clock, 1, 100.0)          # 100 s steps: a line per step... at most one per 60 s
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 9 and lines[0].startswith("epoch 1/1  step 1/10 (10%)  0.0 img/s  ETA 15:00")
@@ -443,7 +446,7 @@ def test_progress_lines_without_a_terminal_at_a_bounded_rate(capsys):
 def test_slowdown_is_said_once_with_the_setting_to_try(capsys):
     clock = Clock()
     progress = Progress(steps=50, images_per_step=1, total=4, hint="try params.yaml: train.threads: 1",
-                        every_s=1e9, min_gap_s=1e9, clock=clock)
+                        names=LOSS_NAMES, every_s=1e9, min_gap_s=1e9, clock=clock)
     run_epoch(progress, clock, 1, 0.1)
     run_epoch(progress, clock, 2, 0.2)            # 2x slower: within reason
     assert capsys.readouterr().out == ""
@@ -455,7 +458,7 @@ def test_slowdown_is_said_once_with_the_setting_to_try(capsys):
 
 
 def test_training_prints_progress_lines_in_a_log(tmp_path, data, capsys, monkeypatch):
-    monkeypatch.setattr(unpaired.progress, "PROGRESS_MIN_GAP_S", 0.0)      # tiny epochs: lift the rate bound
+    monkeypatch.setattr(unpaired.models.progress, "PROGRESS_MIN_GAP_S", 0.0)      # tiny epochs: lift the rate bound
     train(TINY, data, tmp_path / "ckpt", tmp_path / "live")
     out = capsys.readouterr().out
     assert "epoch 1/2  step 1/5 (20%)" in out and "epoch 2/2  step 4/5 (80%)" in out and " img/s  ETA " in out
@@ -477,16 +480,16 @@ def test_last_pt_does_not_grow_with_the_sample_grids(tmp_path, data):
 
 def test_logs_deleted_during_a_run_are_whole_at_its_end(tmp_path, data, monkeypatch):
     import shutil
-    stage = sys.modules["stages.train"]
+    publishing = sys.modules["unpaired.models.live"]     # where rank 0 writes each epoch's grid and logs
     out, live = tmp_path / "ckpt", tmp_path / "live"
-    real, deleted = stage.save_sample, []
+    real, deleted = publishing.write_sample, []
 
     def deleted_meanwhile(folder, epoch, grid):   # what a refused `dvc repro train` does to the logs
         if epoch in (2, 3):
             shutil.rmtree(live)
             deleted.append(epoch)
         real(folder, epoch, grid)
-    monkeypatch.setattr(stage, "save_sample", deleted_meanwhile)
+    monkeypatch.setattr(publishing, "write_sample", deleted_meanwhile)
     train(replace(TINY, epochs=4, epochs_decay=0), data, out, live)
     assert deleted == [2, 3]
     for name in ("G_A", "D_B", "lr", "images_per_s"):

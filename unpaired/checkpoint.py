@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from unpaired.cyclegan import ResnetGenerator
+from unpaired.models.networks import ResnetGenerator
 from unpaired.errors import UserError
 from unpaired.files import atomic_write_bytes
 

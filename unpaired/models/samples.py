@@ -1,11 +1,15 @@
-"""Sample grids: real | translated | reconstructed, for a fixed set of test images, both directions."""
+"""Sample grids: real | translated | reconstructed, for a fixed set of test images, both directions
+(each model's rows: Model.sample_rows), and their PNG files, one per epoch in out/samples/."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from unpaired.files import atomic_write_bytes, make_dirs
 from unpaired.images import read_uint8, to_float
 from torchvision.utils import make_grid
 
@@ -20,16 +24,6 @@ def fixed_images(folder: Path, count: int, size: int) -> torch.Tensor:
     return to_float(torch.stack(imgs))
 
 
-@torch.no_grad()
-def triplets(G_A: torch.nn.Module, G_B: torch.nn.Module, real_A: torch.Tensor, real_B: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(real A, fake B, rec A) and (real B, fake A, rec B) stacked per sample: N×3×3×H×W each, in [-1, 1]."""
-    fake_B = G_A(real_A)
-    fake_A = G_B(real_B)
-    return (torch.stack([real_A, fake_B, G_B(fake_B)], 1).float().cpu(),
-            torch.stack([real_B, fake_A, G_A(fake_A)], 1).float().cpu())
-
-
 def grid(rows_a: torch.Tensor, rows_b: torch.Tensor, padding: int = 2) -> torch.Tensor:
     """One uint8 image, one row per sample: A rows first (real A | fake B | rec A), then B rows
     (real B | fake A | rec B)."""
@@ -37,3 +31,24 @@ def grid(rows_a: torch.Tensor, rows_b: torch.Tensor, padding: int = 2) -> torch.
     flat = rows.flatten(0, 1)                            # (N*3)×3×H×W, row-major
     g = make_grid(flat, nrow=3, padding=padding, pad_value=1.0, normalize=True, value_range=(-1, 1))
     return g.mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def sample_path(out: Path, epoch: int) -> Path:
+    """Where epoch `epoch`'s sample grid lives: out/samples/epoch_NNN.png (uint8 RGB)."""
+    return out / "samples" / f"epoch_{epoch:03d}.png"
+
+
+def write_sample(out: Path, epoch: int, sample: torch.Tensor) -> None:
+    """Write a 3×H×W uint8 grid as a PNG (atomically; the bytes depend on the pixels only)."""
+    buf = io.BytesIO()
+    Image.fromarray(sample.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    path = sample_path(out, epoch)
+    make_dirs(path.parent)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def drop_samples_after(out: Path, epoch: int) -> None:
+    """Remove sample grids of epochs past `epoch` (an interrupted run wrote them before its last.pt)."""
+    for f in sorted((out / "samples").glob("epoch_*.png")):
+        if f.stem[6:].isdigit() and int(f.stem[6:]) > epoch:
+            f.unlink()

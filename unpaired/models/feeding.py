@@ -29,7 +29,7 @@ from unpaired.errors import UserError
 from unpaired.images import Skip, read_uint8
 
 if TYPE_CHECKING:
-    from unpaired.training import TrainParams
+    from unpaired.models.training import TrainParams
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 DEVICE_SHARE = 0.25    # of a GPU's free memory, for `auto`: the rest is the models' and activations'

@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from unpaired import threads
-from unpaired.training import LOSS_NAMES
 
 if TYPE_CHECKING:
-    from unpaired.training import TrainParams
+    from unpaired.models.training import TrainParams
 
 # Without a terminal (logs, CI): a plain progress line when PROGRESS_EVERY_S passed since the last
 # one, or at each 10 % of an epoch but at most one per PROGRESS_MIN_GAP_S. Each line reads the
@@ -34,13 +33,15 @@ class Progress:
     `plain` lines (stdout, flushed): `epoch 2/6  step 120/480 (25%)  3.4 img/s  ETA 1:45 (run
     12:30)  G_A 0.512 ...` with the running mean losses, at a bounded rate (PROGRESS_EVERY_S,
     PROGRESS_MIN_GAP_S). The first steps' speed is measured over steps 2..11 of the first epoch
-    this process trains (step 1 warms up); `hint` is the setting to try, named in the warning.
+    this process trains (step 1 warms up); `hint` is the setting to try, named in the warning;
+    `names` the model's loss names (Model.LOSS_NAMES), in the order of the sums `step` is given.
     `clock` returns seconds (time.perf_counter)."""
 
-    def __init__(self, steps: int, images_per_step: float, total: int, hint: str,
+    def __init__(self, steps: int, images_per_step: float, total: int, hint: str, names: tuple[str, ...],
                  every_s: float | None = None, min_gap_s: float | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         self.steps, self.images_per_step, self.total, self.hint = steps, images_per_step, total, hint
+        self.names = names
         self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
         self.min_gap_s = PROGRESS_MIN_GAP_S if min_gap_s is None else min_gap_s
         self.clock = clock
@@ -79,7 +80,7 @@ class Progress:
         print(f"epoch {self.epoch}/{self.total}  step {step}/{self.steps} ({100 * step // self.steps}%)  "
               f"{rate * self.images_per_step:.1f} img/s  ETA {_clock_str(left / rate)} "
               f"(run {_clock_str(run_left / rate)})  "
-              + "  ".join(f"{k} {v:.3f}" for k, v in zip(LOSS_NAMES, means)), flush=True)
+              + "  ".join(f"{k} {v:.3f}" for k, v in zip(self.names, means)), flush=True)
         self.check_speed(rate * self.images_per_step)
 
     def end_epoch(self, images_per_s: float) -> None:

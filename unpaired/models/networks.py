@@ -1,4 +1,5 @@
-"""The CycleGAN networks and losses (Zhu et al. 2017), as the reference implementation's defaults.
+"""The networks every model here is built from: CycleGAN's (Zhu et al. 2017), as the reference
+implementation's defaults (the losses and the step are each model's: unpaired/models/cyclegan.py).
 
 - ResnetGenerator: reflection pad + 7×7 conv, two stride-2 downsamples, `n_blocks` residual blocks
   (9 at 256 px, 6 for small images), two transposed-conv upsamples, 7×7 conv, tanh. Instance norm
@@ -6,6 +7,7 @@
 - PatchDiscriminator: the 70×70 PatchGAN, ndf=64, 3 layers, LeakyReLU 0.2, no norm on the first
   layer. ndf=64: 2,764,737 parameters.
 - init_weights: N(0, 0.02) for conv weights, zero biases (the reference's `init_type=normal`).
+- count_parameters: the number of parameters of a network.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The state of a train run and its one file format (last.pt), and what happens to the files of an
-earlier run: resume, extend, move aside, repair epoch files.
+earlier run: resume, extend, move aside, repair epoch files; the checks that stop a diverged run.
 
 A run is resumable from out/last.pt when it was written with the same run params (the train params
 that change the numbers: all but NOT_HASHED) and the same prepared data; if only the schedule
@@ -11,29 +11,27 @@ in last.pt or the epoch files depends on the clock, the host or the process.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from unpaired import checkpoint, params
 from unpaired.distributed import Rank
 from unpaired.errors import UserError
-from unpaired.files import atomic_write_bytes, creating, make_dirs
-from unpaired.training import (LOSS_NAMES, ImagePool, Models, TrainParams, build_models, lr_factor,
-                               optimizers, train_step)
+from unpaired.files import make_dirs
+from unpaired.models.samples import drop_samples_after
+from unpaired.models.schedule import lr_factor
+from unpaired.models.training import Model, TrainParams
 
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
 NOT_HASHED = ("save_every", "compile", "samples", "threads", "devices", "data_device")
 SCHEDULE = ("epochs", "epochs_decay")   # the keys along which a finished run can be extended
-NETS = ("G_A", "G_B", "D_A", "D_B")
+EPOCH_FILE = ("format", "epoch", "model", "G_AB", "G_BA")   # checkpoint.generators_payload's keys
 
 
 def run_params(p: TrainParams) -> dict[str, Any]:
@@ -86,13 +84,19 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, st
     return out
 
 
-RESUME_KEYS = ("epoch", "run_params", "data_names", "nets", "opt_G", "opt_D", "sched_G", "sched_D",
-               "pool_A", "pool_B", "rng", "history", "G_AB", "G_BA", "model", "format")
+def resume_keys(model: type[Model]) -> tuple[str, ...]:
+    """The keys a last.pt of `model` must hold to be continued (CycleGAN: epoch, run_params,
+    data_names, nets, opt_G, opt_D, sched_G, sched_D, pool_A, pool_B, rng, history, G_AB, G_BA,
+    model, format)."""
+    return ("epoch", "run_params", "data_names", "nets", *(f"opt_{n}" for n in model.OPTIMIZERS),
+            *(f"sched_{n}" for n in model.OPTIMIZERS), *model.RANK_STATE, "rng", "history",
+            "G_AB", "G_BA", "model", "format")
 
 
-def resume(p: TrainParams, data: Path, out: Path, world_size: int = 1) -> tuple[dict[str, Any] | None, list[str]]:
-    """The verified state of out/last.pt to continue from, and the schedule keys that changed
-    (non-empty: the run is extended). None when there is nothing to continue: then every earlier
+def resume(model: type[Model], p: TrainParams, data: Path, out: Path, world_size: int = 1
+           ) -> tuple[dict[str, Any] | None, list[str]]:
+    """The verified state of out/last.pt (a run of `model`) to continue from, and the schedule keys
+    that changed (non-empty: the run is extended). None when there is nothing to continue: then every earlier
     file has been moved aside (never deleted) with a line saying why. A last.pt written by another
     world size (train.devices) is not continued. Run by rank 0 alone: it moves and rewrites files. Raises UserError when the
     schedule is shorter than the epochs already trained."""
@@ -105,7 +109,7 @@ def resume(p: TrainParams, data: Path, out: Path, world_size: int = 1) -> tuple[
     except checkpoint.CheckpointError as err:
         move_aside(out, f"starting afresh: {err.problem}")
         return None, []
-    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    missing = [k for k in resume_keys(model) if not isinstance(state, dict) or k not in state]
     if missing:
         move_aside(out, f"starting afresh: {last} lacks {', '.join(missing)} (written by an older "
                          f"version of train, or edited)")
@@ -146,7 +150,7 @@ def check_epoch_files(out: Path, state: dict[str, Any]) -> None:
     written from last.pt if an interruption left it missing (train writes last.pt first); a damaged
     one is rewritten from last.pt when it is last.pt's epoch, else removed (its weights exist nowhere
     else), with a line saying so. So a damaged file is never carried forward into the DVC output."""
-    generators = {k: state[k] for k in ("format", "epoch", "model", "G_AB", "G_BA")}
+    generators = {k: state[k] for k in EPOCH_FILE}
     drop_samples_after(out, state["epoch"])
     files = checkpoint.epoch_files(out)
     if state["epoch"] not in files:
@@ -183,187 +187,127 @@ def check_finite(epoch: int, total: int, losses: dict[str, float], p: TrainParam
         raise _diverged(epoch, total, f"the losses are not finite ({shown})", p, out)
 
 
-def check_finite_weights(models, epoch: int, total: int, p: TrainParams, out: Path) -> None:
+def check_finite_weights(model: Model, epoch: int, total: int, p: TrainParams, out: Path) -> None:
     """Refuse to checkpoint non-finite weights (one device sync, where the save syncs anyway)."""
-    flags = [torch.isfinite(v).all() for name in ("G_A", "G_B", "D_A", "D_B")
-             for v in getattr(models, name).state_dict().values() if v.is_floating_point()]
+    flags = [torch.isfinite(v).all() for net in model.nets.values()
+             for v in net.state_dict().values() if v.is_floating_point()]
     if not bool(torch.stack(flags).all()):
         raise _diverged(epoch, total, "the weights are not finite after this epoch", p, out)
 
 
-def reset_live(live_dir: Path) -> None:
-    """Empty the dvclive folder for a rebuilt log, keeping the .gitignore files DVC writes there
-    (tracked in git: `metrics/train/plots/.gitignore`)."""
-    if not live_dir.exists():
-        return
-    keep = {f: f.read_bytes() for f in live_dir.rglob(".gitignore")}
-    with creating(live_dir):
-        shutil.rmtree(live_dir)
-    for f, content in keep.items():
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(content)
-
-
-
-
-def sample_path(out: Path, epoch: int) -> Path:
-    """Where epoch `epoch`'s sample grid lives: out/samples/epoch_NNN.png (uint8 RGB)."""
-    return out / "samples" / f"epoch_{epoch:03d}.png"
-
-
-def write_sample(out: Path, epoch: int, sample: torch.Tensor) -> None:
-    """Write a 3×H×W uint8 grid as a PNG (atomically; the bytes depend on the pixels only)."""
-    buf = io.BytesIO()
-    Image.fromarray(sample.permute(1, 2, 0).numpy()).save(buf, format="PNG")
-    path = sample_path(out, epoch)
-    make_dirs(path.parent)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def drop_samples_after(out: Path, epoch: int) -> None:
-    """Remove sample grids of epochs past `epoch` (an interrupted run wrote them before its last.pt)."""
-    for f in sorted((out / "samples").glob("epoch_*.png")):
-        if f.stem[6:].isdigit() and int(f.stem[6:]) > epoch:
-            f.unlink()
-
-
-def read_speeds(live_dir: Path, last_epoch: int) -> dict[int, float]:
-    """{epoch: images/s} of epochs 1..last_epoch from an existing dvclive log (timing lives there
-    alone, never in last.pt), so a resumed run's log keeps them; {} when there is none to read."""
-    import csv
-    try:
-        with open(live_dir / "plots" / "metrics" / "images_per_s.tsv", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        speeds = {int(r["step"]): float(r["images_per_s"]) for r in rows}
-    except (OSError, KeyError, ValueError, TypeError):
-        return {}
-    return {e: v for e, v in speeds.items() if 1 <= e <= last_epoch}
-
-
-def write_live(live_dir: Path, history: list[dict[str, Any]], speeds: dict[int, float], out: Path) -> None:
-    """Write the dvclive logs afresh from the run's own history (the losses and lr of every epoch),
-    this process's images/s per epoch (`speeds`, not kept in last.pt) and the sample PNGs in out/
-    samples/. Called after every epoch, so the logs are whole at the end even when another process
-    (a refused concurrent `dvc repro`) deleted them meanwhile."""
-    from dvclive import Live  # imported here: dvclive pulls in dvc, slow to import for other users
-    reset_live(live_dir)
-    live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
-    for record in history:
-        live.step = record["epoch"]
-        for name, value in record["metrics"].items():
-            live.log_metric(name, value)
-        if record["epoch"] in speeds:
-            live.log_metric("images_per_s", speeds[record["epoch"]])
-        png = sample_path(out, record["epoch"])
-        if png.is_file():
-            with Image.open(png) as image:
-                live.log_image(f"samples/{png.name}", image.copy())
-        live.make_summary()
-    live.end()
-    make_dirs(live_dir / "plots" / "images")   # a declared output, even empty
-
-
 @dataclass
 class TrainState:
-    """Everything a run carries from epoch to epoch: the four networks, both optimizers and lr
-    schedules, this rank's two image pools, the random streams (torch's global one, the data plan's
-    `g_data`, the pools' `g_pool`), the last finished `epoch` and the `history` ([{"epoch": int,
-    "metrics": {loss name: float, "lr": float}}], one per epoch). `state_dict()` is last.pt's format
-    (the one place it is written); `load_state_dict()` restores it. Build with `TrainState.new`."""
+    """Everything a run carries from epoch to epoch: the `model` (unpaired.models.training.Model:
+    its networks, optimizers and this rank's own state, e.g. CycleGAN's pools), the optimizers' lr
+    `schedules`, the random streams (torch's global one, the data plan's `g_data`, this rank's
+    `g_rank`, stored as rng "pool": the pools draw from it), the last finished `epoch` and the
+    `history` ([{"epoch": int, "metrics": {loss name: float, "lr": float}}], one per epoch, kept by
+    rank 0). `state_dict()` is last.pt's format (the one place it is written); `load_state_dict()`
+    restores it. Build with `TrainState.new`."""
     p: TrainParams
     device: torch.device
     rank: Rank
     names: list[str]                     # the prepared training files (data_names)
-    models: Models
-    opt_G: torch.optim.Optimizer
-    opt_D: torch.optim.Optimizer
+    model: Model
     g_data: torch.Generator
-    g_pool: torch.Generator
-    pool_A: ImagePool
-    pool_B: ImagePool
-    sched_G: Any = None
-    sched_D: Any = None
+    g_rank: torch.Generator
+    channels_last: bool                  # the networks' memory format (and the feeders' batches)
+    schedules: dict[str, Any] = field(default_factory=dict)   # LambdaLR per model.optimizers key
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def new(cls, p: TrainParams, device: torch.device, rank: Rank, names: list[str],
+    def new(cls, model: type[Model], p: TrainParams, device: torch.device, rank: Rank, names: list[str],
             channels_last: bool) -> TrainState:
-        """A fresh run, seeded by train.seed (the pools' stream also by the rank)."""
+        """A fresh run of `model`, seeded by train.seed (this rank's stream also by the rank)."""
         torch.manual_seed(p.seed)
         g_data = torch.Generator().manual_seed(p.seed + 1)          # the epoch plan: the same on every rank
-        g_pool = torch.Generator().manual_seed(p.seed + 2 + 1_000_003 * rank.rank)   # (seed, rank)
-        models = build_models(p.ngf, p.ndf, p.n_blocks, p.n_layers, device, channels_last=channels_last)
-        opt_G, opt_D = optimizers(models, p.scaled_lr(rank.world_size), p.beta1, fused=device.type == "cuda")
-        state = cls(p, device, rank, names, models, opt_G, opt_D, g_data, g_pool,
-                    ImagePool(p.pool_size, g_pool), ImagePool(p.pool_size, g_pool))
-        state.sched_G, state.sched_D = state._schedules()
+        g_rank = torch.Generator().manual_seed(p.seed + 2 + 1_000_003 * rank.rank)   # (seed, rank)
+        state = cls(p, device, rank, names, model(p, device, rank.world_size, g_rank, channels_last),
+                    g_data, g_rank, channels_last)
+        state.schedules = state._schedules()
         return state
 
-    def _schedules(self, last_epoch: int = -1):
+    def _schedules(self, last_epoch: int = -1) -> dict[str, Any]:
         """LambdaLR schedules after the rule of the current train.epochs / train.epochs_decay; with
         `last_epoch` >= 0 (needs the optimizers' initial_lr) the lr is set for the epoch after it."""
         rule = lambda e: lr_factor(e, self.p.epochs, self.p.epochs_decay)  # noqa: E731
-        return tuple(torch.optim.lr_scheduler.LambdaLR(opt, rule, last_epoch=last_epoch)
-                     for opt in (self.opt_G, self.opt_D))
+        return {name: torch.optim.lr_scheduler.LambdaLR(opt, rule, last_epoch=last_epoch)
+                for name, opt in self.model.optimizers.items()}
+
+    @property
+    def total(self) -> int:
+        """The epochs of the schedule: train.epochs + train.epochs_decay."""
+        return self.p.epochs + self.p.epochs_decay
 
     @property
     def lr(self) -> float:
-        return self.opt_G.param_groups[0]["lr"]
+        """The current lr of the model's first optimizer (CycleGAN: opt_G's)."""
+        return next(iter(self.model.optimizers.values())).param_groups[0]["lr"]
 
-    def step(self, real_A: torch.Tensor, real_B: torch.Tensor, autocast) -> torch.Tensor:
-        """One training step (training.train_step) on B×3×H×W batches; the 8 losses on the device."""
-        p = self.p
-        return train_step(self.models, self.opt_G, self.opt_D, self.pool_A, self.pool_B, real_A, real_B,
-                          p.lambda_cycle, p.lambda_identity, autocast, p.batched_passes)
+    def end_epoch(self, losses: dict[str, float], out: Path) -> bool:
+        """Close epoch `epoch` + 1, on every rank alike (the losses are all ranks' means, the weights
+        the same on every rank): stop on non-finite losses before anything of the epoch is written,
+        step the lr schedules, count the epoch; when the epoch is to be saved (every train.save_every
+        epochs, and the last), stop on non-finite weights too. True when it is to be saved."""
+        epoch = self.epoch + 1
+        check_finite(epoch, self.total, losses, self.p, out)
+        for schedule in self.schedules.values():
+            schedule.step()
+        self.epoch = epoch
+        saving = epoch % self.p.save_every == 0 or epoch == self.total
+        if saving:
+            check_finite_weights(self.model, epoch, self.total, self.p, out)
+        return saving
 
     def rank_state(self) -> dict[str, Any]:
-        """What is this rank's own: its pools and the random stream they draw from."""
-        return {"pool_A": self.pool_A.state(), "pool_B": self.pool_B.state(), "pool": self.g_pool.get_state()}
+        """What is this rank's own: the model's (its pools) and the random stream they draw from."""
+        return {**self.model.rank_state(), "pool": self.g_rank.get_state()}
 
-    def generators(self) -> dict[str, Any]:
-        """The epoch file's content: both generators and their model config (checkpoint format)."""
-        cfg = {"ngf": self.p.ngf, "n_blocks": self.p.n_blocks, "in_channels": 3, "out_channels": 3}
-        return checkpoint.generators_payload(self.epoch, cfg, self.models.G_A, self.models.G_B)
+    def epoch_file(self) -> dict[str, Any]:
+        """The epoch file's content: the generators and their model config (checkpoint format)."""
+        return self.model.epoch_file(self.epoch)
 
     def state_dict(self, other_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """last.pt's content (CPU tensors; nothing from the clock, host or process). `other_ranks`:
         ranks 1..'s rank_state(), gathered by rank 0."""
         run = run_params(self.p)
-        state = self.generators()
+        state = self.epoch_file()
         state.update({
             "run_hash": run_hash(run, self.names), "run_params": run, "data_names": self.names,
             "world_size": self.rank.world_size, "device": self.device.type,   # what `auto` resolved to
-            "nets": {name: {k: v.detach().cpu() for k, v in getattr(self.models, name).state_dict().items()}
-                     for name in NETS},
-            "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
-            "sched_G": self.sched_G.state_dict(), "sched_D": self.sched_D.state_dict(),
-            "pool_A": self.pool_A.state(), "pool_B": self.pool_B.state(),
+            "nets": {name: {k: v.detach().cpu() for k, v in net.state_dict().items()}
+                     for name, net in self.model.nets.items()},
+            **{f"opt_{name}": opt.state_dict() for name, opt in self.model.optimizers.items()},
+            **{f"sched_{name}": schedule.state_dict() for name, schedule in self.schedules.items()},
+            **self.model.rank_state(),
             "other_ranks": other_ranks or [],
-            "rng": {"torch": torch.get_rng_state(), "data": self.g_data.get_state(), "pool": self.g_pool.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "data": self.g_data.get_state(), "pool": self.g_rank.get_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "history": self.history,
         })
         return state
 
     def load_state_dict(self, state: dict[str, Any], last: Path, extended: bool = False) -> None:
-        """Restore a verified last.pt state (rank 0's pools from the top level, other ranks' from
+        """Restore a verified last.pt state (rank 0's own state from the top level, other ranks' from
         `other_ranks`). `extended`: the schedule grew, so the lr follows the new rule from the
-        resumed epoch on. Raises UserError (one line) when the state does not fit the models."""
+        resumed epoch on. Raises UserError (one line) when the state does not fit the model."""
+        model = self.model
         try:
-            for name in NETS:
-                getattr(self.models, name).load_state_dict(state["nets"][name])
-            self.opt_G.load_state_dict(state["opt_G"])
-            self.opt_D.load_state_dict(state["opt_D"])
+            for name, net in model.nets.items():
+                net.load_state_dict(state["nets"][name])
+            for name, opt in model.optimizers.items():
+                opt.load_state_dict(state[f"opt_{name}"])
             if extended:   # the new rule's lr for the next epoch; the stored counters kept
-                self.sched_G, self.sched_D = self._schedules(last_epoch=state["sched_G"]["last_epoch"] - 1)
-            for sched, key in ((self.sched_G, "sched_G"), (self.sched_D, "sched_D")):
-                sched.load_state_dict({k: v for k, v in state[key].items() if not (extended and k == "_last_lr")})
+                first = next(iter(self.schedules))
+                self.schedules = self._schedules(last_epoch=state[f"sched_{first}"]["last_epoch"] - 1)
+            for name, schedule in self.schedules.items():
+                schedule.load_state_dict({k: v for k, v in state[f"sched_{name}"].items()
+                                          if not (extended and k == "_last_lr")})
             own = state["other_ranks"][self.rank.rank - 1] if not self.rank.main else {
-                "pool_A": state["pool_A"], "pool_B": state["pool_B"], "pool": state["rng"]["pool"]}
-            self.pool_A.load(own["pool_A"], self.device)
-            self.pool_B.load(own["pool_B"], self.device)
-            self.g_pool.set_state(own["pool"])
+                **{k: state[k] for k in model.RANK_STATE}, "pool": state["rng"]["pool"]}
+            model.load_rank_state(own, self.device)
+            self.g_rank.set_state(own["pool"])
             torch.set_rng_state(state["rng"]["torch"])
             self.g_data.set_state(state["rng"]["data"])
             if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
@@ -375,10 +319,15 @@ class TrainState:
                             f"move {last.parent} away to start afresh") from None
         self.epoch = state["epoch"]
         self.history = [{"epoch": r["epoch"], "metrics": {k: v for k, v in r["metrics"].items()
-                                                          if k in LOSS_NAMES or k == "lr"}}
+                                                          if k in model.LOSS_NAMES or k == "lr"}}
                         for r in state["history"]]
 
-    def save(self, out: Path, other_ranks: list[dict[str, Any]] | None = None) -> None:
-        """Write out/last.pt, then out/epoch_NNN.pt (a missing epoch file is rebuilt from last.pt)."""
-        checkpoint.save(self.state_dict(other_ranks), out / "last.pt")
-        checkpoint.save(self.generators(), out / f"epoch_{self.epoch:03d}.pt")
+    def save(self, out: Path) -> None:
+        """On every rank, when an epoch is to be saved: the ranks' own state is gathered, rank 0 writes
+        out/last.pt, then out/epoch_NNN.pt (a missing epoch file is rebuilt from last.pt), and no
+        rank goes on (or exits) before the files are whole."""
+        others = self.rank.gather(self.rank_state())[1:]
+        if self.rank.main:
+            checkpoint.save(self.state_dict(others), out / "last.pt")
+            checkpoint.save(self.epoch_file(), out / f"epoch_{self.epoch:03d}.pt")
+        self.rank.barrier()

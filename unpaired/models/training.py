@@ -1,0 +1,217 @@
+"""What every model's training shares: the `train` params (TrainParams), the interface a model offers
+the shared training code (Model; unpaired/models/cyclegan.py's CycleGAN is one), and the wrappers
+around a model's modules: channels-last where the device computes it right, DistributedDataParallel
+and torch.compile with a persistent cache.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unpaired import params, threads
+from unpaired.devices import check_device
+
+
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+DATA_PLACES = ("auto", "device", "host", "disk")   # train.data_device; see unpaired.models.feeding.place_images
+
+
+@dataclass(frozen=True)
+class TrainParams(params.Params):
+    epochs: int = 3                  # epochs at the initial learning rate
+    epochs_decay: int = 3            # then epochs of linear decay towards 0
+    lr: float = 0.0002
+    beta1: float = 0.5
+    lambda_cycle: float = 10.0       # λ for each cycle loss
+    lambda_identity: float = 0.5     # identity loss weight, × lambda_cycle (0 disables)
+    pool_size: int = 50
+    ngf: int = 16
+    ndf: int = 32
+    n_blocks: int = 6
+    n_layers: int = 3                # discriminator conv layers (3 = 70×70 PatchGAN)
+    load_size: int = 72              # images are resized to this ...
+    crop_size: int = 64              # ... then randomly cropped to this
+    no_flip: bool = False
+    batch_size: int = 1
+    save_every: int = 1              # epochs between checkpoints (the last epoch is always saved)
+    samples: int = 4                 # test images per direction in the per-epoch sample image
+    seed: int = 0
+    device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    precision: str = "auto"          # auto (bf16 on CUDA, else fp32), bf16, fp32 (TF32 on CUDA)
+    compile: bool | str = False      # false, default or reduce-overhead (torch's modes; true = default)
+    batched_passes: bool = True      # run independent network passes of a step as one batch
+    devices: int = 1                 # processes (one per GPU, or CPU processes) on this node, via torchrun
+    lr_scaling: str = "none"         # none, linear or sqrt: lr × 1, world size, √(world size)
+    data_device: str = "auto"        # auto, device, host or disk: where the training images live
+    threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+
+    BOUNDS = {   # generous: the paper trains 100 + 100 epochs at 256 px, ngf = ndf = 64, 9 blocks
+        "epochs": params.Bound(10_000, "each epoch adds an epoch file, a sample grid and a log row"),
+        "epochs_decay": params.Bound(10_000, "each epoch adds an epoch file, a sample grid and a log row"),
+        "lr": params.Bound(1.0, "Adam moves each weight by about lr per step; the paper uses 0.0002"),
+        "beta1": params.Bound(1, "Adam's momentum: a decay rate", 0, below=True),
+        "lambda_cycle": params.Bound(1_000, "past it the GAN loss no longer counts; the paper uses 10"),
+        "lambda_identity": params.Bound(100, "× lambda_cycle; the paper uses 0.5"),
+        "pool_size": params.Bound(10_000, "fake images kept per direction on the training device; "
+                                          "the paper keeps 50"),
+        "ngf": params.Bound(256, "weights grow with its square: 256 is ~180 M per generator at 9 blocks"),
+        "ndf": params.Bound(256, "weights grow with its square; the paper uses 64"),
+        "n_blocks": params.Bound(64, "residual blocks; the paper uses 9"),
+        "n_layers": params.Bound(8, "crop_size must be >= 3 × 2^n_layers, and crop_size <= 1024"),
+        "load_size": params.Bound(2048, "every training image is resized to load_size² before the crop"),
+        "crop_size": params.Bound(1024, "activations grow with its square: a step at 1024 px "
+                                        "needs 16× the memory of one at 256"),
+        "batch_size": params.Bound(1024, "images per step per process; the paper uses 1"),
+        "save_every": params.Bound(20_000, "epochs; past epochs + epochs_decay only the last is saved"),
+        "samples": params.SAMPLES,
+        "seed": params.SEED,
+        "devices": params.Bound(64, "processes on one node, each with its own copy of the models"),
+        "threads": params.THREADS,
+    }
+    POOL_BYTES = 4 * 2 ** 30   # both pools together, fp32 on the training device
+
+    def validate(self, prefix: str) -> None:
+        c = params.check
+        for key in ("epochs", "ngf", "ndf", "n_blocks", "n_layers", "batch_size", "save_every"):
+            c(getattr(self, key) >= (0 if key == "n_blocks" else 1), f"{prefix}.{key}",
+              f"must be >= {0 if key == 'n_blocks' else 1}, got {getattr(self, key)}")
+        c(self.epochs_decay >= 0, f"{prefix}.epochs_decay", f"must be >= 0, got {self.epochs_decay}")
+        c(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        c(0 <= self.beta1 < 1, f"{prefix}.beta1", f"must be in [0, 1), got {self.beta1}")
+        c(self.lambda_cycle >= 0 and self.lambda_identity >= 0, f"{prefix}.lambda_cycle",
+          "lambda_cycle and lambda_identity must be >= 0")
+        c(self.pool_size >= 0, f"{prefix}.pool_size", f"must be >= 0, got {self.pool_size}")
+        c(self.samples >= 0, f"{prefix}.samples", f"must be >= 0, got {self.samples}")
+        pool = 2 * self.pool_size * 3 * self.crop_size ** 2 * 4   # both directions, fp32 at most
+        c(pool <= self.POOL_BYTES, f"{prefix}.pool_size",
+          f"{self.pool_size:,} images per direction at crop_size {self.crop_size} need {pool / 2 ** 30:.1f} "
+          f"GiB on the training device, over {self.POOL_BYTES // 2 ** 30} GiB; use at most "
+          f"{self.POOL_BYTES // (24 * self.crop_size ** 2):,} (the paper keeps 50)")
+        c(self.crop_size >= 16 and self.crop_size % 4 == 0, f"{prefix}.crop_size",
+          f"must be a multiple of 4 and >= 16 (the generator downsamples twice), got {self.crop_size}")
+        c(self.crop_size <= self.load_size, f"{prefix}.crop_size",
+          f"must be <= {prefix}.load_size ({self.load_size}), got {self.crop_size}")
+        smallest = 3 * 2 ** self.n_layers   # the PatchGAN's last feature map must stay >= 2×2
+        c(self.crop_size >= smallest, f"{prefix}.crop_size",
+          f"must be >= {smallest} for a discriminator with n_layers={self.n_layers}, got {self.crop_size}")
+        check_device(self.device, f"{prefix}.device")
+        c(self.precision in ("auto", "bf16", "fp32"), f"{prefix}.precision",
+          f"unknown precision {self.precision!r}; use auto, bf16 or fp32")
+        threads.check(self.threads, f"{prefix}.threads")
+        c(isinstance(self.compile, bool) or self.compile in COMPILE_MODES, f"{prefix}.compile",
+          f"unknown mode {self.compile!r}; use false, default or reduce-overhead")
+        c(self.devices >= 1, f"{prefix}.devices", f"must be >= 1, got {self.devices}")
+        c(self.lr_scaling in ("none", "linear", "sqrt"), f"{prefix}.lr_scaling",
+          f"unknown rule {self.lr_scaling!r}; use none, linear or sqrt")
+        c(self.data_device in DATA_PLACES, f"{prefix}.data_device",
+          f"unknown place {self.data_device!r}; use {', '.join(DATA_PLACES)}")
+
+    @property
+    def compile_mode(self) -> str | None:
+        """None (eager) or the torch.compile mode."""
+        return "default" if self.compile is True else (self.compile or None)
+
+    def scaled_lr(self, world_size: int) -> float:
+        """train.lr under train.lr_scaling for an effective batch of batch_size × world_size."""
+        return self.lr * {"none": 1.0, "linear": world_size, "sqrt": world_size ** 0.5}[self.lr_scaling]
+
+
+class Model(Protocol):
+    """What the shared training code (unpaired/models/state.py, loop.py, live.py) needs of a model;
+    unpaired.models.cyclegan.CycleGAN is one. A model is built as
+    `Model(p, device, world_size, g_rank, channels_last)` (TrainParams, the training device, the
+    number of processes, this rank's own random stream, the memory format of its networks) once
+    torch's global seed is set: its weights' initialisation draws from that stream.
+
+    Its class attributes name its parts, as last.pt stores them: `LOSS_NAMES` the losses `step`
+    returns, in order (the log's metric names); `NETS` the networks under last.pt's "nets";
+    `OPTIMIZERS` the suffix X of each optimizer, stored as opt_X with its lr schedule as sched_X;
+    `RANK_STATE` the keys of `rank_state()` (rank 0's at last.pt's top level, the other ranks'
+    under "other_ranks")."""
+
+    LOSS_NAMES: ClassVar[tuple[str, ...]]
+    NETS: ClassVar[tuple[str, ...]]
+    OPTIMIZERS: ClassVar[tuple[str, ...]]
+    RANK_STATE: ClassVar[tuple[str, ...]]
+    nets: dict[str, nn.Module]                     # the raw networks, in NETS order
+    optimizers: dict[str, torch.optim.Optimizer]   # in OPTIMIZERS order
+
+    def epoch_file(self, epoch: int) -> dict[str, Any]:
+        """The epoch file's content: the generators in checkpoint.generators_payload's format."""
+
+    def start_epoch(self, images: int) -> None:
+        """Before an epoch of `images` images on this rank: training mode, and the epoch's own
+        randomness drawn ahead (CycleGAN: its pools')."""
+
+    def step(self, real_A: torch.Tensor, real_B: torch.Tensor, autocast) -> torch.Tensor:
+        """One optimisation step on B×3×H×W batches in [-1, 1]; the LOSS_NAMES losses as a detached
+        float32 device tensor (no host sync)."""
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own state (RANK_STATE keys), CPU tensors."""
+
+    def load_rank_state(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore what `rank_state` returned."""
+
+    def distribute(self, device: torch.device) -> None:
+        """Wrap what a step calls in DistributedDataParallel (process group already joined)."""
+
+    def compile(self, mode: str) -> None:
+        """torch.compile what a step calls (`mode`: one of COMPILE_MODES)."""
+
+    def sample_rows(self, real_A: torch.Tensor, real_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample grid's rows for fixed test images (samples.grid): N×3×3×H×W per direction."""
+
+
+def channels_last_ok(device: torch.device) -> bool:
+    """Whether `device` computes instance norm's input gradient right when the incoming gradient is
+    channels-last, at batch 1 and 2 (measured wrong on CPU at batch 1 in torch 2.15: the error was
+    larger than the gradient). A few small ops against a float64 contiguous computation on the CPU;
+    the train stage uses channels-last only where this holds. tests/test_accel.py checks a whole
+    step's gradients in every memory format and batch arrangement."""
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 2):
+        x = torch.randn(batch, 8, 6, 6, generator=g, dtype=torch.float64)
+        up = torch.randn(batch, 8, 6, 6, generator=g, dtype=torch.float64)
+        x64 = x.clone().requires_grad_(True)
+        F.instance_norm(x64).backward(up)
+        xd = x.float().to(device).requires_grad_(True)
+        F.instance_norm(xd).backward(up.float().to(device).contiguous(memory_format=torch.channels_last))
+        err = (xd.grad.double().cpu() - x64.grad).abs().max() / x64.grad.abs().max()
+        if not err < 1e-3:
+            return False
+    return True
+
+
+def compile_cache_dir() -> Path:
+    """Where torch.compile's caches (inductor's FX graph and AOT autograd caches, both on by default)
+    persist: $XDG_CACHE_HOME/unpaired/torchinductor, else ~/.cache/unpaired/torchinductor. Inductor's
+    own default, /tmp/torchinductor_<user>, goes with every reboot or fresh /tmp, and a cold compile
+    of the CPU step takes minutes; a warm one seconds (README, "Compile")."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "unpaired" / "torchinductor"
+
+
+def ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` in DistributedDataParallel (process group already initialised): gradients are
+    averaged over ranks in the backward; rank 0's weights are broadcast at wrap time."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(module, device_ids=ids)
+
+
+def compiled(module: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
+    """torch.compile of `module` (`mode`: "default" or "reduce-overhead", as torch names them;
+    reduce-overhead adds CUDA graphs on CUDA). Inductor's caches go to compile_cache_dir() unless
+    TORCHINDUCTOR_CACHE_DIR is set."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    kw = {"mode": mode} if backend == "inductor" else {}
+    return torch.compile(module, backend=backend, **kw)
