@@ -23,21 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unpaired import threads
-threads.passive_wait()   # before torch loads OpenMP, which reads its wait policy only then
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from unpaired import params  # noqa: E402
-from unpaired.devices import resolve_device  # noqa: E402
-from unpaired.errors import UserError, main_guard  # noqa: E402
-from unpaired.evaluation import (METRIC_COLUMNS, EvalImages, EvaluateParams, MetricsPlan,  # noqa: E402
+from unpaired import params, threads
+from unpaired.devices import resolve_device
+from unpaired.errors import UserError, main_guard
+from unpaired.evaluation import (METRIC_COLUMNS, EvalImages, EvaluateParams, MetricsPlan,
                                  Scores, epoch_checkpoints, finite, plan_metrics, score_epochs, select_best,
                                  train_run, translated_test_set, warn)
-from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json,  # noqa: E402
+from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json,
                             remove_stale_temporaries, unpack_view)
-from unpaired.report import write_report  # noqa: E402
-from unpaired.weights import weights_facts  # noqa: E402
+from unpaired.report import write_report
+from unpaired.weights import weights_facts
 
 __all__ = ["EvaluateParams", "Paths", "evaluate", "main", "parse_args"]
 

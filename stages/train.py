@@ -18,22 +18,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from unpaired import threads
-threads.passive_wait()   # before torch loads OpenMP, which reads its wait policy only then
+import torch
 
-import torch  # noqa: E402
-
-from unpaired import distributed, params  # noqa: E402
-from unpaired.devices import autocast_for  # noqa: E402
-from unpaired.distributed import Rank  # noqa: E402
-from unpaired.errors import ArgumentParser, main_guard  # noqa: E402
-from unpaired.files import remove_stale_temporaries, unpack_view  # noqa: E402
-from unpaired.models.cyclegan import CycleGAN  # noqa: E402
-from unpaired.models.feeding import decoded_bytes, feeder_for, image_files, place_images  # noqa: E402
-from unpaired.models.live import RunLog  # noqa: E402
-from unpaired.models.loop import setup_device, start_run, train_epoch  # noqa: E402
-from unpaired.models.progress import Progress, speed_hint  # noqa: E402
-from unpaired.models.training import TrainParams  # noqa: E402
+from unpaired import distributed, params
+from unpaired.devices import autocast_for
+from unpaired.distributed import Rank
+from unpaired.errors import ArgumentParser, main_guard
+from unpaired.files import remove_stale_temporaries, unpack_view
+from unpaired.models.cyclegan import CycleGAN
+from unpaired.models.feeding import decoded_bytes, feeder_for, image_files, place_images
+from unpaired.models.live import RunLog
+from unpaired.models.loop import setup_device, start_run, train_epoch
+from unpaired.models.progress import Progress, speed_hint
+from unpaired.models.training import TrainParams
 
 
 def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int | None = None,

@@ -192,7 +192,8 @@ def needed_files(stage: str) -> set[str]:
     out), and the data files of every package among them (a stylesheet the page embeds changes the
     stage's output as much as code does)."""
     mods = modules()
-    imported = closure(stage_module(stage), graph(with_packages=True))
+    edges = graph(with_packages=True)   # `python -m stages.x` runs stages/__init__.py first
+    imported = closure(stage_module(stage), edges) | closure("stages", edges)
     files = {str(mods[m].relative_to(ROOT)) for m in imported if mods[m].read_text().strip()}
     for m in imported:
         if mods[m].name == "__init__.py":
@@ -224,3 +225,43 @@ def test_the_deps_check_can_fail():
         assert data in needed_files(stage)
         assert not covered(data, [d for d in stage_deps()[stage] if d != "unpaired/templates"])
     assert not any(f.startswith("unpaired/templates/") for f in needed_files("train"))
+
+
+# The package boundaries: a layer imports only what sits below it. The models package (training) and
+# the sources (fetching) are two independent columns over the shared modules; the pages, scoring and
+# the user-facing commands sit on top of them and are never imported by them.
+TOP = {"unpaired.cli", "unpaired.translate", "unpaired.export", "unpaired.weights", "unpaired.evaluation",
+       "unpaired.report", "unpaired.dataset_page", "unpaired.prepare", "unpaired.repro", "unpaired.params_doc",
+       "unpaired.presets", "unpaired.remote"}
+BOUNDARIES = {
+    "unpaired.models": TOP | {"unpaired.sources"},
+    "unpaired.sources": TOP | {"unpaired.models"},
+}
+
+
+def boundary_breaks(edges: dict[str, set[str]]) -> dict[str, list[str]]:
+    """module -> the modules it imports across BOUNDARIES."""
+    bad = {}
+    for name, targets in edges.items():
+        for package, banned in BOUNDARIES.items():
+            if name == package or name.startswith(package + "."):
+                crossing = sorted(t for t in targets if any(t == b or t.startswith(b + ".") for b in banned))
+                if crossing:
+                    bad[name] = crossing
+    return bad
+
+
+def test_the_models_and_sources_packages_import_nothing_above_them():
+    assert boundary_breaks(graph()) == {}
+
+
+def test_the_boundary_check_can_fail():
+    assert boundary_breaks({"unpaired.models.state": {"unpaired.evaluation"}}) == {
+        "unpaired.models.state": ["unpaired.evaluation"]}
+
+
+def test_no_import_needs_a_noqa_for_its_order():
+    """stages/__init__.py sets OpenMP's wait policy before any stage imports torch, so no module
+    imports out of order (ruff's E402)."""
+    offenders = [str(p.relative_to(ROOT)) for p in modules().values() if "noqa: E402" in p.read_text()]
+    assert offenders == []

@@ -236,7 +236,7 @@ def test_stylegan_source_errors(tmp_path, persistence):
         run_fetch(tmp_path, fetch_body(tmp_path / "nope.pkl"))
     net = write_snapshot(tmp_path / "net.pkl", small_generator())
     for key, value, words in [("seeds", "5-1", "ends before it starts"), ("seeds", "a-b", "expected seeds like"),
-                              ("noise_mode", "loud", "must be const, random or none"),
+                              ("noise_mode", "loud", "must be one of 'const', 'random', 'none'"),
                               ("truncation_psi", 3, "must be in")]:
         with pytest.raises(ParamsError, match=rf"domains.a.{key}: .*{words}"):
             run_fetch(tmp_path, fetch_body(net, **{key: value}))

@@ -85,6 +85,10 @@ def section(data: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    if tp is bool:
+        return "true or false"
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from PIL import ImageColor
@@ -39,15 +39,23 @@ MIN_TEST = 2           # evaluate's FID/KID need at least two test images per do
 @dataclass(frozen=True)
 class PrepareParams(params.Params):
     image_size: int = 64                  # output width = height in pixels
-    resize: str = "crop"                  # crop: shorter side to image_size, centre crop; pad: letterbox
-    pad_color: str = "white"              # letterbox colour for resize: pad
-    test_fraction: float = 0.1            # share of images in testA/testB, in [0, 1)
-    min_size: int = 16                    # images whose shorter side is smaller are skipped
-    seed: int = 0                         # split seed (and the dataset page's samples)
-    near_duplicate_distance: int = 72     # perceptual-hash bits (of 256) within which images are one; 0: off
-    faces: dict[str, str] = field(default_factory=lambda: {d: "none" for d in DOMAINS})  # none|filter|crop
-    face_margin: float = 0.25             # crop: margin around the face, × the face's side, per side
-    page_thumbnails: int = 120            # dataset page: thumbnails per contact sheet / skip group
+    resize: Literal["crop", "pad"] = "crop"   # crop (shorter side to image_size, centre crop) or
+                                          # pad (letterbox on pad_color)
+    pad_color: str = "white"              # letterbox colour for resize: pad (CSS name or #rrggbb)
+    test_fraction: float = 0.1            # share of images held out in testA/testB, in [0, 1)
+    min_size: int = 16                    # skip images whose shorter side is smaller (pixels)
+    seed: int = 0                         # split seed (and the dataset page's seeded samples)
+    near_duplicate_distance: int = 72     # perceptual-hash bits (of 256) within which two images are
+                                          # one picture (re-encoded, resized, cropped ~5 %); the
+                                          # largest is kept; 0: off
+    faces: dict[str, str] = field(default_factory=lambda: {d: "none" for d in DOMAINS})  # per domain
+                                          # (a, b): none, filter (keep images with a face) or crop
+                                          # (square around the largest face, before the resize);
+                                          # OpenCV's Haar cascade. `none`, not `off` (YAML 1.1 reads
+                                          # off as false)
+    face_margin: float = 0.25             # crop: margin on each side, × the face's side, in [0, 2]
+    page_thumbnails: int = 120            # metrics/data/index.html: thumbnails per contact sheet and
+                                          # skip group (then a seeded sample)
 
     BOUNDS = {
         "image_size": params.IMAGE_SIZE,
@@ -62,8 +70,6 @@ class PrepareParams(params.Params):
 
     def validate(self, prefix: str) -> None:
         params.check(self.image_size > 0, f"{prefix}.image_size", f"must be > 0, got {self.image_size}")
-        params.check(self.resize in ("crop", "pad"), f"{prefix}.resize",
-                     f"unknown resize mode {self.resize!r}; use crop or pad")
         params.check(0 <= self.test_fraction < 1, f"{prefix}.test_fraction",
                      f"must be in [0, 1), got {self.test_fraction}")
         params.check(self.min_size >= 1, f"{prefix}.min_size", f"must be >= 1, got {self.min_size}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
@@ -18,39 +18,48 @@ from unpaired import params, threads
 from unpaired.devices import check_device
 
 
-COMPILE_MODES = ("default", "reduce-overhead")
+CompileMode = Literal["default", "reduce-overhead"]
+COMPILE_MODES = get_args(CompileMode)
 
 
-DATA_PLACES = ("auto", "device", "host", "disk")   # train.data_device; see unpaired.models.feeding.place_images
+DataPlace = Literal["auto", "device", "host", "disk"]
+DATA_PLACES = get_args(DataPlace)   # train.data_device; see unpaired.models.feeding.place_images
 
 
 @dataclass(frozen=True)
 class TrainParams(params.Params):
-    epochs: int = 3                  # epochs at the initial learning rate
-    epochs_decay: int = 3            # then epochs of linear decay towards 0
-    lr: float = 0.0002
-    beta1: float = 0.5
-    lambda_cycle: float = 10.0       # λ for each cycle loss
-    lambda_identity: float = 0.5     # identity loss weight, × lambda_cycle (0 disables)
-    pool_size: int = 50
-    ngf: int = 16
-    ndf: int = 32
-    n_blocks: int = 6
+    epochs: int = 3                  # epochs at the initial learning rate (paper: 100)
+    epochs_decay: int = 3            # then epochs of linear decay towards 0 (paper: 100)
+    lr: float = 0.0002               # Adam's learning rate (paper: 0.0002)
+    beta1: float = 0.5               # Adam's β1 (paper: 0.5; β2 is 0.999)
+    lambda_cycle: float = 10.0       # λ for each cycle loss, A→B→A and B→A→B (paper: 10)
+    lambda_identity: float = 0.5     # identity loss weight, × lambda_cycle (paper: 0.5; 0 turns it off)
+    pool_size: int = 50              # generated images kept per direction for the discriminators
+                                     # (paper: 50; 0: no pool)
+    ngf: int = 16                    # generator width (paper: 64)
+    ndf: int = 32                    # discriminator width (paper: 64)
+    n_blocks: int = 6                # residual blocks (paper: 9 at 256 px, 6 below)
     n_layers: int = 3                # discriminator conv layers (3 = 70×70 PatchGAN)
-    load_size: int = 72              # images are resized to this ...
-    crop_size: int = 64              # ... then randomly cropped to this
-    no_flip: bool = False
-    batch_size: int = 1
+    load_size: int = 72              # resize to this (paper: 286) ...
+    crop_size: int = 64              # ... then random crop (paper: 256); a multiple of 4, >= 16
+    no_flip: bool = False            # true: no random horizontal flips
+    batch_size: int = 1              # images per step per process (paper: 1)
     save_every: int = 1              # epochs between checkpoints (the last epoch is always saved)
     samples: int = 4                 # test images per direction in the per-epoch sample image
-    seed: int = 0
+    seed: int = 0                    # weights, crops, flips and pool draws
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
-    precision: str = "auto"          # auto (bf16 on CUDA, else fp32), bf16, fp32 (TF32 on CUDA)
-    compile: bool | str = False      # false, default or reduce-overhead (torch's modes; true = default)
-    batched_passes: bool = True      # run independent network passes of a step as one batch
-    devices: int = 1                 # processes (one per GPU, or CPU processes) on this node, via torchrun
-    lr_scaling: str = "none"         # none, linear or sqrt: lr × 1, world size, √(world size)
-    data_device: str = "auto"        # auto, device, host or disk: where the training images live
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto (bf16 on CUDA, else fp32), bf16, fp32
+                                     # (fp32 allows TF32 on CUDA)
+    compile: bool | CompileMode = False   # false, default or reduce-overhead: torch.compile (true =
+                                     # default; worth it on CUDA for long runs)
+    batched_passes: bool = True      # a step's independent network passes as one batch (false: the
+                                     # reference order, pass by pass; the same maths)
+    devices: int = 1                 # processes on this node via torchrun: one per GPU (CPU: at
+                                     # most one per core)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"   # with devices > 1: lr × 1, × world
+                                     # size or × √(world size)
+    data_device: DataPlace = "auto"  # where the training images live: auto, device, host (CUDA:
+                                     # pinned) or disk (read one batch ahead)
     threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
     BOUNDS = {   # generous: the paper trains 100 + 100 epochs at 256 px, ngf = ndf = 64, 9 blocks
@@ -103,16 +112,8 @@ class TrainParams(params.Params):
         c(self.crop_size >= smallest, f"{prefix}.crop_size",
           f"must be >= {smallest} for a discriminator with n_layers={self.n_layers}, got {self.crop_size}")
         check_device(self.device, f"{prefix}.device")
-        c(self.precision in ("auto", "bf16", "fp32"), f"{prefix}.precision",
-          f"unknown precision {self.precision!r}; use auto, bf16 or fp32")
         threads.check(self.threads, f"{prefix}.threads")
-        c(isinstance(self.compile, bool) or self.compile in COMPILE_MODES, f"{prefix}.compile",
-          f"unknown mode {self.compile!r}; use false, default or reduce-overhead")
         c(self.devices >= 1, f"{prefix}.devices", f"must be >= 1, got {self.devices}")
-        c(self.lr_scaling in ("none", "linear", "sqrt"), f"{prefix}.lr_scaling",
-          f"unknown rule {self.lr_scaling!r}; use none, linear or sqrt")
-        c(self.data_device in DATA_PLACES, f"{prefix}.data_device",
-          f"unknown place {self.data_device!r}; use {', '.join(DATA_PLACES)}")
 
     @property
     def compile_mode(self) -> str | None:

@@ -22,7 +22,7 @@ class ArchiveParams(Params):
     sha256: str | None = None     # optional checksum of the archive
     count: int | None = None      # at most this many images (sorted by name); all by default
     licence: str = ""             # recorded in the manifest
-    timeout: float = 60.0
+    timeout: float = 60.0         # seconds without data before a download attempt is abandoned
 
     BOUNDS = {"count": COUNT, "timeout": TIMEOUT}
 

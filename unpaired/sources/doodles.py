@@ -20,11 +20,13 @@ SUPERSAMPLE = 4
 
 @dataclass(frozen=True)
 class DoodleParams(Params):
-    count: int = 200
-    image_size: int = 64
-    strokes: tuple[int, int] = (2, 5)       # min, max strokes per image
-    stroke_width: float = 2.0               # in output pixels
-    seed: int = 0
+    count: int = 200                        # number of images
+    image_size: int = 64                    # width = height in pixels
+    strokes: tuple[int, int] = (2, 5)       # min, max pen strokes per image (smoothed random
+                                            # walks or Bézier curves)
+    stroke_width: float = 2.0               # pen width in output pixels (drawn at 4× and
+                                            # downscaled; at most image_size / 4)
+    seed: int = 0                           # image i depends only on (seed, domain, i)
 
     BOUNDS = {"count": COUNT, "image_size": IMAGE_SIZE, "seed": SEED,
               "strokes": Bound(1_000, "strokes per image; each is drawn at 4× the size"),

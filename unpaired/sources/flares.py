@@ -22,11 +22,13 @@ SHAPES = ("ellipse", "polygon", "star", "arc", "blob", "gradient")
 
 @dataclass(frozen=True)
 class FlareParams(Params):
-    count: int = 200
-    image_size: int = 64
-    shapes: tuple[int, int] = (4, 12)       # min, max shapes per image
-    palette: tuple[str, ...] = FESTIVE      # colours as CSS names or #rrggbb
-    seed: int = 0
+    count: int = 200                        # number of images
+    image_size: int = 64                    # width = height in pixels
+    shapes: tuple[int, int] = (4, 12)       # min, max shapes per image: ellipses, polygons,
+                                            # stars, arcs, blobs, gradient discs
+    palette: tuple[str, ...] = FESTIVE      # colours as CSS names or #rrggbb, at least two
+                                            # (default: festive reds, golds, greens)
+    seed: int = 0                           # image i depends only on (seed, domain, i)
 
     BOUNDS = {"count": COUNT, "image_size": IMAGE_SIZE, "seed": SEED,
               "shapes": Bound(1_000, "shapes per image; each is drawn at 2× the size")}

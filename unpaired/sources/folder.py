@@ -16,10 +16,10 @@ from unpaired.sources.base import FetchContext, SourceError, flat_name
 
 @dataclass(frozen=True)
 class FolderParams(Params):
-    path: str = ""
+    path: str = ""                # required: a folder of your images (~ is expanded)
     pattern: str = "**/*"         # glob under path; ** matches any depth
     count: int | None = None      # at most this many files (sorted by path); all by default
-    licence: str = ""
+    licence: str = ""             # recorded in the manifest
 
     BOUNDS = {"count": COUNT}
 

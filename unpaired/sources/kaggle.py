@@ -49,7 +49,7 @@ class KaggleParams(Params):
     count: int | None = None      # at most this many images (sorted by name); all by default
     exclude: tuple[str, ...] = () # file names (10.png) or paths in the dataset (cropped/10.png) to drop
     licence: str = ""             # recorded in the manifest; by default what Kaggle says
-    timeout: float = 60.0
+    timeout: float = 60.0         # seconds without data before a download attempt is abandoned
 
     BOUNDS = {"count": COUNT, "timeout": TIMEOUT}
 

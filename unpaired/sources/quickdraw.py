@@ -29,11 +29,12 @@ SUPERSAMPLE = 4
 
 @dataclass(frozen=True)
 class QuickDrawParams(Params):
-    category: str = ""
-    count: int = 200
+    category: str = ""            # required: a Quick, Draw! category (dragon, cow, ...), checked
+                                  # against the quickdraw package's list
+    count: int = 200              # drawings to render
     recognized: bool = True       # only drawings the game's classifier recognised (false: all)
-    base_url: str = BASE_URL
-    image_size: int = 64
+    base_url: str = BASE_URL      # where <category>.bin is fetched from (Google's public files)
+    image_size: int = 64          # width = height in pixels (antialiased, centred)
     stroke_width: float = 2.0     # output pixels
     margin: float = 0.1           # share of the size left free around the drawing
     seed: int = 0                 # which drawings: the `count` first in an order drawn from the seed

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -53,13 +53,16 @@ class StyleGANParams(Params):
     network: str = ""                 # path or http(s) URL of the network pickle
     sha256: str | None = None         # optional checksum of the network file
     seeds: str | int = "0-99"         # which latents: "0-499", "1,5,9" (one image per seed)
-    truncation_psi: float = 0.7
-    noise_mode: str = "const"         # const, random (seeded per image) or none
+    truncation_psi: float = 0.7       # truncation towards the average face
+    noise_mode: Literal["const", "random", "none"] = "const"   # const, random (seeded per
+                                      # image) or none
     batch_size: int = 16              # images per pass on a GPU (a CPU goes one by one)
     image_size: int = 256             # output side in pixels (downscaled with antialiasing)
-    device: str = "auto"
-    precision: str = "auto"           # auto: the network's fp16 layers on CUDA; fp32 everywhere
-    licence: str = "NVIDIA Source Code License-NC (non-commercial) for NVIDIA's networks"
+    device: str = "auto"              # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    precision: Literal["auto", "fp32"] = "auto"   # auto: the network's fp16 layers
+                                      # on CUDA; fp32: fp32 everywhere
+    licence: str = "NVIDIA Source Code License-NC (non-commercial) for NVIDIA's networks"  # recorded
+                                      # in the manifest
 
     BOUNDS = {"seeds": SEED, "truncation_psi": Bound(2, "truncation towards the average; 0.7 is usual", -1),
               "batch_size": Bound(1024, "images per pass on a GPU"), "image_size": IMAGE_SIZE}
@@ -68,14 +71,10 @@ class StyleGANParams(Params):
         check(bool(self.network), f"{prefix}.network",
               f"required: a StyleGAN2-ADA network pickle (path or URL), {WHERE_TO_GET}")
         parse_seeds(self.seeds, f"{prefix}.seeds")
-        check(self.noise_mode in ("const", "random", "none"), f"{prefix}.noise_mode",
-              f"must be const, random or none, got {self.noise_mode!r}")
         check(-1.0 <= self.truncation_psi <= 2.0, f"{prefix}.truncation_psi",
               f"must be in [-1, 2] (0.7 is usual), got {self.truncation_psi}")
         check(self.batch_size > 0, f"{prefix}.batch_size", f"must be > 0, got {self.batch_size}")
         check(self.image_size >= 8, f"{prefix}.image_size", f"must be >= 8, got {self.image_size}")
-        check(self.precision in ("auto", "fp32"), f"{prefix}.precision",
-              f"must be auto or fp32, got {self.precision!r}")
         check(self.sha256 is None or len(self.sha256) == 64, f"{prefix}.sha256", "must be 64 hex digits")
         check_device(self.device, f"{prefix}.device")
 

@@ -64,12 +64,13 @@ BROWSER_HEADERS = {
 
 @dataclass(frozen=True)
 class WebParams(Params):
-    keywords: str | list[str] = ""
-    engine: Literal["bing", "google"] = "bing"
-    count: int = 100
-    min_size: int | None = None   # pixels, shorter side
+    keywords: str | list[str] = ""  # required: a search phrase or a list of them
+    engine: Literal["bing", "google"] = "bing"  # bing (icrawler) or google
+                                  # (google-images-download; Google's page changes often break it)
+    count: int = 100              # images in all, shared between the keywords
+    min_size: int | None = None   # skip images whose shorter side is smaller (pixels)
     timeout: float = 30.0         # seconds per request
-    licence: str = "unknown: check each origin URL before use"
+    licence: str = "unknown: check each origin URL before use"  # recorded in the manifest
     base_url: str = ""            # replaces the engine's scheme://host/path (a mirror, or a test server)
 
     @property
