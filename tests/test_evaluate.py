@@ -269,6 +269,33 @@ def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
     pd.testing.assert_frame_equal(again, table)
 
 
+def test_cache_key_holds_the_weights_device_torch_and_tf32(setup, capsys, monkeypatch):
+    """Scores from other weights, another device type, torch version or TF32 setting are never
+    taken from the cache."""
+    tmp_path, paths = setup
+    extract = LocalFeatures()
+    weights = {"source": "test", "file": "w.pt", "sha256": "a" * 64}
+    monkeypatch.setattr(evl, "inception_features", lambda device: (extract, weights, ""))
+    params = EvaluateParams(samples=2, kid_subsets=2)
+    evaluate(params, paths)
+    facts = evl.compute_facts(torch.device("cpu"))
+    assert facts == {"device": "cpu", "torch": torch.__version__,
+                     "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]}
+
+    def cached() -> bool:
+        capsys.readouterr()
+        evaluate(params, paths)
+        return "epoch 001: cached" in capsys.readouterr().out
+    assert cached()
+    for change in (lambda m: m.setitem(weights, "sha256", "b" * 64),
+                   lambda m: m.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32),
+                   lambda m: m.setattr(torch, "__version__", "0.0.0")):
+        with monkeypatch.context() as m:
+            change(m)
+            assert not cached()
+    assert cached()
+
+
 def test_one_test_image_skips_fid_kid_with_a_reason(setup, capsys, monkeypatch):
     """A test split of one image with metrics on: FID/KID are skipped with the reason (it was a
     linear-algebra traceback), the grids are still made, no temporary file is left."""
