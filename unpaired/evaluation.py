@@ -271,7 +271,7 @@ def inception_features(device: torch.device) -> tuple[Features | None, dict[str,
             warn(str(err))
             return None, {}, (f"FID/KID skipped: the bundled Inception weights ({inception.PACKAGE} "
                               f"{inception.VERSION}) are missing or altered (the console says which file) and "
-                              f"torch-fidelity's {path.name} is not in $TORCH_HOME/hub/checkpoints; "
+                              f"torch-fidelity's {path.name} is absent from $TORCH_HOME/hub/checkpoints or unusable; "
                               f"{inception.REINSTALL}")
         facts = inception.bundled_facts()
         print(f"FID/KID: the bundled Inception weights {inception.bundled_file()} ({inception.PACKAGE} "
@@ -369,17 +369,24 @@ class EvalImages:
 
 @dataclass(frozen=True)
 class MetricsPlan:
-    """Whether FID/KID run: the feature extractor and the real images' features (None when they are
-    skipped), a short and a full reason when they are skipped ("" when they run), a note to show
-    when they run, and the facts of the Inception weights that score them ({} when skipped). The
-    strings and facts go into artifacts: no host path, no error text."""
+    """Whether FID/KID run: the feature extractor and the test images (None when they are skipped), a
+    short and a full reason when they are skipped ("" when they run), a note to show when they run,
+    and the facts of the Inception weights that score them ({} when skipped). The strings and facts
+    go into artifacts: no host path, no error text."""
     features: Features | None = None
-    real_A: torch.Tensor | None = None
-    real_B: torch.Tensor | None = None
+    test: EvalImages | None = None
     skipped: str = ""
     why: str = ""
     note: str = ""
     weights: dict[str, str] = field(default_factory=dict)
+    reals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def real(self, domain: str) -> torch.Tensor:
+        """The features of the real test images of `domain` ("A" or "B"), float N×D, computed once,
+        on first use (a run whose epochs all come from the cache computes none)."""
+        if domain not in self.reals:
+            self.reals[domain] = self.features(getattr(self.test, domain))
+        return self.reals[domain]
 
 
 def plan_metrics(p: EvaluateParams, device: torch.device, test: EvalImages) -> MetricsPlan:
@@ -400,7 +407,7 @@ def plan_metrics(p: EvaluateParams, device: torch.device, test: EvalImages) -> M
         if features is not None:
             if why:
                 warn(why)
-            return MetricsPlan(features, features(test.A), features(test.B), note=why, weights=weights)
+            return MetricsPlan(features, test, note=why, weights=weights)
     if p.metrics == "required":
         raise UserError(f"evaluate.metrics is required but {why.removeprefix('FID/KID skipped: ')}")
     warn(why)
@@ -422,8 +429,9 @@ def score_checkpoint(path: Path, p: EvaluateParams, device: torch.device, test: 
     png = png_bytes(labelled_grid(rows_a, rows_b)) if rows_a or rows_b else None
     row: dict[str, float] = {}
     if plan.features is not None:
-        ab = fid_kid(plan.real_B, plan.features(fake_B), p.kid_subsets)
-        ba = fid_kid(plan.real_A, plan.features(fake_A), p.kid_subsets)
+        real_A, real_B = plan.real("A"), plan.real("B")
+        ab = fid_kid(real_B, plan.features(fake_B), p.kid_subsets)
+        ba = fid_kid(real_A, plan.features(fake_A), p.kid_subsets)
         row = {"fid_AtoB": ab["fid"], "fid_BtoA": ba["fid"], "kid_AtoB": ab["kid"], "kid_BtoA": ba["kid"],
                "fid": ab["fid"] + ba["fid"], "kid": ab["kid"] + ba["kid"]}
     return row, png
