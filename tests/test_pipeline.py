@@ -87,11 +87,14 @@ TEXT_SUFFIXES = {".json", ".csv", ".html", ".tsv", ".yaml", ".lock", ".md", ".tx
 
 
 def test_tracked_artifacts_hold_no_host_facts(project, tmp_path):
-    """A run that scores FID/KID offline (evaluate.metrics: required: the bundled Inception weights),
-    with HOME in a folder of its own and no TORCH_HOME: no tracked artifact (every DVC output in
-    dvc.lock, and dvc.lock) holds that home folder or the user's, the clone's or the venv's absolute
-    path, or (in text files) the host name. Those go to the console."""
-    copy = copy_with(project, tmp_path, lambda p: p["evaluate"].update(metrics="required"))
+    """A run of prepare, train and evaluate that scores FID/KID offline (evaluate.metrics: required:
+    the bundled Inception weights), with HOME in a folder of its own and no TORCH_HOME: no tracked
+    artifact (every DVC output in dvc.lock, and dvc.lock) holds that home folder or the user's, the
+    clone's or the venv's absolute path, or (in text files) the host name. Those go to the console."""
+    def edit(params):      # enough test images for FID/KID (>= 2 per domain): prepare and train run too
+        params["evaluate"]["metrics"] = "required"
+        params["prepare"]["test_fraction"] = 0.5
+    copy = copy_with(project, tmp_path, edit)
     home = tmp_path / "home-of-someone"
     home.mkdir()
     environment = {**env(), "HOME": str(home)}
