@@ -11,7 +11,8 @@
 key made of the checkpoint's sha256, the test images and the evaluate params, so a longer training run
 only pays for its new epochs. The best epoch's generators go to --best, the whole test set translated
 by them to --test-set (index.html, also cached), and then --report (HTML), --metrics (numbers only:
-what `dvc metrics show` compares) and --info (why: the best epoch's reason, skipped metrics).
+what `dvc metrics show` compares) and --info (why: the best epoch's reason, skipped metrics, which
+Inception weights scored the run). No host path or error text goes into an output: the console has them.
 """
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def evaluate(p: EvaluateParams, paths: Paths, all_params: dict[str, Any] | None 
     info = {"best_epoch": best["epoch"], "best_reason": best["reason"], "select": p.select,
             "selected_by": best["selected_by"], "select_fallback": best["fallback"],
             "metrics_available": plan.features is not None, "metrics_skipped": plan.why,
-            "weights": weights_facts() if plan.why and "Inception" in plan.why else {},
+            "weights": plan.weights,    # which weights scored the run ({} when FID/KID were skipped)
+            "weights_help": weights_facts() if plan.skipped == "no usable Inception weights" else {},
             "notes": notes, "device": str(device), "epochs": [r["epoch"] for r in scores.rows],
             "train_run": train_run(paths.checkpoints)}
     atomic_write_json(paths.info, info)

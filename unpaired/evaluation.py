@@ -6,7 +6,9 @@ batched translation, labelled sample grids, FID/KID and the Inception features t
 FID and KID come from torch-fidelity (the library behind many GAN papers' numbers; its InceptionV3 is
 a port of the TF-slim network that FID was defined with, so values are comparable with published
 ones). We call its feature-to-metric functions directly on features we extract, which lets the
-arithmetic be tested offline with any small feature extractor.
+arithmetic be tested offline with any small feature extractor. Its weights: torch-fidelity's own file
+when it is in torch's hub cache, else the copy a locked package ships (unpaired/inception.py), so
+every run is scored, offline too; the stage never downloads.
 """
 from __future__ import annotations
 
@@ -16,24 +18,24 @@ import math
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch_fidelity
 from PIL import Image, ImageDraw
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
-from unpaired import checkpoint, params, threads
+from unpaired import checkpoint, inception, params, threads
 from unpaired.devices import check_device
 from unpaired.errors import UserError
 from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json, make_dirs, remove_stale_temporaries,
                             sha256_of)
 from unpaired.images import png_bytes, read_uint8, to_float, to_uint8
 from unpaired.report import TEST_SET_KINDS, pages_for_test_set
-from unpaired.weights import (check_weights, download_weights, load_inception, published_sha256_prefix,
-                              weights_advice, weights_file)
+from unpaired.weights import check_weights, load_inception, weights_file
 
 Features = Callable[[torch.Tensor], torch.Tensor]   # uint8 N×3×H×W → float N×D
 KID_SEED = 2020
@@ -79,6 +81,27 @@ def labelled_grid(rows_a: list[torch.Tensor], rows_b: list[torch.Tensor], scale:
     return canvas
 
 
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two float64 feature sets (N×D, M×D, N, M >= 2): |mu1 - mu2|² + tr S1 + tr S2 -
+    2 tr sqrt(S1 S2), S the sample covariances (N - 1 in the denominator), as torch-fidelity's
+    fid_statistics_to_metric (TTUR's fid.py). That one takes the eigenvalues of the D×D product S1 S2,
+    5-30 s per call for D = 2048 on 2 CPU cores, i.e. minutes per evaluate run; so when the smaller
+    set has at most D images we use the same quantity in Gram form (hand-written for speed): with
+    S1 = A Aᵀ, S2 = B Bᵀ (A = centred real features / sqrt(N - 1), D×N; B likewise), the non-zero
+    eigenvalues of S1 S2 are those of (AᵀB)(AᵀB)ᵀ, so tr sqrt(S1 S2) is the sum of the singular
+    values of the N×M matrix AᵀB: exact, O(N·M·D). tests/test_inception.py checks it against
+    torch-fidelity's function."""
+    n, m, d = len(real), len(fake), real.shape[1]
+    if min(n, m) > d:
+        return float(fid_statistics_to_metric(fid_features_to_statistics(real), fid_features_to_statistics(fake),
+                                              verbose=False)["frechet_inception_distance"])
+    a = (real - real.mean(0)) / math.sqrt(n - 1)
+    b = (fake - fake.mean(0)) / math.sqrt(m - 1)
+    diff = real.mean(0) - fake.mean(0)
+    tr_covmean = torch.linalg.svdvals(a @ b.T).sum()
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * tr_covmean)
+
+
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100) -> dict[str, float]:
     """FID and KID (mean, std over subsets) between two feature sets (N×D float tensors), with
     torch-fidelity's definitions; the KID subset size is the smaller set's size (at most 1000).
@@ -86,8 +109,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100) -> d
     real64, fake64 = real.double().cpu(), fake.double().cpu()
     if not (torch.isfinite(real64).all() and torch.isfinite(fake64).all()):   # e.g. a diverged generator
         return {"fid": math.nan, "kid": math.nan, "kid_std": math.nan}
-    fid = fid_statistics_to_metric(fid_features_to_statistics(real64), fid_features_to_statistics(fake64),
-                                   verbose=False)["frechet_inception_distance"]
+    fid = frechet_distance(real64, fake64)
     size = min(len(real64), len(fake64), 1000)
     kid = kid_features_to_metric(real64, fake64, kid_subsets=kid_subsets, kid_subset_size=size,
                                  verbose=False, rng_seed=KID_SEED)
@@ -99,39 +121,50 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100) -> d
 MIN_METRIC_IMAGES = 2      # FID needs a covariance, KID pairs of distinct images: >= 2 per side
 
 
-def inception_features(device: torch.device, timeout: float = 20.0) -> tuple[Features | None, str]:
-    """torch-fidelity's InceptionV3 (2048-d pool features) as a function uint8 N×3×H×W → float
-    N×2048, or (None, why) when its weights are neither cached nor downloadable, or unusable. `why`
-    names the URL, the file, the folder and the expected sha256 prefix. Weights go to torch's hub
-    cache (weights_file()). The file is first loaded with weights_only=True, so a file holding
-    anything but tensors is refused. A usable file that is not the published one gives
-    (features, warning)."""
-    path = weights_file()
-    if not path.is_file():
-        failure = download_weights(timeout)
-        if failure:
-            return None, (f"FID/KID skipped: the InceptionV3 weights are not in {path.parent} and could not be "
-                          f"downloaded ({failure}); {weights_advice()}")
-    verdict = check_weights(path, build=False)
-    if not verdict.usable:
-        return None, f"FID/KID skipped: {verdict.why}"
-    try:
-        net = load_inception(path).to(device).eval()
-    except Exception as err:
-        return None, (f"FID/KID skipped: {path} does not fit torch-fidelity's InceptionV3 ({type(err).__name__}); "
-                      f"delete it; {weights_advice()}")
+def inception_features(device: torch.device) -> tuple[Features | None, dict[str, str], str]:
+    """The FID InceptionV3 (2048-d pool features) as a function uint8 N×3×H×W → float N×2048, the
+    facts of the weights it runs (source, file, sha256: no host path, for artifacts), and "" — or
+    (None, {}, why) when no weights are usable. Weights, in order: torch-fidelity's own file in
+    torch's hub cache (weights_file()) when it is there, loads with weights_only=True and has the
+    published sha256 prefix; else the bundled copy (unpaired/inception.py: pinned by uv.lock, its
+    sha256 checked, read without running anything in it). Never downloads. Host paths and error
+    texts go to the console (stdout/stderr), never into the returned strings."""
+    path, net, facts = weights_file(), None, {}
+    if path.is_file():
+        verdict = check_weights(path, build=False)
+        if verdict.usable and verdict.published:
+            try:
+                net = load_inception(path)
+                facts = {"source": f"torch-fidelity {torch_fidelity.__version__}", "file": path.name,
+                         "sha256": verdict.sha256}
+                print(f"FID/KID: torch-fidelity's Inception weights {path}")
+            except Exception as err:  # noqa: BLE001 - does not fit: the bundled weights take over
+                warn(f"{path}: does not fit torch-fidelity's InceptionV3 ({type(err).__name__}); using the bundled "
+                     f"Inception weights instead")
+        else:
+            warn(f"{verdict.why} Using the bundled Inception weights instead.")
+    if net is None:
+        try:
+            net = inception.bundled_inception()
+        except UserError as err:
+            warn(str(err))
+            return None, {}, (f"FID/KID skipped: the bundled Inception weights ({inception.PACKAGE} "
+                              f"{inception.VERSION}) are missing or altered (the console says which file) and "
+                              f"torch-fidelity's {path.name} is absent from $TORCH_HOME/hub/checkpoints or unusable; "
+                              f"{inception.REINSTALL}")
+        facts = inception.bundled_facts()
+        print(f"FID/KID: the bundled Inception weights {inception.bundled_file()} ({inception.PACKAGE} "
+              f"{inception.VERSION})")
+    net = net.to(device).eval()
 
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:
         return torch.cat([net(images[i:i + 32].to(device))[0].cpu() for i in range(0, len(images), 32)])
-    note = "" if verdict.published else (
-        f"{path}: its sha256 ({verdict.sha256[:16]}...) does not start with {published_sha256_prefix()}, so it is "
-        f"not the file torch-fidelity publishes: FID/KID are not comparable with published numbers")
-    return features, note
+    return features, facts, ""
 
 
 # --- evaluate: score every epoch, pick the best, translate the test set -------------------------
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 TEST_PAGE_ROWS = 50        # images per direction on one page of metrics/test_set/
 METRIC_COLUMNS = ("fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid")
 
@@ -142,8 +175,9 @@ class EvaluateParams(params.Params):
                                      # images every epoch)
     select: Literal["kid", "fid", "last"] = "kid"   # best epoch by kid or fid (summed over both
                                      # directions), or last
-    metrics: Literal["auto", "required", "off"] = "auto"   # auto: FID/KID when Inception weights
-                                     # can be had; required: stop without them; off: none
+    metrics: Literal["auto", "required", "off"] = "auto"   # auto: FID/KID wherever the test split
+                                     # allows (>= 2 images per domain); required: stop where it does
+                                     # not; off: none
     kid_subsets: int = 100           # KID subsets (each of up to 1000 test images; torch-fidelity's
                                      # default is 100)
     batch_size: int = 16             # images per translation and Inception pass
@@ -195,15 +229,24 @@ class EvalImages:
 
 @dataclass(frozen=True)
 class MetricsPlan:
-    """Whether FID/KID run: the feature extractor and the real images' features (None when they are
-    skipped), a short and a full reason when they are skipped ("" when they run), and a note to show
-    when they run (a weights file that is not the published one)."""
+    """Whether FID/KID run: the feature extractor and the test images (None when they are skipped), a
+    short and a full reason when they are skipped ("" when they run), a note to show when they run,
+    and the facts of the Inception weights that score them ({} when skipped). The strings and facts
+    go into artifacts: no host path, no error text."""
     features: Features | None = None
-    real_A: torch.Tensor | None = None
-    real_B: torch.Tensor | None = None
+    test: EvalImages | None = None
     skipped: str = ""
     why: str = ""
     note: str = ""
+    weights: dict[str, str] = field(default_factory=dict)
+    reals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def real(self, domain: str) -> torch.Tensor:
+        """The features of the real test images of `domain` ("A" or "B"), float N×D, computed once,
+        on first use (a run whose epochs all come from the cache computes none)."""
+        if domain not in self.reals:
+            self.reals[domain] = self.features(getattr(self.test, domain))
+        return self.reals[domain]
 
 
 def plan_metrics(p: EvaluateParams, device: torch.device, test: EvalImages) -> MetricsPlan:
@@ -220,11 +263,11 @@ def plan_metrics(p: EvaluateParams, device: torch.device, test: EvalImages) -> M
                f"add images")
     else:
         short = "no usable Inception weights"
-        features, why = inception_features(device)
+        features, weights, why = inception_features(device)
         if features is not None:
             if why:
                 warn(why)
-            return MetricsPlan(features, features(test.A), features(test.B), note=why)
+            return MetricsPlan(features, test, note=why, weights=weights)
     if p.metrics == "required":
         raise UserError(f"evaluate.metrics is required but {why.removeprefix('FID/KID skipped: ')}")
     warn(why)
@@ -246,8 +289,9 @@ def score_checkpoint(path: Path, p: EvaluateParams, device: torch.device, test: 
     png = png_bytes(labelled_grid(rows_a, rows_b)) if rows_a or rows_b else None
     row: dict[str, float] = {}
     if plan.features is not None:
-        ab = fid_kid(plan.real_B, plan.features(fake_B), p.kid_subsets)
-        ba = fid_kid(plan.real_A, plan.features(fake_A), p.kid_subsets)
+        real_A, real_B = plan.real("A"), plan.real("B")
+        ab = fid_kid(real_B, plan.features(fake_B), p.kid_subsets)
+        ba = fid_kid(real_A, plan.features(fake_A), p.kid_subsets)
         row = {"fid_AtoB": ab["fid"], "fid_BtoA": ba["fid"], "kid_AtoB": ab["kid"], "kid_BtoA": ba["kid"],
                "fid": ab["fid"] + ba["fid"], "kid": ab["kid"] + ba["kid"]}
     return row, png
@@ -287,13 +331,22 @@ def train_run(checkpoints: Path) -> dict[str, Any]:
     return {k: last[k] for k in ("device", "world_size") if isinstance(last, dict) and k in last}
 
 
+def compute_facts(device: torch.device) -> dict[str, Any]:
+    """What changes the numbers a device computes, for the cache key (scores from different devices
+    are never mixed): the device type, the torch version, and whether CUDA matmuls / cuDNN
+    convolutions may use TF32."""
+    return {"device": device.type, "torch": torch.__version__,
+            "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]}
+
+
 def score_epochs(ckpts: dict[int, Path], cache: Path, p: EvaluateParams, device: torch.device, test: EvalImages,
                  plan: MetricsPlan) -> Scores:
     """Score every epoch checkpoint of `ckpts` (epoch_checkpoints), each read from `cache` when the
     same checkpoint (by sha256) was scored on the same test images with the same settings, and stored
     there otherwise. Raises UserError for a damaged or diverged checkpoint."""
     settings = json.dumps({"v": CACHE_VERSION, "samples": p.samples, "kid_subsets": p.kid_subsets,
-                           "metrics": plan.features is not None, "A": test.names_A, "B": test.names_B},
+                           "metrics": plan.features is not None, "A": test.names_A, "B": test.names_B,
+                           "weights": plan.weights.get("sha256", ""), **compute_facts(device)},
                           sort_keys=True)
     make_dirs(cache)
     remove_stale_temporaries(cache)          # what a killed run left

@@ -191,7 +191,8 @@ def _params_table(section: str, values: dict[str, Any]) -> str:
 def write_report(path: Path, *, summary: dict[str, Any], table: pd.DataFrame, grids: list[int],
                  params_all: dict[str, Any], live_dir: Path, prepare_report: Path | None = None) -> None:
     """Write the report to `path` atomically. `summary` is evaluate's (best_epoch, best_reason,
-    select_fallback, metrics_available, metrics_skipped, weights, notes, device, train_run); `table`
+    select_fallback, metrics_available, metrics_skipped, weights (those that scored), weights_help,
+    notes, device, train_run); `table`
     has a row per evaluated epoch (epoch and, with metrics, fid_AtoB ... kid); `grids` the epochs with
     a sample grid in samples/; `params_all` every params.yaml section as the stages read it; `live_dir`
     train's dvclive folder (losses, images/s: absent series are said to be unknown); `prepare_report`
@@ -223,15 +224,19 @@ def write_report(path: Path, *, summary: dict[str, Any], table: pd.DataFrame, gr
                 for c in cols) + "</tr>" for r in table.to_dict("records"))
         metric_html = (f'<div class=panels>{"".join(c for c in charts if c)}</div>'
                        f"<table class=numbers><tr>{head}</tr>{body}</table>")
+        used = summary.get("weights") or {}
+        if used:
+            metric_html += (f"<p id=inception-weights>Inception weights: {esc(used['source'])}, <code>"
+                            f"{esc(used['file'])}</code>, sha256 <code>{esc(used['sha256'])}</code>.</p>")
     else:
-        weights = summary.get("weights") or {}
+        weights = summary.get("weights_help") or {}
         metric_html = f"<p class=warn id=metrics-skipped>{esc(summary.get('metrics_skipped') or 'FID/KID not computed')}</p>"
         if weights:
             metric_html += (
                 "<p>To compute them without internet, fetch the file elsewhere and copy it in:</p><dl class=facts>"
                 f"<dt>URL</dt><dd><a href=\"{esc(weights['url'])}\">{esc(weights['url'])}</a></dd>"
                 f"<dt>file name</dt><dd><code>{esc(weights['file'])}</code></dd>"
-                f"<dt>folder</dt><dd><code>{esc(weights['folder'])}/</code> ($TORCH_HOME/hub/checkpoints)</dd>"
+                f"<dt>folder</dt><dd><code>{esc(weights['folder'])}/</code> (by default ~/.cache/torch/hub/checkpoints)</dd>"
                 f"<dt>sha256</dt><dd>starts with <code>{esc(weights['sha256_prefix'] or '?')}</code> (torch-fidelity "
                 f"publishes only this prefix, in the file name)</dd>"
                 f"<dt>then</dt><dd><code>{esc(weights['check'])}</code>, and run evaluate again</dd></dl>")

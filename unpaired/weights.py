@@ -42,9 +42,9 @@ def published_sha256_prefix() -> str:
 
 
 def weights_facts() -> dict[str, str]:
-    """What an offline user needs, as fields: url, file, folder, sha256_prefix, check."""
-    path = weights_file()
-    return {"url": INCEPTION_URL, "file": path.name, "folder": str(path.parent),
+    """What an offline user needs, as fields: url, file, folder ("$TORCH_HOME/hub/checkpoints": no
+    host path, these go into artifacts), sha256_prefix, check."""
+    return {"url": INCEPTION_URL, "file": weights_file().name, "folder": "$TORCH_HOME/hub/checkpoints",
             "sha256_prefix": published_sha256_prefix(), "check": "uv run unpaired weights --check"}
 
 
@@ -80,7 +80,8 @@ def check_weights(path: Path | None = None, build: bool = True) -> WeightsCheck:
     path = Path(path) if path is not None else weights_file()
     result = WeightsCheck(path)
     if not path.is_file():
-        result.lines.append(f"{path}: not present; {weights_advice()}.")
+        result.lines.append(f"{path}: not present (evaluate uses the bundled weights instead; `uv run unpaired "
+                            f"weights --compare FILE` compares the two); {weights_advice()}.")
         return result
     result.sha256 = sha256_of(path)
     prefix = published_sha256_prefix()
