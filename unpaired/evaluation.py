@@ -175,9 +175,9 @@ class EvaluateParams(params.Params):
                                      # images every epoch)
     select: Literal["kid", "fid", "last"] = "kid"   # best epoch by kid or fid (summed over both
                                      # directions), or last
-    metrics: Literal["auto", "required", "off"] = "auto"   # auto: FID/KID wherever the test split
-                                     # allows (>= 2 images per domain); required: stop where it does
-                                     # not; off: none
+    metrics: Literal["auto", "required", "off"] = "auto"   # auto: FID/KID wherever they can run (>= 2
+                                     # test images per domain, usable Inception weights); required:
+                                     # stop where they cannot; off: none
     kid_subsets: int = 100           # KID subsets (each of up to 1000 test images; torch-fidelity's
                                      # default is 100)
     batch_size: int = 16             # images per translation and Inception pass
