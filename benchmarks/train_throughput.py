@@ -223,25 +223,41 @@ def _ddp_worker(rank: int, args, root: Path, port: int, queue) -> None:
         args.device = f"cuda:{rank}"
     torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.world)
     args.rank = rank
-    queue.put((rank, measure(args, "batched", root)))
+    _measured(rank, args, "batched", root, queue)
     torch.distributed.destroy_process_group()
 
 
 def _isolated_worker(args, variant: str, root: Path, queue) -> None:
-    queue.put((0, measure(args, variant, root)))
+    _measured(0, args, variant, root, queue)
+
+
+def _measured(index: int, args, variant: str, root: Path, queue) -> None:
+    """measure() onto the queue as (index, result), or (index, {"error": its one line}) when it
+    raises (the traceback still goes to stderr, and the process exits 1)."""
+    try:
+        result = measure(args, variant, root)
+    except Exception as err:
+        queue.put((index, {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}))
+        raise
+    queue.put((index, result))
 
 
 def collect(procs, queue, timeout: float) -> list:
     """The result each of `procs` puts on `queue` as (index, result), in index order. Raises
-    VariantFailed when one of them ends without putting its result (a crash) or `timeout` seconds
-    pass; every process still running is then killed (none is left waiting in a collective)."""
+    VariantFailed when one of them reports an error, ends without putting its result (a crash) or
+    `timeout` seconds pass; every process still running is then killed (none is left waiting in a
+    collective)."""
     got: dict[int, object] = {}
     deadline = time.monotonic() + timeout
+
+    def take(i: int, result) -> None:
+        if isinstance(result, dict) and "error" in result:
+            raise VariantFailed(f"failed in process {i}: {result['error']}")
+        got[i] = result
     try:
         while len(got) < len(procs):
             try:
-                i, result = queue.get(timeout=1)
-                got[i] = result
+                take(*queue.get(timeout=1))
                 continue
             except queue_module.Empty:
                 pass
@@ -249,8 +265,7 @@ def collect(procs, queue, timeout: float) -> list:
             if ended:              # a result written just before its process ended is in the pipe by now
                 with contextlib.suppress(queue_module.Empty):
                     while True:
-                        i, result = queue.get(timeout=0.5)
-                        got[i] = result
+                        take(*queue.get(timeout=0.5))
                 ended = [i for i in ended if i not in got]
             if ended:
                 codes = ", ".join(f"process {i} exit code {procs[i].exitcode}" for i in ended)
