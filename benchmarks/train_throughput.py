@@ -14,17 +14,24 @@ Variants (each in a fresh process, so its memory column is its own; batch 1, Ada
   batched+compile+ torch.compile (inductor, mode default; the compile time is excluded by the warm-up)
   batched+bf16   + bf16 autocast
 `--ddp N` adds data-parallel scaling of `batched`: images/s of N processes (gloo on CPU, NCCL on
-CUDA) over N × images/s of one process with the same threads per process.
+CUDA), each training a DistributedDataParallel replica (unpaired.models.cyclegan.distribute, as the stage
+does: gradients all-reduced every step) on its share of the images, over N × images/s of one process
+with the same threads per process; and whether every rank ended with the same weights (sha256 of
+all parameters), as they must when the gradients were all-reduced.
 Memory: peak RSS of the variant's process on CPU (includes torch itself), max_memory_allocated on CUDA.
+A variant whose process crashes, or that runs past --timeout, is reported as failed (its processes
+killed) and the others go on; --json is rewritten after every variant.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import multiprocessing as mp
 import os
+import queue as queue_module
 import resource
 import sys
 import tempfile
@@ -38,8 +45,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from unpaired.devices import bf16_for
+from unpaired.models.cyclegan import build_models, compile_models, distribute, optimizers, train_step
 from unpaired.models.feeding import DeviceFeeder, load_folder
-from unpaired.models.cyclegan import build_models, compile_models, optimizers, train_step
 from unpaired.models.pool import ImagePool
 from unpaired.models.training import channels_last_ok
 
@@ -117,15 +125,25 @@ def reference_step(args, device, root: Path):
     def step():
         model.set_input(next(it))
         model.optimize_parameters()
-    return step
+    return step, [model.netG_A, model.netG_B, model.netD_A, model.netD_B]
+
+
+def memory_format(args, device) -> bool:
+    """Channels-last or not: --memory-format, where `auto` is the stage's rule (CUDA, where
+    channels_last_ok holds)."""
+    if args.memory_format == "auto":
+        return device.type == "cuda" and channels_last_ok(device)
+    return args.memory_format == "channels_last"
 
 
 def our_step(args, device, root: Path, variant: str):
     cuda = device.type == "cuda"
-    channels_last = cuda and channels_last_ok(device)
+    channels_last = memory_format(args, device)
     torch.manual_seed(0)
     m = build_models(args.ngf, args.ndf, args.blocks, 3, device, channels_last=channels_last)
     opt_G, opt_D = optimizers(m, 2e-4, 0.5, fused=cuda)
+    if args.world > 1:        # as the stage: DDP-wrapped pair modules, then compile
+        m = distribute(m, device)
     if variant == "batched+compile":
         m = compile_models(m, "default")
     g = torch.Generator().manual_seed(0)
@@ -149,16 +167,28 @@ def our_step(args, device, root: Path, variant: str):
         nonlocal sums
         a, b = next(it)
         sums += train_step(m, opt_G, opt_D, *pools, a, b, 10.0, 0.5, autocast, batched)
-    return step
+    return step, list(m.nets())
 
 
-def measure(args, variant: str, root: Path) -> tuple[float, float, float]:
-    """(steps/s, peak memory MiB, seconds of the first step) of one variant, in this (fresh) process."""
+def weights_digest(nets) -> str:
+    """sha256 of every parameter's bytes, network by network (the same on two ranks only when
+    their weights are bit for bit the same)."""
+    h = hashlib.sha256()
+    for net in nets:
+        for p in net.parameters():
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def measure(args, variant: str, root: Path) -> tuple[float, float, float, str]:
+    """(steps/s, peak memory MiB, seconds of the first step, weights_digest at the end) of one
+    variant, in this (fresh) process."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    step = reference_step(args, device, root) if variant == "reference" else our_step(args, device, root, variant)
+    step, nets = (reference_step(args, device, root) if variant == "reference"
+                  else our_step(args, device, root, variant))
     t0 = time.perf_counter()
     step()                                       # the first step: compiles, when the variant does
     sync(device)
@@ -179,7 +209,11 @@ def measure(args, variant: str, root: Path) -> tuple[float, float, float]:
     rate = args.steps / (time.perf_counter() - start)
     mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
-    return rate, mem, first
+    return rate, mem, first, weights_digest(nets)
+
+
+class VariantFailed(Exception):
+    """A variant's process crashed or ran past --timeout (the message says which)."""
 
 
 def _ddp_worker(rank: int, args, root: Path, port: int, queue) -> None:
@@ -190,28 +224,75 @@ def _ddp_worker(rank: int, args, root: Path, port: int, queue) -> None:
         args.device = f"cuda:{rank}"
     torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.world)
     args.rank = rank
-    rate, mem, _ = measure(args, "batched", root)
-    if rank == 0:
-        queue.put((rate, mem))
+    _measured(rank, args, "batched", root, queue)
     torch.distributed.destroy_process_group()
 
 
 def _isolated_worker(args, variant: str, root: Path, queue) -> None:
-    queue.put(measure(args, variant, root))
+    _measured(0, args, variant, root, queue)
 
 
-def run_isolated(args, variant: str, root: Path) -> tuple[float, float, float]:
+def _measured(index: int, args, variant: str, root: Path, queue) -> None:
+    """measure() onto the queue as (index, result), or (index, {"error": its one line}) when it
+    raises (the traceback still goes to stderr, and the process exits 1)."""
+    try:
+        result = measure(args, variant, root)
+    except Exception as err:
+        queue.put((index, {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}))
+        raise
+    queue.put((index, result))
+
+
+def collect(procs, queue, timeout: float) -> list:
+    """The result each of `procs` puts on `queue` as (index, result), in index order. Raises
+    VariantFailed when one of them reports an error, ends without putting its result (a crash) or
+    `timeout` seconds pass; every process still running is then killed (none is left waiting in a
+    collective)."""
+    got: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+
+    def take(i: int, result) -> None:
+        if isinstance(result, dict) and "error" in result:
+            raise VariantFailed(f"failed in process {i}: {result['error']}")
+        got[i] = result
+    try:
+        while len(got) < len(procs):
+            try:
+                take(*queue.get(timeout=1))
+                continue
+            except queue_module.Empty:
+                pass
+            ended = [i for i, p in enumerate(procs) if p.exitcode is not None and i not in got]
+            if ended:              # a result written just before its process ended is in the pipe by now
+                with contextlib.suppress(queue_module.Empty):
+                    while True:
+                        take(*queue.get(timeout=0.5))
+                ended = [i for i in ended if i not in got]
+            if ended:
+                codes = ", ".join(f"process {i} exit code {procs[i].exitcode}" for i in ended)
+                raise VariantFailed(f"crashed ({codes})")
+            if time.monotonic() > deadline:
+                raise VariantFailed(f"timed out after {timeout:.0f} s")
+    finally:
+        for p in procs:
+            if p.exitcode is None and len(got) < len(procs):
+                p.kill()
+            p.join(timeout=30)
+    return [got[i] for i in range(len(procs))]
+
+
+def run_isolated(args, variant: str, root: Path) -> tuple[float, float, float, str]:
     """measure() in a fresh process (not a Pool's daemon: the DataLoader starts workers)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_isolated_worker, args=(args, variant, root, queue))
     proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return collect([proc], queue, args.timeout)[0]
 
 
-def run_ddp(args, root: Path) -> tuple[float, float]:
+def run_ddp(args, root: Path) -> tuple[float, float, bool]:
+    """(steps/s and peak memory of rank 0, whether every rank ended with the same weights) of
+    `batched` in args.ddp processes, each with a DDP replica."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -222,16 +303,16 @@ def run_ddp(args, root: Path) -> tuple[float, float]:
     procs = [ctx.Process(target=_ddp_worker, args=(r, ddp_args, root, port, queue)) for r in range(args.ddp)]
     for p in procs:
         p.start()
-    result = queue.get()
-    for p in procs:
-        p.join()
-    return result
+    results = collect(procs, queue, args.timeout)
+    rate, mem = results[0][:2]
+    return rate, mem, len({r[3] for r in results}) == 1
 
 
 def default_variant(device: torch.device) -> str:
     """The variant `python -m stages.train` runs with the default params (train.compile false,
-    train.batched_passes true, train.precision auto: bf16 autocast on CUDA, float32 elsewhere)."""
-    return "batched+bf16" if device.type == "cuda" else "batched"
+    train.batched_passes true, train.precision auto: bf16 autocast where unpaired.devices's rule
+    says so, i.e. CUDA at compute capability >= 8.0, float32 elsewhere)."""
+    return "batched+bf16" if bf16_for(device, "auto") else "batched"
 
 
 def main() -> None:
@@ -250,7 +331,12 @@ def main() -> None:
     ap.add_argument("--ddp", type=int, default=0, help="also measure N data-parallel processes")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores)")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over the variants; the best of each is kept")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file "
+                    "(rewritten after every variant)")
+    ap.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto",
+                    help="auto: the stage's choice (channels-last on CUDA where channels_last_ok holds)")
+    ap.add_argument("--timeout", type=float, default=1800,
+                    help="seconds one variant (all its processes) may run before it is killed and reported failed")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -271,53 +357,87 @@ def main() -> None:
           f"{args.blocks} blocks, batch 1, {args.steps} steps after {args.warmup} warm-up, best of {args.repeats}; "
           f"load average {load:.2f} at the start")
     mem_name = "max alloc MiB" if cuda else "peak RSS MiB"
-    rows = {}
+    default = default_variant(device)
+    rows: dict[str, tuple[float, float]] = {}     # variant -> best (it/s, memory MiB)
+    failed: dict[str, str] = {}                   # variant -> why its last failed run failed
+    ddp: dict = {}
+
+    def write_json() -> None:   # after every variant: a later crash or a killed run keeps what was measured
+        if not args.json:
+            return
+        base = rows.get("ref-structured", next(iter(rows.values()), (None,)))[0]
+        ref = rows.get("reference", (None,))[0]
+        out = {"device": name, "crop": args.size, "ngf": args.ngf, "ndf": args.ndf, "blocks": args.blocks,
+               "steps": args.steps, "threads": args.threads, "repeats": args.repeats, "memory": mem_name,
+               "memory_format": args.memory_format, "load_average": load,
+               "variants": {v: {"it_per_s": r, "memory_mib": m,
+                                **({"ratio_ref_structured": r / base} if base else {}),
+                                **({"ratio_reference": r / ref} if ref else {}),
+                                **({"default": True} if v == default else {})}
+                            for v, (r, m) in rows.items()},
+               "failed": {v: why for v, why in failed.items() if v not in rows}}
+        if ddp.get("one") and ddp.get("many"):
+            one, (many, mem, _) = ddp["one"], ddp["many"]
+            out["ddp"] = {"processes": args.ddp, "threads_per_process": per.threads,
+                          "one_process_img_per_s": one, "all_img_per_s": many * args.ddp,
+                          "efficiency": many * args.ddp / (args.ddp * one), "rank0_memory_mib": mem,
+                          "ranks_identical": ddp["identical"]}
+        tmp_json = args.json.with_name(f".{args.json.name}.tmp")
+        tmp_json.write_text(json.dumps(out, indent=2))
+        os.replace(tmp_json, args.json)
+
     with tempfile.TemporaryDirectory() as tmp:
         make_images(Path(tmp), args.images, args.load + 8)
         # Round-robin repeats, best of each: on a shared machine the slowest runs measure the others.
-        ddp = None
         per = Namespace(**{**vars(args), "threads": max(1, args.threads // max(1, args.ddp))})
         for r in range(args.repeats):
             for v in variants:
-                rate, mem, first = run_isolated(args, v, Path(tmp))
+                try:
+                    rate, mem, first, _ = run_isolated(args, v, Path(tmp))
+                except VariantFailed as err:
+                    failed[v] = str(err)
+                    print(f"  round {r + 1}: {v}: failed: {err}", flush=True)
+                    write_json()
+                    continue
                 best = rows.get(v, (0.0, 0.0))
                 rows[v] = (max(best[0], rate), max(best[1], mem))
                 print(f"  round {r + 1}: {v}: {rate:.2f} it/s (first step {first:.1f} s)", flush=True)
+                write_json()
             if args.ddp > 1:
-                one, many = run_isolated(per, "batched", Path(tmp))[:2], run_ddp(per, Path(tmp))
-                print(f"  round {r + 1}: ddp: one process {one[0]:.2f}, {args.ddp} processes "
-                      f"{many[0] * args.ddp:.2f} img/s", flush=True)
-                ddp = (one, many) if ddp is None else (max(ddp[0], one), max(ddp[1], many))
-    base = rows.get("ref-structured", next(iter(rows.values())))[0]
+                try:
+                    one = run_isolated(per, "batched", Path(tmp))[0]
+                    many = run_ddp(per, Path(tmp))
+                except VariantFailed as err:
+                    failed["ddp"] = str(err)
+                    print(f"  round {r + 1}: ddp: failed: {err}", flush=True)
+                    write_json()
+                    continue
+                print(f"  round {r + 1}: ddp: one process {one:.2f}, {args.ddp} processes "
+                      f"{many[0] * args.ddp:.2f} img/s; ranks' weights identical: {many[2]}", flush=True)
+                ddp["one"] = max(ddp.get("one", 0.0), one)
+                ddp["many"] = max(ddp.get("many", (0.0, 0.0, True)), many)
+                ddp["identical"] = ddp.get("identical", True) and many[2]
+                write_json()
+    base = rows.get("ref-structured", next(iter(rows.values()), (None,)))[0]
     ref = rows.get("reference", (None,))[0]
     print(f"\n{'variant':<18}{'it/s':>9}{'× ref-structured':>18}" + (f"{'× reference':>13}" if ref else "")
           + f"{mem_name:>16}")
-    default = default_variant(device)
     for v, (rate, mem) in rows.items():
         print(f"{v + (' *' if v == default else ''):<18}{rate:>9.2f}{rate / base:>17.2f}x" + (f"{rate / ref:>12.2f}x" if ref else "") + f"{mem:>16.0f}")
+    for v, why in failed.items():
+        if v not in rows and v != "ddp":
+            print(f"{v + (' *' if v == default else ''):<18} failed: {why}")
     print(f"* the variant python -m stages.train runs with the default params; load average "
           f"{os.getloadavg()[0]:.2f} at the end")
-    if ddp:
-        (one, _), (many, mem) = ddp
-        per_threads = max(1, args.threads // args.ddp)
-        print(f"\nDDP, batched, {args.ddp} processes × {per_threads} thread(s): one process {one:.2f} img/s, "
+    if ddp.get("many"):
+        one, (many, mem, _) = ddp["one"], ddp["many"]
+        print(f"\nDDP, batched, {args.ddp} processes × {per.threads} thread(s): one process {one:.2f} img/s, "
               f"{args.ddp} processes {many * args.ddp:.2f} img/s in all; scaling efficiency "
-              f"{many * args.ddp / (args.ddp * one):.2f} (rank 0 {mem_name} {mem:.0f})")
-    if args.json:
-        default = default_variant(device)
-        out = {"device": name, "crop": args.size, "ngf": args.ngf, "ndf": args.ndf, "blocks": args.blocks,
-               "steps": args.steps, "threads": args.threads, "repeats": args.repeats, "memory": mem_name,
-               "load_average": load,
-               "variants": {v: {"it_per_s": r, "ratio_ref_structured": r / base, "memory_mib": m,
-                                **({"ratio_reference": r / ref} if ref else {}),
-                                **({"default": True} if v == default else {})}
-                            for v, (r, m) in rows.items()}}
-        if ddp:
-            out["ddp"] = {"processes": args.ddp, "one_process_img_per_s": ddp[0][0],
-                          "all_img_per_s": ddp[1][0] * args.ddp,
-                          "efficiency": ddp[1][0] * args.ddp / (args.ddp * ddp[0][0])}
-        args.json.write_text(json.dumps(out, indent=2))
-
+              f"{many * args.ddp / (args.ddp * one):.2f} (rank 0 {mem_name} {mem:.0f}); every rank ended with "
+              f"the same weights: {ddp['identical']}")
+    elif "ddp" in failed:
+        print(f"\nDDP failed: {failed['ddp']}")
+    write_json()
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from unpaired import params
@@ -60,11 +61,78 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
+# bf16 arithmetic in hardware on CUDA cards from compute capability 8.0 (Ampere: A100, RTX 30xx; then
+# Ada, Hopper, Blackwell). Older cards (T4 7.5, V100 7.0, P100 6.0) have none: torch runs bf16 there
+# by emulation, and torch.cuda.is_bf16_supported() still answers True on them (it counts emulation).
+BF16_NATIVE_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What `train.precision` means on one device: `bf16` autocast or not; `why`, the log line's text
+    (which precision and why, e.g. "precision: bf16 autocast: train.precision auto on CUDA compute
+    capability 9.0 (native bf16 from 8.0)"); `warning`, one line for stderr or None."""
+    bf16: bool
+    why: str
+    warning: str | None = None
+
+
+def precision_rule(device_type: str, capability: tuple[int, int] | None, precision: str,
+                   cpu_native: bool | None = None, key: str = "train.precision") -> PrecisionChoice:
+    """The precision rule, a pure function (tests/test_precision.py runs it for every card on the CPU).
+
+    device_type: a torch.device's type ("cuda", "cpu", "mps"); capability: the CUDA card's compute
+    capability (major, minor) as torch.cuda.get_device_capability gives it (None: unknown, or not
+    CUDA); precision: `train.precision` (auto, bf16 or fp32); cpu_native: whether the CPU has native
+    bf16 instructions (cpu_bf16_native; None: unknown). `key` names the setting in the lines.
+
+    `auto` is bf16 autocast only on CUDA at compute capability >= BF16_NATIVE_CAPABILITY, else fp32:
+    never on a CPU (different maths from the reference's fp32 step; README "Train speed"), never on an
+    older card (emulated). `bf16` is bf16 everywhere, with a warning where it runs emulated: a CUDA
+    card below 8.0 or a CPU without native bf16. `fp32` is fp32 (TF32 on cards of 8.0 and newer)."""
+    cuda = device_type == "cuda"
+    native = cuda and capability is not None and tuple(capability) >= BF16_NATIVE_CAPABILITY
+    card = (f"CUDA compute capability {capability[0]}.{capability[1]}" if cuda and capability is not None
+            else "CUDA, compute capability unknown" if cuda else device_type.upper())
+    need = f"native bf16 from {BF16_NATIVE_CAPABILITY[0]}.{BF16_NATIVE_CAPABILITY[1]}"
+    fp32 = "fp32 (TF32 matmuls and convolutions)" if native else "fp32"
+    if precision == "fp32":
+        return PrecisionChoice(False, f"precision: {fp32}: {key} fp32")
+    if precision == "auto":
+        if native:
+            return PrecisionChoice(True, f"precision: bf16 autocast: {key} auto on {card} ({need})")
+        why = (f"{card} has no native bf16 ({need}; torch would emulate it)" if cuda
+               else "bf16 only on CUDA cards with native bf16, never on a CPU" if device_type == "cpu"
+               else "bf16 only on CUDA cards with native bf16")
+        return PrecisionChoice(False, f"precision: {fp32}: {key} auto on {card}: {why}")
+    warning = None
+    if cuda and not native:
+        warning = (f"warning: params.yaml: {key}: bf16 on {card}, which has no native bf16 ({need}): torch "
+                   f"emulates it, slower than fp32; use auto or fp32")
+    elif device_type == "cpu" and cpu_native is False:
+        warning = (f"warning: params.yaml: {key}: bf16 on a CPU without native bf16 instructions (none of "
+                   f"{', '.join(sorted(NATIVE_BF16_FLAGS))} in /proc/cpuinfo) runs emulated, about 10x slower "
+                   f"than fp32; use auto or fp32")
+    return PrecisionChoice(True, f"precision: bf16 autocast: {key} bf16 on {card}"
+                                 + (" (emulated)" if warning else ""), warning)
+
+
+def precision_for(device: torch.device, precision: str, key: str = "train.precision") -> PrecisionChoice:
+    """precision_rule for this machine's `device`: its CUDA compute capability, or its CPU's native
+    bf16 (cpu_bf16_native). The stage prints `.why` once (rank 0) and `.warning` when there is one."""
+    capability = None
+    if device.type == "cuda":
+        import torch
+        capability = tuple(torch.cuda.get_device_capability(device))
+    cpu_native = cpu_bf16_native() if device.type == "cpu" and precision == "bf16" else None
+    return precision_rule(device.type, capability, precision, cpu_native, key)
+
+
 def bf16_for(device: torch.device, precision: str) -> bool:
-    """bf16 autocast: asked for, or `auto` on CUDA (tests/test_accel.py: bf16 loss curves stay well
-    within the seed-to-seed noise of fp32 ones on CPU autocast; gpu_check.sh measures CUDA). `auto`
-    never picks bf16 on a CPU, with or without native bf16 instructions (see cpu_bf16_native)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    """bf16 autocast for `train.precision` on `device`, by precision_rule (tests/test_accel.py: bf16
+    loss curves stay well within the seed-to-seed noise of fp32 ones on CPU autocast; gpu_check.sh
+    measures CUDA)."""
+    return precision_for(device, precision).bf16
 
 
 # CPU feature flags that compute bf16 natively, as Linux names them in /proc/cpuinfo: x86's AVX-512
@@ -92,12 +160,9 @@ def cpu_bf16_native(cpuinfo: str | None = None) -> bool | None:
 
 
 def precision_warning(device: torch.device, precision: str, key: str = "train.precision") -> str | None:
-    """The one-line warning for bf16 asked for on a CPU without native bf16 (cpu_bf16_native), else None."""
-    if device.type == "cpu" and bf16_for(device, precision) and cpu_bf16_native() is False:
-        return (f"warning: params.yaml: {key}: bf16 on a CPU without native bf16 instructions (none of "
-                f"{', '.join(sorted(NATIVE_BF16_FLAGS))} in /proc/cpuinfo) runs emulated, about 10x slower "
-                f"than fp32; use auto or fp32")
-    return None
+    """The one-line warning for bf16 asked for where it runs emulated (precision_rule: a CUDA card
+    below compute capability 8.0, a CPU without native bf16), else None. The stage prints it once."""
+    return precision_for(device, precision, key).warning
 
 
 def autocast_for(device: torch.device, precision: str):

@@ -24,6 +24,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -105,10 +106,25 @@ def check_devices(n: int, device: torch.device, key: str = "train.devices") -> N
                          f"for one process use {key}: 1")
 
 
-def init(rank: Rank, device: torch.device) -> torch.device:
+# How long a rank waits in a collective before the process group gives up on it (NCCL's watchdog
+# aborts the process; gloo raises). NCCL's own default is 10 minutes, and the train stage's other
+# ranks wait in a collective while rank 0 alone does work that grows with the data and the run:
+# unpacking the prepared tar (sha256 of the tar, then every file checked against SHA256SUMS), on
+# resume loading and verifying last.pt and every epoch_NNN.pt (zip CRCs, torch.load, content digest),
+# and after an epoch writing the sample grid, the dvclive logs and the checkpoints (fsync'd). At the
+# paper's setting (ngf 64, 9 blocks: last.pt about 0.35 GB, each epoch file 0.09 GB; 40 epoch files
+# at save_every 5) and a multi-GB tar on a network disk of ~100 MB/s, that is minutes, near or past
+# 10. 30 minutes is gloo's own default (CPU runs keep the timeout they had) and leaves several times
+# that margin on NCCL; the cost is that a genuine hang of a GPU collective is noticed after 30
+# minutes instead of 10 (a rank that dies is noticed at once: unpaired.torchrun stops the others).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+def init(rank: Rank, device: torch.device, timeout: timedelta | None = None) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on the CPU) and return this rank's device: on
     CUDA cuda:LOCAL_RANK; on the CPU the node's cores are split evenly between its processes
-    (unless OMP_NUM_THREADS says how many threads each takes)."""
+    (unless OMP_NUM_THREADS says how many threads each takes). `timeout`: how long a collective
+    waits for the other ranks (default COLLECTIVE_TIMEOUT, read at call time)."""
     cuda = device.type == "cuda"
     if cuda:
         if rank.local_rank >= torch.cuda.device_count():
@@ -120,7 +136,8 @@ def init(rank: Rank, device: torch.device) -> torch.device:
         torch.set_num_threads(max(1, cpu_cores() // rank.local_world_size))
     if rank.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank.rank, world_size=rank.world_size,
-                                device_id=device if cuda else None)
+                                device_id=device if cuda else None,
+                                timeout=COLLECTIVE_TIMEOUT if timeout is None else timeout)
     return device
 
 
