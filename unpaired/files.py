@@ -1,8 +1,8 @@
 """Atomic outputs: every stage writes into a temporary sibling and renames it into place, so an
 interrupted or failed run never leaves a partial output behind.
 
-Temporaries are named `.<name>.tmp-<pid>-<random>` (downloads: `.part-`, replaced trees: `.old-<pid>`)
-next to what they become, with the modes a plain `open()`/`mkdir` would give under the current umask
+Temporaries are named `.<name>.tmp-<pid>-<random>` (downloads: `.part-`, replaced trees: `.old-<pid>`;
+a name too long for that keeps its start and a hash of the whole, see `temp_name`) next to what they become, with the modes a plain `open()`/`mkdir` would give under the current umask
 (`tempfile` makes them 0600/0700). A writer killed with -9 leaves its temporary behind: every stage calls
 `remove_stale_temporaries` on its output folders first, which removes those whose writer is dead. A full
 disk (or quota, or `ulimit -f`) becomes one `UserError` line naming the file and the space needed.
@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -67,21 +68,53 @@ def make_dirs(path: str | Path) -> Path:
     return path
 
 
+# tempfile's random part: 8 characters (tempfile._RandomNameSequence), the longest suffix we add after
+# the pid. Kept in one place so that every temporary name is measured with it.
+_RANDOM_CHARS = 8
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the filesystem of `folder` accepts: NAME_MAX (255 on ext4,
+    xfs, btrfs, tmpfs), read with pathconf where it can be, else 255."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return int(os.pathconf(folder if folder.is_dir() else folder.parent, "PC_NAME_MAX"))
+    return 255
+
+
+def temp_name(path: Path, tag: str, suffix: str = "") -> str:
+    """`.<name>.<tag>-<pid>-` (+ `suffix`, which the caller appends; tempfile appends 8 random
+    characters) for a temporary next to `path`, short enough that the full name fits the filesystem
+    (NAME_MAX bytes, in the filesystem encoding) whatever the length of `path`'s own name: a name
+    that would not fit keeps its start and gets `~<12 hex of its sha256>` instead of its end, so two
+    long names never share a temporary name. The result still matches TEMPORARY."""
+    pid = os.getpid()
+    tail = f".{tag}-{pid}-{suffix}"
+    room = _name_max(path.parent) - len(os.fsencode(f".{tail}")) - _RANDOM_CHARS
+    name = path.name
+    if len(os.fsencode(name)) > room:
+        mark = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+        keep = os.fsencode(name)[:max(0, room - len(mark))].decode(sys.getfilesystemencoding(), "ignore")
+        name = keep.rstrip() + mark        # decode("ignore") drops a character cut in the middle
+    return f".{name}{tail}"
+
+
 def temp_file(path: Path, tag: str = "tmp") -> tuple[int, str]:
-    """`tempfile.mkstemp` next to `path`, named `.<name>.<tag>-<pid>-<random>`, with the mode `open()`
-    would give (0666 & ~umask) instead of mkstemp's 0600. Returns (fd, name). A folder that cannot be
-    written to is one `UserError` line naming `path`."""
+    """`tempfile.mkstemp` next to `path`, named `.<name>.<tag>-<pid>-<random>` (the name shortened
+    to fit the filesystem, see `temp_name`), with the mode `open()` would give (0666 & ~umask)
+    instead of mkstemp's 0600. Returns (fd, name). A folder that cannot be written to is one
+    `UserError` line naming `path`."""
     with creating(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}-{os.getpid()}-", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name(path, tag), dir=path.parent)
     os.fchmod(fd, 0o666 & ~current_umask())
     return fd, tmp
 
 
 def temp_dir(path: Path) -> Path:
-    """`tempfile.mkdtemp` next to `path`, with the mode `mkdir` would give (0777 & ~umask). A folder
-    that cannot be written to is one `UserError` line naming `path`."""
+    """`tempfile.mkdtemp` next to `path` (named as `temp_file` names its file), with the mode `mkdir`
+    would give (0777 & ~umask). A folder that cannot be written to is one `UserError` line naming
+    `path`."""
     with creating(path):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_name(path, "tmp"), dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
 
@@ -167,7 +200,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             raise
     old = None
     if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        old = target.parent / temp_name(target, "old").removesuffix("-")
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
     try:
