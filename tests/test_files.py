@@ -336,3 +336,39 @@ def test_a_name_the_filesystem_accepts_can_be_written_atomically(tmp_path, name)
     for path in (a, b, target):
         assert TEMPORARY.fullmatch(temp_name(path, "tmp") + "abcdefgh")
         assert len(os.fsencode(temp_name(path, "tmp") + "abcdefgh")) <= 255
+
+
+# --- issue 24.4: a view edited by hand is not the data version ------------------------------------------
+
+@pytest.mark.parametrize("edit", ["delete", "add", "same_size", "truncate"])
+def test_a_hand_edit_of_the_view_is_found_and_unpacked_again(tmp_path, monkeypatch, capsys, edit):
+    """One image deleted from data/prepared/trainA: train (unpack_view) trained on the edited view
+    while dvc.lock recorded the unchanged tar, and `unpaired unpack` said "already matches". The
+    view is checked against the tar's index (names, sizes) and the mark's time, and unpacked again
+    with a line saying where data is changed instead."""
+    from unpaired.cli import main
+    monkeypatch.chdir(tmp_path)
+    view, tar = Path("data/prepared"), Path("data/prepared.tar")
+    pack_dir(make_view(view), tar)
+    original = tree(view)
+    assert unpack_view(tar, view) is False                      # untouched: nothing to do, no line
+    assert capsys.readouterr().err == ""
+    image = view / "trainA" / "3.png"
+    if edit == "delete":
+        image.unlink()
+    elif edit == "add":
+        shutil.copy(image, view / "trainA" / "mine.png")
+    elif edit == "same_size":                                    # other pixels, the same byte count
+        data = bytearray(image.read_bytes())
+        data[-20] ^= 0xFF
+        image.write_bytes(bytes(data))
+    else:
+        image.write_bytes(image.read_bytes()[:100])
+    main(["unpack"])
+    out, err = capsys.readouterr()
+    assert out == f"{view}/: unpacked from {tar}\n"               # was: "already matches"
+    assert err.startswith(f"note: {view}/ differs from {tar} (trainA/") and err.count("\n") == 1
+    assert "re-run prepare" in err and "data/raw" in err
+    assert tree(view) == original
+    main(["unpack"])
+    assert capsys.readouterr() == (f"{view}/: already matches {tar}\n", "")
