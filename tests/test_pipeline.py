@@ -190,7 +190,26 @@ def test_a_failed_stage_without_cache_says_how_to_get_the_outputs_back(project, 
     proc = repro(copy, "fetch@a")
     assert proc.returncode != 0
     assert ("params.yaml: domains.a.count: must be > 0, got -3; the previous data/raw/a could not be "
-            "restored (not in the DVC cache): run `uv run dvc checkout fetch@a`") in proc.stderr
+            "restored (not in the DVC cache): run `uv run dvc checkout data/raw/a`") in proc.stderr
+
+
+def test_evaluates_outputs_come_back_though_its_persist_cache_grew(project, tmp_path):
+    """Issue 24.1: models/eval_cache (persist) holds a file DVC has not recorded (an interrupted
+    evaluate's new entry), then evaluate fails: `dvc checkout evaluate` refused for that file, and
+    models/best, metrics/samples, metrics/test_set, metrics/report.html, metrics/eval_plots stayed
+    missing. Put back by output path they are back, and the cache's new file is where it was."""
+    outputs = deleted_by_dvc(project, "evaluate")
+    before = tree_bytes(project, outputs)
+    copy = copy_with(project, tmp_path, set_key("evaluate.kid_subsets", -1))
+    (copy / "models" / "eval_cache" / "unrecorded.json").write_text("{}")
+    proc = repro(copy, "evaluate")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: params.yaml: evaluate.kid_subsets: ") and "kept the previous" in last, proc.stderr
+    for path in ("models/best", "metrics/samples", "metrics/test_set", "metrics/report.html", "metrics/eval_plots"):
+        assert path in last
+    assert tree_bytes(copy, outputs) == before
+    assert (copy / "models" / "eval_cache" / "unrecorded.json").read_text() == "{}"
 
 
 def test_plain_dvc_repro_leaves_the_restore_to_dvc_checkout(project, tmp_path):
