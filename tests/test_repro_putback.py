@@ -310,3 +310,24 @@ def test_kill_9_of_the_command_the_user_started_stops_the_whole_run(project, out
     assert tree_bytes(project, OUTPUTS) == before
     assert only_the_users_change(project)
     assert not (project / ".dvc" / "tmp" / "repro-kept").exists()
+
+
+def test_kill_9_of_dvc_stops_its_stage(project):
+    """A kill -9 of `dvc repro` itself (between the wrapper and the stage) left the stage running on,
+    and the wrapper waiting for it (the stage held dvc's stderr pipe) until it ended and wrote its
+    new outputs. Now the wrapper stops what is left of dvc's process group and puts the outputs back."""
+    from tests.test_pipeline import Live, no_process_left
+    before = tree_bytes(project, OUTPUTS)
+    set_mode(project, "slow 2")
+    live = Live(project)
+    deadline = time.monotonic() + 120
+    while not (project / "started").exists() and live.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(pid_of(project, "-m", "dvc", "repro"), signal.SIGKILL)
+    code, out = live.finish(timeout=60)
+    assert code == 1, out
+    assert out.strip().splitlines()[-1] == ("error: `dvc repro` was killed by SIGKILL; kept the previous plots, "
+                                            "m.json, out, big (put back as dvc.lock records them)"), out
+    assert no_process_left(project)
+    assert tree_bytes(project, OUTPUTS) == before
+    assert only_the_users_change(project)

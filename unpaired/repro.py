@@ -26,7 +26,8 @@ and the wrapper still puts back what was removed; a second one during `dvc check
 last line names the `uv run dvc checkout <paths>` that brings the rest back. The wrapper gets SIGTERM
 when its parent dies, however (prctl PR_SET_PDEATHSIG): a `kill -9` of `make` (which starts the
 wrapper as its own child, see Makefile) or of `uv run` stops the run as SIGTERM does. A `kill -9` of
-the wrapper takes `dvc repro` with it (a watchdog in dvc's group sees the wrapper's pipe close); the
+the wrapper takes `dvc repro` with it (a watchdog in dvc's group sees the wrapper's pipe close), and
+a `kill -9` of dvc its stage (what is left in dvc's process group is stopped when dvc ends); the
 next run finds the killed run's folder, puts back what that run removed and removes the folder
 first, and removes the temporaries a killed stage left next to the outputs
 (files.remove_stale_temporaries).
@@ -46,6 +47,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,15 +275,22 @@ def _run_dvc(args: list[str], signals: Signals, errors: list[str] | None = None)
     watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(proc.pid)], stdin=read,
                                 process_group=0)
     os.close(read)
+    tee = None
     try:
         if proc.stderr is not None and errors is not None:
-            _tee(proc.stderr.fileno(), errors)
+            # a thread: the stderr pipe stays open as long as anything in dvc's group holds it (a stage
+            # whose dvc was killed), and dvc's own end must be seen first
+            tee = threading.Thread(target=_tee, args=(proc.stderr.fileno(), errors), daemon=True)
+            tee.start()
         while True:
             try:
                 proc.wait()
                 break
             except InterruptedError:
                 continue
+        _stop_group(proc.pid)
+        if tee is not None:
+            tee.join()
     finally:
         signals.group = None
         with contextlib.suppress(BrokenPipeError):  # the watchdog is gone already: nothing to tell it
@@ -288,6 +298,25 @@ def _run_dvc(args: list[str], signals: Signals, errors: list[str] | None = None)
         os.close(write)
         watchdog.wait()
     return proc.returncode
+
+
+def _stop_group(group: int, grace: float = 10.0) -> None:
+    """Stop what is left in dvc's process group once dvc itself has ended: nothing after a normal
+    end, the stage's processes when dvc was killed (kill -9 of dvc leaves its stage running on,
+    writing outputs the wrapper is about to put back): SIGTERM, then SIGKILL after `grace` seconds."""
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 ERROR_LINE = b"error: "
@@ -354,6 +383,13 @@ def _own_environment() -> None:
         os.environ["VIRTUAL_ENV"] = sys.prefix
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     # Whatever started the wrapper (make, `uv run`, a shell) dies, even by kill -9: SIGTERM, handled
@@ -396,13 +432,15 @@ def main(argv: list[str] | None = None) -> None:
             print(line, file=sys.stderr, flush=True)
         restored, notes = put_back(signals)
     first = errors[-1].removeprefix("error: ") if errors else (
-        "interrupted" if signals.count else f"`dvc repro` failed (status {status}); see its output above")
+        "interrupted" if signals.count else
+        f"`dvc repro` was killed by {_signal_name(-status)}" if status < 0 else
+        f"`dvc repro` failed (status {status}); see its output above")
     parts = [first]
     if restored:
         parts.append(f"kept the previous {', '.join(restored)} (put back as dvc.lock records them)")
     parts += notes
     print(f"error: {'; '.join(parts)}", file=sys.stderr)
-    sys.exit(130 if signals.count else (status or 1))
+    sys.exit(130 if signals.count else (status if status > 0 else 1))
 
 
 if __name__ == "__main__":
