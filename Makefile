@@ -14,8 +14,11 @@ setup:
 
 # `dvc repro` that checks params.yaml first and, when a stage fails, puts back the outputs DVC removed
 # (dvc checkout); arguments for dvc repro go in REPRO_ARGS, e.g. `make repro REPRO_ARGS="-s train"`.
+# The wrapper is make's own child (exec, no `uv run` in between, which would outlive a killed make):
+# it gets SIGTERM when make dies, even by kill -9, and stops dvc and the stage with it.
+VENV_PYTHON = $(shell $(UV) run --frozen python -c 'import sys; print(sys.executable)')
 repro: setup
-	$(UV) run python -m unpaired.repro $(REPRO_ARGS)
+	exec $(VENV_PYTHON) -m unpaired.repro $(REPRO_ARGS)
 
 test: setup
 	$(UV) run pytest $(PYTEST_ARGS)

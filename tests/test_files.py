@@ -302,3 +302,73 @@ main_guard(run)
     # Python's buffered writer does not say which file failed on flush; the line gives the space left
     assert proc.stderr.startswith("error: a write failed: no space left on the device (")
     assert " free in " in proc.stderr
+
+
+# --- issue 24.7: a long file name never breaks a write ----------------------------------------------
+
+LONG_NAMES = {"ascii": "x" * 240 + ".png",                 # 244 bytes: ext4 takes up to 255
+              "utf-8": "é" * 120 + ".png",                 # 244 bytes in 124 characters
+              "max": "y" * 251 + ".png"}                   # 255 bytes: the longest name there is
+
+
+@pytest.mark.parametrize("name", LONG_NAMES, ids=list(LONG_NAMES))
+def test_a_name_the_filesystem_accepts_can_be_written_atomically(tmp_path, name):
+    """The temporary `.<name>.tmp-<pid>-<random>` of a 244-byte name was 266 bytes: the write failed
+    with "File name too long" (one UserError blaming the folder) although the name itself fits.
+    Every atomic writer (file, tree, the tree it replaces) takes any name the filesystem takes."""
+    name = LONG_NAMES[name]
+    target = tmp_path / name
+    target.write_bytes(b"fits")                        # the filesystem takes this name
+    target.unlink()
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")              # replaces it
+    assert target.read_bytes() == b"second"
+    folder = tmp_path / "trees" / name
+    for content in (b"one", b"two"):                   # the second replaces the tree (its `.old-` name)
+        with atomic_dir(folder) as tmp:
+            (tmp / "f").write_bytes(content)
+    assert (folder / "f").read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([name, "trees", name, "f"])
+    # two long names with the same start never share a temporary, and each matches TEMPORARY
+    from unpaired.files import TEMPORARY, temp_name
+    a, b = tmp_path / ("z" * 250 + "a"), tmp_path / ("z" * 250 + "b")
+    assert temp_name(a, "tmp") != temp_name(b, "tmp")
+    for path in (a, b, target):
+        assert TEMPORARY.fullmatch(temp_name(path, "tmp") + "abcdefgh")
+        assert len(os.fsencode(temp_name(path, "tmp") + "abcdefgh")) <= 255
+
+
+# --- issue 24.4: a view edited by hand is not the data version ------------------------------------------
+
+@pytest.mark.parametrize("edit", ["delete", "add", "same_size", "truncate"])
+def test_a_hand_edit_of_the_view_is_found_and_unpacked_again(tmp_path, monkeypatch, capsys, edit):
+    """One image deleted from data/prepared/trainA: train (unpack_view) trained on the edited view
+    while dvc.lock recorded the unchanged tar, and `unpaired unpack` said "already matches". The
+    view is checked against the tar's index (names, sizes) and the mark's time, and unpacked again
+    with a line saying where data is changed instead."""
+    from unpaired.cli import main
+    monkeypatch.chdir(tmp_path)
+    view, tar = Path("data/prepared"), Path("data/prepared.tar")
+    pack_dir(make_view(view), tar)
+    original = tree(view)
+    assert unpack_view(tar, view) is False                      # untouched: nothing to do, no line
+    assert capsys.readouterr().err == ""
+    image = view / "trainA" / "3.png"
+    if edit == "delete":
+        image.unlink()
+    elif edit == "add":
+        shutil.copy(image, view / "trainA" / "mine.png")
+    elif edit == "same_size":                                    # other pixels, the same byte count
+        data = bytearray(image.read_bytes())
+        data[-20] ^= 0xFF
+        image.write_bytes(bytes(data))
+    else:
+        image.write_bytes(image.read_bytes()[:100])
+    main(["unpack"])
+    out, err = capsys.readouterr()
+    assert out == f"{view}/: unpacked from {tar}\n"               # was: "already matches"
+    assert err.startswith(f"note: {view}/ differs from {tar} (trainA/") and err.count("\n") == 1
+    assert "re-run prepare" in err and "data/raw" in err
+    assert tree(view) == original
+    main(["unpack"])
+    assert capsys.readouterr() == (f"{view}/: already matches {tar}\n", "")

@@ -216,6 +216,7 @@ def test_a_failed_stage_keeps_its_previous_outputs(project, tmp_path, stage, key
     proc = repro(copy, stage)
     assert proc.returncode != 0
     assert f"params.yaml: {key}: " in proc.stderr and "kept the previous" in proc.stderr, proc.stderr
+    assert (proc.stdout + proc.stderr).count(f"params.yaml: {key}: ") == 1, proc.stderr   # issue 24.12
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: params.yaml: {key}: ") and "kept the previous" in last, proc.stderr
     assert tree_bytes(copy, outputs) == before
@@ -230,7 +231,46 @@ def test_a_failed_stage_without_cache_says_how_to_get_the_outputs_back(project, 
     proc = repro(copy, "fetch@a")
     assert proc.returncode != 0
     assert ("params.yaml: domains.a.count: must be > 0, got -3; the previous data/raw/a could not be "
-            "restored (not in the DVC cache): run `uv run dvc checkout fetch@a`") in proc.stderr
+            "restored (not in the DVC cache): run `uv run dvc checkout data/raw/a`") in proc.stderr
+
+
+def test_evaluates_outputs_come_back_though_its_persist_cache_grew(project, tmp_path):
+    """Issue 24.1: models/eval_cache (persist) holds a file DVC has not recorded (an interrupted
+    evaluate's new entry), then evaluate fails: `dvc checkout evaluate` refused for that file, and
+    models/best, metrics/samples, metrics/test_set, metrics/report.html, metrics/eval_plots stayed
+    missing. Put back by output path they are back, and the cache's new file is where it was."""
+    outputs = deleted_by_dvc(project, "evaluate")
+    before = tree_bytes(project, outputs)
+    copy = copy_with(project, tmp_path, set_key("evaluate.kid_subsets", -1))
+    (copy / "models" / "eval_cache" / "unrecorded.json").write_text("{}")
+    proc = repro(copy, "evaluate")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: params.yaml: evaluate.kid_subsets: ") and "kept the previous" in last, proc.stderr
+    for path in ("models/best", "metrics/samples", "metrics/test_set", "metrics/report.html", "metrics/eval_plots"):
+        assert path in last
+    assert tree_bytes(copy, outputs) == before
+    assert (copy / "models" / "eval_cache" / "unrecorded.json").read_text() == "{}"
+
+
+def test_more_train_devices_than_cores_after_an_interrupted_run_keeps_trains_outputs(project, tmp_path):
+    """Issue 24.1/24.5: models/checkpoints (persist) holds a file DVC has not recorded (an earlier
+    interrupted training), and train.devices asks for more processes than there are cores: one line
+    naming train.devices, before any worker starts, and train's outputs are back (by stage, `dvc
+    checkout train` refused for the checkpoint)."""
+    from unpaired.threads import cpu_count
+    outputs = deleted_by_dvc(project, "train")
+    before = tree_bytes(project, outputs)
+    copy = copy_with(project, tmp_path, set_key("train.devices", cpu_count() + 1))
+    (copy / "models" / "checkpoints" / "epoch_099.pt").write_bytes(b"an interrupted run's")
+    proc = repro(copy, "train")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: params.yaml: train.devices: {cpu_count() + 1} processes requested but only "
+                           f"{cpu_count()} CPU core(s) here") and "kept the previous" in last, proc.stderr
+    assert "rank" not in proc.stderr
+    assert tree_bytes(copy, outputs) == before
+    assert (copy / "models" / "checkpoints" / "epoch_099.pt").exists()
 
 
 def test_plain_dvc_repro_leaves_the_restore_to_dvc_checkout(project, tmp_path):

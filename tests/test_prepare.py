@@ -381,3 +381,49 @@ def test_a_killed_worker_is_one_line():
     from unpaired.parallel import pmap
     with pytest.raises(UserError, match=r"^prepare a: a worker process was killed \(out of memory\?\)"):
         pmap(_killed_at_5, range(20), workers=2, desc="prepare a")
+
+
+# --- issue 24.13: samples with no known range, and the skip line's reason -----------------------------
+
+def tiff(arr) -> bytes:
+    return encode(Image.fromarray(arr), "TIFF")
+
+
+@pytest.mark.parametrize("arr", [
+    np.linspace(0, 2 ** 31 - 1, 400).reshape(20, 20).astype(np.int32),       # a full-range int32 TIFF
+    np.linspace(-1000, 1000, 400).reshape(20, 20).astype(np.int32),          # signed
+    np.linspace(0, 4000, 400, dtype=np.float32).reshape(20, 20),             # floats past 255
+], ids=["int32", "negative", "float"])
+def test_samples_with_no_known_range_are_skipped_with_the_reason(tmp_path, capsys, arr):
+    """An int32 (`I` mode) TIFF from a folder source became an all-white image and was kept for
+    training (its values were clipped at 65535). Now it is skipped as unreadable, with the values."""
+    with pytest.raises(Skip) as err:
+        decode(tiff(arr), "deep.tif")
+    assert err.value.reason == "unreadable"
+    assert str(err.value).startswith("deep.tif: ") and "save it as an 8- or 16-bit image" in str(err.value)
+    raw = make_raw(tmp_path / "raw", n_a=3, n_b=3)
+    (raw / "a" / "deep.tif").write_bytes(tiff(arr))
+    report = prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=1)
+    assert report["skipped"]["a"]["unreadable"] == 1 and sum(report["kept"]["a"].values()) == 3
+
+
+@pytest.mark.parametrize("arr, expected", [
+    (np.full((20, 20), 128, np.int32), 128),                 # 8-bit values held as 32-bit integers
+    (np.full((20, 20), 32896, np.int32), 128),               # 16-bit values held as 32-bit integers
+    (np.full((20, 20), 0.5, np.float32), 128),               # floats in [0, 1]
+    (np.full((20, 20), 77.0, np.float32), 77),               # floats in [0, 255]
+])
+def test_deep_samples_within_a_known_range_are_scaled(arr, expected):
+    assert decode(tiff(arr)).getpixel((3, 3)) == (expected,) * 3
+
+
+def test_a_skip_line_names_its_reason_once(tmp_path, capsys):
+    """The line was `prepare a: skipped raw/a/bomb.png (too_large: too_large: raw/a/bomb.png: ...)`."""
+    bomb = encode(Image.new("1", (10000, 10000)), "PNG")
+    raw = make_raw(tmp_path / "raw", n_a=2, n_b=2)
+    (raw / "a" / "bomb.png").write_bytes(bomb)
+    prepare(PrepareParams(image_size=16, min_size=8), raw, tmp_path / "out", tmp_path / "m.json", workers=1)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "bomb.png" in x)
+    path = raw / "a" / "bomb.png"
+    assert line == (f"prepare a: skipped {path} (too_large: {path}: 10000x10000 pixels, more than the "
+                    f"89,478,485 decoded at most)")

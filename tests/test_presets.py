@@ -232,3 +232,64 @@ def test_a_conf_change_params_yaml_does_not_have_is_one_line(tmp_path):
     assert "conf/preset/p.yaml, which changed since" in line and "unpaired preset p --keep-edits" in line
     params_file.write_text("train: {}\n")                                            # written by hand
     assert presets.stale_composition(params_file, conf) is None
+
+
+# --- issue 24.9: `preset NAME --keep-edits` with the preset in force keeps every edit ----------------
+
+P_WITH_DOMAINS = ("preset: p\ndomains:\n  a:\n    source: doodles\n    count: 240\n    image_size: 64\n"
+                  "  b:\n    source: flares\n    count: 240\n    image_size: 64\ntrain:\n  ngf: 32\n")
+
+
+def _git(cwd, *args):
+    import subprocess
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("conf_change", ["uncommitted", "committed"])
+def test_keep_edits_on_the_preset_in_force_keeps_every_edit_and_applies_the_conf_change(tmp_path, capsys,
+                                                                                          conf_change):
+    """make repro's stale-composition warning recommends `unpaired preset p --keep-edits`; that
+    command dropped the user's count and image_size edits (the preset sets those keys), and its
+    change count counted the kept edits, whose values do not change. Edits are measured against the
+    composition params.yaml records (found in git when conf/ changed since)."""
+    from unpaired.cli import main
+    conf = _conf(tmp_path, P_WITH_DOMAINS)
+    _git(tmp_path, "init", "-q", "-b", "main")
+    _git(tmp_path, "add", "conf")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "conf")
+    params_file = tmp_path / "params.yaml"
+    head, domains = presets.compose(conf, "p").replace("lr: 0.0002", "lr: 0.0001").split("\ndomains:\n")
+    domains = domains.replace("count: 240", "count: 12", 1).replace("image_size: 64", "image_size: 32", 1)
+    params_file.write_text(f"{head}\ndomains:\n{domains}")                  # domain a's count and size edited
+    edited = YAML(typ="safe").load(params_file.read_text())
+    assert (edited["domains"]["a"]["count"], edited["domains"]["a"]["image_size"]) == (12, 32)
+    (conf / "preset" / "p.yaml").write_text(P_WITH_DOMAINS.replace("ngf: 32", "ngf: 48"))    # conf/ edited
+    if conf_change == "committed":
+        _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "ngf 48")
+    warning = presets.stale_composition(params_file, conf)
+    assert "`uv run unpaired preset p --keep-edits`" in warning
+    main(["preset", "p", "--keep-edits", "--params", str(params_file), "--conf", str(conf)])
+    out = capsys.readouterr().out
+    assert f"{params_file}: preset p; 1 change(s):\n  train.ngf: 32 -> 48\n" in out, out
+    for kept in ("domains.a.count: 12", "domains.a.image_size: 32", "train.lr: 0.0001"):
+        assert f"  kept your edit {kept}\n" in out, out
+    assert "dropped" not in out
+    switched = YAML(typ="safe").load(params_file.read_text())
+    assert switched == {**edited, "train": {**edited["train"], "ngf": 48}}
+    assert presets.stale_composition(params_file, conf) is None
+    main(["preset", "p", "--keep-edits", "--params", str(params_file), "--conf", str(conf)])
+    assert "already preset p; nothing changed" in capsys.readouterr().out
+
+
+def test_keep_edits_without_the_recorded_composition_says_so(tmp_path, capsys):
+    """conf/ changed and not in git: the composition params.yaml was written from is unknown; the
+    line says that the values it holds where conf/ changed count as edits."""
+    from unpaired.cli import main
+    conf = _conf(tmp_path, P_WITH_DOMAINS)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(presets.compose(conf, "p").replace("count: 240", "count: 12", 1))
+    (conf / "preset" / "p.yaml").write_text(P_WITH_DOMAINS.replace("ngf: 32", "ngf: 48"))
+    main(["preset", "p", "--keep-edits", "--params", str(params_file), "--conf", str(conf)])
+    out = capsys.readouterr().out
+    assert "  kept your edit domains.a.count: 12\n" in out
+    assert "git holds no version of it with the recorded digest" in out

@@ -317,3 +317,40 @@ def test_a_tar_with_a_bad_header_in_the_middle_is_refused(tmp_path):
     gz.write_bytes(cut[:-12])                    # the gzip trailer (CRC, length) cut off
     with pytest.raises(SourceError, match=r"corrupt archive set.tar.gz"):
         run_fetch(tmp_path, f"    source: archive\n    url: {gz}\n")
+
+
+# --- issue 24.14: every file a folder source's pattern matches is used or counted ----------------------
+
+def test_folder_source_counts_and_names_every_file_it_leaves_out(tmp_path, capsys):
+    """`.hidden.png` and files without an extension were ignored and counted nowhere. Files with no
+    suffix are copied now (prepare reads what they hold: an image is used, other bytes are counted as
+    not_image in prepare.json); hidden files and other suffixes are counted by reason, named, and
+    listed in the raw folder for prepare."""
+    from stages.prepare import PrepareParams, prepare
+    from unpaired.sources.folder import SKIPPED, read_skipped
+    photos = tmp_path / "photos"
+    (photos / ".git").mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(jpeg(1))
+    (photos / "b.jpg").write_bytes(jpeg(3))
+    (photos / ".hidden.png").write_bytes(png(2))
+    (photos / "scan").write_bytes(png(4))                 # an image without an extension
+    (photos / "README").write_text("not an image")        # no extension, not an image
+    (photos / "notes.txt").write_text("not an image")
+    (photos / ".git" / "config").write_text("[core]\n")
+    out = run_fetch(tmp_path, f"    source: folder\n    path: {photos}\n")
+    assert sorted(pd.read_csv(out / "manifest.csv").file) == ["README", "a.jpg", "b.jpg", "scan"]
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == (f"domains.a: folder: skipped 3 of 7 files under {photos}: 2 hidden (.git/config, "
+                    f".hidden.png); 1 not an image file name (notes.txt); listed in the raw folder's {SKIPPED}")
+    listed = pd.read_csv(out / SKIPPED)
+    assert list(zip(listed.file, listed.reason)) == [(".git/config", "hidden"), (".hidden.png", "hidden"),
+                                                     ("notes.txt", "not_image_name")]
+    assert read_skipped(out) == {"hidden": 2, "not_image_name": 1}
+    b = tmp_path / "raw" / "b"
+    b.mkdir()
+    for i in range(3):
+        (b / f"{i}.png").write_bytes(png(10 + i))
+    report = prepare(PrepareParams(image_size=8, min_size=8, test_fraction=0.0), tmp_path / "raw",
+                     tmp_path / "prepared", tmp_path / "prepare.json", workers=1)
+    assert report["skipped"]["a"]["not_image"] == 1                        # README, named on the page
+    assert report["kept"]["a"]["train"] == 3                               # a.jpg, b.jpg and scan

@@ -39,13 +39,14 @@ def preset_command(params_path: Path, conf: Path, name: str | None, keep_edits: 
     if name is None:
         print("presets (conf/preset/): " + ", ".join(presets.names(conf)))
         return
-    text, lines = presets.switch(params_path, conf, name, keep_edits)
+    text, changes, notes = presets.switch(params_path, conf, name, keep_edits)
+    lines = changes + notes
     old = params_path.read_text() if params_path.is_file() else None
     if text == old:
         print(f"{params_path}: already preset {name}; nothing changed")
         return
     atomic_write_bytes(params_path, text.encode())
-    print(f"{params_path}: preset {name}; {len(lines)} change(s):" if lines else f"{params_path}: preset {name}")
+    print(f"{params_path}: preset {name}; {len(changes)} change(s):" if lines else f"{params_path}: preset {name}")
     for line in lines:
         print(f"  {line}")
     print("run `make repro` to build and train it; `git diff params.yaml` shows the file's change")

@@ -1,8 +1,8 @@
 """Atomic outputs: every stage writes into a temporary sibling and renames it into place, so an
 interrupted or failed run never leaves a partial output behind.
 
-Temporaries are named `.<name>.tmp-<pid>-<random>` (downloads: `.part-`, replaced trees: `.old-<pid>`)
-next to what they become, with the modes a plain `open()`/`mkdir` would give under the current umask
+Temporaries are named `.<name>.tmp-<pid>-<random>` (downloads: `.part-`, replaced trees: `.old-<pid>`;
+a name too long for that keeps its start and a hash of the whole, see `temp_name`) next to what they become, with the modes a plain `open()`/`mkdir` would give under the current umask
 (`tempfile` makes them 0600/0700). A writer killed with -9 leaves its temporary behind: every stage calls
 `remove_stale_temporaries` on its output folders first, which removes those whose writer is dead. A full
 disk (or quota, or `ulimit -f`) becomes one `UserError` line naming the file and the space needed.
@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -67,21 +68,53 @@ def make_dirs(path: str | Path) -> Path:
     return path
 
 
+# tempfile's random part: 8 characters (tempfile._RandomNameSequence), the longest suffix we add after
+# the pid. Kept in one place so that every temporary name is measured with it.
+_RANDOM_CHARS = 8
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the filesystem of `folder` accepts: NAME_MAX (255 on ext4,
+    xfs, btrfs, tmpfs), read with pathconf where it can be, else 255."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return int(os.pathconf(folder if folder.is_dir() else folder.parent, "PC_NAME_MAX"))
+    return 255
+
+
+def temp_name(path: Path, tag: str, suffix: str = "") -> str:
+    """`.<name>.<tag>-<pid>-` (+ `suffix`, which the caller appends; tempfile appends 8 random
+    characters) for a temporary next to `path`, short enough that the full name fits the filesystem
+    (NAME_MAX bytes, in the filesystem encoding) whatever the length of `path`'s own name: a name
+    that would not fit keeps its start and gets `~<12 hex of its sha256>` instead of its end, so two
+    long names never share a temporary name. The result still matches TEMPORARY."""
+    pid = os.getpid()
+    tail = f".{tag}-{pid}-{suffix}"
+    room = _name_max(path.parent) - len(os.fsencode(f".{tail}")) - _RANDOM_CHARS
+    name = path.name
+    if len(os.fsencode(name)) > room:
+        mark = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+        keep = os.fsencode(name)[:max(0, room - len(mark))].decode(sys.getfilesystemencoding(), "ignore")
+        name = keep.rstrip() + mark        # decode("ignore") drops a character cut in the middle
+    return f".{name}{tail}"
+
+
 def temp_file(path: Path, tag: str = "tmp") -> tuple[int, str]:
-    """`tempfile.mkstemp` next to `path`, named `.<name>.<tag>-<pid>-<random>`, with the mode `open()`
-    would give (0666 & ~umask) instead of mkstemp's 0600. Returns (fd, name). A folder that cannot be
-    written to is one `UserError` line naming `path`."""
+    """`tempfile.mkstemp` next to `path`, named `.<name>.<tag>-<pid>-<random>` (the name shortened
+    to fit the filesystem, see `temp_name`), with the mode `open()` would give (0666 & ~umask)
+    instead of mkstemp's 0600. Returns (fd, name). A folder that cannot be written to is one
+    `UserError` line naming `path`."""
     with creating(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}-{os.getpid()}-", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name(path, tag), dir=path.parent)
     os.fchmod(fd, 0o666 & ~current_umask())
     return fd, tmp
 
 
 def temp_dir(path: Path) -> Path:
-    """`tempfile.mkdtemp` next to `path`, with the mode `mkdir` would give (0777 & ~umask). A folder
-    that cannot be written to is one `UserError` line naming `path`."""
+    """`tempfile.mkdtemp` next to `path` (named as `temp_file` names its file), with the mode `mkdir`
+    would give (0777 & ~umask). A folder that cannot be written to is one `UserError` line naming
+    `path`."""
     with creating(path):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_name(path, "tmp"), dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
 
@@ -167,7 +200,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             raise
     old = None
     if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        old = target.parent / temp_name(target, "old").removesuffix("-")
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
     try:
@@ -299,7 +332,8 @@ def pack_dir(folder: str | Path, tar_path: str | Path) -> str:
 
 def unpack_view(tar_path: str | Path, folder: str | Path) -> bool:
     """Make `folder` the unpacked content of `tar_path` unless it already is (its mark names the
-    tar's sha256). Atomic; members that would escape the folder are refused. The tar is read to its
+    tar's sha256 and `view_drift` finds no hand edit; an edited view is unpacked again, with a note
+    on stderr saying why and where data is changed instead). Atomic; members that would escape the folder are refused. The tar is read to its
     real end and every file is checked against its SHA256SUMS: a damaged tar is refused with one
     `UserError` line and the previous view is left as it was. True if it unpacked."""
     from unpaired.safe_archive import CorruptArchive, members   # safe reading, shared with sources
@@ -307,7 +341,14 @@ def unpack_view(tar_path: str | Path, folder: str | Path) -> bool:
     digest = sha256_of(tar_path)
     mark = folder / VIEW_MARK
     if mark.is_file() and mark.read_text().strip() == digest:
-        return False
+        drift = view_drift(tar_path, folder)
+        if drift is None:
+            return False
+        import sys
+        print(f"note: {folder}/ differs from {tar_path} ({drift}); unpacking it again. The view is "
+              f"rebuilt from the tar, so an edit there is not part of the data version (dvc.lock "
+              f"records the tar): to change the data, edit the raw images (data/raw/<domain>, or the "
+              f"folder a `folder` source reads) and re-run prepare (`make repro`)", file=sys.stderr)
     restore = (f"restore it with `uv run dvc checkout {tar_path}` (or `uv run dvc pull`), or rebuild it "
                f"with `uv run dvc repro -f prepare`")
     with atomic_dir(folder) as tmp:
@@ -340,20 +381,59 @@ def unpack_view(tar_path: str | Path, folder: str | Path) -> bool:
     return True
 
 
+def view_drift(tar_path: str | Path, folder: str | Path) -> str | None:
+    """How the view `folder` differs from the files of `tar_path` (which it is marked as unpacked
+    from), or None when it matches: a file or folder missing, one added, a size that differs, or a
+    file written after the view was (its mtime later than the mark's: an edit that kept the size).
+    Cheap: the tar's index (headers only, the data is skipped) against one stat per file of the view;
+    no file is read. The phrase names the first difference and how many there are."""
+    tar_path, folder = Path(tar_path), Path(folder)
+    expected: dict[str, int | None] = {}             # relative name -> size (None: a folder)
+    with tarfile.open(tar_path) as tar:
+        for info in tar:
+            if info.name != SUMS:
+                expected[info.name.rstrip("/")] = None if info.isdir() else info.size
+            tar.members.clear()                        # the index only: one TarInfo at a time
+    marked = (folder / VIEW_MARK).stat().st_mtime_ns
+    differ: list[str] = []
+    seen = set()
+    for rel, is_dir in tree(folder):
+        if rel == VIEW_MARK:
+            continue
+        seen.add(rel)
+        if rel not in expected:
+            differ.append(f"{rel}: not in the tar")
+        elif is_dir != (expected[rel] is None):
+            differ.append(f"{rel}: a {'folder' if is_dir else 'file'} here, not in the tar")
+        elif not is_dir:
+            st = (folder / rel).stat()
+            if st.st_size != expected[rel]:
+                differ.append(f"{rel}: {st.st_size:,} bytes here, {expected[rel]:,} in the tar")
+            elif st.st_mtime_ns > marked:
+                differ.append(f"{rel}: changed after it was unpacked")
+    differ += [f"{rel}: missing" for rel in sorted(set(expected) - seen)]
+    if not differ:
+        return None
+    return differ[0] + (f"; {len(differ) - 1} more difference(s)" if len(differ) > 1 else "")
+
+
 def view_is_stale(tar_path: str | Path, folder: str | Path) -> bool:
-    """True if `tar_path` exists and `folder` is not its view as it is now: missing, unmarked, or
-    unpacked from another tar (after a `git checkout` + `dvc checkout`, which change only the tar)."""
+    """True if `tar_path` exists and `folder` is not its view as it is now: missing, unmarked,
+    unpacked from another tar (after a `git checkout` + `dvc checkout`, which change only the tar),
+    or edited by hand since (`view_drift`)."""
     mark = Path(folder) / VIEW_MARK
     if not Path(tar_path).is_file():
         return False
-    return not mark.is_file() or mark.read_text().strip() != sha256_of(tar_path)
+    if not mark.is_file() or mark.read_text().strip() != sha256_of(tar_path):
+        return True
+    return view_drift(tar_path, folder) is not None
 
 
 def refresh_view_for(inputs: Iterable[str | Path], tar_path: str | Path, folder: str | Path) -> bool:
     """For readers given paths by a user (`unpaired translate data/prepared/testA`): if any input is
     inside the view `folder` and the view was unpacked from another tar than `tar_path` is now (a
-    `git checkout` + `dvc checkout` changed the tar, not its view), unpack it again and say so on
-    stderr. True if it did."""
+    `git checkout` + `dvc checkout` changed the tar, not its view) or was edited by hand, unpack it
+    again and say so on stderr. True if it did."""
     import sys
     root = os.path.abspath(folder)
     if not any(os.path.abspath(str(i)) == root or os.path.abspath(str(i)).startswith(root + os.sep)
@@ -361,8 +441,10 @@ def refresh_view_for(inputs: Iterable[str | Path], tar_path: str | Path, folder:
         return False
     if not view_is_stale(tar_path, folder):
         return False
-    print(f"note: {folder}/ is not the view of {tar_path} as it is now (after a `dvc checkout`?); "
-          f"unpacking it again (what `uv run unpaired unpack` does)", file=sys.stderr)
+    mark = Path(folder) / VIEW_MARK
+    if not mark.is_file() or mark.read_text().strip() != sha256_of(tar_path):   # (an edit: unpack_view says so)
+        print(f"note: {folder}/ is not the view of {tar_path} as it is now (after a `dvc checkout`?); "
+              f"unpacking it again (what `uv run unpaired unpack` does)", file=sys.stderr)
     return unpack_view(tar_path, folder)
 
 

@@ -33,25 +33,45 @@ ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180
 
 
 class Skip(Exception):
-    """This file is not used; `reason` is one of SKIP_REASONS."""
+    """This file is not used; `reason` is one of SKIP_REASONS, `detail` (also `str(skip)`) names the
+    file and says why, without repeating the reason (callers print `f"{reason}: {detail}"`)."""
 
     def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        super().__init__(detail or reason)
         self.reason = reason
+        self.detail = detail
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Integer and float modes ("I;16", "I", "F") scaled to "L" by their nominal range."""
+def _to_8bit(img: Image.Image, name: str = "") -> Image.Image:
+    """Integer and float modes ("I;16", "I", "F") scaled to "L" by their nominal range: 16-bit
+    samples by 65535; "I" (32-bit integers) by 255 when they all lie in [0, 255], by 65535 when in
+    [0, 65535] (16-bit data Pillow opened as "I"); "F" by 1 when in [0, 1], as is in [0, 255].
+    Samples outside those ranges (negative, beyond 16 bits, above 255 as floats, NaN) have no range
+    that says which value is white: Skip("unreadable") naming the file and the values, never an
+    image clipped to white."""
     arr = np.asarray(img)
-    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+    if img.mode.startswith("I;16"):
         arr = arr.astype(np.float64) / 65535.0 * 255.0
-    elif img.mode == "F" and arr.max(initial=0) <= 1.0:
-        arr = arr.astype(np.float64) * 255.0
+    elif arr.size:
+        low, high = float(np.min(arr)), float(np.max(arr))
+        if img.mode == "I" and 0 <= low and high <= 255:
+            pass
+        elif img.mode == "I" and 0 <= low and high <= 65535:
+            arr = arr.astype(np.float64) / 65535.0 * 255.0
+        elif img.mode == "F" and 0 <= low and high <= 1.0:
+            arr = arr.astype(np.float64) * 255.0
+        elif not (img.mode == "F" and 0 <= low and high <= 255):
+            kind = "32-bit integer" if img.mode == "I" else "floating-point"
+            shown = f"{low:,.0f} to {high:,.0f}" if img.mode == "I" else f"{low:g} to {high:g}"
+            raise Skip("unreadable", f"{name}: {kind} samples from {shown}, outside the 8-bit, 16-bit "
+                                     f"and 0-1 ranges, so no value is known to be white; save it as an "
+                                     f"8- or 16-bit image")
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any Pillow image → 8-bit RGB; transparent pixels composited on `background`."""
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255), name: str = "") -> Image.Image:
+    """Any Pillow image → 8-bit RGB; transparent pixels composited on `background`. Raises Skip
+    (naming `name`) for integer or float samples with no known range (see `_to_8bit`)."""
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA" if ("transparency" in img.info or img.mode == "PA") else "RGB")
     if img.mode in ("LA", "La", "RGBa"):
@@ -61,7 +81,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
         base.paste(img, mask=img.getchannel("A"))
         return base
     if img.mode.startswith("I") or img.mode == "F":
-        img = _to_8bit(img)
+        img = _to_8bit(img, name)
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -119,7 +139,7 @@ def decode_scaled(data: bytes, name: str = "", min_side: int | None = None) -> t
         if method in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
                       Image.Transpose.ROTATE_270):
             full = (full[1], full[0])
-    return to_rgb(img), full
+    return to_rgb(img, name=name), full
 
 
 def decode(data: bytes, name: str = "") -> Image.Image:

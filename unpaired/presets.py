@@ -15,9 +15,12 @@ the committed params.yaml is exactly `compose(conf, "doodles2flares")` (a test c
 Every file is read as DVC reads params.yaml: YAML 1.2 through ruamel.yaml (`off` is a string, `1_000`
 a string, `017` the integer 17), so a value means the same in conf/ as in params.yaml.
 
-"Your edits" are the leaves where params.yaml differs from the composition of the preset it names
-(`preset:`); with --keep-edits they survive the switch unless the new preset sets that key itself
-(the preset wins, and the line says so) or the edit belongs to a domain whose source changes.
+"Your edits" are the leaves where params.yaml differs from the composition it was written from (the
+one its first line records: conf/ as it is, or as git holds it when conf/ changed since); with
+--keep-edits they survive the switch unless the switch changes that key itself (the new preset, or
+conf/ edited since, gives it another value: that value wins, and the line says so) or the edit
+belongs to a domain whose source changes. So `unpaired preset NAME --keep-edits` with NAME in force
+keeps every edit and applies what conf/ changed: what the stale-composition warning recommends.
 
 params.yaml's first line records the digest of the two conf/ files it was composed from, so a run
 can say in one line when conf/ changed since (`stale_composition`): an edit there is otherwise
@@ -31,7 +34,7 @@ import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
@@ -54,10 +57,11 @@ def _yaml() -> YAML:
     return y
 
 
-def _read(path: Path) -> CommentedMap:
-    """One YAML 1.2 mapping with its comments; UserError (one line) naming the file otherwise."""
+def _read(path: Path, text: str | None = None) -> CommentedMap:
+    """One YAML 1.2 mapping with its comments (from `path`, or `text` when given: an older version
+    of that file); UserError (one line) naming the file otherwise."""
     try:
-        data = _yaml().load(path.read_text())
+        data = _yaml().load(path.read_text() if text is None else text)
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
     except YAMLError as err:
@@ -84,9 +88,13 @@ def preset_file(conf: Path, name: str) -> Path:
 
 def digest(conf: Path, name: str) -> str:
     """16 hex digits of sha256 over conf/config.yaml and conf/preset/<name>.yaml (their bytes)."""
+    return _digest_of((conf / "config.yaml").read_bytes(), preset_file(conf, name).read_bytes())
+
+
+def _digest_of(config: bytes, preset: bytes) -> str:
     h = hashlib.sha256()
-    for path in (conf / "config.yaml", preset_file(conf, name)):
-        h.update(path.read_bytes())
+    for data in (config, preset):
+        h.update(data)
         h.update(b"\0")
     return h.hexdigest()[:16]
 
@@ -100,11 +108,48 @@ def _merge(base: CommentedMap, over: CommentedMap) -> None:
             base[key] = value
 
 
-def _composed(conf: Path, name: str) -> CommentedMap:
-    base = _read(conf / "config.yaml")
+def _composed(conf: Path, name: str, texts: tuple[str, str] | None = None) -> CommentedMap:
+    """conf/config.yaml with conf/preset/<name>.yaml laid over it; with `texts`, those two files'
+    texts (an older version of them) instead of what conf/ holds now."""
+    config, preset = texts if texts is not None else (None, None)
+    base = _read(conf / "config.yaml", config)
     base.ca.comment = None                       # its own header explains conf/, not params.yaml
-    _merge(base, _read(preset_file(conf, name)))
+    _merge(base, _read(preset_file(conf, name) if texts is None else conf / "preset" / f"{name}.yaml", preset))
     return base
+
+
+def _git(cwd: Path, *args: str) -> bytes | None:
+    """`git ARGS` run in `cwd`: its stdout, or None when git is missing or fails."""
+    import subprocess
+    try:
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _recorded_texts(conf: Path, name: str, recorded: str) -> tuple[str, str] | None:
+    """The texts of conf/config.yaml and conf/preset/<name>.yaml whose digest is `recorded` (the
+    composition params.yaml's first line records): conf/ as it is, else the two files as git holds
+    them at HEAD or at one of the last 200 commits that changed them. None when none matches (conf/
+    is not in git, or was composed from a version never committed)."""
+    config, preset = conf / "config.yaml", conf / "preset" / f"{name}.yaml"
+    if preset.is_file() and _digest_of(config.read_bytes(), preset.read_bytes()) == recorded:
+        return config.read_text(), preset.read_text()
+    top = _git(conf if conf.is_dir() else Path("."), "rev-parse", "--show-toplevel")
+    if top is None:
+        return None
+    root = Path(top.decode().strip())
+    try:
+        paths = [p.resolve().relative_to(root).as_posix() for p in (config, preset)]
+    except ValueError:
+        return None
+    commits = _git(root, "log", "--format=%H", "-n", "200", "--", *paths) or b""
+    for commit in ["HEAD", *commits.decode().split()]:
+        texts = [_git(root, "show", f"{commit}:{path}") for path in paths]
+        if None not in texts and _digest_of(*texts) == recorded:
+            return texts[0].decode(), texts[1].decode()
+    return None
 
 
 def _dump(data: CommentedMap, conf_digest: str, name: str) -> str:
@@ -163,13 +208,45 @@ def _yaml_text(tree: Any) -> str:
     return out.getvalue()
 
 
-def switch(params_path: Path, conf: Path, name: str, keep_edits: bool = False) -> tuple[str, list[str]]:
-    """The new text of params.yaml for preset `name`, and the lines that say what changed: one per
-    key whose value changes (`train.ngf: 16 -> 64`), then one per edit of yours kept or dropped.
-    Without `keep_edits` every key not set by the preset takes conf/config.yaml's value; with it,
-    your edits (see the module docstring) survive where the preset does not set the key. The current
-    params.yaml may be missing or unreadable (then there are no edits to keep). Raises UserError for
-    an unknown preset or a conf/ file that is not a YAML mapping."""
+class Switch(NamedTuple):
+    """What `switch` gives: the new text of params.yaml, one line per key whose value changes, and
+    one line per edit of yours kept or dropped (a dropped edit's key is among the changes too)."""
+    text: str
+    changes: list[str]
+    notes: list[str]
+
+
+def _baseline(params_path: Path, conf: Path, current: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The composition params.yaml was written from, which "your edits" are measured against, and
+    a note when it could not be found: the one its first line records (conf/ as it is, or as git
+    holds it when conf/ changed since: see `_recorded_texts`), else conf/'s composition of the preset
+    params.yaml names, else nothing (every key is an edit)."""
+    old_name = current.get("preset")
+    try:
+        match = DIGEST.match(params_path.read_text().split("\n", 1)[0])
+    except OSError:
+        match = None
+    if match and match["name"] == old_name and old_name in names(conf):
+        texts = _recorded_texts(conf, old_name, match["digest"])
+        if texts is not None:
+            return _plain(_composed(conf, old_name, texts)), None
+        return _plain(_composed(conf, old_name)), (
+            f"conf/ changed since {params_path} was composed, and git holds no version of it with the "
+            f"recorded digest: where conf/ changed, the value {params_path} holds counts as your edit; "
+            f"`git diff conf/` shows what changed")
+    return (_plain(_composed(conf, old_name)) if old_name in names(conf) else {}), None
+
+
+def switch(params_path: Path, conf: Path, name: str, keep_edits: bool = False) -> Switch:
+    """The new text of params.yaml for preset `name`, the lines that say what changes (one per key
+    whose value changes, `train.ngf: 16 -> 64`) and the notes (one per edit of yours kept or
+    dropped). Without `keep_edits` every key takes the composition's value; with it, your edits (see
+    the module docstring) survive unless the switch itself changes that key (another preset's value,
+    or conf/ edited since params.yaml was composed: the new value wins, and the note says so) or the
+    edit belongs to a domain whose source changes. So `unpaired preset NAME --keep-edits` with the
+    preset in force keeps every edit and applies only what conf/ changed. The current params.yaml
+    may be missing or unreadable (then there are no edits to keep). Raises UserError for an unknown
+    preset or a conf/ file that is not a YAML mapping."""
     new = _composed(conf, name)
     current = None
     if params_path.is_file():
@@ -178,12 +255,13 @@ def switch(params_path: Path, conf: Path, name: str, keep_edits: bool = False) -
         except UserError:
             current = None
     edits: dict[str, Any] = {}
-    if current is not None:
-        old_name = current.get("preset")
-        baseline = _plain(_composed(conf, old_name)) if old_name in names(conf) else {}
-        edits = {k: v for k, v in leaves(current) if k != "preset" and _get(baseline, k) != v}
     notes = []
-    preset_keys = {k for k, _ in leaves(_plain(_read(preset_file(conf, name))))}
+    baseline: dict[str, Any] = {}
+    if current is not None:
+        baseline, note = _baseline(params_path, conf, current)
+        notes += [note] if note else []
+        edits = {k: v for k, v in leaves(current) if k != "preset" and _get(baseline, k) != v}
+    composed = _plain(new)
     old_domains = (current or {}).get("domains") or {}
     for key, value in edits.items():
         parts = key.split(".")
@@ -193,7 +271,7 @@ def switch(params_path: Path, conf: Path, name: str, keep_edits: bool = False) -
             same_source = True
         if not keep_edits:
             notes.append(f"dropped your edit {key}: {_show(value)} (pass --keep-edits to keep it)")
-        elif key in preset_keys:
+        elif _get(composed, key) != _get(baseline, key):     # the switch itself changes this key
             notes.append(f"dropped your edit {key}: {_show(value)}: preset {name} sets it to {_show(_get(new, key))}")
         elif not same_source:
             notes.append(f"dropped your edit {key}: {_show(value)}: domain {parts[1]}'s source changes")
@@ -208,7 +286,7 @@ def switch(params_path: Path, conf: Path, name: str, keep_edits: bool = False) -
         old, now = _get(before, key), _get(after, key)
         if old != now:
             changes.append(f"{key}: {_show(old)} -> {_show(now)}")
-    return text, changes + notes
+    return Switch(text, changes, notes)
 
 
 def stale_composition(params_path: Path, conf: Path = CONF) -> str | None:

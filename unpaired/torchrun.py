@@ -18,12 +18,16 @@ What it adds to plain torchrun:
   the worker in the same process. This launcher gets SIGTERM when its own parent dies (dvc, a
   shell). SIGTERM, SIGINT and SIGHUP to the launcher stop every worker (torchrun's own handling:
   the signal to each worker's process group, SIGKILL after its shutdown timeout).
+- **A bad process count is one line, before any process starts.** `--nproc-per-node` is checked
+  first (check_processes): from dvc.yaml's cmd it is `train.devices`, and the line names that key
+  (an integer from 1 to 64, at most one process per CPU core or per CUDA device).
 - **A failure is one line.** torchrun's logs and its multi-line failure report are not printed.
   Each worker records what a one-process run would have printed (unpaired.distributed.session:
   `error: ...`, `interrupted`, or a bug's traceback) in the error file torchrun gives it, and
   prints nothing itself; this launcher prints the record of the rank that failed first, after one
   line naming that rank when it is not rank 0, and exits with its status. A worker that died
-  without a record (kill -9) gets one line naming it and the signal.
+  without a record (kill -9) gets one line naming it and the signal; one that the agent's SIGTERM
+  stopped before it could write a record never hides another rank's record (first_failure).
 
 This module imports nothing heavy at the top: the worker start and the one-process exec run before
 torch is imported.
@@ -76,13 +80,19 @@ def record_failure(text: str, status: int) -> bool:
 
 def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     """(global rank, torch ProcessFailure) of the failure that came first: a worker that died
-    without a record (killed from outside: torchrun's agent stops the others only after it saw a
-    failure) before any recorded one, then the earliest record."""
+    without a record from anything but SIGTERM (killed from outside: kill -9, the out-of-memory
+    killer, a crash), then the earliest record, then a worker SIGTERM stopped before it could write
+    one. torchrun's agent stops the other workers with SIGTERM once it saw a failure, so a worker
+    still starting up then (importing torch, before its handlers) dies of it without a record:
+    that is never the cause when another worker recorded one (`train.devices: 3` on 2 cores: rank
+    0's error, not "rank 1 was killed by SIGTERM")."""
     def order(item: tuple[int, Any]) -> tuple[int, int, int]:
         rank, failure = item
         data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
         stamp = data.get("time_ns")
-        return (0, 0, rank) if not isinstance(stamp, int) else (1, stamp, rank)
+        if isinstance(stamp, int):
+            return (1, stamp, rank)
+        return (2 if failure.exitcode == -signal.SIGTERM else 0, 0, rank)
     return min(failures.items(), key=order)
 
 
@@ -104,6 +114,92 @@ def failure_report(failures: dict[int, Any]) -> tuple[str, int]:
     else:
         how = f"exited with status {failure.exitcode}"
     return f"error: {who} {how}; the other processes of the run were stopped", 1
+
+
+# train.devices's largest value (training.TrainParams.BOUNDS, the same number): checked here, before
+# any process starts, and again by the stage.
+MAX_PROCESSES = 64
+NPROC_WORDS = ("cpu", "gpu", "auto", "xpu")   # torchrun's own --nproc-per-node values besides numbers
+
+
+FLAGS = ("--standalone", "--no-python", "--run-path")   # torchrun's options that take no value
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of torchrun option `name` (`--nproc-per-node`) in `argv` (`--name V`, `--name=V`,
+    `--name_with_underscores`), before the script or `-m MODULE`; None when absent. Every option
+    but FLAGS takes a value, as in torch.distributed.run's parser."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-m", "--module") or not arg.startswith("-"):
+            return None
+        key, eq, value = arg.partition("=")
+        key = key.replace("_", "-")
+        if key == name:
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        i += 1 if eq or key in FLAGS else 2
+    return None
+
+
+def _params_devices() -> tuple[bool, Any, Any]:
+    """(params.yaml sets train.devices, its value, train.device) read as DVC reads params.yaml;
+    (False, None, None) when there is no such file or key, or it cannot be read (the stage says why)."""
+    from unpaired import params
+    try:
+        train = params.section(params.load(), "train")
+    except params.ParamsError:
+        return False, None, None
+    return "devices" in train, train.get("devices"), train.get("device", "auto")
+
+
+def _as_dvc_writes(value: Any) -> str:
+    """`${train.devices}` as DVC interpolates it into a stage's cmd."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_processes(argv: list[str]) -> None:
+    """Before any process starts: raise UserError (one line) when `--nproc-per-node` asks for no
+    process, for what is not a number, or for more processes than this node can hold. When its value
+    is params.yaml's `train.devices` (dvc.yaml's cmd passes `${train.devices}`) the line names that
+    key and checks its bounds (an integer from 1 to MAX_PROCESSES) and the machine: one CUDA device
+    per process on CUDA (`train.device`), one CPU core per process on the CPU, a single device on
+    MPS; by hand it names the option and checks that it is torchrun's. Reads nothing heavy unless
+    several processes are asked for (then torch, which the launch imports anyway)."""
+    value = _option(argv, "--nproc-per-node")
+    if value is None or value == "1":
+        return
+    has, devices, device = _params_devices()
+    if has and _as_dvc_writes(devices) == value:
+        from unpaired import params
+        key = "train.devices"
+        params.check(isinstance(devices, int) and not isinstance(devices, bool), key,
+                     f"expected an integer (processes on this node), got {devices!r}")
+        params.check(devices >= 1, key, f"must be >= 1, got {devices}")
+        params.check(devices <= MAX_PROCESSES, key, f"must be <= {MAX_PROCESSES}, got {devices}: processes "
+                                                    f"on one node, each with its own copy of the models")
+        from unpaired.devices import resolve_device
+        from unpaired.threads import cpu_count
+        kind = resolve_device(device if isinstance(device, str) else "auto").type
+        if kind == "cuda":
+            import torch
+            have = torch.cuda.device_count()
+            params.check(devices <= have, key, f"{devices} processes requested but only {have} CUDA "
+                                               f"device(s) here; use {key}: {have} or less")
+        elif kind == "mps":
+            params.fail(key, f"{devices} processes requested but MPS is one device; use {key}: 1")
+        else:
+            have = cpu_count()
+            params.check(devices <= have, key, f"{devices} processes requested but only {have} CPU core(s) "
+                                               f"here (each process needs one); use {key}: {have} or less")
+        return
+    from unpaired.errors import UserError
+    if value.isdigit():
+        if int(value) < 1:
+            raise UserError(f"unpaired.torchrun: --nproc-per-node: must be >= 1, got {value}")
+    elif value not in NPROC_WORDS:
+        raise UserError(f"unpaired.torchrun: --nproc-per-node: expected a number of processes (or "
+                        f"{', '.join(NPROC_WORDS)}), got {value!r}")
 
 
 def _one_process(argv: list[str]) -> list[str] | None:
@@ -192,6 +288,12 @@ def main(argv: list[str] | None = None) -> None:
         _worker(argv[1:])
         return
     parent_death_signal(signal.SIGTERM)    # the launcher's parent died: stop the run as on Ctrl-C
+    from unpaired.errors import UserError
+    try:
+        check_processes(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     one = _one_process(argv)
     if one is not None:
         sys.stdout.flush()

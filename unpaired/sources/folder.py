@@ -1,17 +1,30 @@
 """`folder` source: your own images, copied from a local folder (`pattern` is a recursive glob).
 
 DVC does not watch that folder: after adding images to it, run `uv run dvc repro -f fetch@<domain>`.
+
+Every file the pattern matches is used or counted: files with an image suffix (images.IMAGE_SUFFIXES,
+any case) and files with no suffix at all (prepare reads what they hold: an image is used, anything
+else is skipped there as `not_image`) are copied; hidden files (a name, or a folder on the way,
+starting with ".": `.DS_Store`, macOS `._photo.jpg`, `.git/`) and files with another suffix
+(`notes.txt`) are not. Those are counted by reason in one line, named (the first few), and listed in
+the raw folder's SKIPPED file (`file`: the path under `path`, `reason`: hidden or not_image_name)
+for prepare's counts.
 """
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unpaired.files import write_manifest
 from unpaired.images import IMAGE_SUFFIXES
 from unpaired.params import COUNT, Params, check, parse
 from unpaired.sources.base import FetchContext, SourceError, flat_name
+
+SKIPPED = ".skipped.csv"       # in the raw folder, next to manifest.csv; hidden, so never read as an image
+SKIP_REASONS = {"hidden": "hidden", "not_image_name": "not an image file name"}   # reason -> words
 
 
 @dataclass(frozen=True)
@@ -28,15 +41,53 @@ class FolderParams(Params):
         check(self.count is None or self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
 
 
+def skip_reason(rel: Path) -> str | None:
+    """Why the file at `rel` (relative to the source folder) is not copied, a key of SKIP_REASONS,
+    or None when it is: hidden (any part starts with "."), or a suffix that is not an image's."""
+    if any(part.startswith(".") for part in rel.parts):
+        return "hidden"
+    if rel.suffix and rel.suffix.lower() not in IMAGE_SUFFIXES:
+        return "not_image_name"
+    return None
+
+
+def read_skipped(raw: Path) -> Counter[str]:
+    """The counts by reason (SKIP_REASONS keys) of the files a folder source left out of the raw
+    folder `raw` (its SKIPPED file; empty when there is none)."""
+    import pandas as pd
+    path = Path(raw) / SKIPPED
+    if not path.is_file():
+        return Counter()
+    return Counter(pd.read_csv(path, dtype=str, keep_default_na=False).reason)
+
+
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     p = parse(FolderParams, raw, ctx.key)
     root = Path(p.path).expanduser()
     if not root.is_dir():
         raise SourceError(f"{ctx.key}.path: {root} is not a folder")
-    files = sorted(f for f in root.glob(p.pattern)
-                   if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+    files, skipped = [], []
+    for f in sorted(root.glob(p.pattern)):
+        if f.is_file():
+            rel = f.relative_to(root)
+            reason = skip_reason(rel)
+            if reason is None:
+                files.append(f)
+            else:
+                skipped.append({"file": rel.as_posix(), "reason": reason})
+    if skipped:
+        counts = Counter(s["reason"] for s in skipped)
+        parts = []
+        for reason, words in SKIP_REASONS.items():
+            names = [s["file"] for s in skipped if s["reason"] == reason]
+            if names:
+                parts.append(f"{counts[reason]} {words} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        print(f"{ctx.key}: folder: skipped {len(skipped)} of {len(skipped) + len(files)} files under "
+              f"{root}: {'; '.join(parts)}; listed in the raw folder's {SKIPPED}")
+        write_manifest(ctx.out_dir / SKIPPED, skipped, ["file", "reason"])
     if not files:
-        raise SourceError(f"{ctx.key}.pattern: no image files match {p.pattern!r} under {root}")
+        raise SourceError(f"{ctx.key}.pattern: no image files match {p.pattern!r} under {root}"
+                          + (f" (skipped {len(skipped)}: hidden or not named as images)" if skipped else ""))
     rows = []
     for f in files[:p.count]:
         name = flat_name(f.relative_to(root))
