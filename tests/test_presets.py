@@ -53,7 +53,7 @@ def test_every_preset_composes_into_valid_params(tmp_path, name):
 
 def test_default_preset_is_the_committed_params_yaml():
     # The committed file, not the working copy: the README invites users to edit params.yaml.
-    # Text, not values: its comments explaining each key come from conf/config.yaml.
+    # Text, not values: its comments explaining each key come from the params classes' field docs.
     assert presets.compose(ROOT / "conf", "doodles2flares") == committed_params()
     text = committed_params()
     assert "# output width = height in pixels" in text and "unpaired preset NAME" in text

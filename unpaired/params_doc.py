@@ -64,8 +64,16 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def comments(cls: type) -> dict[str, str]:
-    """Field name -> the doc as one params.yaml comment line (no leading '#')."""
+    """Field name -> its doc, for params.yaml's end-of-line comments (no leading '#')."""
     return {name: doc for name, doc in field_docs(cls).items() if doc}
+
+
+def classes() -> tuple[dict[str, type[params.Params]], dict[str, type[params.Params]]]:
+    """({section: class} for prepare, train and evaluate, {source name: class} for the sources)."""
+    found = sections()
+    by_section = {key: cls for _, key, cls in found if not key.startswith("domains")}
+    by_source = {heading.split("`")[1]: cls for heading, key, cls in found if key.startswith("domains")}
+    return by_section, by_source
 
 
 def _type(tp: Any) -> str:

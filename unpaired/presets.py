@@ -45,7 +45,7 @@ from unpaired.errors import UserError
 CONF = Path("conf")
 HEADER = ("# params.yaml: the one file the pipeline reads. Edit it, then `make repro`; `uv run dvc exp run -S "
           "key=value` changes only that key.")
-SWITCH = "# Switch presets with `uv run unpaired preset NAME [--keep-edits]` (conf/preset/NAME.yaml); each key is explained below and in README.md."
+SWITCH = "# Switch presets with `uv run unpaired preset NAME [--keep-edits]` (conf/preset/NAME.yaml); each key is explained below and in docs/params.md."
 DIGEST = re.compile(r"^# composed by `unpaired preset (?P<name>[\w.-]+)` from conf/ \(sha256 (?P<digest>[0-9a-f]{16})\)$")
 _ABSENT = object()
 
@@ -115,7 +115,47 @@ def _composed(conf: Path, name: str, texts: tuple[str, str] | None = None) -> Co
     base = _read(conf / "config.yaml", config)
     base.ca.comment = None                       # its own header explains conf/, not params.yaml
     _merge(base, _read(preset_file(conf, name) if texts is None else conf / "preset" / f"{name}.yaml", preset))
+    _annotate(base)
     return base
+
+
+COMMENT_COLUMN = 26   # where params.yaml's end-of-line comments start
+COMMENT_WIDTH = 100   # ... and where they wrap onto comment lines of their own
+
+
+def _comment(doc: str) -> str:
+    """A field's doc as an end-of-line comment, wrapped at COMMENT_WIDTH under its first line."""
+    import textwrap
+    lines = textwrap.wrap(doc, COMMENT_WIDTH - COMMENT_COLUMN - 2) or [""]
+    return ("\n" + " " * COMMENT_COLUMN).join(f"# {line}" for line in lines)
+
+
+def _document(section: CommentedMap, docs: dict[str, str]) -> None:
+    """Give each key of `section` its field's doc as its comment (replacing any written in conf/:
+    the params dataclasses are the one place a param is documented)."""
+    for key in section:
+        section.ca.items.pop(key, None)
+        if isinstance(section[key], CommentedMap):
+            for inner in section[key]:
+                section[key].ca.items.pop(inner, None)
+        if key in docs:
+            section.yaml_add_eol_comment(_comment(docs[key]), key, column=COMMENT_COLUMN)
+
+
+def _annotate(data: CommentedMap) -> None:
+    """The comments of a composed params.yaml, from the params classes' field docs (unpaired.params_doc):
+    each key of prepare, train and evaluate, and each key of a domain by its source's class."""
+    from unpaired import params_doc   # the params classes live beside their (heavy) code
+
+    by_section, by_source = params_doc.classes()
+    for name, cls in by_section.items():
+        if isinstance(data.get(name), CommentedMap):
+            _document(data[name], params_doc.comments(cls))
+    for domain in (data.get("domains") or {}).values():
+        if isinstance(domain, CommentedMap) and domain.get("source") in by_source:
+            docs = {"source": "where the images come from (docs/data.md); the keys below are its own",
+                    **params_doc.comments(by_source[domain["source"]])}
+            _document(domain, docs)
 
 
 def _git(cwd: Path, *args: str) -> bytes | None:
