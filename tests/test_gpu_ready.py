@@ -13,6 +13,8 @@ from unpaired import checkpoint
 from unpaired.distributed import Rank
 from unpaired.models.cyclegan import CycleGAN, optimizers
 from unpaired.models.state import TrainState, stored_resolution
+from unpaired.models.training import TrainParams, use_channels_last
+from unpaired.params import ParamsError, parse
 
 CPU = torch.device("cpu")
 
@@ -94,6 +96,7 @@ def test_last_pt_records_the_resolution_and_older_ones_still_resume(tmp_path, ca
     last = checkpoint.load(out / "last.pt")
     assert (last["device"], last["precision"], last["memory_format"]) == ("cpu", "fp32", "contiguous")
     older = {k: v for k, v in last.items() if k not in ("precision", "memory_format", checkpoint.DIGEST)}
+    older["run_params"] = {k: v for k, v in last["run_params"].items() if k != "memory_format"}   # added later
     assert stored_resolution(older) == {"device": "cpu", "precision": "fp32", "memory_format": "contiguous"}
     assert stored_resolution({**older, "device": "cuda"})["precision"] == "bf16"     # auto, then, on CUDA
     checkpoint.save(older, out / "last.pt")
@@ -106,3 +109,21 @@ def test_last_pt_records_the_resolution_and_older_ones_still_resume(tmp_path, ca
     said = capsys.readouterr().out
     assert "resuming from" in said and "(device cuda -> cpu, precision bf16 -> fp32)" in said
     assert checkpoint.load(out / "last.pt")["epoch"] == 2
+
+
+# --- train.memory_format --------------------------------------------------------------------------
+
+def test_memory_format_auto_is_contiguous_and_channels_last_is_refused_where_wrong(tmp_path):
+    """auto is contiguous everywhere (channels-last is not measured faster; it was on by default on
+    CUDA); channels_last where channels_last_ok fails (the CPU) stops in one line, before anything
+    is written."""
+    assert parse(TrainParams, {}, "train").memory_format == "auto"
+    assert not use_channels_last("auto", torch.device("cuda")) and not use_channels_last("contiguous", CPU)
+    data = make_prepared(tmp_path / "prepared")
+    with pytest.raises(ParamsError, match=r"^params.yaml: train.memory_format: channels_last computes instance "
+                                          r"norm's input gradient wrong on cpu \(training.channels_last_ok\); "
+                                          r"use auto or contiguous$"):
+        train(replace(TINY, memory_format="channels_last"), data, tmp_path / "ckpt", tmp_path / "live")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "live").exists()
+    with pytest.raises(ParamsError, match=r"^params.yaml: train.memory_format: "):
+        parse(TrainParams, {"memory_format": "nhwc"}, "train")

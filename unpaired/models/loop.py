@@ -22,7 +22,7 @@ from unpaired.files import make_dirs
 from unpaired.models.feeding import DeviceFeeder
 from unpaired.models.progress import Progress
 from unpaired.models.state import TrainState, data_names, resume
-from unpaired.models.training import Model, TrainParams, channels_last_ok
+from unpaired.models.training import Model, TrainParams, use_channels_last
 
 LOG_EVERY = 50   # steps between progress-bar loss updates (each one reads the losses from the device)
 
@@ -66,14 +66,15 @@ def resume_on_every_rank(model: type[Model], p: TrainParams, data: Path, out: Pa
 def start_run(model: type[Model], p: TrainParams, data: Path, out: Path, device: torch.device,
               rank: Rank) -> TrainState:
     """The state a run of `model` starts from, on every rank: out/last.pt's when it can be continued
-    (resume_on_every_rank), else a fresh one (TrainState.new); channels-last on CUDA where it
-    computes right (training.channels_last_ok); then wrapped in DDP (several processes) and compiled
-    (train.compile). `data`: the prepared folder; `out`: the checkpoints folder (rank 0 makes it).
-    Raises UserError (one line) for a last.pt that cannot be continued."""
+    (resume_on_every_rank), else a fresh one (TrainState.new); in the memory format of
+    train.memory_format (training.use_channels_last); then wrapped in DDP (several processes) and
+    compiled (train.compile). `data`: the prepared folder; `out`: the checkpoints folder (rank 0
+    makes it). Raises UserError (one line) for a last.pt that cannot be continued, ParamsError for
+    channels_last where it computes wrong."""
+    channels_last = use_channels_last(p.memory_format, device)   # before anything is moved or written
     stored, extended = resume_on_every_rank(model, p, data, out, rank)
     if rank.main:
         make_dirs(out)
-    channels_last = device.type == "cuda" and channels_last_ok(device)
     state = TrainState.new(model, p, device, rank, data_names(data), channels_last)
     if stored is not None:
         state.load_state_dict(stored, out / "last.pt", extended=bool(extended))

@@ -35,6 +35,9 @@ from unpaired.models.training import Model, TrainParams
 
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
 NOT_HASHED = ("save_every", "compile", "samples", "threads", "devices", "data_device")
+# Run params added after last.pt files existed: a last.pt without one is compared as if it held this
+# value (what the run did then is what this value does now, up to its resolution: see `resolution`).
+ADDED_LATER = {"memory_format": "auto"}
 SCHEDULE = ("epochs", "epochs_decay")   # the keys along which a finished run can be extended
 EPOCH_FILE = ("format", "epoch", "model", "G_AB", "G_BA")   # checkpoint.generators_payload's keys
 
@@ -125,7 +128,9 @@ def resume(model: type[Model], p: TrainParams, data: Path, out: Path, world_size
                          f"{world_size} (train.devices); each process's pool and random streams cannot be "
                          f"split or merged exactly")
         return None, []
-    changed = differences(state["run_params"], run_params(p))
+    current = run_params(p)
+    written = {**{k: v for k, v in ADDED_LATER.items() if k in current}, **state["run_params"]}
+    changed = differences(written, current)
     other_data = state["data_names"] != data_names(data)
     if other_data or not set(changed) <= set(SCHEDULE):
         why = ", ".join(list(changed.values()) + ([f"other prepared training images in {data}"] if other_data else []))
