@@ -2,6 +2,8 @@
 resolution of its params (device type, precision, memory format) gets its optimizer state
 converted; train.memory_format; train.deterministic; the one-process device; CUDA-graph steps."""
 import contextlib
+import copy
+import os
 from dataclasses import replace
 
 import pytest
@@ -12,6 +14,8 @@ from tests.test_train import TINY, make_prepared
 from unpaired import checkpoint
 from unpaired.distributed import Rank
 from unpaired.models.cyclegan import CycleGAN, optimizers
+from unpaired.models.loop import setup_device
+from unpaired.models.networks import DeterministicReflectionPad2d, ResnetGenerator, deterministic_padding
 from unpaired.models.state import TrainState, stored_resolution
 from unpaired.models.training import TrainParams, use_channels_last
 from unpaired.params import ParamsError, parse
@@ -127,3 +131,62 @@ def test_memory_format_auto_is_contiguous_and_channels_last_is_refused_where_wro
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "live").exists()
     with pytest.raises(ParamsError, match=r"^params.yaml: train.memory_format: "):
         parse(TrainParams, {"memory_format": "nhwc"}, "train")
+
+
+# --- train.deterministic --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("padding", [1, 3, (2, 1, 0, 3)])
+def test_deterministic_reflection_padding_matches_torchs(padding):
+    """The padding a deterministic CUDA run gives the generators (torch's CUDA ReflectionPad2d backward
+    uses atomicAdd and raises under deterministic algorithms): the same output, and the same input
+    gradient up to float64 rounding, in both memory formats."""
+    g = torch.Generator().manual_seed(0)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 4, 7, 9, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, ref = DeterministicReflectionPad2d(padding)(ours), torch.nn.ReflectionPad2d(padding)(theirs)
+        assert torch.equal(out, ref)
+        up = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        out.backward(up)
+        ref.backward(up)
+        assert torch.allclose(ours.grad, theirs.grad, rtol=0, atol=1e-14)
+
+
+def test_deterministic_padding_keeps_the_generator_and_its_gradients():
+    """deterministic_padding swaps every reflection pad of a generator and keeps its state dict; its
+    weights' gradients under deterministic algorithms equal the plain generator's (float64)."""
+    torch.manual_seed(0)
+    plain = ResnetGenerator(ngf=4, n_blocks=2).double()
+    G = copy.deepcopy(plain)
+    deterministic_padding(G)
+    assert sum(type(m) is torch.nn.ReflectionPad2d for m in plain.modules()) == 6
+    assert sum(isinstance(m, DeterministicReflectionPad2d) for m in G.modules()) == 6
+    assert not any(type(m) is torch.nn.ReflectionPad2d for m in G.modules()) and G.state_dict().keys() == \
+        plain.state_dict().keys()
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for net in (plain, G):
+            net(x).square().mean().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for (name, p), q in zip(plain.named_parameters(), G.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-9, atol=1e-15), name
+
+
+def test_deterministic_setting_of_the_device(monkeypatch):
+    """train.deterministic: deterministic algorithms, cuDNN without autotuning and in deterministic
+    mode, CUBLAS_WORKSPACE_CONFIG set (before any CUDA work; a value of the user's is kept)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    for attr in ("benchmark", "deterministic"):
+        monkeypatch.setattr(torch.backends.cudnn, attr, getattr(torch.backends.cudnn, attr))
+    setup_device(replace(TINY, device="cpu", deterministic=True), Rank())
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    setup_device(replace(TINY, device="cpu", deterministic=True), Rank())
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    setup_device(replace(TINY, device="cpu"), Rank())
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic   # CPU: always

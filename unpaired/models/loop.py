@@ -7,6 +7,7 @@ rank 0 alone decides about resuming and writes (unpaired.models.state, unpaired.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,13 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
     """This process's training device for train.device, resolved once: checks that this node can hold
     train.devices processes, joins the process group if any (under torchrun: cuda:LOCAL_RANK on CUDA,
     the node's cores split on the CPU), then the threads (train.threads) and the precision settings
-    (deterministic algorithms on the CPU, cuDNN autotuning and TF32 where fp32 runs on CUDA); prints
-    the precision warning (rank 0). Raises ParamsError (one line) for a device this machine lacks."""
+    (TF32 where fp32 runs on CUDA); prints the precision warning (rank 0). Repeatability: the CPU
+    always runs torch's deterministic algorithms; CUDA runs them only with train.deterministic (then
+    also cuDNN without autotuning, and CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set, which cuBLAS
+    reads when it starts: set here, before any CUDA work), else cuDNN autotunes (benchmark mode).
+    Raises ParamsError (one line) for a device this machine lacks."""
+    if p.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = resolve_device(p.device)
     distributed.check_devices(p.devices, device)
     joined = distributed.init(rank, device)
@@ -40,9 +46,10 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
         device = joined
     threads.apply(p.threads)
     cuda = device.type == "cuda"
-    if device.type == "cpu":
+    if device.type == "cpu" or p.deterministic:
         torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = cuda
+    torch.backends.cudnn.benchmark = cuda and not p.deterministic
+    torch.backends.cudnn.deterministic = p.deterministic
     if cuda and not bf16_for(device, p.precision):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     warning = precision_warning(device, p.precision)

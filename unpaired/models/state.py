@@ -37,7 +37,7 @@ from unpaired.models.training import Model, TrainParams
 NOT_HASHED = ("save_every", "compile", "samples", "threads", "devices", "data_device")
 # Run params added after last.pt files existed: a last.pt without one is compared as if it held this
 # value (what the run did then is what this value does now, up to its resolution: see `resolution`).
-ADDED_LATER = {"memory_format": "auto"}
+ADDED_LATER = {"memory_format": "auto", "deterministic": False}
 SCHEDULE = ("epochs", "epochs_decay")   # the keys along which a finished run can be extended
 EPOCH_FILE = ("format", "epoch", "model", "G_AB", "G_BA")   # checkpoint.generators_payload's keys
 

@@ -52,6 +52,10 @@ class TrainParams(params.Params):
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto (bf16 on CUDA, else fp32), bf16, fp32
                                      # (fp32 allows TF32 on CUDA)
+    deterministic: bool = False      # true: deterministic kernels on CUDA too (torch's deterministic
+                                     # algorithms, no cuDNN autotuning), for runs repeatable on one GPU
+                                     # and software stack; slower by an unmeasured amount. CPU runs
+                                     # always use them
     compile: bool | CompileMode = False   # false, default or reduce-overhead: torch.compile (true =
                                      # default; worth it on CUDA for long runs)
     batched_passes: bool = True      # a step's independent network passes as one batch (false: the
