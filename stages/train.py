@@ -45,7 +45,8 @@ def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int
     device = setup_device(p, rank) if device is None else device
     files_A, files_B = image_files(data / "trainA"), image_files(data / "trainB")
     placement = place_images(p.data_device, device, decoded_bytes(len(files_A) + len(files_B), p.load_size),
-                             rank.local_world_size)      # before any output: a setting that does not fit stops here
+                             rank.local_world_size, batch_bytes=decoded_bytes(2 * p.batch_size, p.load_size)
+                             )      # before any output: a setting that does not fit stops here
     state = start_run(CycleGAN, p, data, out, device, rank)
     feeder = feeder_for(p, files_A, files_B, device, state.channels_last, placement, rank)
     log = RunLog.start(state, placement.why, data, out, live_dir) if rank.main else None

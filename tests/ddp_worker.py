@@ -6,11 +6,15 @@ PART `equivalence`: 5 float64 steps of train_step on DistributedDataParallel net
 taking sample 2k + r at step k (batch 1 each), pool off; after every step the ranks' weights are
 gathered and compared; rank 0 writes OUT/equivalence.pt (final weights, and whether the ranks
 matched after every step). PART `straight`: the train stage for 2 epochs into OUT/straight.
-PART `resumed`: the same run stopped after epoch 1, then resumed, into OUT/resumed.
+PART `resumed`: the same run stopped after epoch 1, then resumed, into OUT/resumed. PART `gather`:
+each rank's state as TrainState.save gathers it (a pool midway through its prepared draws, and its
+random stream) through Rank.gather; rank 0 writes OUT/gathered.json: per rank and leaf, the tensor's
+device and the bytes of its storage against its own.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -59,11 +63,27 @@ def equivalence(rank: distributed.Rank, out: Path) -> None:
                     "identical": identical, "grads": grads}, out / "equivalence.pt")
 
 
+def gather(rank: distributed.Rank, out: Path) -> None:
+    g = torch.Generator().manual_seed(rank.rank)
+    pool = ImagePool(3, g)
+    pool.prepare(5)
+    pool.query(torch.rand(2, 3, 4, 4, generator=g))        # 3 of the 5 prepared draws left: views
+    got = rank.gather({"pool_A": pool.state(), "pool": g.get_state()})
+    if rank.main:
+        leaves = [[{"key": f"{k}.{j}" if isinstance(v, dict) else k, "device": t.device.type,
+                    "storage": t.untyped_storage().nbytes(), "own": t.numel() * t.element_size()}
+                   for k, v in state.items() for j, t in (v.items() if isinstance(v, dict) else [("", v)])]
+                  for state in got]
+        (out / "gathered.json").write_text(json.dumps(leaves))
+
+
 def main() -> None:
     data, out, parts = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(",")
     rank = distributed.from_env()
     distributed.init(rank, torch.device("cpu"))
     try:
+        if "gather" in parts:
+            gather(rank, out)
         if "equivalence" in parts:
             equivalence(rank, out)
         if "straight" in parts:

@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
     one, two = root / "one_node", root / "two_nodes"
     one.mkdir(), two.mkdir()
     worker = ["-m", "tests.ddp_worker", str(data)]
-    node = torchrun("--standalone", "--nproc-per-node=2", *worker, str(one), "equivalence,straight,resumed")
+    node = torchrun("--standalone", "--nproc-per-node=2", *worker, str(one), "gather,equivalence,straight,resumed")
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [torchrun("--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
                       "--rdzv-id=test", *worker, str(two), "straight") for _ in range(2)]
@@ -91,6 +91,18 @@ def test_two_processes_at_batch_1_equal_one_at_batch_2(runs):
             assert torch.allclose(theirs, value, rtol=1e-7, atol=1e-9), (name, key, (theirs - value).abs().max())
     start = build_models(4, 4, 1, 3, torch.device("cpu"), False, dtype=torch.float64)
     assert not torch.equal(start.G_A.model[1].weight, m.G_A.model[1].weight)   # (it did train)
+
+
+def test_object_collectives_carry_compact_cpu_copies(runs):
+    """What Rank.gather delivers (the ranks' own state at each checkpoint: pools, random streams)
+    holds CPU tensors that own only their elements: a sender's CUDA tensor would be unpickled onto
+    the sender's GPU by every receiver, and a view would carry its whole storage. (On this CPU-only
+    machine the device part cannot fail; the storage part does on a plain all_gather_object.)"""
+    got = json.loads((runs["one"] / "gathered.json").read_text())
+    assert len(got) == 2 and all({x["key"] for x in rank} == {"pool_A.images", "pool_A.u", "pool_A.index", "pool"}
+                                 for rank in got)
+    for leaf in (x for rank in got for x in rank):
+        assert leaf["device"] == "cpu" and leaf["storage"] == leaf["own"], leaf
 
 
 def test_interrupted_two_process_run_resumes_bitwise(runs):

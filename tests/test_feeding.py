@@ -1,5 +1,8 @@
 """Where the training images live (train.data_device) and the feeders that cut batches out of them:
 every place gives the same batches and the same trained weights; memory stays bounded."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -8,8 +11,8 @@ import torch
 from stages.train import train
 from tests.test_train import TINY, make_prepared, same, weights
 from unpaired.errors import UserError
-from unpaired.models.feeding import (DeviceFeeder, DiskFeeder, decoded_bytes, image_files, load_folder,
-                              place_images)
+from unpaired.models.feeding import (DeviceFeeder, DiskFeeder, HostBuffers, decoded_bytes, image_files,
+                                     load_folder, place_images)
 
 CPU = torch.device("cpu")
 GIB = 2 ** 30
@@ -88,3 +91,78 @@ def test_the_stage_says_where_the_images_are(tmp_path, capsys):
     train(replace(TINY, data_device="disk"), data, tmp_path / "ckpt", tmp_path / "live")
     assert "train: 0.00 GiB of decoded images read from disk each step, one batch ahead " \
            "(train.data_device: disk)" in capsys.readouterr().out
+
+
+# --- reused host buffers (pinned on CUDA) --------------------------------------------------------
+
+class CopyInFlight:
+    """A copy running in another thread, standing for an asynchronous host-to-device copy: the
+    fence HostBuffers waits on (synchronize(), as torch.cuda.Event's)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, src: torch.Tensor, dst: torch.Tensor, started: threading.Event):
+        def copy():
+            started.set()
+            time.sleep(0.3)
+            dst.copy_(src)
+        self.done = pool.submit(copy)
+
+    def synchronize(self) -> None:
+        self.done.result()
+
+
+def test_host_buffers_are_reused_and_never_rewritten_while_a_copy_reads_them():
+    buffers = HostBuffers()
+    slot0, first = buffers.take((2, 3, 4, 4))
+    slot1, second = buffers.take((2, 3, 4, 4))
+    assert (slot0, slot1) == (0, 1) and first.data_ptr() != second.data_ptr()
+    slot, again = buffers.take((1, 3, 4, 4))                    # a shorter batch: the same buffer
+    assert slot == 0 and again.data_ptr() == first.data_ptr() and again.shape == (1, 3, 4, 4)
+    assert buffers.allocations == 2
+    # A copy still reading slot 1's buffer: taking slot 1 again waits for it to finish.
+    second.fill_(1)
+    dst, started = torch.zeros(2, 3, 4, 4, dtype=torch.uint8), threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        buffers.release(slot1, CopyInFlight(pool, second, dst, started))
+        started.wait()
+        buffers.release(0, None)
+        slot, reused = buffers.take((2, 3, 4, 4))
+        assert slot == 1 and reused.data_ptr() == second.data_ptr()
+        reused.fill_(2)                                         # only now may it be refilled
+    assert (dst == 1).all() and buffers.allocations == 2
+
+
+def test_batches_copied_through_reused_buffers_are_todays(tmp_path):
+    """Images on the host (copy per batch) and images read from disk go through two reused buffers
+    per domain, allocated once, for every epoch and the short last batch; the batches are those cut
+    from images on the device, bit for bit. The disk thread hands back host buffers: the copy to the
+    device is the main thread's (on CUDA: pinned, without blocking)."""
+    data = make_prepared(tmp_path / "prepared", n=(5, 4), size=30)
+    files_a, files_b = image_files(data / "trainA"), image_files(data / "trainB")
+    a, b = load_folder(files_a, 28), load_folder(files_b, 28)
+    on_device = DeviceFeeder(a, b, 24, True, 2, CPU, False)
+    on_host = DeviceFeeder(a, b, 24, True, 2, CPU, False, data_device=CPU, copy_per_batch=True)
+    disk = DiskFeeder(files_a, files_b, 28, 24, True, 2, CPU, False)
+    for epoch in range(2):
+        want = list(on_device.batches(on_device.plan(torch.Generator().manual_seed(epoch))))
+        for feeder in (on_host, disk):
+            got = list(feeder.batches(feeder.plan(torch.Generator().manual_seed(epoch))))
+            assert len(got) == len(want) == 3
+            assert all(torch.equal(x, y) for p, q in zip(want, got) for x, y in zip(p, q))
+    assert [x.allocations for f in (on_host, disk) for x in f.buffers] == [2, 2, 2, 2]
+    plan = disk.plan(torch.Generator().manual_seed(0))
+    decoded = disk._whole(plan, slice(0, 2)).result()
+    owned = {buf.data_ptr() for x in disk.buffers for buf in x.buffers}
+    assert [(t.device.type, t.data_ptr() in owned) for _, t in decoded] == [("cpu", True)] * 2
+
+
+def test_auto_counts_the_pinned_batch_buffers():
+    """On CUDA `host` pins the images plus two batch buffers per domain: a dataset that fits half
+    the host's memory only without them is read from disk (auto) or refused (host)."""
+    cuda = torch.device("cuda")
+    n, batch = int(1.96 * GIB), decoded_bytes(2 * 64, 286)         # 0.03 GiB per step, both domains
+    assert place_images("auto", cuda, n, available=4 * GIB, free=1 * GIB).place == "host"
+    assert place_images("auto", cuda, n, available=4 * GIB, free=1 * GIB, batch_bytes=batch).place == "disk"
+    with pytest.raises(UserError, match=r"train.data_device: host: 1.96 GiB of decoded images do not fit"):
+        place_images("host", cuda, n, available=int(1.99 * GIB), free=1 * GIB, batch_bytes=batch)
+    # images on the GPU: decoded one by one onto it, the host holds one image at a time
+    assert place_images("auto", cuda, n, available=1 * GIB, free=16 * GIB, batch_bytes=batch).place == "device"

@@ -65,12 +65,31 @@ class Rank:
         return tensor
 
     def gather(self, obj):
-        """[obj of rank 0, obj of rank 1, ...] on every rank (small picklable state, e.g. the pools)."""
+        """[obj of rank 0, obj of rank 1, ...] on every rank (small picklable state, e.g. the pools).
+        Every tensor in `obj` travels as a compact CPU copy (host_copies), so every rank receives
+        CPU tensors whatever device the sender's lived on."""
         if not self.distributed:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, host_copies(obj))
         return out
+
+
+def host_copies(obj):
+    """`obj` with every tensor in it (inside dicts, lists and tuples, at any depth) replaced by a
+    detached copy in CPU memory that owns only its own elements; anything else as it is.
+
+    For torch.distributed's object collectives, which pickle what they are given: a CUDA tensor is
+    unpickled by every receiver onto the sender's device (rank 1's cuda:1 pool would reach rank 0
+    as cuda:1 tensors, on a GPU rank 0 does not train on), and a view pickles the whole storage it
+    is a view of (a pool's remaining draws are slices of the epoch's)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copies(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copies(v) for v in obj)
+    return obj
 
 
 def from_env() -> Rank | None:

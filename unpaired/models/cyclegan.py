@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unpaired import checkpoint
-from unpaired.models.networks import PatchDiscriminator, ResnetGenerator, init_weights
+from unpaired.models.networks import PatchDiscriminator, ResnetGenerator, deterministic_padding, init_weights
 from unpaired.models.pool import ImagePool
 from unpaired.models.training import TrainParams, compiled, ddp
 
@@ -214,6 +214,9 @@ class CycleGAN:
                  channels_last: bool):
         self.p, self.device = p, device
         self.models = build_models(p.ngf, p.ndf, p.n_blocks, p.n_layers, device, channels_last=channels_last)
+        if p.deterministic and device.type == "cuda":   # torch's CUDA reflection-pad backward would raise
+            for G in (self.models.G_A, self.models.G_B):
+                deterministic_padding(G)
         self.nets = dict(zip(self.NETS, self.models.nets()))
         self.optimizers = dict(zip(self.OPTIMIZERS, optimizers(self.models, p.scaled_lr(world_size), p.beta1,
                                                                fused=device.type == "cuda")))

@@ -7,6 +7,7 @@ rank 0 alone decides about resuming and writes (unpaired.models.state, unpaired.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,13 +17,13 @@ import torch
 from tqdm import tqdm
 
 from unpaired import checkpoint, distributed, threads
-from unpaired.devices import bf16_for, precision_warning, resolve_device
+from unpaired.devices import bf16_for, precision_for, precision_warning, resolve_device
 from unpaired.distributed import Rank
 from unpaired.files import make_dirs
 from unpaired.models.feeding import DeviceFeeder
 from unpaired.models.progress import Progress
 from unpaired.models.state import TrainState, data_names, resume
-from unpaired.models.training import Model, TrainParams, channels_last_ok
+from unpaired.models.training import Model, TrainParams, use_channels_last
 
 LOG_EVERY = 50   # steps between progress-bar loss updates (each one reads the losses from the device)
 
@@ -31,8 +32,13 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
     """This process's training device for train.device, resolved once: checks that this node can hold
     train.devices processes, joins the process group if any (under torchrun: cuda:LOCAL_RANK on CUDA,
     the node's cores split on the CPU), then the threads (train.threads) and the precision settings
-    (deterministic algorithms on the CPU, cuDNN autotuning and TF32 where fp32 runs on CUDA); prints
-    the precision warning (rank 0). Raises ParamsError (one line) for a device this machine lacks."""
+    (TF32 where fp32 runs on CUDA); prints the precision warning (rank 0). Repeatability: the CPU
+    always runs torch's deterministic algorithms; CUDA runs them only with train.deterministic (then
+    also cuDNN without autotuning, and CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set, which cuBLAS
+    reads when it starts: set here, before any CUDA work), else cuDNN autotunes (benchmark mode).
+    Raises ParamsError (one line) for a device this machine lacks."""
+    if p.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = resolve_device(p.device)
     distributed.check_devices(p.devices, device)
     joined = distributed.init(rank, device)
@@ -40,14 +46,18 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
         device = joined
     threads.apply(p.threads)
     cuda = device.type == "cuda"
-    if device.type == "cpu":
+    if device.type == "cpu" or p.deterministic:
         torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = cuda
+    torch.backends.cudnn.benchmark = cuda and not p.deterministic
+    torch.backends.cudnn.deterministic = p.deterministic
     if cuda and not bf16_for(device, p.precision):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     warning = precision_warning(device, p.precision)
-    if warning and rank.main:
-        print(warning, file=sys.stderr)
+    if rank.main:
+        if device.type == "cuda":                # which precision, and why (bf16 only where native)
+            print(f"train: {precision_for(device, p.precision).why}")
+        if warning:
+            print(warning, file=sys.stderr)
     return device
 
 
@@ -66,14 +76,15 @@ def resume_on_every_rank(model: type[Model], p: TrainParams, data: Path, out: Pa
 def start_run(model: type[Model], p: TrainParams, data: Path, out: Path, device: torch.device,
               rank: Rank) -> TrainState:
     """The state a run of `model` starts from, on every rank: out/last.pt's when it can be continued
-    (resume_on_every_rank), else a fresh one (TrainState.new); channels-last on CUDA where it
-    computes right (training.channels_last_ok); then wrapped in DDP (several processes) and compiled
-    (train.compile). `data`: the prepared folder; `out`: the checkpoints folder (rank 0 makes it).
-    Raises UserError (one line) for a last.pt that cannot be continued."""
+    (resume_on_every_rank), else a fresh one (TrainState.new); in the memory format of
+    train.memory_format (training.use_channels_last); then wrapped in DDP (several processes) and
+    compiled (train.compile). `data`: the prepared folder; `out`: the checkpoints folder (rank 0
+    makes it). Raises UserError (one line) for a last.pt that cannot be continued, ParamsError for
+    channels_last where it computes wrong."""
+    channels_last = use_channels_last(p.memory_format, device)   # before anything is moved or written
     stored, extended = resume_on_every_rank(model, p, data, out, rank)
     if rank.main:
         make_dirs(out)
-    channels_last = device.type == "cuda" and channels_last_ok(device)
     state = TrainState.new(model, p, device, rank, data_names(data), channels_last)
     if stored is not None:
         state.load_state_dict(stored, out / "last.pt", extended=bool(extended))

@@ -8,10 +8,13 @@ implementation's defaults (the losses and the step are each model's: unpaired/mo
   layer. ndf=64: 2,764,737 parameters.
 - init_weights: N(0, 0.02) for conv weights, zero biases (the reference's `init_type=normal`).
 - count_parameters: the number of parameters of a network.
+- deterministic_padding: the generators' reflection padding with a deterministic backward, for
+  CUDA runs under torch.use_deterministic_algorithms (train.deterministic).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -84,3 +87,52 @@ def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
 
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+class _ReflectionPad(torch.autograd.Function):
+    """F.pad(mode="reflect") forward; a backward of slices, flips and adds only. torch's CUDA
+    reflection_pad2d_backward accumulates with atomicAdd and raises under
+    torch.use_deterministic_algorithms; no library offers a deterministic one, hence this."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, padding: tuple[int, int, int, int]) -> torch.Tensor:
+        ctx.padding = padding
+        return F.pad(x, padding, mode="reflect")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        left, right, top, bottom = ctx.padding
+        h, w = grad.shape[-2] - top - bottom, grad.shape[-1] - left - right
+        # Output column j < left copies input column left - j, column left + w + j copies w - 2 - j:
+        # each padded column's gradient goes back onto the column it copies (rows likewise, after).
+        cols = grad[..., left:left + w].clone()
+        if left:
+            cols[..., 1:left + 1] += grad[..., :left].flip(-1)
+        if right:
+            cols[..., w - 1 - right:w - 1] += grad[..., left + w:].flip(-1)
+        out = cols[..., top:top + h, :].clone()
+        if top:
+            out[..., 1:top + 1, :] += cols[..., :top, :].flip(-2)
+        if bottom:
+            out[..., h - 1 - bottom:h - 1, :] += cols[..., top + h:, :].flip(-2)
+        return out, None
+
+
+class DeterministicReflectionPad2d(nn.ReflectionPad2d):
+    """nn.ReflectionPad2d (the same padding, the same output) whose backward is deterministic on
+    every device: the padded borders' gradients are added back with slices and flips, no atomics.
+    Its input gradient equals ReflectionPad2d's up to the order of at most four additions per
+    element (tests/test_gpu_ready.py compares them in float64)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReflectionPad.apply(x, tuple(self.padding))
+
+
+def deterministic_padding(net: nn.Module) -> nn.Module:
+    """`net` with each nn.ReflectionPad2d in it replaced by DeterministicReflectionPad2d (in place;
+    no parameters change, so state dicts are the same)."""
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.ReflectionPad2d:
+                setattr(module, name, DeterministicReflectionPad2d(child.padding))
+    return net

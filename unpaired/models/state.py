@@ -4,9 +4,13 @@ earlier run: resume, extend, move aside, repair epoch files; the checks that sto
 A run is resumable from out/last.pt when it was written with the same run params (the train params
 that change the numbers: all but NOT_HASHED) and the same prepared data; if only the schedule
 (train.epochs, train.epochs_decay) grew, it is extended; otherwise the earlier files are moved to
-<out>.previous/<time>/. Each epoch's sample grid is a PNG in out/samples/ (written once, never kept in
-last.pt), so last.pt stays the same size apart from the per-epoch numbers of its history. Nothing
-in last.pt or the epoch files depends on the clock, the host or the process.
+<out>.previous/<time>/. last.pt also records what the run's settings resolved to (`resolution`:
+the device type, the precision, the networks' memory format); a run continued under another
+resolution (train.device: auto on another machine) is said so in one line, and its optimizer state
+is converted to this run's (load_optimizer_state). Each epoch's sample grid is a PNG in
+out/samples/ (written once, never kept in last.pt), so last.pt stays the same size apart from the
+per-epoch numbers of its history. Nothing in last.pt or the epoch files depends on the clock, the
+host or the process.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 
 from unpaired import checkpoint, params
+from unpaired.devices import bf16_for
 from unpaired.distributed import Rank
 from unpaired.errors import UserError
 from unpaired.files import make_dirs
@@ -30,6 +35,9 @@ from unpaired.models.training import Model, TrainParams
 
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
 NOT_HASHED = ("save_every", "compile", "samples", "threads", "devices", "data_device")
+# Run params added after last.pt files existed: a last.pt without one is compared as if it held this
+# value (what the run did then is what this value does now, up to its resolution: see `resolution`).
+ADDED_LATER = {"memory_format": "auto", "deterministic": False}
 SCHEDULE = ("epochs", "epochs_decay")   # the keys along which a finished run can be extended
 EPOCH_FILE = ("format", "epoch", "model", "G_AB", "G_BA")   # checkpoint.generators_payload's keys
 
@@ -120,7 +128,9 @@ def resume(model: type[Model], p: TrainParams, data: Path, out: Path, world_size
                          f"{world_size} (train.devices); each process's pool and random streams cannot be "
                          f"split or merged exactly")
         return None, []
-    changed = differences(state["run_params"], run_params(p))
+    current = run_params(p)
+    written = {**{k: v for k, v in ADDED_LATER.items() if k in current}, **state["run_params"]}
+    changed = differences(written, current)
     other_data = state["data_names"] != data_names(data)
     if other_data or not set(changed) <= set(SCHEDULE):
         why = ", ".join(list(changed.values()) + ([f"other prepared training images in {data}"] if other_data else []))
@@ -142,6 +152,49 @@ def resume(model: type[Model], p: TrainParams, data: Path, out: Path, world_size
               f"epoch {state['epoch'] + 1} on the learning rate follows the new schedule: {new:.3g} "
               f"(epoch {state['epoch']} ran at {old:.3g})")
     return state, sorted(changed)
+
+
+def resolution(device: torch.device, precision: str, channels_last: bool) -> dict[str, str]:
+    """What a run's settings resolved to, as last.pt records it beside run_params (which hold them
+    as written, e.g. `auto`): {"device": "cpu"|"cuda"|"mps", "precision": "bf16"|"fp32" (train.precision
+    by unpaired.devices.bf16_for), "memory_format": "channels_last"|"contiguous" (the networks')}."""
+    return {"device": device.type, "precision": "bf16" if bf16_for(device, precision) else "fp32",
+            "memory_format": "channels_last" if channels_last else "contiguous"}
+
+
+def stored_resolution(state: dict[str, Any]) -> dict[str, str]:
+    """The resolution a last.pt records (see `resolution`). A last.pt from before it was recorded in
+    full: its precision as train.precision resolved then on its device (bf16_for), its memory format
+    as its stored weights are laid out; without a recorded device, none is known (left out)."""
+    got = {k: state[k] for k in ("device", "precision", "memory_format") if isinstance(state.get(k), str)}
+    if "device" in got and "precision" not in got:
+        written = state["run_params"].get("precision", "auto")
+        got["precision"] = "bf16" if bf16_for(torch.device(got["device"]), written) else "fp32"
+    if "memory_format" not in got:
+        convs = [w for net in state["nets"].values() for w in net.values()
+                 if isinstance(w, torch.Tensor) and w.dim() == 4 and w.shape[1] > 1 and w.shape[2] * w.shape[3] > 1]
+        got["memory_format"] = "channels_last" if convs and not convs[0].is_contiguous() and \
+            convs[0].is_contiguous(memory_format=torch.channels_last) else "contiguous"
+    return got
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, stored: dict[str, Any]) -> None:
+    """opt.load_state_dict(stored), converted to `opt` as this run built it. torch restores the
+    stored param groups' `fused` flag and keeps each stored tensor's strides; here `fused` is this
+    optimizer's own (a CUDA run's fused Adam continued on the CPU would run CPU fused Adam) and each
+    per-weight tensor (Adam's moments) is laid out as its weight. Fused Adam walks moments and
+    weights as flat arrays: a channels-last moment of a contiguous weight updates other elements
+    than its own (measured on the CPU; tests/test_train.py checks the conversion). Raises what
+    load_state_dict raises for a state of other parameters (ValueError, KeyError)."""
+    groups = [{**group, "fused": mine.get("fused")} for group, mine in zip(stored["param_groups"], opt.param_groups)]
+    opt.load_state_dict({**stored, "param_groups": groups + stored["param_groups"][len(groups):]})
+    for group in opt.param_groups:
+        for weight in group["params"]:
+            moments = opt.state.get(weight, {})
+            for key, value in moments.items():
+                if isinstance(value, torch.Tensor) and value.shape == weight.shape \
+                        and value.stride() != weight.stride():
+                    moments[key] = torch.empty_like(weight, dtype=value.dtype).copy_(value)
 
 
 def check_epoch_files(out: Path, state: dict[str, Any]) -> None:
@@ -236,6 +289,11 @@ class TrainState:
                 for name, opt in self.model.optimizers.items()}
 
     @property
+    def resolution(self) -> dict[str, str]:
+        """What this run's settings resolved to (the module function `resolution`)."""
+        return resolution(self.device, self.p.precision, self.channels_last)
+
+    @property
     def total(self) -> int:
         """The epochs of the schedule: train.epochs + train.epochs_decay."""
         return self.p.epochs + self.p.epochs_decay
@@ -275,7 +333,7 @@ class TrainState:
         state = self.epoch_file()
         state.update({
             "run_hash": run_hash(run, self.names), "run_params": run, "data_names": self.names,
-            "world_size": self.rank.world_size, "device": self.device.type,   # what `auto` resolved to
+            "world_size": self.rank.world_size, **self.resolution,   # device, precision, memory_format
             "nets": {name: {k: v.detach().cpu() for k, v in net.state_dict().items()}
                      for name, net in self.model.nets.items()},
             **{f"opt_{name}": opt.state_dict() for name, opt in self.model.optimizers.items()},
@@ -294,10 +352,11 @@ class TrainState:
         resumed epoch on. Raises UserError (one line) when the state does not fit the model."""
         model = self.model
         try:
+            before = stored_resolution(state)
             for name, net in model.nets.items():
                 net.load_state_dict(state["nets"][name])
             for name, opt in model.optimizers.items():
-                opt.load_state_dict(state[f"opt_{name}"])
+                load_optimizer_state(opt, state[f"opt_{name}"])
             if extended:   # the new rule's lr for the next epoch; the stored counters kept
                 first = next(iter(self.schedules))
                 self.schedules = self._schedules(last_epoch=state[f"sched_{first}"]["last_epoch"] - 1)
@@ -317,6 +376,12 @@ class TrainState:
             raise UserError(f"{last}: its stored state does not fit the models its train params describe "
                             f"({type(err).__name__}: {detail}); it was edited or written by another version: "
                             f"move {last.parent} away to start afresh") from None
+        moved = [f"{k} {before[k]} -> {v}" for k, v in self.resolution.items() if before.get(k, v) != v]
+        if moved and self.rank.main:
+            print(f"train: {last} was trained with another resolution of the same params ({', '.join(moved)}); "
+                  f"continuing it with its optimizer state converted (moments laid out as the weights, Adam "
+                  f"fused as this device runs it); its numbers will differ from a run on one setting: move "
+                  f"{last.parent} away to start afresh")
         self.epoch = state["epoch"]
         self.history = [{"epoch": r["epoch"], "metrics": {k: v for k, v in r["metrics"].items()
                                                           if k in model.LOSS_NAMES or k == "lr"}}

@@ -1,7 +1,8 @@
 """What every model's training shares: the `train` params (TrainParams), the interface a model offers
 the shared training code (Model; unpaired/models/cyclegan.py's CycleGAN is one), and the wrappers
-around a model's modules: channels-last where the device computes it right, DistributedDataParallel
-and torch.compile with a persistent cache.
+around a model's modules: the memory format (train.memory_format: channels-last only when asked for
+and where the device computes it right), DistributedDataParallel and torch.compile with a
+persistent cache.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ CompileMode = Literal["default", "reduce-overhead"]
 COMPILE_MODES = get_args(CompileMode)
 
 
+MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 DataPlace = Literal["auto", "device", "host", "disk"]
 DATA_PLACES = get_args(DataPlace)   # train.data_device; see unpaired.models.feeding.place_images
 
@@ -48,8 +50,12 @@ class TrainParams(params.Params):
     samples: int = 4                 # test images per direction in the per-epoch sample image
     seed: int = 0                    # weights, crops, flips and pool draws
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
-    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto (bf16 on CUDA, else fp32), bf16, fp32
-                                     # (fp32 allows TF32 on CUDA)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto (bf16 on CUDA at compute capability
+                                     # >= 8.0, else fp32), bf16, fp32 (fp32 allows TF32 on CUDA)
+    deterministic: bool = False      # true: deterministic kernels on CUDA too (torch's deterministic
+                                     # algorithms, no cuDNN autotuning), for runs repeatable on one GPU
+                                     # and software stack; slower by an unmeasured amount. CPU runs
+                                     # always use them
     compile: bool | CompileMode = False   # false, default or reduce-overhead: torch.compile (true =
                                      # default; worth it on CUDA for long runs)
     batched_passes: bool = True      # a step's independent network passes as one batch (false: the
@@ -58,6 +64,10 @@ class TrainParams(params.Params):
                                      # most one per core)
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"   # with devices > 1: lr × 1, × world
                                      # size or × √(world size)
+    memory_format: MemoryFormat = "auto"   # the networks' memory format: auto (contiguous:
+                                     # channels-last is not measured faster for these networks),
+                                     # channels_last (refused where it computes wrong, e.g. the CPU)
+                                     # or contiguous
     data_device: DataPlace = "auto"  # where the training images live: auto, device, host (CUDA:
                                      # pinned) or disk (read one batch ahead)
     threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
@@ -189,6 +199,21 @@ def channels_last_ok(device: torch.device) -> bool:
         err = (xd.grad.double().cpu() - x64.grad).abs().max() / x64.grad.abs().max()
         if not err < 1e-3:
             return False
+    return True
+
+
+def use_channels_last(setting: str, device: torch.device, key: str = "train.memory_format") -> bool:
+    """Whether the networks (and the feeders' batches) are channels-last under train.memory_format =
+    `setting` on `device`. `auto` and `contiguous`: never. Channels-last has not been measured faster
+    for these networks on any device here, and instance norm returns contiguous (NCHW) tensors
+    whatever its input, so each conv/norm pair may add two layout changes; `auto` stays contiguous
+    until a measurement says otherwise (benchmarks/gpu_check.sh measures both on CUDA).
+    `channels_last`: where channels_last_ok holds, else a one-line ParamsError naming `key`."""
+    if setting != "channels_last":
+        return False
+    if not channels_last_ok(device):
+        params.fail(key, f"channels_last computes instance norm's input gradient wrong on {device} "
+                         f"(training.channels_last_ok); use auto or contiguous")
     return True
 
 
