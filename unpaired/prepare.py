@@ -301,7 +301,9 @@ def no_training_images(p: PrepareParams, domain: str, raw: Path, files: int, tal
         "test": ("held out for test", f"went to test{domain.upper()} (prepare.test_fraction: "
                                       f"{p.test_fraction}); lower prepare.test_fraction or add images"),
     }
-    counts = {**{r: n for r, n in tally.skipped.items() if n}, **({"test": tally.kept["test"]} if tally.kept["test"] else {})}
+    counts = {r: n for r, n in tally.skipped.items() if n}
+    if tally.kept["test"]:
+        counts["test"] = tally.kept["test"]
     top = max(counts, key=lambda r: counts[r])      # the first of equal counts, in REASONS order
     others = ", ".join(f"{n} {why[r][0]}" for r, n in counts.items() if r != top)
     return UserError(f"{where}: {counts[top]} of its {files} files {why[top][1]}"
