@@ -24,7 +24,8 @@ from unpaired.dataset_page import DatasetSheets
 from unpaired.errors import ArgumentParser, UserError, main_guard
 from unpaired.files import atomic_dir, atomic_write_json, pack_dir, remove_stale_temporaries, write_manifest
 from unpaired.prepare import (DOMAINS, MANIFEST_COLUMNS, MIN_TEST, DomainTally, PrepareParams,
-                              cross_domain_near_duplicates, place_kept, process_domain, read_sources)
+                              cross_domain_near_duplicates, no_training_images, place_kept, process_domain,
+                              read_sources)
 
 
 def prepare(p: PrepareParams, raw: Path | Mapping[str, Path], out: Path, metrics: Path,
@@ -70,10 +71,7 @@ def prepare_domain(p: PrepareParams, d: str, raw: Path, tmp: Path, workers: int 
     tally = place_kept(p, d, raw, results, staging, tmp, sources)
     del sources
     if tally.kept["train"] == 0:
-        raise UserError(f"{raw}: no usable training images for domain {d} "
-                        f"({len(results)} files; skipped: {dict(+tally.skipped) or 'none'}); add images "
-                        f"or check domains.{d}, prepare.min_size, prepare.test_fraction and "
-                        f"prepare.faces.{d}")
+        raise no_training_images(p, d, raw, len(results), tally)
     if page_tmp is not None:
         sheets.add_domain(d, results, page_tmp, lambda r: staging / f"{r.index}.thumb.png" if r.thumb else None)
     shutil.rmtree(staging)

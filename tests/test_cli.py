@@ -228,9 +228,52 @@ def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
     noise(tmp_path / "in" / "x.png", 12, 12)
     (tmp_path / "out" / "x.png").mkdir(parents=True)        # an output name taken by a folder
     (tmp_path / "out" / ".x.png.tmp").write_bytes(b"left by a killed run")
-    with pytest.raises(UserError, match=rf"^{tmp_path / 'out' / 'x.png'}: cannot write \(Is a directory\); "):
-        translate_files(str(ckpt), [str(tmp_path / "in")], str(tmp_path / "out"))
+    done = translate_files(str(ckpt), [str(tmp_path / "in")], str(tmp_path / "out"))
+    assert done.written == 0
+    assert done.skipped == [f"{tmp_path / 'in' / 'x.png'} (not written: {tmp_path / 'out' / 'x.png'}: Is a directory)"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.png"]
+
+
+def test_one_bad_item_of_a_batch_is_skipped_and_named_and_the_rest_written(tmp_path, capsys):
+    """Issue 24.13: in one batch of same-size images, an undecodable file, an output name the
+    filesystem refuses (over 255 bytes: the .jpg of a colliding pair keeps its extension) and an
+    output name taken by a folder: each is skipped and named, every other image is written, no
+    temporary is left, and the rename list names only what was written."""
+    ckpt = save_generators(tmp_path)
+    inputs = tmp_path / "in"
+    long = "x" * 251
+    for i, name in enumerate(["a.png", "b.png", "c.png", "d.png", "e.jpg", "e.png", f"{long}.jpg"]):
+        noise(inputs / name, 12, 16, seed=i)
+    (inputs / f"{long}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")    # undecodable: its .jpg is renamed
+    out = tmp_path / "out"
+    (out / "c.png").mkdir(parents=True)                       # an output name taken by a folder
+    proc = unpaired(capsys, "translate", str(ckpt), str(inputs), "--out", str(out), "--batch-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"translated 5 image(s) AtoB -> {out}",
+        "1 output(s) renamed where input names collide:",
+        f"  {inputs / 'e.jpg'} -> e.jpg.png",
+        "skipped 3 file(s):",
+        f"  {inputs / (long + '.png')} (not_image)",
+        f"  {inputs / 'c.png'} (not written: {out / 'c.png'}: Is a directory)",
+        f"  {inputs / (long + '.jpg')} (not written: {out / (long + '.jpg.png')}: File name too long)"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png", "d.png", "e.jpg.png", "e.png"]
+    assert all(Image.open(out / n).size == (16, 12) for n in ["a.png", "b.png", "d.png", "e.png", "e.jpg.png"])
+
+
+def test_the_rename_list_never_names_a_skipped_file(tmp_path, capsys):
+    """Issue 24.13: `truncated.png` and a truncated `truncated.jpg`: the .jpg is skipped, so nothing
+    was renamed (the list named `truncated.jpg -> truncated.jpg.png`, a file never written)."""
+    ckpt = save_generators(tmp_path)
+    noise(tmp_path / "in" / "truncated.png", 12, 12)
+    jpg = noise(tmp_path / "in" / "truncated.jpg", 64, 64, seed=1).with_suffix(".jpg")
+    Image.open(tmp_path / "in" / "truncated.jpg").save(jpg, "JPEG")
+    jpg.write_bytes(jpg.read_bytes()[:300])
+    proc = unpaired(capsys, "translate", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"translated 1 image(s) AtoB -> {tmp_path / 'out'}", "skipped 1 file(s):",
+                                        f"  {jpg} (truncated)"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["truncated.png"]
 
 
 def test_export_into_an_existing_folder_and_without_torch_notes(tmp_path):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import random
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -16,6 +17,7 @@ from skimage import data
 
 from stages.prepare import prepare
 from unpaired import near_duplicates as nd
+from unpaired.errors import UserError
 from unpaired.params import ParamsError, parse
 from unpaired.prepare import PrepareParams
 from unpaired.sources.doodles import DoodleParams, render
@@ -164,3 +166,34 @@ def test_new_params_read_the_same_in_yaml_1_1_and_1_2():
     assert parse(PrepareParams, v12, "prepare") == PrepareParams()
     for key in v12:
         assert key not in ("size", "nfiles")
+
+
+def test_a_domain_left_without_training_images_names_what_took_them(tmp_path):
+    """Issue 24.11: when near-duplicate removal took most of a domain, the line says so and names
+    prepare.near_duplicate_distance, in plain words (it advised min_size, test_fraction and faces
+    and printed a Python dict of the counts)."""
+    raw = tmp_path / "raw"
+    for d in ("a", "b"):
+        (raw / d).mkdir(parents=True)
+    photo = Image.fromarray(data.astronaut()).convert("RGB").resize((128, 128))
+    photo.save(raw / "a" / "orig.png")
+    for name, copy in edits(photo).items():
+        copy.save(raw / "a" / f"{name}.png")
+    Image.new("RGB", (4, 40)).save(raw / "a" / "thin.png")
+    for i in range(4):
+        render(DoodleParams(seed=9), "b", i).save(raw / "b" / f"b{i}.png")
+    p = PrepareParams(image_size=32, test_fraction=0.99, min_size=8)
+    with pytest.raises(UserError) as err:
+        prepare(p, raw, tmp_path / "out", tmp_path / "m.json", workers=1)
+    assert str(err.value) == (
+        f"{raw / 'a'}: no usable training images for domain a: 5 of its 7 files are near-duplicates of "
+        f"another image (within prepare.near_duplicate_distance: {DEFAULT} bits of 256); lower "
+        f"prepare.near_duplicate_distance (0 turns the check off) or add different images (the others: 1 too "
+        f"small, 1 held out for test)")
+    (raw / "a" / "thin.png").unlink()
+    for name in edits(photo):
+        (raw / "a" / f"{name}.png").unlink()
+    with pytest.raises(UserError) as err:          # the split took the most: test_fraction is named
+        prepare(replace(p, near_duplicate_distance=0), raw, tmp_path / "out", tmp_path / "m.json", workers=1)
+    assert str(err.value) == (f"{raw / 'a'}: no usable training images for domain a: 1 of its 1 files went to "
+                              f"testA (prepare.test_fraction: 0.99); lower prepare.test_fraction or add images")

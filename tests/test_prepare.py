@@ -196,7 +196,8 @@ def test_empty_domain_fails_and_leaves_previous_output(tmp_path):
     before = tree(out)
     for f in (raw / "b").iterdir():
         f.write_bytes(b"junk")
-    with pytest.raises(UserError, match=r"raw/b: no usable training images for domain b .*not_image"):
+    with pytest.raises(UserError, match=r"raw/b: no usable training images for domain b: 10 of its 10 files are "
+                                        r"not usable images \(not images\); check domains\.b \(where they come from\)$"):
         prepare(PrepareParams(image_size=16), raw, out, tmp_path / "m.json", workers=1)
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "prepared", "raw"]

@@ -2,9 +2,11 @@
 runs, threads and progress (issues 11 and 12)."""
 import io
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -399,6 +401,56 @@ def test_stages_set_the_passive_wait_policy_before_torch_loads(stage):
     got = subprocess.run([sys.executable, "-c", WATCH, stage], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert got == ["ACTIVE"]
+
+
+# --- Ctrl-C: one line, whenever it comes (issue 24.10); the logs match the checkpoints (24.12) -----
+
+def _loading(pid: int, library: str) -> bool:
+    """Whether process `pid` has mapped a file of `library` (it is importing it, or has)."""
+    try:
+        return f"/{library}/" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="watches /proc/PID/maps (Linux)")
+@pytest.mark.parametrize("stage, library, presses", [("train", "torch", 1), ("evaluate", "pandas", 2)])
+def test_ctrl_c_while_a_stage_starts_is_one_line(stage, library, presses):
+    """A real SIGINT to the stage's process group while it still imports (its first large library is
+    being mapped), once or twice: one line and status 130, no KeyboardInterrupt traceback (20 lines
+    from pandas or torch, and more with a second Ctrl-C)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not _loading(proc.pid, library) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    for _ in range(presses):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, out, err) == (130, "", f"interrupted while starting {stage}\n")
+
+
+def test_two_ctrl_c_while_training_are_one_line(tmp_path):
+    """Two real SIGINTs to a training, close together as a user presses them: `interrupted` and
+    status 130, nothing from the exit handlers (weakref's and tqdm's got the second one: `Exception
+    ignored in atexit callback`, and status -2)."""
+    make_prepared(tmp_path / "data" / "prepared")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {
+        "epochs": 400, "epochs_decay": 0, "ngf": 4, "ndf": 4, "n_blocks": 1, "load_size": 28, "crop_size": 24,
+        "samples": 2}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", *STAGE_ARGS], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 2/"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (130, "interrupted\n"), out
 
 
 # --- progress without a terminal, slowdown warning (issues 12.1, 12.2) ------------------------------

@@ -4,16 +4,24 @@ Anything a user can cause (bad params, a bad file, a failed download, missing cr
 `UserError` whose message is one line naming the key or file and what to do. Stages and the CLI run
 through `main_guard`, which prints that line as `error: ...` and exits with status 2 (so does a full
 disk, naming the file and the free space); any other exception is a bug and keeps its traceback.
+
+Ctrl-C is one line too, whenever it comes: `interrupted while starting <stage>` while a stage still
+imports its libraries (`interrupt_while_starting`, installed by the stages package before anything
+else), `interrupted` once main_guard runs; either way status 130, and any later Ctrl-C is ignored
+while the process exits, so that none lands in an exit handler (tqdm's, weakref's) as a second
+traceback.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
+import signal
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # the errnos of a full disk, quota, `ulimit -f`
@@ -37,13 +45,66 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}; usage: {usage}")
 
 
+def _ignore_interrupts() -> None:
+    """From now on Ctrl-C (SIGINT) is ignored: the process is already stopping on an earlier one."""
+    with contextlib.suppress(ValueError):        # signals can only be set in the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A block that Ctrl-C does not cut short (SIGINT ignored meanwhile, then handled as before): for
+    rewriting outputs whole on the way out of an interrupted or failed run."""
+    try:
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:                           # not the main thread: nothing to hold off
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+_starting: str | None = None     # the stage interrupt_while_starting speaks for
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    _ignore_interrupts()
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):     # a worker of torchrun: its launcher says it
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(130)
+    print(f"interrupted while starting {_starting}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
+def interrupt_while_starting(name: str) -> None:
+    """Until main_guard runs: Ctrl-C (SIGINT) ends the process with one line on stderr, `interrupted
+    while starting <name>`, and status 130, instead of the KeyboardInterrupt traceback of whatever
+    library was being imported; any later Ctrl-C is ignored while it exits. A worker of torchrun
+    (unpaired.torchrun) exits with status 130 and prints nothing: its launcher, which the terminal's
+    Ctrl-C reaches too, prints `interrupted` once for the run. The stages package installs it first
+    thing."""
+    global _starting
+    _starting = name
+    signal.signal(signal.SIGINT, _stop_while_starting)
+
+
 def main_guard(fn: Callable[[], None]) -> None:
+    """Run a program's main `fn`: a UserError is its one line `error: ...` (status 2), Ctrl-C is
+    `interrupted` (status 130), a full disk one line (status 2); a bug keeps its traceback. Takes
+    Ctrl-C over from interrupt_while_starting."""
+    with contextlib.suppress(ValueError):
+        if signal.getsignal(signal.SIGINT) is _stop_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         fn()
     except UserError as err:
         print(f"error: {err}{_exp_hint()}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _ignore_interrupts()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as err:

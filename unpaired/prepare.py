@@ -26,8 +26,9 @@ from PIL import ImageColor
 
 from unpaired import faces, near_duplicates, params
 from unpaired.dataset_page import dataset_thumbnail
+from unpaired.errors import UserError
 from unpaired.files import NO_SPACE, tree
-from unpaired.images import SKIP_REASONS, Skip, decode_scaled, png_bytes, square
+from unpaired.images import MAX_PIXELS, SKIP_REASONS, Skip, decode_scaled, png_bytes, square
 from unpaired.parallel import imap
 
 DOMAINS = ("a", "b")
@@ -269,6 +270,44 @@ def place_kept(p: PrepareParams, domain: str, raw: Path, results: list[Outcome],
                      sources.get(r.rel, ("", (raw / r.rel).as_posix()))[1]))
     cropped = sum(1 for r in results if r.skip is None and r.cropped)
     return DomainTally(kept, skipped, per_source, cropped, rows, hashes)
+
+
+def no_training_images(p: PrepareParams, domain: str, raw: Path, files: int, tally: DomainTally) -> UserError:
+    """The one line for domain `domain` left without training images by its `files` raw files:
+    what took the most of them (a skip reason, or the test split), in plain words, with the params
+    key that decides it and what to change; then the other reasons' counts."""
+    where = f"{raw}: no usable training images for domain {domain}"
+    if not files:
+        return UserError(f"{where}: the folder holds no image files; check domains.{domain} and run "
+                         f"`uv run dvc repro fetch@{domain}`")
+    mode = p.faces.get(domain, "none")
+    unusable = (f"are not usable images ({{what}}); check domains.{domain} (where they come from)")
+    why = {   # reason -> (its words in the list of the others, the sentence for the one that took the most)
+        "empty": ("empty", unusable.format(what="empty files")),
+        "not_image": ("not images", unusable.format(what="not images")),
+        "truncated": ("truncated", unusable.format(what="truncated files")),
+        "unreadable": ("unreadable", unusable.format(what="unreadable")),
+        "error": ("failed to decode", "failed to decode (named in the lines above); check those files"),
+        "too_large": ("too large", f"are larger than {MAX_PIXELS:,} pixels; scale them down"),
+        "too_small": ("too small", f"are smaller than prepare.min_size ({p.min_size} px on the shorter "
+                                   f"side); lower prepare.min_size or add larger images"),
+        "duplicate": ("exact copies", "are exact copies of another file; add different images"),
+        "near_duplicate": ("near-duplicates", f"are near-duplicates of another image (within "
+                                              f"prepare.near_duplicate_distance: {p.near_duplicate_distance} "
+                                              f"bits of 256); lower prepare.near_duplicate_distance (0 turns "
+                                              f"the check off) or add different images"),
+        "no_face": ("without a face", f"have no face found (prepare.faces.{domain}: {mode}); set "
+                                      f"prepare.faces.{domain} to none or add images with faces"),
+        "test": ("held out for test", f"went to test{domain.upper()} (prepare.test_fraction: "
+                                      f"{p.test_fraction}); lower prepare.test_fraction or add images"),
+    }
+    counts = {r: n for r, n in tally.skipped.items() if n}
+    if tally.kept["test"]:
+        counts["test"] = tally.kept["test"]
+    top = max(counts, key=lambda r: counts[r])      # the first of equal counts, in REASONS order
+    others = ", ".join(f"{n} {why[r][0]}" for r, n in counts.items() if r != top)
+    return UserError(f"{where}: {counts[top]} of its {files} files {why[top][1]}"
+                     + (f" (the others: {others})" if others else ""))
 
 
 def cross_domain_near_duplicates(tallies: Mapping[str, DomainTally], distance: int) -> list[list[str]]:

@@ -249,8 +249,24 @@ def batches(items: Iterable[_Item], batch_size: int) -> Iterator[list[_Item]]:
 
 class Translated(NamedTuple):
     written: int
-    skipped: list[str]    # "path (reason)"
-    renamed: list[str]    # "path -> name" where input names collide
+    skipped: list[str]    # "path (reason)": not read, or not written
+    renamed: list[str]    # "path -> name" for outputs written under another name than <stem>.png,
+                          # where input names collide (in input order; never a file not written)
+
+
+def _folder_takes(folder: Path, size: int) -> bool:
+    """Whether `folder` takes `size` bytes in a file of its own naming (an unnamed temporary file,
+    gone when closed, even after a kill): when it does, a write that failed there was that file's
+    own fault (its name, a folder in its way), not the folder's (read-only, full, gone)."""
+    import tempfile
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(bytes(size))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        return False
+    return True
 
 
 def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction: str = "AtoB",
@@ -259,11 +275,13 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
     """Translate every readable input image into the folder `out` (created when the first output is
     written), one `<name>.png` per input (names: `out_names`).
 
-    Skipped and listed, not fatal: unreadable files (images.SKIP_REASONS) and images with a side below
-    MIN_SIDE px (after `size`). `size`: resize the shorter side to this many px first (>= MIN_SIDE);
+    Skipped and listed, not fatal: unreadable files (images.SKIP_REASONS), images with a side below
+    MIN_SIDE px (after `size`), and outputs that this file alone cannot be written as (a name the
+    filesystem refuses, a folder in the way): the others are written. `size`: resize the shorter side
+    to this many px first (>= MIN_SIDE);
     `keep_size`: write outputs back at the input's size. Raises UserError (one line) for a bad
-    flag, an --out that is or overlaps an input folder, an unwritable output, or running out of memory
-    on an image (naming it)."""
+    flag, an --out that is or overlaps an input folder, an --out folder that takes no file (read-only,
+    full), or running out of memory on an image (naming it)."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -290,7 +308,6 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
     _check_out(out_dir, inputs, files)
     net, _ = load_generator(checkpoint_path, direction, dev)
     names = out_names(files)
-    renamed = [f"{f} -> {n}" for f, n in zip(files, names) if n != f"{f.stem}.png"]
 
     def resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:   # float N×C×H×W
         return F.interpolate(img, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
@@ -322,30 +339,49 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
 
     started = False
 
-    def write(name: str, arr: Any) -> None:
+    def write(it: _Item, arr: Any) -> str | None:
         """PNG through files.atomic_write_bytes (a temporary that never outlives an error, the mode
-        open() gives); a killed earlier run's temporaries are removed before the first write."""
+        open() gives); a killed earlier run's temporaries are removed before the first write. None
+        when written; when this file alone cannot be written (a name the filesystem refuses, a
+        folder in its way: the folder itself takes a file of that size, _folder_takes), the skip
+        entry naming it; a folder that takes nothing (read-only, full) stops the run with one line."""
         nonlocal started
         if not started:
             make_dirs(out_dir)
             remove_stale_temporaries(out_dir)
             started = True
-        final = out_dir / name
+        final = out_dir / it.name
+        data = png_bytes(Image.fromarray(arr))
         try:
-            atomic_write_bytes(final, png_bytes(Image.fromarray(arr)))
-        except OSError as err:
-            raise UserError(f"{final}: cannot write ({err.strerror or err}); check the --out folder "
-                            f"and free space") from None
+            atomic_write_bytes(final, data)
+        except (OSError, UserError) as err:
+            if not _folder_takes(out_dir, len(data)):
+                if isinstance(err, UserError):
+                    raise
+                raise UserError(f"{final}: cannot write ({err.strerror or err}); check the --out folder "
+                                f"and free space") from None
+            cause = err if isinstance(err, OSError) else err.__context__      # files' UserError wraps it
+            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
+            return f"{it.path} (not written: {final}: {why})"
+        return None
 
-    def run(batch: list[_Item]) -> None:
+    def run(batch: list[_Item]) -> tuple[list[_Item], list[str]]:
+        """The batch through the generator and written: (the items written, skip entries of the
+        others); nothing of a batch that fails (out of memory) is counted, so its retry counts once."""
         x = to_float(torch.stack([it.image for it in batch])).to(dev)
         y = pad_crop_forward(net, x)
+        done, failed = [], []
         for it, one in zip(batch, y):
             if keep_size and tuple(one.shape[-2:]) != it.original:
                 one = resize(one[None].float(), *it.original)[0]
-            write(it.name, to_uint8(one).permute(1, 2, 0).cpu().numpy())
+            why = write(it, to_uint8(one).permute(1, 2, 0).cpu().numpy())
+            if why is None:
+                done.append(it)
+            else:
+                failed.append(why)
+        return done, failed
 
-    written = 0
+    written: set[Path] = set()
     bar = tqdm(total=len(files), desc=f"translate {direction}", unit="img", disable=None)
     with torch.no_grad():
         for batch in batches(readable(), batch_size):
@@ -353,7 +389,7 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
             while todo:
                 chunk = todo.pop()
                 try:
-                    run(chunk)
+                    done, failed = run(chunk)
                 except (RuntimeError, MemoryError) as err:
                     if not _is_oom(err):
                         raise
@@ -365,12 +401,14 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
                     it = chunk[0]
                     h, w = it.image.shape[-2:]
                     raise UserError(f"{it.path}: out of memory translating this {w}x{h} image on {dev} "
-                                    f"({written} written before it); use --size N (e.g. --size 512) to scale "
+                                    f"({len(written)} written before it); use --size N (e.g. --size 512) to scale "
                                     f"inputs down, or --batch-size 1") from None
-                written += len(chunk)
+                written.update(it.path for it in done)
+                skipped.extend(failed)
                 bar.update(len(chunk))
     bar.close()
-    return Translated(written, skipped, renamed)
+    renamed = [f"{f} -> {n}" for f, n in zip(files, names) if f in written and n != f"{f.stem}.png"]
+    return Translated(len(written), skipped, renamed)
 
 
 def translate_command(checkpoint_path: str, inputs: list[str], out: str, direction: str, size: int | None,
