@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PYTEST_ARGS ?=
 REPRO_ARGS ?=
 
-.PHONY: setup repro test push pull status-remote
+.PHONY: setup repro test lint docs push pull status-remote
 
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
@@ -22,6 +22,15 @@ repro: setup
 
 test: setup
 	$(UV) run pytest $(PYTEST_ARGS)
+
+# What CI checks before the tests: ruff's lint and format (configured in pyproject.toml).
+lint: setup
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+
+# The generated docs: docs/params.md from the params classes' field docs.
+docs: setup
+	$(UV) run python -m unpaired.params_doc
 
 # Sharing through the default DVC remote (see README, "Sharing with a DVC remote").
 push: setup

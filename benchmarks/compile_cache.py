@@ -9,6 +9,7 @@ processes that share one empty cache folder (a temp folder standing in for
 FX graph and AOT autograd caches. Prints the seconds of the first step (compile included) and of
 a later step in each, and the ratio. CPU only; the figures depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,21 +44,44 @@ print(json.dumps({"first": times[0], "later": min(times[1:])}))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--ngf", type=int, default=16)
     ap.add_argument("--ndf", type=int, default=32)
     ap.add_argument("--blocks", type=int, default=6)
     args = ap.parse_args()
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {args.size} px, ngf {args.ngf}, "
-          f"ndf {args.ndf}, {args.blocks} blocks, 1 thread", flush=True)
+    print(
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {args.size} px, ngf {args.ngf}, "
+        f"ndf {args.ndf}, {args.blocks} blocks, 1 thread",
+        flush=True,
+    )
     rows = {}
     with tempfile.TemporaryDirectory(prefix="compile_cache_") as cache:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE",
-                   TORCHINDUCTOR_CACHE_DIR=cache)
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            OMP_WAIT_POLICY="PASSIVE",
+            TORCHINDUCTOR_CACHE_DIR=cache,
+        )
         for name in ("cold", "warm"):
-            out = subprocess.run([sys.executable, "-c", CHILD, str(args.size), str(args.ngf), str(args.ndf),
-                                  str(args.blocks)], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    str(args.size),
+                    str(args.ngf),
+                    str(args.ndf),
+                    str(args.blocks),
+                ],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"  {name}: first step {rows[name]['first']:.1f} s", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at the end\n")

@@ -15,6 +15,7 @@ cores. Then `data/prepared.tar` is tracked with `dvc add` and the wall time of `
 `dvc push` to a local-folder remote is printed. Timing is machine- and load-dependent: the load
 average is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def _hwm_mb(pid: int) -> float:
     """VmHWM (peak RSS) of a live process in MB; 0 once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), 0.0)
+            return next(
+                (int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), 0.0
+            )
     except OSError:
         return 0.0
 
@@ -63,7 +66,9 @@ def run(cmd: list[str], cwd: Path) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     peaks, done = {"parent": 0.0, "workers": 0.0}, threading.Event()
     watcher = threading.Thread(target=_watch, args=(proc.pid, peaks, done), daemon=True)
     watcher.start()
@@ -101,13 +106,22 @@ def one(count: int, work: Path) -> dict[str, float]:
         fetch = run([py, "-m", "stages.fetch", d, "--out", f"data/raw/{d}"], repo)
         r[f"fetch_{d}_s"], r[f"fetch_{d}_rss"] = fetch["wall"], fetch["rss"]
     prep = run(prepare_cmd(), repo)
-    r.update(prepare_s=prep["wall"], prepare_rss=prep["rss"], prepare_parent=prep["parent"],
-             prepare_workers=prep["workers"], prepare_cpu=100 * prep["cpu"] / (prep["wall"] * (os.cpu_count() or 1)))
+    r.update(
+        prepare_s=prep["wall"],
+        prepare_rss=prep["rss"],
+        prepare_parent=prep["parent"],
+        prepare_workers=prep["workers"],
+        prepare_cpu=100 * prep["cpu"] / (prep["wall"] * (os.cpu_count() or 1)),
+    )
     r["tar_mb"] = (repo / "data/prepared.tar").stat().st_size / 1e6
     dvc = [py, "-m", "dvc"]
     remote = str(work / f"remote{count}")
-    for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["remote", "add", "-d", "local", remote],
-                dvc + ["add", "-q", "data/prepared.tar"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        dvc + ["init", "-q"],
+        dvc + ["remote", "add", "-d", "local", remote],
+        dvc + ["add", "-q", "data/prepared.tar"],
+    ):
         run(cmd, repo)
     r["dvc_status_s"] = run(dvc + ["status", "-q"], repo)["wall"]
     r["dvc_push_s"] = run(dvc + ["push", "-q"], repo)["wall"]
@@ -115,9 +129,15 @@ def one(count: int, work: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--counts", nargs="+", default=["1000,10000"],
-                    help="images per domain: 1000,10000 or 1000 10000 (as benchmarks/near_duplicates.py takes them)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--counts",
+        nargs="+",
+        default=["1000,10000"],
+        help="images per domain: 1000,10000 or 1000 10000 (as benchmarks/near_duplicates.py takes them)",
+    )
     args = ap.parse_args()
     counts = [int(c) for arg in args.counts for c in arg.split(",") if c]
     print(f"data stages, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start")
@@ -127,17 +147,40 @@ def main() -> None:
             rows.append(one(c, Path(tmp)))
             shutil.rmtree(Path(tmp) / f"n{c}", ignore_errors=True)
     print(f"load average {os.getloadavg()[0]:.2f} at the end\n")
-    head = ["images/domain", "fetch@a img/s", "fetch@a RSS MB", "fetch@b img/s", "fetch@b RSS MB", "prepare img/s",
-            "prepare CPU %", "prepare RSS MB", "prepare parent MB", "prepare worker MB", "prepared.tar MB",
-            "dvc status s", "dvc push s"]
+    head = [
+        "images/domain",
+        "fetch@a img/s",
+        "fetch@a RSS MB",
+        "fetch@b img/s",
+        "fetch@b RSS MB",
+        "prepare img/s",
+        "prepare CPU %",
+        "prepare RSS MB",
+        "prepare parent MB",
+        "prepare worker MB",
+        "prepared.tar MB",
+        "dvc status s",
+        "dvc push s",
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         n = r["count"]
-        cells = [f"{n}", f"{n / r['fetch_a_s']:.0f}", f"{r['fetch_a_rss']:.0f}", f"{n / r['fetch_b_s']:.0f}",
-                 f"{r['fetch_b_rss']:.0f}", f"{2 * n / r['prepare_s']:.0f}", f"{r['prepare_cpu']:.0f}",
-                 f"{r['prepare_rss']:.0f}", f"{r['prepare_parent']:.0f}", f"{r['prepare_workers']:.0f}",
-                 f"{r['tar_mb']:.1f}", f"{r['dvc_status_s']:.1f}", f"{r['dvc_push_s']:.1f}"]
+        cells = [
+            f"{n}",
+            f"{n / r['fetch_a_s']:.0f}",
+            f"{r['fetch_a_rss']:.0f}",
+            f"{n / r['fetch_b_s']:.0f}",
+            f"{r['fetch_b_rss']:.0f}",
+            f"{2 * n / r['prepare_s']:.0f}",
+            f"{r['prepare_cpu']:.0f}",
+            f"{r['prepare_rss']:.0f}",
+            f"{r['prepare_parent']:.0f}",
+            f"{r['prepare_workers']:.0f}",
+            f"{r['tar_mb']:.1f}",
+            f"{r['dvc_status_s']:.1f}",
+            f"{r['dvc_push_s']:.1f}",
+        ]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -35,6 +35,7 @@ there yet: each part's own limit stops it, never the whole run. A part of severa
 memory_format, data_device, compile) gives each run an even share of what is left of its limit, and a
 run that fails is recorded while the next still runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,22 +64,34 @@ PARTS = {
     "data": (45, False),
     "stage": (65, False),
     "data_device": (50, True),
-    "compile": (120, True),      # two cold compiles (inductor's cache starts empty) and 2 epochs each
+    "compile": (120, True),  # two cold compiles (inductor's cache starts empty) and 2 epochs each
 }
 assert sum(limit for limit, _ in PARTS.values()) <= TOTAL_LIMIT_S
 
 # params overrides of --tiny (as tests/helpers.py's TINY: the whole stage in seconds on a CPU)
-TINY = {"domains": {"a": {"count": 12, "image_size": 32}, "b": {"count": 12, "image_size": 32}},
-        "prepare": {"image_size": 32, "test_fraction": 0.25, "min_size": 8},
-        "train": {"epochs": 1, "epochs_decay": 1, "ngf": 4, "ndf": 4, "n_blocks": 1, "load_size": 28,
-                  "crop_size": 24, "samples": 2, "pool_size": 4}}
-CPU_STAGE = {"train": {"epochs": 1, "epochs_decay": 0}}   # the stage on a CPU: what fits its limit
+TINY = {
+    "domains": {"a": {"count": 12, "image_size": 32}, "b": {"count": 12, "image_size": 32}},
+    "prepare": {"image_size": 32, "test_fraction": 0.25, "min_size": 8},
+    "train": {
+        "epochs": 1,
+        "epochs_decay": 1,
+        "ngf": 4,
+        "ndf": 4,
+        "n_blocks": 1,
+        "load_size": 28,
+        "crop_size": 24,
+        "samples": 2,
+        "pool_size": 4,
+    },
+}
+CPU_STAGE = {"train": {"epochs": 1, "epochs_decay": 0}}  # the stage on a CPU: what fits its limit
 TWO_EPOCHS = {"train": {"epochs": 1, "epochs_decay": 1}}
 PRESET = "doodles2flares"
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)  (.*)  lr (\S+)  ([0-9.]+) img/s$")
 
 
 # --- what runs inside a part's process ------------------------------------------------------------
+
 
 class Report:
     """The part's result, rewritten to its JSON file at every update, so a part stopped by its time
@@ -96,9 +109,10 @@ class Report:
 
 def peak_memory(device=None) -> dict:
     import torch
+
     out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device is not None and device.type == "cuda":
-        out["max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        out["max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 
@@ -108,26 +122,43 @@ def versions(args, report: Report) -> str:
     import torch
 
     from unpaired.devices import BF16_NATIVE_CAPABILITY, cpu_bf16_native, precision_for
+
     cuda = torch.cuda.is_available()
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "cuda_available": cuda, "cpu_bf16_native": cpu_bf16_native()}
-    device = torch.device(args.device if cuda and args.device.startswith("cuda") else "cuda" if cuda else "cpu")
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cuda_available": cuda,
+        "cpu_bf16_native": cpu_bf16_native(),
+    }
+    device = torch.device(
+        args.device if cuda and args.device.startswith("cuda") else "cuda" if cuda else "cpu"
+    )
     if cuda:
         cap = torch.cuda.get_device_capability(device)
-        info.update(device=torch.cuda.get_device_name(device), capability=f"{cap[0]}.{cap[1]}",
-                    native_bf16=tuple(cap) >= BF16_NATIVE_CAPABILITY,
-                    is_bf16_supported=torch.cuda.is_bf16_supported(),
-                    memory_gib=torch.cuda.get_device_properties(device).total_memory / 2 ** 30)
+        info.update(
+            device=torch.cuda.get_device_name(device),
+            capability=f"{cap[0]}.{cap[1]}",
+            native_bf16=tuple(cap) >= BF16_NATIVE_CAPABILITY,
+            is_bf16_supported=torch.cuda.is_bf16_supported(),
+            memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30,
+        )
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=10).stdout.strip()
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
     info["precision_auto"] = precision_for(device, "auto").why
     report(**info)
     if not cuda:
         return f"torch {info['torch']}, no CUDA (CUDA build {info['cuda_build']}); {info['precision_auto']}"
-    return (f"torch {info['torch']}, CUDA {info['cuda_build']}, cuDNN {info['cudnn']}, {info['device']}, "
-            f"capability {info['capability']}, native bf16 {info['native_bf16']}")
+    return (
+        f"torch {info['torch']}, CUDA {info['cuda_build']}, cuDNN {info['cudnn']}, {info['device']}, "
+        f"capability {info['capability']}, native bf16 {info['native_bf16']}"
+    )
 
 
 def one_step(models, a, b, batched):
@@ -137,13 +168,17 @@ def one_step(models, a, b, batched):
 
     from unpaired.models.cyclegan import optimizers, train_step
     from unpaired.models.pool import ImagePool
+
     m = copy.deepcopy(models)
     opt_G, opt_D = optimizers(m, 2e-4, 0.5, False)
     g = torch.Generator().manual_seed(1)
     pools = ImagePool(3, g), ImagePool(3, g)
     # one step from the same weights (later steps amplify rounding through Adam)
     train_step(m, opt_G, opt_D, *pools, a, b, 10.0, 0.5, cl.nullcontext, batched)
-    return {n: [p.grad.double().cpu() for p in getattr(m, n).parameters()] for n in ("G_A", "G_B", "D_A", "D_B")}
+    return {
+        n: [p.grad.double().cpu() for p in getattr(m, n).parameters()]
+        for n in ("G_A", "G_B", "D_A", "D_B")
+    }
 
 
 def relative(x, ref) -> float:
@@ -151,6 +186,7 @@ def relative(x, ref) -> float:
     is off by O(1); float32 rounding, amplified where instance norm sees a near-constant map, stays
     well below 1e-2 (a few elements' max-abs error can reach 5e-2 there at 64 px)."""
     import torch
+
     x, ref = torch.cat([t.flatten() for t in x]), torch.cat([t.flatten() for t in ref])
     return ((x - ref).norm() / ref.norm()).item()
 
@@ -162,6 +198,7 @@ def grads(args, report: Report) -> str:
 
     from unpaired.models.cyclegan import build_models
     from unpaired.models.training import channels_last_ok
+
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
@@ -169,7 +206,9 @@ def grads(args, report: Report) -> str:
     cases = {}
     for batch in (1, 2):
         g = torch.Generator().manual_seed(0)
-        a, b = (torch.rand(batch, 3, 64, 64, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+        a, b = (
+            torch.rand(batch, 3, 64, 64, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2)
+        )
         ref = one_step(m64, a, b, False)
         for fmt in (torch.contiguous_format, torch.channels_last):
             m = copy.deepcopy(m64)
@@ -182,12 +221,21 @@ def grads(args, report: Report) -> str:
                 cases[key] = max(relative(got[n], ref[n]) for n in ref)
     # A wrong kernel is off by O(1) (CPU channels-last at batch 1: 0.5-1.3); float32 rounding stays
     # below 0.05 here (measured on CPU: 2e-6 at batch 1, 0.043 at batch 2 through D_B(G_B(real_B))).
-    right = {fmt: max(v for k, v in cases.items() if k.startswith(fmt)) < 0.2
-             for fmt in ("contiguous_format", "channels_last")}
-    report(channels_last_ok=channels_last_ok(device), cases=cases, all_right=right, **peak_memory(device))
-    return (f"max error contiguous {max(v for k, v in cases.items() if k.startswith('contiguous')):.1e}, "
-            f"channels-last {max(v for k, v in cases.items() if k.startswith('channels_last')):.1e}; "
-            f"all right {right}; channels_last_ok {channels_last_ok(device)}")
+    right = {
+        fmt: max(v for k, v in cases.items() if k.startswith(fmt)) < 0.2
+        for fmt in ("contiguous_format", "channels_last")
+    }
+    report(
+        channels_last_ok=channels_last_ok(device),
+        cases=cases,
+        all_right=right,
+        **peak_memory(device),
+    )
+    return (
+        f"max error contiguous {max(v for k, v in cases.items() if k.startswith('contiguous')):.1e}, "
+        f"channels-last {max(v for k, v in cases.items() if k.startswith('channels_last')):.1e}; "
+        f"all right {right}; channels_last_ok {channels_last_ok(device)}"
+    )
 
 
 def bf16(args, report: Report) -> str:
@@ -200,6 +248,7 @@ def bf16(args, report: Report) -> str:
     from unpaired.models.cyclegan import build_models, optimizers, train_step
     from unpaired.models.pool import ImagePool
     from unpaired.models.training import channels_last_ok
+
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -218,11 +267,30 @@ def bf16(args, report: Report) -> str:
         gd = torch.Generator().manual_seed(100)
         a = torch.rand(64, 3, size, size, generator=gd).to(device) * 2 - 1
         b = (torch.rand(64, 3, size, size, generator=gd).to(device) * 2 - 1).clamp(-1, 0) * 2 + 1
-        ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else cl.nullcontext
+        ac = (
+            (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+            if use_bf16
+            else cl.nullcontext
+        )
         t0 = time.perf_counter()
-        losses = torch.stack([train_step(m, opt_G, opt_D, *pools, a[i % 64:i % 64 + 1],
-                                         b[i * 7 % 64:i * 7 % 64 + 1], 10.0, 0.5, ac) for i in range(steps)]).cpu()
+        losses = torch.stack(
+            [
+                train_step(
+                    m,
+                    opt_G,
+                    opt_D,
+                    *pools,
+                    a[i % 64 : i % 64 + 1],
+                    b[i * 7 % 64 : i * 7 % 64 + 1],
+                    10.0,
+                    0.5,
+                    ac,
+                )
+                for i in range(steps)
+            ]
+        ).cpu()
         return losses, {"it_per_s": steps / (time.perf_counter() - t0), **peak_memory(device)}
+
     runs = {}
     for name, seed, use in (("fp32", 0, False), ("bf16", 0, True), ("fp32_seed1", 1, False)):
         runs[name] = curve(seed, use)
@@ -230,22 +298,41 @@ def bf16(args, report: Report) -> str:
     fp32, low, other = (runs[n][0] for n in ("fp32", "bf16", "fp32_seed1"))
     rel = lambda x, y: ((x - y).abs() / y.abs()).max().item()  # noqa: E731
     halves = (slice(0, steps // 2), slice(steps // 2, steps))
-    result = {"finite": bool(torch.isfinite(low).all()),
-              "bf16_vs_fp32": [rel(low[s].mean(0), fp32[s].mean(0)) for s in halves],
-              "fp32_seed_noise": [rel(other[s].mean(0), fp32[s].mean(0)) for s in halves]}
+    result = {
+        "finite": bool(torch.isfinite(low).all()),
+        "bf16_vs_fp32": [rel(low[s].mean(0), fp32[s].mean(0)) for s in halves],
+        "fp32_seed_noise": [rel(other[s].mean(0), fp32[s].mean(0)) for s in halves],
+    }
     report(**result, **peak_memory())
-    return (f"bf16 vs fp32 {max(result['bf16_vs_fp32']):.3f}, seed noise {min(result['fp32_seed_noise']):.3f}; "
-            f"{runs['fp32'][1]['it_per_s']:.1f} / {runs['bf16'][1]['it_per_s']:.1f} it/s fp32 / bf16")
+    return (
+        f"bf16 vs fp32 {max(result['bf16_vs_fp32']):.3f}, seed noise {min(result['fp32_seed_noise']):.3f}; "
+        f"{runs['fp32'][1]['it_per_s']:.1f} / {runs['bf16'][1]['it_per_s']:.1f} it/s fp32 / bf16"
+    )
 
 
 def throughput(args, report: Report, extra: list[str], name: str, limit: float) -> dict:
     """train_throughput.py at 256 px (ngf/ndf 64, 9 blocks; --tiny: 32 px) on CUDA: its JSON."""
     out = parts_dir(args) / f"throughput_{name}.json"
     # (tiny: 6 blocks, the fewest the reference's generator names offer: resnet_6blocks, resnet_9blocks)
-    size = ["--size", "32", "--ngf", "8", "--ndf", "8", "--blocks", "6", "--images", "8"] if args.tiny else []
+    size = (
+        ["--size", "32", "--ngf", "8", "--ndf", "8", "--blocks", "6", "--images", "8"]
+        if args.tiny
+        else []
+    )
     steps = ["--steps", "10" if args.tiny else "50", "--warmup", "5"]
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--device", args.device, *size, *steps,
-           "--timeout", str(int(limit)), "--json", str(out), *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "train_throughput.py"),
+        "--device",
+        args.device,
+        *size,
+        *steps,
+        "--timeout",
+        str(int(limit)),
+        "--json",
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=limit)
     print(proc.stdout + proc.stderr)
     if not out.is_file():
@@ -258,6 +345,7 @@ def default_variant(args) -> str:
     import torch
 
     from unpaired.devices import bf16_for
+
     return "batched+bf16" if bf16_for(torch.device(args.device), "auto") else "batched"
 
 
@@ -265,26 +353,38 @@ def memory_format(args, report: Report) -> str:
     variant = default_variant(args)
 
     def run(fmt, seconds):
-        got = throughput(args, report, ["--variants", variant, "--memory-format", fmt], fmt, seconds)
+        got = throughput(
+            args, report, ["--variants", variant, "--memory-format", fmt], fmt, seconds
+        )
         if variant not in got["variants"]:
             raise RuntimeError(f"{variant} failed: {got.get('failed')}")
         return got
+
     got = each(report, ["channels_last", "contiguous"], run)
     rates = {fmt: got[fmt]["variants"][variant]["it_per_s"] for fmt in got}
-    return (f"{variant}: channels-last {rates['channels_last']:.1f} it/s, contiguous {rates['contiguous']:.1f} it/s "
-            f"({rates['channels_last'] / rates['contiguous']:.2f}x)")
+    return (
+        f"{variant}: channels-last {rates['channels_last']:.1f} it/s, contiguous {rates['contiguous']:.1f} it/s "
+        f"({rates['channels_last'] / rates['contiguous']:.2f}x)"
+    )
 
 
 def reference(args, report: Report) -> str:
     variant = default_variant(args)
-    got = throughput(args, report, ["--reference", args.reference, "--variants", variant], "reference",
-                     share(args, 1))
+    got = throughput(
+        args,
+        report,
+        ["--reference", args.reference, "--variants", variant],
+        "reference",
+        share(args, 1),
+    )
     report(**got)
     row = got["variants"].get(variant, {})
     if "ratio_reference" not in row:
         raise RuntimeError(f"no ratio to the reference: failed {got.get('failed')}")
-    return (f"{variant} {row['it_per_s']:.1f} it/s = {row['ratio_reference']:.2f}x the reference's "
-            f"optimize_parameters ({got['variants']['reference']['it_per_s']:.1f} it/s)")
+    return (
+        f"{variant} {row['it_per_s']:.1f} it/s = {row['ratio_reference']:.2f}x the reference's "
+        f"optimize_parameters ({got['variants']['reference']['it_per_s']:.1f} it/s)"
+    )
 
 
 def share(args, runs_left: int) -> float:
@@ -301,7 +401,7 @@ def each(report: Report, names: list[str], run, independent: bool = True) -> dic
     for i, name in enumerate(names):
         try:
             got[name] = run(name, share(report.args, len(names) - i))
-        except Exception as err:      # noqa: BLE001 (the part reports it; its siblings go on)
+        except Exception as err:  # noqa: BLE001 (the part reports it; its siblings go on)
             got[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
         report(**{name: got[name]})
         if "error" in got[name] and not independent:
@@ -332,6 +432,7 @@ def write_params(folder: Path, *overrides: dict) -> None:
     from ruamel.yaml import YAML
 
     from unpaired import presets
+
     text, _ = presets.switch(folder / "absent.yaml", ROOT / "conf", PRESET)
     data = YAML(typ="safe").load(text)
     for over in overrides:
@@ -351,51 +452,97 @@ def write_params(folder: Path, *overrides: dict) -> None:
 def data(args, report: Report) -> str:
     w = work(args)
     write_params(w, *([TINY] if args.tiny else []))
-    steps = {"fetch a": ["-m", "stages.fetch", "a", "--out", "data/raw/a"],
-             "fetch b": ["-m", "stages.fetch", "b", "--out", "data/raw/b"],
-             "prepare": ["-m", "stages.prepare", "--raw", "data/raw/a", "data/raw/b", "--out", "data/prepared.tar",
-                         "--view", "data/prepared", "--metrics", "metrics/prepare.json", "--page", "metrics/data"]}
+    steps = {
+        "fetch a": ["-m", "stages.fetch", "a", "--out", "data/raw/a"],
+        "fetch b": ["-m", "stages.fetch", "b", "--out", "data/raw/b"],
+        "prepare": [
+            "-m",
+            "stages.prepare",
+            "--raw",
+            "data/raw/a",
+            "data/raw/b",
+            "--out",
+            "data/prepared.tar",
+            "--view",
+            "data/prepared",
+            "--metrics",
+            "metrics/prepare.json",
+            "--page",
+            "metrics/data",
+        ],
+    }
     seconds = {}
     for name, cmd in steps.items():
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, *cmd], cwd=w, env=env(), capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, *cmd], cwd=w, env=env(), capture_output=True, text=True
+        )
         print(proc.stdout + proc.stderr)
         if proc.returncode:
-            raise RuntimeError(f"{name}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
+            raise RuntimeError(
+                f"{name}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"
+            )
         seconds[name] = time.perf_counter() - t0
         report(seconds=seconds)
-    counts = {d: len(list((w / "data" / "prepared" / d).glob("*.png"))) for d in ("trainA", "trainB", "testA", "testB")}
+    counts = {
+        d: len(list((w / "data" / "prepared" / d).glob("*.png")))
+        for d in ("trainA", "trainB", "testA", "testB")
+    }
     report(preset=PRESET, images=counts)
     return f"preset {PRESET}: {counts} in {sum(seconds.values()):.0f} s"
 
 
-def stage_run(args, name: str, *overrides: dict, environ: dict | None = None, limit: float = 300) -> dict:
+def stage_run(
+    args, name: str, *overrides: dict, environ: dict | None = None, limit: float = 300
+) -> dict:
     """The train stage (python -m stages.train, through stage_runner for its peak memory) in
     work/<name> with preset PRESET + overrides, on work/data: its epoch lines, `train:` lines,
     peak memory and stderr's recompilation lines."""
     w, run = work(args), work(args) / name
     run.mkdir(parents=True, exist_ok=True)
-    device = [] if args.device == "cuda" else [{"train": {"device": args.device}}]   # cuda: the default, auto
+    device = (
+        [] if args.device == "cuda" else [{"train": {"device": args.device}}]
+    )  # cuda: the default, auto
     write_params(run, *([TINY] if args.tiny else []), *device, *overrides)
     memfile = run / "memory.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage-runner", str(memfile), "--",
-           "--data", str(w / "data" / "prepared.tar"), "--view", str(w / "data" / "prepared"),
-           "--out", str(run / "checkpoints"), "--live", str(run / "live")]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--stage-runner",
+        str(memfile),
+        "--",
+        "--data",
+        str(w / "data" / "prepared.tar"),
+        "--view",
+        str(w / "data" / "prepared"),
+        "--out",
+        str(run / "checkpoints"),
+        "--live",
+        str(run / "live"),
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=run, env={**env(), **(environ or {})}, capture_output=True, text=True,
-                          timeout=limit)
+    proc = subprocess.run(
+        cmd,
+        cwd=run,
+        env={**env(), **(environ or {})},
+        capture_output=True,
+        text=True,
+        timeout=limit,
+    )
     seconds = time.perf_counter() - t0
     (run / "stdout.txt").write_text(proc.stdout)
     (run / "stderr.txt").write_text(proc.stderr)
     if proc.returncode:
         raise RuntimeError(f"stage {name}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
     epochs = [EPOCH_LINE.match(line) for line in proc.stdout.splitlines()]
-    return {"seconds": seconds,
-            "train_lines": [line for line in proc.stdout.splitlines() if line.startswith("train:")],
-            "loss_lines": [f"epoch {m[1]}/{m[2]}  {m[3]}  lr {m[4]}" for m in epochs if m],
-            "img_per_s": [float(m[5]) for m in epochs if m],
-            "recompilations": sum("Recompiling function" in line for line in proc.stderr.splitlines()),
-            **(json.loads(memfile.read_text()) if memfile.is_file() else {})}
+    return {
+        "seconds": seconds,
+        "train_lines": [line for line in proc.stdout.splitlines() if line.startswith("train:")],
+        "loss_lines": [f"epoch {m[1]}/{m[2]}  {m[3]}  lr {m[4]}" for m in epochs if m],
+        "img_per_s": [float(m[5]) for m in epochs if m],
+        "recompilations": sum("Recompiling function" in line for line in proc.stderr.splitlines()),
+        **(json.loads(memfile.read_text()) if memfile.is_file() else {}),
+    }
 
 
 def losses_of(line: str) -> list[float]:
@@ -404,42 +551,91 @@ def losses_of(line: str) -> list[float]:
 
 def stage(args, report: Report) -> str:
     import torch
+
     cpu = args.device == "cpu" or not torch.cuda.is_available()
     over = [] if args.tiny or not cpu else [CPU_STAGE]
-    got = each(report, ["run_1", "run_2"], lambda name, seconds: stage_run(args, name, *over, limit=seconds),
-               independent=False)     # the same run twice: what stops the first stops the second
+    got = each(
+        report,
+        ["run_1", "run_2"],
+        lambda name, seconds: stage_run(args, name, *over, limit=seconds),
+        independent=False,
+    )  # the same run twice: what stops the first stops the second
     runs = [got["run_1"], got["run_2"]]
     a, b = runs[0]["loss_lines"], runs[1]["loss_lines"]
     same = sum(x == y for x, y in zip(a, b))
     diff = [f"- {x}\n+ {y}" for x, y in zip(a, b) if x != y]
-    worst = max((abs(p - q) / max(abs(q), 1e-12) for x, y in zip(a, b) for p, q in zip(losses_of(x), losses_of(y))),
-                default=0.0)
-    report(identical_lines=same, lines=len(a), diff=diff, max_relative_difference=worst,
-           shortened_for_the_cpu=bool(over))
+    worst = max(
+        (
+            abs(p - q) / max(abs(q), 1e-12)
+            for x, y in zip(a, b)
+            for p, q in zip(losses_of(x), losses_of(y))
+        ),
+        default=0.0,
+    )
+    report(
+        identical_lines=same,
+        lines=len(a),
+        diff=diff,
+        max_relative_difference=worst,
+        shortened_for_the_cpu=bool(over),
+    )
     if len(a) != len(b) or not a:
         raise RuntimeError(f"runs gave {len(a)} and {len(b)} epoch lines")
-    return (f"{same}/{len(a)} epoch loss lines identical (max relative difference {worst:.1e}); "
-            f"last epoch {runs[0]['img_per_s'][-1]:.1f} / {runs[1]['img_per_s'][-1]:.1f} img/s")
+    return (
+        f"{same}/{len(a)} epoch loss lines identical (max relative difference {worst:.1e}); "
+        f"last epoch {runs[0]['img_per_s'][-1]:.1f} / {runs[1]['img_per_s'][-1]:.1f} img/s"
+    )
 
 
 def data_device(args, report: Report) -> str:
-    got = each(report, ["device", "host", "disk"], lambda place, seconds: stage_run(
-        args, f"data_device_{place}", TWO_EPOCHS, {"train": {"data_device": place}}, limit=seconds))
-    return "epoch 2 img/s: " + ", ".join(f"{place} {r['img_per_s'][-1]:.1f}" for place, r in got.items())
+    got = each(
+        report,
+        ["device", "host", "disk"],
+        lambda place, seconds: stage_run(
+            args,
+            f"data_device_{place}",
+            TWO_EPOCHS,
+            {"train": {"data_device": place}},
+            limit=seconds,
+        ),
+    )
+    return "epoch 2 img/s: " + ", ".join(
+        f"{place} {r['img_per_s'][-1]:.1f}" for place, r in got.items()
+    )
 
 
 def compile_(args, report: Report) -> str:
     cache = Path(args.out).resolve() / "inductor"
     environ = {"TORCH_LOGS": "recompiles", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    got = each(report, ["default", "reduce-overhead"], lambda mode, seconds: stage_run(
-        args, f"compile_{mode}", TWO_EPOCHS, {"train": {"compile": mode}}, environ=environ, limit=seconds))
-    return "epoch 2: " + "; ".join(f"{mode} {r['img_per_s'][-1]:.1f} img/s, {r['recompilations']} recompilation(s)"
-                                   for mode, r in got.items())
+    got = each(
+        report,
+        ["default", "reduce-overhead"],
+        lambda mode, seconds: stage_run(
+            args,
+            f"compile_{mode}",
+            TWO_EPOCHS,
+            {"train": {"compile": mode}},
+            environ=environ,
+            limit=seconds,
+        ),
+    )
+    return "epoch 2: " + "; ".join(
+        f"{mode} {r['img_per_s'][-1]:.1f} img/s, {r['recompilations']} recompilation(s)"
+        for mode, r in got.items()
+    )
 
 
-FUNCTIONS = {"versions": versions, "grads": grads, "bf16": bf16, "memory_format": memory_format,
-             "reference": reference, "data": data, "stage": stage, "data_device": data_device,
-             "compile": compile_}
+FUNCTIONS = {
+    "versions": versions,
+    "grads": grads,
+    "bf16": bf16,
+    "memory_format": memory_format,
+    "reference": reference,
+    "data": data,
+    "stage": stage,
+    "data_device": data_device,
+    "compile": compile_,
+}
 
 
 def run_part(args) -> None:
@@ -459,14 +655,16 @@ def stage_runner(memfile: str, argv: list[str]) -> None:
         torch = sys.modules.get("torch")
         out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if torch is not None and torch.cuda.is_initialized():
-            out["max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+            out["max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         Path(memfile).write_text(json.dumps(out))
+
     atexit.register(write)
     sys.argv = ["stages.train", *argv]
     runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
 
 
 # --- the run: each part in a process of its own ---------------------------------------------------
+
 
 def skip_reason(name: str, cuda: bool | None, args) -> str | None:
     if PARTS[name][1] and cuda is False and args.device.startswith("cuda"):
@@ -489,20 +687,34 @@ def launch(name: str, args, limit: float) -> dict:
     out = Path(args.out)
     result_file = parts_dir(args) / f"{name}.json"
     result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--out", str(out), "--limit", str(limit)]
-    cmd += (["--tiny"] if args.tiny else []) + (["--reference", args.reference] if args.reference else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--part",
+        name,
+        "--out",
+        str(out),
+        "--limit",
+        str(limit),
+    ]
+    cmd += (["--tiny"] if args.tiny else []) + (
+        ["--reference", args.reference] if args.reference else []
+    )
     cmd += ["--device", args.device]
     t0 = time.perf_counter()
     with open(parts_dir(args) / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         code = None
         try:
             code = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             pass
-        finally:     # on its limit, and when this run is stopped (Ctrl-C, kill): nothing of it stays
-            with contextlib.suppress(ProcessLookupError):   # whatever it left running (workers, a stage run)
+        finally:  # on its limit, and when this run is stopped (Ctrl-C, kill): nothing of it stays
+            with contextlib.suppress(
+                ProcessLookupError
+            ):  # whatever it left running (workers, a stage run)
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     got = {"seconds": round(time.perf_counter() - t0, 1), "limit_s": limit}
@@ -511,8 +723,11 @@ def launch(name: str, args, limit: float) -> dict:
     if code is None:
         got["status"], got["error"] = "timed out", f"stopped at its limit of {limit:g} s"
     elif code != 0:
-        lines = [line for line in (parts_dir(args) / f"{name}.log").read_text(errors="replace").splitlines()
-                 if line.strip()]
+        lines = [
+            line
+            for line in (parts_dir(args) / f"{name}.log").read_text(errors="replace").splitlines()
+            if line.strip()
+        ]
         got["status"], got["error"] = "failed", f"exit {code}: {lines[-1] if lines else ''}"[:300]
     else:
         got["status"] = "ok"
@@ -522,8 +737,11 @@ def launch(name: str, args, limit: float) -> dict:
 def deep_max(obj, keys: tuple[str, ...]) -> float:
     """The largest value under any of `keys` anywhere in a part's result (its runs' peaks)."""
     if isinstance(obj, dict):
-        return max([v for k, v in obj.items() if k in keys and isinstance(v, (int, float))]
-                   + [deep_max(v, keys) for v in obj.values()], default=0.0)
+        return max(
+            [v for k, v in obj.items() if k in keys and isinstance(v, (int, float))]
+            + [deep_max(v, keys) for v in obj.values()],
+            default=0.0,
+        )
     if isinstance(obj, list):
         return max((deep_max(v, keys) for v in obj), default=0.0)
     return 0.0
@@ -538,23 +756,46 @@ def table(results: dict, cuda: bool | None) -> str:
         gpu = deep_max(res, ("max_allocated_mib",) + (("memory_mib",) if cuda else ()))
         rss = deep_max(res, ("peak_rss_mib",) + (() if cuda else ("memory_mib",)))
         text = r.get("skipped") or r.get("error") or res.get("summary", "")
-        rows.append(f"{name:<14}{r['status']:<11}{r.get('seconds', 0):>6.0f}{r.get('limit_s', 0):>7.0f}"
-                    f"{gpu:>9.0f}{rss:>9.0f}  {text}")
+        rows.append(
+            f"{name:<14}{r['status']:<11}{r.get('seconds', 0):>6.0f}{r.get('limit_s', 0):>7.0f}"
+            f"{gpu:>9.0f}{rss:>9.0f}  {text}"
+        )
     return "\n".join(rows)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check"), help="the report folder (default $OUT, "
-                    "else gpu_check)")
-    ap.add_argument("--reference", default=os.environ.get("CYCLEGAN_REFERENCE") or None,
-                    help="a checkout of junyanz/pytorch-CycleGAN-and-pix2pix (default $CYCLEGAN_REFERENCE)")
-    ap.add_argument("--tiny", action="store_true", help="tiny sizes everywhere (for the test of this script)")
-    ap.add_argument("--device", default="cuda", help="where the GPU parts run (cuda, cuda:N); `cpu` runs them on "
-                    "the CPU: a dry run of their code, at --tiny size, whose figures mean nothing")
-    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated, from: " + ", ".join(PARTS))
-    ap.add_argument("--limit-of", action="append", default=[], metavar="PART=SECONDS",
-                    help="another time limit for a part (a slower card; the test of a part that runs out of time)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out",
+        default=os.environ.get("OUT", "gpu_check"),
+        help="the report folder (default $OUT, else gpu_check)",
+    )
+    ap.add_argument(
+        "--reference",
+        default=os.environ.get("CYCLEGAN_REFERENCE") or None,
+        help="a checkout of junyanz/pytorch-CycleGAN-and-pix2pix (default $CYCLEGAN_REFERENCE)",
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="tiny sizes everywhere (for the test of this script)"
+    )
+    ap.add_argument(
+        "--device",
+        default="cuda",
+        help="where the GPU parts run (cuda, cuda:N); `cpu` runs them on "
+        "the CPU: a dry run of their code, at --tiny size, whose figures mean nothing",
+    )
+    ap.add_argument(
+        "--parts", default=",".join(PARTS), help="comma-separated, from: " + ", ".join(PARTS)
+    )
+    ap.add_argument(
+        "--limit-of",
+        action="append",
+        default=[],
+        metavar="PART=SECONDS",
+        help="another time limit for a part (a slower card; the test of a part that runs out of time)",
+    )
     ap.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
     ap.add_argument("--limit", type=float, default=60.0, help=argparse.SUPPRESS)
     ap.add_argument("--stage-runner", metavar="MEMFILE", help=argparse.SUPPRESS)
@@ -580,7 +821,10 @@ def main() -> None:
         if name not in PARTS or not re.fullmatch(r"[0-9]+(\.[0-9]+)?", seconds):
             ap.error(f"--limit-of {item}: use PART=SECONDS, PART one of {', '.join(PARTS)}")
         limits[name] = float(seconds)
-    for sig in (signal.SIGTERM, signal.SIGHUP):     # stopped: as Ctrl-C, so launch() kills the running part
+    for sig in (
+        signal.SIGTERM,
+        signal.SIGHUP,
+    ):  # stopped: as Ctrl-C, so launch() kills the running part
         signal.signal(sig, _interrupt)
     results, cuda = {}, None
     summary_file = Path(args.out) / "gpu_check.json"
@@ -601,14 +845,27 @@ def main() -> None:
                 cuda = bool(results[name]["result"].get("cuda_available"))
                 if not cuda and args.device.startswith("cuda"):
                     v = results[name]["result"]
-                    print(f"gpu_check: no CUDA here (torch {v.get('torch')}): running only the parts that need "
-                          f"no GPU ({', '.join(p for p in chosen if not PARTS[p][1])}"
-                          f"{'' if args.tiny else '; the stage on the CPU, 1 epoch'}); skipping "
-                          f"{', '.join(p for p in chosen if PARTS[p][1])}", flush=True)
+                    print(
+                        f"gpu_check: no CUDA here (torch {v.get('torch')}): running only the parts that need "
+                        f"no GPU ({', '.join(p for p in chosen if not PARTS[p][1])}"
+                        f"{'' if args.tiny else '; the stage on the CPU, 1 epoch'}); skipping "
+                        f"{', '.join(p for p in chosen if PARTS[p][1])}",
+                        flush=True,
+                    )
         tmp = summary_file.with_name(f".{summary_file.name}.tmp")
-        tmp.write_text(json.dumps({"tiny": args.tiny, "cuda": cuda, "limits_s": limits,
-                                   "total_limit_s": TOTAL_LIMIT_S, "load_average": os.getloadavg()[0],
-                                   "parts": results}, indent=2))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "tiny": args.tiny,
+                    "cuda": cuda,
+                    "limits_s": limits,
+                    "total_limit_s": TOTAL_LIMIT_S,
+                    "load_average": os.getloadavg()[0],
+                    "parts": results,
+                },
+                indent=2,
+            )
+        )
         os.replace(tmp, summary_file)
     print(table(results, cuda))
     print(f"JSON: {summary_file}")
@@ -618,6 +875,8 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:      # Ctrl-C, kill: the running part was killed; gpu_check.json has the others
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl-C, kill: the running part was killed; gpu_check.json has the others
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -5,6 +5,7 @@
 Generates `count` flares and `count` doodles at `source-size` px into a temp dir (not timed), then
 times `stages.prepare.prepare` on them with workers=1 and workers=all, and prints the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,9 @@ from unpaired.prepare import PrepareParams
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--count", type=int, default=3000, help="images per domain")
     ap.add_argument("--source-size", type=int, default=256)
     ap.add_argument("--size", type=int, default=64)
@@ -28,7 +31,8 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "params.yaml").write_text(
             f"domains:\n  a: {{source: doodles, count: {args.count}, image_size: {args.source_size}}}\n"
-            f"  b: {{source: flares, count: {args.count}, image_size: {args.source_size}}}\n")
+            f"  b: {{source: flares, count: {args.count}, image_size: {args.source_size}}}\n"
+        )
         for d in "ab":
             fetch_domain(d, tmp / "params.yaml", tmp / "raw", tmp / "cache")
         p = PrepareParams(image_size=args.size)
@@ -36,7 +40,9 @@ def main() -> None:
         rates = {}
         for workers in (1, default_workers()):
             start = time.perf_counter()
-            prepare(p, tmp / "raw", tmp / f"out{workers}", tmp / f"m{workers}.json", workers=workers)
+            prepare(
+                p, tmp / "raw", tmp / f"out{workers}", tmp / f"m{workers}.json", workers=workers
+            )
             rates[workers] = total / (time.perf_counter() - start)
     one, many = rates[1], rates[default_workers()]
     print(f"\nprepare: {total} images {args.source_size}px -> {args.size}px")

@@ -9,6 +9,7 @@ time grouped into kinds (convolution forward/backward, instance norm, elementwis
 with `--reference DIR` side by side with the reference implementation's own optimize_parameters
 (a checkout you provide; see benchmarks/train_throughput.py) on the same input images.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,14 +27,35 @@ from torch.profiler import ProfilerActivity, profile
 from unpaired.models.cyclegan import build_models, optimizers, train_step
 from unpaired.models.pool import ImagePool
 
-KINDS = [("conv backward", ("convolution_backward", "conv_transpose", "slow_conv", "backward")),
-         ("conv forward", ("conv", "mkldnn")),
-         ("instance norm", ("norm", "var", "mean")),
-         ("optimizer", ("adam", "_foreach", "lerp", "addcdiv", "sqrt")),
-         ("pad", ("pad", "reflection")),
-         ("copy/alloc", ("copy", "empty", "zeros", "clone", "cat", "contiguous", "fill", "to")),
-         ("elementwise", ("add", "mul", "sub", "div", "relu", "leaky", "tanh", "threshold", "where", "sum",
-                          "mse", "l1", "abs", "sign", "neg", "pow"))]
+KINDS = [
+    ("conv backward", ("convolution_backward", "conv_transpose", "slow_conv", "backward")),
+    ("conv forward", ("conv", "mkldnn")),
+    ("instance norm", ("norm", "var", "mean")),
+    ("optimizer", ("adam", "_foreach", "lerp", "addcdiv", "sqrt")),
+    ("pad", ("pad", "reflection")),
+    ("copy/alloc", ("copy", "empty", "zeros", "clone", "cat", "contiguous", "fill", "to")),
+    (
+        "elementwise",
+        (
+            "add",
+            "mul",
+            "sub",
+            "div",
+            "relu",
+            "leaky",
+            "tanh",
+            "threshold",
+            "where",
+            "sum",
+            "mse",
+            "l1",
+            "abs",
+            "sign",
+            "neg",
+            "pow",
+        ),
+    ),
+]
 
 
 def kind(name: str) -> str:
@@ -47,8 +69,10 @@ def kind(name: str) -> str:
 def reference_step(args, a, b):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_throughput import reference_options
+
     sys.path.insert(0, str(Path(args.reference).resolve()))
     from models.cycle_gan_model import CycleGANModel
+
     args.ngf, args.ndf, args.blocks = args.ngf, args.ndf, args.blocks
     opt = reference_options(args, torch.device("cpu"))
     with contextlib.redirect_stdout(io.StringIO()):
@@ -59,6 +83,7 @@ def reference_step(args, a, b):
     def step():
         model.set_input(batch)
         model.optimize_parameters()
+
     return step
 
 
@@ -99,9 +124,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--unbatched", action="store_true", help="the reference order instead of batched passes")
+    ap.add_argument(
+        "--unbatched", action="store_true", help="the reference order instead of batched passes"
+    )
     ap.add_argument("--rows", type=int, default=25)
-    ap.add_argument("--reference", default=None, help="a checkout of the reference CycleGAN, profiled alongside")
+    ap.add_argument(
+        "--reference", default=None, help="a checkout of the reference CycleGAN, profiled alongside"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -109,17 +138,25 @@ def main() -> None:
     opt_G, opt_D = optimizers(m, 2e-4, 0.5, False)
     g = torch.Generator().manual_seed(0)
     pools = ImagePool(50, g), ImagePool(50, g)
-    a, b = torch.rand(1, 3, args.size, args.size) * 2 - 1, torch.rand(1, 3, args.size, args.size) * 2 - 1
+    a, b = (
+        torch.rand(1, 3, args.size, args.size) * 2 - 1,
+        torch.rand(1, 3, args.size, args.size) * 2 - 1,
+    )
 
     def step():
-        train_step(m, opt_G, opt_D, *pools, a, b, 10.0, 0.5, contextlib.nullcontext, not args.unbatched)
+        train_step(
+            m, opt_G, opt_D, *pools, a, b, 10.0, 0.5, contextlib.nullcontext, not args.unbatched
+        )
+
     steps = {"ours": step}
     if args.reference:
         steps["reference"] = reference_step(args, a, b)
     results = profiled(steps, args.steps)
-    print(f"train step, cpu, {args.threads} thread(s), ngf {args.ngf}, ndf {args.ndf}, {args.blocks} blocks, "
-          f"{args.size} px, {'reference order' if args.unbatched else 'batched'}, {args.steps} steps profiled, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"train step, cpu, {args.threads} thread(s), ngf {args.ngf}, ndf {args.ndf}, {args.blocks} blocks, "
+        f"{args.size} px, {'reference order' if args.unbatched else 'batched'}, {args.steps} steps profiled, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     if args.rows:
         print(results["ours"][1].table(sort_by="self_cpu_time_total", row_limit=args.rows))
     columns = {name: kinds(events, args.steps) for name, (_, events) in results.items()}
@@ -129,14 +166,21 @@ def main() -> None:
     print(f"{'kind':<16}" + "".join(f"{c + ' ms':>16}{'share':>7}" for c in columns))
     for k in names + ["total"]:
         row = f"{k:<16}"
-        for c, col in columns.items():
+        for col in columns.values():
             total = sum(col.values())
             v = total if k == "total" else col.get(k, 0.0)
             row += f"{v:>16.1f}{v / total:>7.0%}"
         print(row)
-    print("unprofiled step, best of 5 rounds taken in turn: " + ", ".join(f"{c} {ms:.1f} ms" for c, ms in times.items())
-          + (f"; ours is {times['reference'] / times['ours']:.2f}x the reference" if args.reference else "")
-          + f"; load average {os.getloadavg()[0]:.2f}")
+    print(
+        "unprofiled step, best of 5 rounds taken in turn: "
+        + ", ".join(f"{c} {ms:.1f} ms" for c, ms in times.items())
+        + (
+            f"; ours is {times['reference'] / times['ours']:.2f}x the reference"
+            if args.reference
+            else ""
+        )
+        + f"; load average {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

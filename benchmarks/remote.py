@@ -8,6 +8,7 @@ a local-directory remote and a real S3 server (SeaweedFS `weed` on 127.0.0.1):
   (b) the same images packed into one uncompressed tar (one object).
 Each figure is a fresh `dvc push` into an empty remote and a `dvc pull` into an empty cache.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,14 @@ def measure(repo: Path, target: str, remote_args: list[list[str]]) -> tuple[floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--count", type=int, default=5000)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--jobs", type=int, default=8, help="dvc push/pull --jobs (DVC's default: 4 x cores)")
+    ap.add_argument(
+        "--jobs", type=int, default=8, help="dvc push/pull --jobs (DVC's default: 4 x cores)"
+    )
     args = ap.parse_args()
     global JOBS
     JOBS = args.jobs
@@ -61,7 +66,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "params.yaml").write_text(f"domains:\n  a: {{source: flares, count: {args.count}, image_size: {args.size}}}\n")
+        (tmp / "params.yaml").write_text(
+            f"domains:\n  a: {{source: flares, count: {args.count}, image_size: {args.size}}}\n"
+        )
         images = fetch_domain("a", tmp / "params.yaml", tmp / "raw", tmp / "cache")
         for layout in ("files", "tar"):
             for kind in ("local", "s3"):
@@ -81,16 +88,25 @@ def main() -> None:
                     target = "prepared.tar"
                 sh([dvc, "add", "-q", target], repo)
                 if kind == "local":
-                    results[(layout, kind)] = measure(repo, target, [["remote", "add", "-d", "r", str(tmp / f"store-{layout}")]])
+                    results[(layout, kind)] = measure(
+                        repo, target, [["remote", "add", "-d", "r", str(tmp / f"store-{layout}")]]
+                    )
                 else:
                     with weed_s3(tmp / f"weed-{layout}") as endpoint:
                         make_bucket(endpoint, "bench", "k", "s")
-                        results[(layout, kind)] = measure(repo, target, [
-                            ["remote", "add", "-d", "r", "s3://bench/x"],
-                            ["remote", "modify", "r", "endpointurl", endpoint],
-                            ["remote", "modify", "--local", "r", "access_key_id", "k"],
-                            ["remote", "modify", "--local", "r", "secret_access_key", "s"]])
-    print(f"\n{args.count} PNGs of {args.size} px: dvc push / pull -j {args.jobs} seconds (fresh remote, empty cache)")
+                        results[(layout, kind)] = measure(
+                            repo,
+                            target,
+                            [
+                                ["remote", "add", "-d", "r", "s3://bench/x"],
+                                ["remote", "modify", "r", "endpointurl", endpoint],
+                                ["remote", "modify", "--local", "r", "access_key_id", "k"],
+                                ["remote", "modify", "--local", "r", "secret_access_key", "s"],
+                            ],
+                        )
+    print(
+        f"\n{args.count} PNGs of {args.size} px: dvc push / pull -j {args.jobs} seconds (fresh remote, empty cache)"
+    )
     print(f"{'remote':<8}{'layout':<26}{'push s':>9}{'pull s':>9}")
     for (layout, kind), (push, pull) in results.items():
         name = f"{args.count} files (browsable)" if layout == "files" else "one tar"

@@ -12,6 +12,7 @@ on CPU in fp32 (`random` noise: the same torch seed before each call, as both dr
 layer in the same order). Prints the max abs difference per case; exits 1 above --tol (1e-3).
 The official code runs only here, from the checkout you give; nothing of it is part of this project.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,14 +36,21 @@ VARIANTS = {
 
 def official_snapshot(root: Path, synthesis: dict, path: Path):
     sys.path.insert(0, str(root))
-    from training.networks import Generator   # noqa: PLC0415 - the official checkout
+    from training.networks import Generator  # noqa: PLC0415 - the official checkout
+
     torch.manual_seed(0)
-    G = Generator(z_dim=32, c_dim=0, w_dim=32, img_resolution=32, img_channels=3,
-                  mapping_kwargs={"num_layers": 2},
-                  synthesis_kwargs={"channel_base": 1024, "channel_max": 64, **synthesis}).eval()
+    G = Generator(
+        z_dim=32,
+        c_dim=0,
+        w_dim=32,
+        img_resolution=32,
+        img_channels=3,
+        mapping_kwargs={"num_layers": 2},
+        synthesis_kwargs={"channel_base": 1024, "channel_max": 64, **synthesis},
+    ).eval()
     with torch.no_grad():
         for t in list(G.parameters()) + list(G.buffers()):
-            if t.dtype.is_floating_point and t.ndim > 0 and t.shape != (4, 4):   # not the filters
+            if t.dtype.is_floating_point and t.ndim > 0 and t.shape != (4, 4):  # not the filters
                 t.add_(0.2 * torch.randn_like(t))
             elif t.dtype.is_floating_point and t.ndim == 0:
                 t.add_(0.2 * torch.randn(()))
@@ -53,8 +61,12 @@ def official_snapshot(root: Path, synthesis: dict, path: Path):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--official", type=Path, required=True, help="checkout of NVlabs/stylegan2-ada-pytorch")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--official", type=Path, required=True, help="checkout of NVlabs/stylegan2-ada-pytorch"
+    )
     ap.add_argument("--tol", type=float, default=1e-3)
     args = ap.parse_args()
     worst = 0.0
@@ -72,13 +84,17 @@ def main() -> None:
                         assert torch.equal(z, seed_latents([seed], 32))
                         with torch.no_grad():
                             torch.manual_seed(1234)
-                            a = official(z, None, truncation_psi=psi, noise_mode=mode, force_fp32=True)
+                            a = official(
+                                z, None, truncation_psi=psi, noise_mode=mode, force_fp32=True
+                            )
                             torch.manual_seed(1234)
                             b = ours(z, psi, noise_mode=mode)
                         diffs.append((a - b).abs().max().item())
                     worst = max(worst, *diffs)
-                    print(f"  seed {seed:2d} psi {psi}: max |official - ours| const {diffs[0]:.2e}  "
-                          f"none {diffs[1]:.2e}  random {diffs[2]:.2e}")
+                    print(
+                        f"  seed {seed:2d} psi {psi}: max |official - ours| const {diffs[0]:.2e}  "
+                        f"none {diffs[1]:.2e}  random {diffs[2]:.2e}"
+                    )
     print(f"worst case: {worst:.2e} (tolerance {args.tol:.0e})")
     sys.exit(0 if worst <= args.tol else 1)
 

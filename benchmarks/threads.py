@@ -13,6 +13,7 @@ average printed says how idle it really was). The default params.yaml model (ngf
 runs the CycleGAN step of unpaired.models.cyclegan; the printout gives s/step per variant, idle and loaded
 side by side, and the ratios to (a).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,15 @@ def cores() -> int:
 def variants() -> list[tuple[str, int, dict[str, str]]]:
     n = cores()
     auto = max(1, n - 1)
-    out = [(f"(a) torch default: {n} threads, spin wait", n, {}),
-           (f"(b) {n} threads, passive wait", n, {"OMP_WAIT_POLICY": "PASSIVE"}),
-           (f"(c) auto: {auto} thread{'s' if auto > 1 else ''}, passive wait", auto, {"OMP_WAIT_POLICY": "PASSIVE"})]
+    out = [
+        (f"(a) torch default: {n} threads, spin wait", n, {}),
+        (f"(b) {n} threads, passive wait", n, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        (
+            f"(c) auto: {auto} thread{'s' if auto > 1 else ''}, passive wait",
+            auto,
+            {"OMP_WAIT_POLICY": "PASSIVE"},
+        ),
+    ]
     if auto != 1:
         out.append(("(d) 1 thread", 1, {"OMP_WAIT_POLICY": "PASSIVE"}))
     # Bounded spinning (libgomp): idle threads spin GOMP_SPINCOUNT iterations, then sleep.
@@ -75,8 +82,14 @@ def run(threads: int, extra: dict[str, str], steps: int, size: int) -> dict[str,
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env.update(extra)
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(steps), str(size)], env=env,
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(threads), str(steps), str(size)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -84,33 +97,52 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--burners", type=int, default=1, help="processes burning one core each when loaded")
-    ap.add_argument("--spincounts", default="",
-                    help="comma-separated GOMP_SPINCOUNT values to try with all cores (bounded spinning)")
+    ap.add_argument(
+        "--burners", type=int, default=1, help="processes burning one core each when loaded"
+    )
+    ap.add_argument(
+        "--spincounts",
+        default="",
+        help="comma-separated GOMP_SPINCOUNT values to try with all cores (bounded spinning)",
+    )
     args = ap.parse_args()
     SPINCOUNTS.extend(int(s) for s in args.spincounts.split(",") if s)
-    print(f"{cores()} CPUs, load average {os.getloadavg()[0]:.2f} before the run; "
-          f"{args.steps} steps of {args.size} px after 2 warm-up steps; median s/step")
+    print(
+        f"{cores()} CPUs, load average {os.getloadavg()[0]:.2f} before the run; "
+        f"{args.steps} steps of {args.size} px after 2 warm-up steps; median s/step"
+    )
     results: dict[str, dict[str, float]] = {}
     for condition in ("idle", "loaded"):
-        burners = [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(args.burners)] \
-            if condition == "loaded" else []
+        burners = (
+            [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(args.burners)]
+            if condition == "loaded"
+            else []
+        )
         try:
             time.sleep(0.5 if burners else 0)
-            print(f"{condition}: {len(burners)} burner(s), load average {os.getloadavg()[0]:.2f}", flush=True)
+            print(
+                f"{condition}: {len(burners)} burner(s), load average {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
             for name, threads, extra in variants():
-                results.setdefault(name, {})[condition] = run(threads, extra, args.steps, args.size)["median"]
+                results.setdefault(name, {})[condition] = run(
+                    threads, extra, args.steps, args.size
+                )["median"]
                 print(f"  {condition:6s} {name}: {results[name][condition]:.3f} s/step", flush=True)
         finally:
             for proc in burners:
                 proc.kill()
                 proc.wait()
     base = results[variants()[0][0]]
-    print(f"\n{'variant':44s} {'idle s':>8s} {'loaded s':>9s} {'loaded/idle':>12s} "
-          f"{'idle vs (a)':>12s} {'loaded vs (a)':>14s}")
+    print(
+        f"\n{'variant':44s} {'idle s':>8s} {'loaded s':>9s} {'loaded/idle':>12s} "
+        f"{'idle vs (a)':>12s} {'loaded vs (a)':>14s}"
+    )
     for name, r in results.items():
-        print(f"{name:44s} {r['idle']:8.3f} {r['loaded']:9.3f} {r['loaded'] / r['idle']:11.2f}x "
-              f"{base['idle'] / r['idle']:11.2f}x {base['loaded'] / r['loaded']:13.2f}x")
+        print(
+            f"{name:44s} {r['idle']:8.3f} {r['loaded']:9.3f} {r['loaded'] / r['idle']:11.2f}x "
+            f"{base['idle'] / r['idle']:11.2f}x {base['loaded'] / r['loaded']:13.2f}x"
+        )
     print("(vs (a): > 1 means faster than torch's defaults)")
 
 

@@ -14,6 +14,7 @@ delivers `steps` batches of 1 (no training: the data path alone, to compare with
   thread (data_device: disk, or auto when they do not fit).
 The machine's CPUs, available memory and load average are printed; timing depends on them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,15 +79,21 @@ def write_images(folder: Path, count: int, size: int, seed: int) -> None:
         for _ in range(4):
             x, y = rng.integers(0, size, 2)
             r = int(rng.integers(size // 16, size // 4))
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+            draw.ellipse(
+                [x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 256, 3))
+            )
         img.save(folder / f"{i:06d}.png")
 
 
 def run(variant: str, data: Path, load: int, steps: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, variant, str(data), str(load), str(steps)], env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, variant, str(data), str(load), str(steps)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status):
@@ -97,33 +104,46 @@ def run(variant: str, data: Path, load: int, steps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--count", type=int, default=10_000, help="images per domain")
     ap.add_argument("--size", type=int, default=256, help="prepared image side, px")
     ap.add_argument("--load", type=int, default=286, help="train.load_size")
     ap.add_argument("--steps", type=int, default=50, help="batches of 1 drawn after the first")
     args = ap.parse_args()
-    decoded = 2 * args.count * 3 * args.load ** 2 / 2 ** 30
-    print(f"{os.cpu_count()} CPUs, {psutil.virtual_memory().available / 2 ** 30:.1f} GiB available, load "
-          f"average {os.getloadavg()[0]:.2f}; {args.count} images per domain at {args.size} px, load_size "
-          f"{args.load}: {decoded:.2f} GiB decoded", flush=True)
+    decoded = 2 * args.count * 3 * args.load**2 / 2**30
+    print(
+        f"{os.cpu_count()} CPUs, {psutil.virtual_memory().available / 2**30:.1f} GiB available, load "
+        f"average {os.getloadavg()[0]:.2f}; {args.count} images per domain at {args.size} px, load_size "
+        f"{args.load}: {decoded:.2f} GiB decoded",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="train_startup_") as tmp:
         data = Path(tmp)
         t = time.perf_counter()
         for i, d in enumerate("AB"):
             write_images(data / f"train{d}", args.count, args.size, seed=i)
-        on_disk = sum(f.stat().st_size for f in data.rglob("*.png")) / 2 ** 20
-        print(f"wrote {2 * args.count} PNGs ({on_disk:.0f} MiB) in {time.perf_counter() - t:.0f} s (not timed)",
-              flush=True)
+        on_disk = sum(f.stat().st_size for f in data.rglob("*.png")) / 2**20
+        print(
+            f"wrote {2 * args.count} PNGs ({on_disk:.0f} MiB) in {time.perf_counter() - t:.0f} s (not timed)",
+            flush=True,
+        )
         rows = {v: run(v, data, args.load, args.steps) for v in VARIANTS}
     print(f"load average {os.getloadavg()[0]:.2f} at the end\n")
     base = rows["stack (before)"]
-    print(f"{'variant':16s} {'start-up s':>10s} {'× before':>9s} {'peak RSS MiB':>13s} {'× before':>9s} "
-          f"{'feeder img/s':>13s}")
+    print(
+        f"{'variant':16s} {'start-up s':>10s} {'× before':>9s} {'peak RSS MiB':>13s} {'× before':>9s} "
+        f"{'feeder img/s':>13s}"
+    )
     for name, r in rows.items():
-        print(f"{name:16s} {r['startup_s']:10.1f} {base['startup_s'] / r['startup_s']:8.2f}x "
-              f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] / base['peak_rss_mib']:8.2f}x {r['images_per_s']:13.0f}")
-    print("(start-up: file listing to the first batch; × before: > 1 means faster, resp. more memory)")
+        print(
+            f"{name:16s} {r['startup_s']:10.1f} {base['startup_s'] / r['startup_s']:8.2f}x "
+            f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] / base['peak_rss_mib']:8.2f}x {r['images_per_s']:13.0f}"
+        )
+    print(
+        "(start-up: file listing to the first batch; × before: > 1 means faster, resp. more memory)"
+    )
 
 
 if __name__ == "__main__":

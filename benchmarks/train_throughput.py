@@ -22,6 +22,7 @@ Memory: peak RSS of the variant's process on CPU (includes torch itself), max_me
 A variant whose process crashes, or that runs past --timeout, is reported as failed (its processes
 killed) and the others go on; --json is rewritten after every variant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from unpaired.devices import bf16_for
-from unpaired.models.cyclegan import build_models, compile_models, distribute, optimizers, train_step
+from unpaired.models.cyclegan import (
+    build_models,
+    compile_models,
+    distribute,
+    optimizers,
+    train_step,
+)
 from unpaired.models.feeding import DeviceFeeder, load_folder
 from unpaired.models.pool import ImagePool
 from unpaired.models.training import channels_last_ok
@@ -59,16 +66,27 @@ class FolderPairs(Dataset):
 
     def __init__(self, a: Path, b: Path, load: int, crop: int):
         self.a, self.b = sorted(a.glob("*.png")), sorted(b.glob("*.png"))
-        self.tf = T.Compose([T.Resize((load, load), T.InterpolationMode.BICUBIC), T.RandomCrop(crop),
-                             T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+        self.tf = T.Compose(
+            [
+                T.Resize((load, load), T.InterpolationMode.BICUBIC),
+                T.RandomCrop(crop),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize((0.5,) * 3, (0.5,) * 3),
+            ]
+        )
 
     def __len__(self) -> int:
         return max(len(self.a), len(self.b))
 
     def __getitem__(self, i: int):
         b = self.b[np.random.randint(len(self.b))]
-        return {"A": self.tf(Image.open(self.a[i % len(self.a)]).convert("RGB")),
-                "B": self.tf(Image.open(b).convert("RGB")), "A_paths": "", "B_paths": ""}
+        return {
+            "A": self.tf(Image.open(self.a[i % len(self.a)]).convert("RGB")),
+            "B": self.tf(Image.open(b).convert("RGB")),
+            "A_paths": "",
+            "B_paths": "",
+        }
 
 
 def make_images(root: Path, count: int, size: int) -> None:
@@ -76,7 +94,9 @@ def make_images(root: Path, count: int, size: int) -> None:
     for d in "AB":
         (root / d).mkdir(parents=True)
         for i in range(count):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / d / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                root / d / f"{i}.png"
+            )
 
 
 def sync(device: torch.device) -> None:
@@ -85,8 +105,13 @@ def sync(device: torch.device) -> None:
 
 
 def loader_batches(args, root: Path):
-    loader = DataLoader(FolderPairs(root / "A", root / "B", args.load, args.size), batch_size=1,
-                        shuffle=True, num_workers=args.workers, persistent_workers=args.workers > 0)
+    loader = DataLoader(
+        FolderPairs(root / "A", root / "B", args.load, args.size),
+        batch_size=1,
+        shuffle=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
     while True:
         yield from loader
 
@@ -96,15 +121,49 @@ def reference_options(args, device) -> Namespace:
     of every release: `gpu_ids` (up to 2022: BaseModel picks the device from it) and `device` (since
     the 2025 DDP rewrite, BaseModel reads `opt.device`), `n_epochs` and the older `niter` names."""
     return Namespace(
-        gpu_ids=[device.index or 0] if device.type == "cuda" else [], device=device, isTrain=True,
-        checkpoints_dir=tempfile.mkdtemp(), name="bench", preprocess="resize_and_crop", input_nc=3,
-        output_nc=3, ngf=args.ngf, ndf=args.ndf, netG=f"resnet_{args.blocks}blocks", netD="basic",
-        n_layers_D=3, norm="instance", no_dropout=True, init_type="normal", init_gain=0.02, pool_size=50,
-        gan_mode="lsgan", no_lsgan=False, lr=2e-4, beta1=0.5, lambda_A=10.0, lambda_B=10.0,
-        lambda_identity=0.5, direction="AtoB", which_direction="AtoB", lr_policy="linear",
-        lr_decay_iters=50, n_epochs=100, n_epochs_decay=100, niter=100, niter_decay=100, epoch_count=1,
-        continue_train=False, load_iter=0, epoch="latest", which_epoch="latest", verbose=False,
-        use_wandb=False, model="cycle_gan", dataset_mode="unaligned")
+        gpu_ids=[device.index or 0] if device.type == "cuda" else [],
+        device=device,
+        isTrain=True,
+        checkpoints_dir=tempfile.mkdtemp(),
+        name="bench",
+        preprocess="resize_and_crop",
+        input_nc=3,
+        output_nc=3,
+        ngf=args.ngf,
+        ndf=args.ndf,
+        netG=f"resnet_{args.blocks}blocks",
+        netD="basic",
+        n_layers_D=3,
+        norm="instance",
+        no_dropout=True,
+        init_type="normal",
+        init_gain=0.02,
+        pool_size=50,
+        gan_mode="lsgan",
+        no_lsgan=False,
+        lr=2e-4,
+        beta1=0.5,
+        lambda_A=10.0,
+        lambda_B=10.0,
+        lambda_identity=0.5,
+        direction="AtoB",
+        which_direction="AtoB",
+        lr_policy="linear",
+        lr_decay_iters=50,
+        n_epochs=100,
+        n_epochs_decay=100,
+        niter=100,
+        niter_decay=100,
+        epoch_count=1,
+        continue_train=False,
+        load_iter=0,
+        epoch="latest",
+        which_epoch="latest",
+        verbose=False,
+        use_wandb=False,
+        model="cycle_gan",
+        dataset_mode="unaligned",
+    )
 
 
 def reference_step(args, device, root: Path):
@@ -114,8 +173,9 @@ def reference_step(args, device, root: Path):
     and with older releases (`gpu_ids`)."""
     sys.path.insert(0, str(Path(args.reference).resolve()))
     from models.cycle_gan_model import CycleGANModel
+
     opt = reference_options(args, device)
-    with contextlib.redirect_stdout(io.StringIO()):   # its network summaries and init messages
+    with contextlib.redirect_stdout(io.StringIO()):  # its network summaries and init messages
         model = CycleGANModel(opt)
         model.setup(opt)
     for net in (model.netG_A, model.netG_B, model.netD_A, model.netD_B):
@@ -125,6 +185,7 @@ def reference_step(args, device, root: Path):
     def step():
         model.set_input(next(it))
         model.optimize_parameters()
+
     return step, [model.netG_A, model.netG_B, model.netD_A, model.netD_B]
 
 
@@ -142,24 +203,37 @@ def our_step(args, device, root: Path, variant: str):
     torch.manual_seed(0)
     m = build_models(args.ngf, args.ndf, args.blocks, 3, device, channels_last=channels_last)
     opt_G, opt_D = optimizers(m, 2e-4, 0.5, fused=cuda)
-    if args.world > 1:        # as the stage: DDP-wrapped pair modules, then compile
+    if args.world > 1:  # as the stage: DDP-wrapped pair modules, then compile
         m = distribute(m, device)
     if variant == "batched+compile":
         m = compile_models(m, "default")
     g = torch.Generator().manual_seed(0)
     pools = ImagePool(50, g), ImagePool(50, g)
     batched = variant.startswith("batched")
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if variant == "batched+bf16"
-                else contextlib.nullcontext)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if variant == "batched+bf16"
+        else contextlib.nullcontext
+    )
     if variant == "ref-structured":
         it = ((x["A"].to(device), x["B"].to(device)) for x in loader_batches(args, root))
     else:
-        feeder = DeviceFeeder(load_folder(root / "A", args.load), load_folder(root / "B", args.load),
-                              args.size, True, 1, device, channels_last, rank=args.rank, world_size=args.world)
+        feeder = DeviceFeeder(
+            load_folder(root / "A", args.load),
+            load_folder(root / "B", args.load),
+            args.size,
+            True,
+            1,
+            device,
+            channels_last,
+            rank=args.rank,
+            world_size=args.world,
+        )
 
         def batches():
             while True:
                 yield from feeder.batches(feeder.plan(g))
+
         it = batches()
     sums = torch.zeros(8, device=device)
 
@@ -167,6 +241,7 @@ def our_step(args, device, root: Path, variant: str):
         nonlocal sums
         a, b = next(it)
         sums += train_step(m, opt_G, opt_D, *pools, a, b, 10.0, 0.5, autocast, batched)
+
     return step, list(m.nets())
 
 
@@ -187,10 +262,13 @@ def measure(args, variant: str, root: Path) -> tuple[float, float, float, str]:
     torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    step, nets = (reference_step(args, device, root) if variant == "reference"
-                  else our_step(args, device, root, variant))
+    step, nets = (
+        reference_step(args, device, root)
+        if variant == "reference"
+        else our_step(args, device, root, variant)
+    )
     t0 = time.perf_counter()
-    step()                                       # the first step: compiles, when the variant does
+    step()  # the first step: compiles, when the variant does
     sync(device)
     first = time.perf_counter() - t0
     for _ in range(args.warmup - 1):
@@ -207,8 +285,11 @@ def measure(args, variant: str, root: Path) -> tuple[float, float, float, str]:
     if args.world > 1:
         torch.distributed.barrier()
     rate = args.steps / (time.perf_counter() - start)
-    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    mem = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) / 2**20
     return rate, mem, first, weights_digest(nets)
 
 
@@ -222,7 +303,9 @@ def _ddp_worker(rank: int, args, root: Path, port: int, queue) -> None:
     if cuda:
         torch.cuda.set_device(rank)
         args.device = f"cuda:{rank}"
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.world)
+    torch.distributed.init_process_group(
+        "nccl" if cuda else "gloo", rank=rank, world_size=args.world
+    )
     args.rank = rank
     _measured(rank, args, "batched", root, queue)
     torch.distributed.destroy_process_group()
@@ -255,6 +338,7 @@ def collect(procs, queue, timeout: float) -> list:
         if isinstance(result, dict) and "error" in result:
             raise VariantFailed(f"failed in process {i}: {result['error']}")
         got[i] = result
+
     try:
         while len(got) < len(procs):
             try:
@@ -263,7 +347,7 @@ def collect(procs, queue, timeout: float) -> list:
             except queue_module.Empty:
                 pass
             ended = [i for i, p in enumerate(procs) if p.exitcode is not None and i not in got]
-            if ended:              # a result written just before its process ended is in the pipe by now
+            if ended:  # a result written just before its process ended is in the pipe by now
                 with contextlib.suppress(queue_module.Empty):
                     while True:
                         take(*queue.get(timeout=0.5))
@@ -294,13 +378,17 @@ def run_ddp(args, root: Path) -> tuple[float, float, bool]:
     """(steps/s and peak memory of rank 0, whether every rank ended with the same weights) of
     `batched` in args.ddp processes, each with a DDP replica."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     ddp_args = Namespace(**{**vars(args), "world": args.ddp})
-    procs = [ctx.Process(target=_ddp_worker, args=(r, ddp_args, root, port, queue)) for r in range(args.ddp)]
+    procs = [
+        ctx.Process(target=_ddp_worker, args=(r, ddp_args, root, port, queue))
+        for r in range(args.ddp)
+    ]
     for p in procs:
         p.start()
     results = collect(procs, queue, args.timeout)
@@ -316,27 +404,59 @@ def default_variant(device: torch.device) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--size", type=int, default=None, help="crop size (default 256 on CUDA, 64 on CPU)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 200 on CUDA, 20 on CPU)")
+    ap.add_argument(
+        "--size", type=int, default=None, help="crop size (default 256 on CUDA, 64 on CPU)"
+    )
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed steps (default 200 on CUDA, 20 on CPU)"
+    )
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--ngf", type=int, default=None, help="default 64 on CUDA, 16 on CPU (the stage's default)")
+    ap.add_argument(
+        "--ngf", type=int, default=None, help="default 64 on CUDA, 16 on CPU (the stage's default)"
+    )
     ap.add_argument("--ndf", type=int, default=None, help="default 64 on CUDA, 32 on CPU")
     ap.add_argument("--blocks", type=int, default=None, help="default 9 at >= 256 px, else 6")
     ap.add_argument("--images", type=int, default=64, help="images per domain on disk")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader-fed variants")
-    ap.add_argument("--reference", default=None, help="a checkout of junyanz/pytorch-CycleGAN-and-pix2pix")
-    ap.add_argument("--variants", default=",".join(VARIANTS[1:]), help="comma-separated, from: " + ", ".join(VARIANTS))
+    ap.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers for the loader-fed variants"
+    )
+    ap.add_argument(
+        "--reference", default=None, help="a checkout of junyanz/pytorch-CycleGAN-and-pix2pix"
+    )
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS[1:]),
+        help="comma-separated, from: " + ", ".join(VARIANTS),
+    )
     ap.add_argument("--ddp", type=int, default=0, help="also measure N data-parallel processes")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores)")
-    ap.add_argument("--repeats", type=int, default=1, help="rounds over the variants; the best of each is kept")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file "
-                    "(rewritten after every variant)")
-    ap.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto",
-                    help="auto: the stage's choice (channels-last on CUDA where channels_last_ok holds)")
-    ap.add_argument("--timeout", type=float, default=1800,
-                    help="seconds one variant (all its processes) may run before it is killed and reported failed")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads per process (default: all cores)"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="rounds over the variants; the best of each is kept"
+    )
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the figures to this JSON file (rewritten after every variant)",
+    )
+    ap.add_argument(
+        "--memory-format",
+        choices=["auto", "contiguous", "channels_last"],
+        default="auto",
+        help="auto: the stage's choice (channels-last on CUDA where channels_last_ok holds)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds one variant (all its processes) may run before it is killed and reported failed",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -353,35 +473,59 @@ def main() -> None:
         variants.insert(0, "reference")
     name = torch.cuda.get_device_name(device) if cuda else f"cpu, {args.threads} threads"
     load = os.getloadavg()[0]
-    print(f"CycleGAN train step, {name}, crop {args.size} (load {args.load}), ngf {args.ngf}, ndf {args.ndf}, "
-          f"{args.blocks} blocks, batch 1, {args.steps} steps after {args.warmup} warm-up, best of {args.repeats}; "
-          f"load average {load:.2f} at the start")
+    print(
+        f"CycleGAN train step, {name}, crop {args.size} (load {args.load}), ngf {args.ngf}, ndf {args.ndf}, "
+        f"{args.blocks} blocks, batch 1, {args.steps} steps after {args.warmup} warm-up, best of {args.repeats}; "
+        f"load average {load:.2f} at the start"
+    )
     mem_name = "max alloc MiB" if cuda else "peak RSS MiB"
     default = default_variant(device)
-    rows: dict[str, tuple[float, float]] = {}     # variant -> best (it/s, memory MiB)
-    failed: dict[str, str] = {}                   # variant -> why its last failed run failed
+    rows: dict[str, tuple[float, float]] = {}  # variant -> best (it/s, memory MiB)
+    failed: dict[str, str] = {}  # variant -> why its last failed run failed
     ddp: dict = {}
 
-    def write_json() -> None:   # after every variant: a later crash or a killed run keeps what was measured
+    def write_json() -> (
+        None
+    ):  # after every variant: a later crash or a killed run keeps what was measured
         if not args.json:
             return
         base = rows.get("ref-structured", next(iter(rows.values()), (None,)))[0]
         ref = rows.get("reference", (None,))[0]
-        out = {"device": name, "crop": args.size, "ngf": args.ngf, "ndf": args.ndf, "blocks": args.blocks,
-               "steps": args.steps, "threads": args.threads, "repeats": args.repeats, "memory": mem_name,
-               "memory_format": args.memory_format, "load_average": load,
-               "variants": {v: {"it_per_s": r, "memory_mib": m,
-                                **({"ratio_ref_structured": r / base} if base else {}),
-                                **({"ratio_reference": r / ref} if ref else {}),
-                                **({"default": True} if v == default else {})}
-                            for v, (r, m) in rows.items()},
-               "failed": {v: why for v, why in failed.items() if v not in rows}}
+        out = {
+            "device": name,
+            "crop": args.size,
+            "ngf": args.ngf,
+            "ndf": args.ndf,
+            "blocks": args.blocks,
+            "steps": args.steps,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "memory": mem_name,
+            "memory_format": args.memory_format,
+            "load_average": load,
+            "variants": {
+                v: {
+                    "it_per_s": r,
+                    "memory_mib": m,
+                    **({"ratio_ref_structured": r / base} if base else {}),
+                    **({"ratio_reference": r / ref} if ref else {}),
+                    **({"default": True} if v == default else {}),
+                }
+                for v, (r, m) in rows.items()
+            },
+            "failed": {v: why for v, why in failed.items() if v not in rows},
+        }
         if ddp.get("one") and ddp.get("many"):
             one, (many, mem, _) = ddp["one"], ddp["many"]
-            out["ddp"] = {"processes": args.ddp, "threads_per_process": per.threads,
-                          "one_process_img_per_s": one, "all_img_per_s": many * args.ddp,
-                          "efficiency": many * args.ddp / (args.ddp * one), "rank0_memory_mib": mem,
-                          "ranks_identical": ddp["identical"]}
+            out["ddp"] = {
+                "processes": args.ddp,
+                "threads_per_process": per.threads,
+                "one_process_img_per_s": one,
+                "all_img_per_s": many * args.ddp,
+                "efficiency": many * args.ddp / (args.ddp * one),
+                "rank0_memory_mib": mem,
+                "ranks_identical": ddp["identical"],
+            }
         tmp_json = args.json.with_name(f".{args.json.name}.tmp")
         tmp_json.write_text(json.dumps(out, indent=2))
         os.replace(tmp_json, args.json)
@@ -401,7 +545,9 @@ def main() -> None:
                     continue
                 best = rows.get(v, (0.0, 0.0))
                 rows[v] = (max(best[0], rate), max(best[1], mem))
-                print(f"  round {r + 1}: {v}: {rate:.2f} it/s (first step {first:.1f} s)", flush=True)
+                print(
+                    f"  round {r + 1}: {v}: {rate:.2f} it/s (first step {first:.1f} s)", flush=True
+                )
                 write_json()
             if args.ddp > 1:
                 try:
@@ -412,32 +558,47 @@ def main() -> None:
                     print(f"  round {r + 1}: ddp: failed: {err}", flush=True)
                     write_json()
                     continue
-                print(f"  round {r + 1}: ddp: one process {one:.2f}, {args.ddp} processes "
-                      f"{many[0] * args.ddp:.2f} img/s; ranks' weights identical: {many[2]}", flush=True)
+                print(
+                    f"  round {r + 1}: ddp: one process {one:.2f}, {args.ddp} processes "
+                    f"{many[0] * args.ddp:.2f} img/s; ranks' weights identical: {many[2]}",
+                    flush=True,
+                )
                 ddp["one"] = max(ddp.get("one", 0.0), one)
                 ddp["many"] = max(ddp.get("many", (0.0, 0.0, True)), many)
                 ddp["identical"] = ddp.get("identical", True) and many[2]
                 write_json()
     base = rows.get("ref-structured", next(iter(rows.values()), (None,)))[0]
     ref = rows.get("reference", (None,))[0]
-    print(f"\n{'variant':<18}{'it/s':>9}{'× ref-structured':>18}" + (f"{'× reference':>13}" if ref else "")
-          + f"{mem_name:>16}")
+    print(
+        f"\n{'variant':<18}{'it/s':>9}{'× ref-structured':>18}"
+        + (f"{'× reference':>13}" if ref else "")
+        + f"{mem_name:>16}"
+    )
     for v, (rate, mem) in rows.items():
-        print(f"{v + (' *' if v == default else ''):<18}{rate:>9.2f}{rate / base:>17.2f}x" + (f"{rate / ref:>12.2f}x" if ref else "") + f"{mem:>16.0f}")
+        print(
+            f"{v + (' *' if v == default else ''):<18}{rate:>9.2f}{rate / base:>17.2f}x"
+            + (f"{rate / ref:>12.2f}x" if ref else "")
+            + f"{mem:>16.0f}"
+        )
     for v, why in failed.items():
         if v not in rows and v != "ddp":
             print(f"{v + (' *' if v == default else ''):<18} failed: {why}")
-    print(f"* the variant python -m stages.train runs with the default params; load average "
-          f"{os.getloadavg()[0]:.2f} at the end")
+    print(
+        f"* the variant python -m stages.train runs with the default params; load average "
+        f"{os.getloadavg()[0]:.2f} at the end"
+    )
     if ddp.get("many"):
         one, (many, mem, _) = ddp["one"], ddp["many"]
-        print(f"\nDDP, batched, {args.ddp} processes × {per.threads} thread(s): one process {one:.2f} img/s, "
-              f"{args.ddp} processes {many * args.ddp:.2f} img/s in all; scaling efficiency "
-              f"{many * args.ddp / (args.ddp * one):.2f} (rank 0 {mem_name} {mem:.0f}); every rank ended with "
-              f"the same weights: {ddp['identical']}")
+        print(
+            f"\nDDP, batched, {args.ddp} processes × {per.threads} thread(s): one process {one:.2f} img/s, "
+            f"{args.ddp} processes {many * args.ddp:.2f} img/s in all; scaling efficiency "
+            f"{many * args.ddp / (args.ddp * one):.2f} (rank 0 {mem_name} {mem:.0f}); every rank ended with "
+            f"the same weights: {ddp['identical']}"
+        )
     elif "ddp" in failed:
         print(f"\nDDP failed: {failed['ddp']}")
     write_json()
+
 
 if __name__ == "__main__":
     main()

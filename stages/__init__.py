@@ -10,6 +10,7 @@ is the one place for what must precede the libraries:
 - OpenMP's wait policy: OpenMP reads OMP_WAIT_POLICY once, when torch loads it (unpaired/threads.py
   says why the policy matters). Every stage therefore imports in plain order.
 """
+
 import sys
 
 from unpaired import errors, threads

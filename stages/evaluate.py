@@ -14,6 +14,7 @@ by them to --test-set (index.html, also cached), and then --report (HTML), --met
 what `dvc metrics show` compares) and --info (why: the best epoch's reason, skipped metrics, which
 Inception weights scored the run). No host path or error text goes into an output: the console has them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,28 @@ import pandas as pd
 from unpaired import params, threads
 from unpaired.devices import resolve_device
 from unpaired.errors import UserError, main_guard
-from unpaired.evaluation import (METRIC_COLUMNS, EvalImages, EvaluateParams, MetricsPlan,
-                                 Scores, epoch_checkpoints, finite, plan_metrics, score_epochs, select_best,
-                                 train_run, translated_test_set, warn)
-from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json,
-                            remove_stale_temporaries, unpack_view)
+from unpaired.evaluation import (
+    METRIC_COLUMNS,
+    EvalImages,
+    EvaluateParams,
+    MetricsPlan,
+    Scores,
+    epoch_checkpoints,
+    finite,
+    plan_metrics,
+    score_epochs,
+    select_best,
+    train_run,
+    translated_test_set,
+    warn,
+)
+from unpaired.files import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_temporaries,
+    unpack_view,
+)
 from unpaired.report import write_report
 from unpaired.weights import weights_facts
 
@@ -47,11 +65,14 @@ def _path(text: str) -> Any:
 @dataclass(frozen=True)
 class Paths:
     """evaluate's inputs and outputs, as dvc.yaml's cmd passes them (one flag per field)."""
+
     checkpoints: Path = _path("train's epoch_NNN.pt files (and last.pt: the device it trained on)")
     data: Path = _path("the packed prepared data; unpacked into --view when present")
     view: Path = _path("the prepared data's folder: its testA/ and testB/ are evaluated")
     prepare_metrics: Path = _path("prepare's counts, shown in the report (may be absent)")
-    train_live: Path = _path("train's dvclive folder: losses and images/s for the report (may be absent)")
+    train_live: Path = _path(
+        "train's dvclive folder: losses and images/s for the report (may be absent)"
+    )
     cache: Path = _path("out (persistent): each epoch's score and the best epoch's test-set pages")
     best: Path = _path("out: the best epoch's generators.pt and best.json")
     samples: Path = _path("out: every epoch's sample grid, epoch_NNN.png")
@@ -64,34 +85,52 @@ class Paths:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:      # one line, as every other bad input
+    def error(self, message: str) -> Any:  # one line, as every other bad input
         raise UserError(f"{self.prog}: {message}; pass every path as dvc.yaml's evaluate cmd does")
 
 
 def parse_args(argv: list[str] | None = None) -> Paths:
     """Paths from the command line (sys.argv[1:] when `argv` is None); raises UserError (one line)
     for a missing or unknown flag."""
-    parser = _Parser(prog="python -m stages.evaluate", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = _Parser(
+        prog="python -m stages.evaluate", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     for f in dataclasses.fields(Paths):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=Path, required=True,
-                            metavar="PATH", help=f.metadata["help"])
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=Path,
+            required=True,
+            metavar="PATH",
+            help=f.metadata["help"],
+        )
     return Paths(**vars(parser.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> None:
     paths = parse_args(argv)
-    outputs = (paths.samples, paths.test_set, paths.report, paths.info, paths.epochs_csv, paths.metrics,
-               paths.plots, paths.best)   # what a killed run left next to them (the cache: score_epochs)
+    outputs = (
+        paths.samples,
+        paths.test_set,
+        paths.report,
+        paths.info,
+        paths.epochs_csv,
+        paths.metrics,
+        paths.plots,
+        paths.best,
+    )  # what a killed run left next to them (the cache: score_epochs)
     remove_stale_temporaries(*sorted({o.parent for o in outputs} | {paths.best, paths.view.parent}))
     all_params = params.load()
     p = params.parse(EvaluateParams, params.section(all_params, "evaluate"), "evaluate")
     threads.apply(p.threads)
-    if paths.data.is_file():       # after a `dvc pull` only the tar is there
+    if paths.data.is_file():  # after a `dvc pull` only the tar is there
         unpack_view(paths.data, paths.view)
     evaluate(p, paths, all_params)
 
 
-def evaluate(p: EvaluateParams, paths: Paths, all_params: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate(
+    p: EvaluateParams, paths: Paths, all_params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Score every epoch checkpoint, pick the best and write all of evaluate's outputs (`paths`).
     Every declared output is written even when the test split is empty or FID/KID cannot run; the
     reason is in the report, --info and --epochs-csv. `all_params`: every params.yaml section, shown
@@ -104,43 +143,65 @@ def evaluate(p: EvaluateParams, paths: Paths, all_params: dict[str, Any] | None 
     if test.empty_note():
         warn(test.empty_note())
     plan = plan_metrics(p, device, test)
-    notes = [n for n in (test.empty_note(), plan.note) if n]    # for the report and --info
+    notes = [n for n in (test.empty_note(), plan.note) if n]  # for the report and --info
 
     scores = score_epochs(ckpts, paths.cache, p, device, test, plan)
 
     best = select_best(scores.rows, p.select, plan.skipped)
-    if best["fallback"] and p.metrics == "off":   # the user turned FID/KID off: no alarm, one hint
-        print(f"evaluate: evaluate.metrics is off, so models/best holds the last epoch "
-              f"(set evaluate.select: last to say so)")
+    if best["fallback"] and p.metrics == "off":  # the user turned FID/KID off: no alarm, one hint
+        print(
+            "evaluate: evaluate.metrics is off, so models/best holds the last epoch "
+            "(set evaluate.select: last to say so)"
+        )
     elif best["fallback"]:
         warn(f"evaluate.select is {p.select}, but models/best holds {best['reason']}")
 
     write_samples(paths, scores)
     write_best(paths, scores, best)
     write_plots(paths, scores, best, plan)
-    with atomic_dir(paths.test_set) as tmp:   # built once per best checkpoint, in the cache
-        shutil.copytree(translated_test_set(paths.cache, scores, best["epoch"], p, device, test), tmp,
-                        dirs_exist_ok=True)
+    with atomic_dir(paths.test_set) as tmp:  # built once per best checkpoint, in the cache
+        shutil.copytree(
+            translated_test_set(paths.cache, scores, best["epoch"], p, device, test),
+            tmp,
+            dirs_exist_ok=True,
+        )
     write_epochs_csv(paths, scores, plan)
     write_metrics(paths, scores, best, plan, test)
-    info = {"best_epoch": best["epoch"], "best_reason": best["reason"], "select": p.select,
-            "selected_by": best["selected_by"], "select_fallback": best["fallback"],
-            "metrics_available": plan.features is not None, "metrics_skipped": plan.why,
-            "weights": plan.weights,    # which weights scored the run ({} when FID/KID were skipped)
-            "weights_help": weights_facts() if plan.skipped == "no usable Inception weights" else {},
-            "notes": notes, "device": str(device), "epochs": [r["epoch"] for r in scores.rows],
-            "train_run": train_run(paths.checkpoints)}
+    info = {
+        "best_epoch": best["epoch"],
+        "best_reason": best["reason"],
+        "select": p.select,
+        "selected_by": best["selected_by"],
+        "select_fallback": best["fallback"],
+        "metrics_available": plan.features is not None,
+        "metrics_skipped": plan.why,
+        "weights": plan.weights,  # which weights scored the run ({} when FID/KID were skipped)
+        "weights_help": weights_facts() if plan.skipped == "no usable Inception weights" else {},
+        "notes": notes,
+        "device": str(device),
+        "epochs": [r["epoch"] for r in scores.rows],
+        "train_run": train_run(paths.checkpoints),
+    }
     atomic_write_json(paths.info, info)
     summary = {**info, "final": scores.rows[-1], "best": scores.row(best["epoch"])}
-    write_report(paths.report, summary=summary, table=pd.DataFrame(scores.rows), grids=sorted(scores.grids),
-                 params_all={**(all_params or {}), "evaluate": params.as_dict(p)}, live_dir=paths.train_live,
-                 prepare_report=paths.prepare_metrics)
-    print(f"evaluate: best epoch {best['epoch']} ({best['reason']}) -> {paths.best}/generators.pt; report: "
-          f"{paths.report}; test set: {paths.test_set / 'index.html'}")
+    write_report(
+        paths.report,
+        summary=summary,
+        table=pd.DataFrame(scores.rows),
+        grids=sorted(scores.grids),
+        params_all={**(all_params or {}), "evaluate": params.as_dict(p)},
+        live_dir=paths.train_live,
+        prepare_report=paths.prepare_metrics,
+    )
+    print(
+        f"evaluate: best epoch {best['epoch']} ({best['reason']}) -> {paths.best}/generators.pt; report: "
+        f"{paths.report}; test set: {paths.test_set / 'index.html'}"
+    )
     return summary
 
 
 # --- the outputs --------------------------------------------------------------------------------
+
 
 def write_samples(paths: Paths, scores: Scores) -> None:
     """--samples/epoch_NNN.png for every epoch with a grid (none without test images)."""
@@ -155,8 +216,12 @@ def write_plots(paths: Paths, scores: Scores, best: dict[str, Any], plan: Metric
     with atomic_dir(paths.plots) as tmp:
         if plan.features is not None:
             for column in METRIC_COLUMNS[:4]:
-                frame = pd.DataFrame({"epoch": [r["epoch"] for r in scores.rows],
-                                      column: [r[column] if finite(r[column]) else None for r in scores.rows]})
+                frame = pd.DataFrame(
+                    {
+                        "epoch": [r["epoch"] for r in scores.rows],
+                        column: [r[column] if finite(r[column]) else None for r in scores.rows],
+                    }
+                )
                 (tmp / f"{column}.tsv").write_bytes(frame.to_csv(sep="\t", index=False).encode())
         if best["epoch"] in scores.grids:
             shutil.copyfile(scores.grids[best["epoch"]], tmp / "samples_best_epoch.png")
@@ -167,8 +232,15 @@ def write_best(paths: Paths, scores: Scores, best: dict[str, Any]) -> None:
     source = scores.checkpoints[best["epoch"]]
     with atomic_dir(paths.best) as tmp:
         shutil.copyfile(source, tmp / "generators.pt")
-        atomic_write_json(tmp / "best.json", {"epoch": best["epoch"], "reason": best["reason"],
-                                              "selected_by": best["selected_by"], "source": source.as_posix()})
+        atomic_write_json(
+            tmp / "best.json",
+            {
+                "epoch": best["epoch"],
+                "reason": best["reason"],
+                "selected_by": best["selected_by"],
+                "source": source.as_posix(),
+            },
+        )
 
 
 def write_epochs_csv(paths: Paths, scores: Scores, plan: MetricsPlan) -> None:
@@ -182,16 +254,28 @@ def write_epochs_csv(paths: Paths, scores: Scores, plan: MetricsPlan) -> None:
     atomic_write_bytes(paths.epochs_csv, table.to_csv(index=False).encode())
 
 
-def write_metrics(paths: Paths, scores: Scores, best: dict[str, Any], plan: MetricsPlan, test: EvalImages) -> None:
+def write_metrics(
+    paths: Paths, scores: Scores, best: dict[str, Any], plan: MetricsPlan, test: EvalImages
+) -> None:
     """--metrics: numbers only, the comparison first (dvc metrics show / dvc exp show); strict JSON
     (a non-finite metric is null)."""
     row = scores.row(best["epoch"])
     numbers: dict[str, Any] = {"best_epoch": best["epoch"]}
     if plan.features is not None:
-        numbers.update({k: (row[k] if finite(row[k]) else None) for k in ("kid", "fid", *METRIC_COLUMNS[:4])})
-    numbers.update({"best_is_fallback": best["fallback"], "epochs": len(scores.rows),
-                    "test_images_A": len(test.A), "test_images_B": len(test.B)})
-    atomic_write_bytes(paths.metrics, (json.dumps(numbers, indent=2, allow_nan=False) + "\n").encode())
+        numbers.update(
+            {k: (row[k] if finite(row[k]) else None) for k in ("kid", "fid", *METRIC_COLUMNS[:4])}
+        )
+    numbers.update(
+        {
+            "best_is_fallback": best["fallback"],
+            "epochs": len(scores.rows),
+            "test_images_A": len(test.A),
+            "test_images_B": len(test.B),
+        }
+    )
+    atomic_write_bytes(
+        paths.metrics, (json.dumps(numbers, indent=2, allow_nan=False) + "\n").encode()
+    )
 
 
 if __name__ == "__main__":

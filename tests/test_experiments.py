@@ -2,6 +2,7 @@
 param runs the committed params.yaml plus exactly that override, in parallel workers; `dvc exp show`
 compares the runs; `dvc exp apply` brings the winner back; one experiment's checkpoints never leak
 into another's run."""
+
 import contextlib
 import json
 import os
@@ -41,11 +42,14 @@ def _stop_workers(repo, starter):
     """No process of the sweep outlives the test: the starter's session, then any queue worker of
     this repository (dvc names its workers after the repository's queue), bounded in time."""
     import signal
+
     with contextlib.suppress(ProcessLookupError):
         os.killpg(starter.pid, signal.SIGKILL)
     starter.wait(timeout=10)
     for _ in range(50):
-        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_worker(p, repo)]
+        pids = [
+            int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_worker(p, repo)
+        ]
         if not pids:
             return
         for pid in pids:
@@ -67,16 +71,25 @@ def _is_worker(proc_dir, repo):
 def swept(tmp_path_factory):
     repo = clone_project(tmp_path_factory.mktemp("sweep") / "project", deep_merge(TINY, EDITS))
     committed = _params(repo)
-    dvc(repo, "repro")                                  # the baseline, committed with its dvc.lock
-    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"]):
+    dvc(repo, "repro")  # the baseline, committed with its dvc.lock
+    for cmd in (
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"],
+    ):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
     dvc(repo, "exp", "run", "--queue", "-S", f"train.lambda_cycle={SWEEP[0]},{SWEEP[1]}")
     # `dvc queue start` daemonizes its workers, which may keep inherited pipes open: never wait on
     # its output (subprocess.run(capture_output=True) waited for EOF for ever on a fresh clone).
     log = (repo.parent / "queue-start.log").open("wb")
-    starter = subprocess.Popen([str(VENV_BIN / "dvc"), "queue", "start", "-j", "2"], cwd=repo, env=env(),
-                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               start_new_session=True)
+    starter = subprocess.Popen(
+        [str(VENV_BIN / "dvc"), "queue", "start", "-j", "2"],
+        cwd=repo,
+        env=env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         status = _wait_for_queue(repo, len(SWEEP))
     finally:
@@ -112,7 +125,7 @@ def test_each_queued_run_is_the_committed_params_plus_its_override(swept):
         value = exp["params"]["train"]["lambda_cycle"]
         seen.add(value)
         expected = deep_merge(committed, {"train": {"lambda_cycle": value}})
-        assert exp["params"] == expected, name          # nothing else changed: no reset to conf/
+        assert exp["params"] == expected, name  # nothing else changed: no reset to conf/
     assert seen == set(SWEEP)
 
 
@@ -121,22 +134,37 @@ def test_exp_show_compares_the_runs_best_metrics(swept):
     for name, exp in _experiments(repo).items():
         assert exp["metrics"]["metrics/eval.json"]["best_epoch"] >= 1, name
         assert "G_A" in exp["metrics"]["metrics/train/metrics.json"], name
-    table = dvc(repo, "exp", "show", "--only-changed", "--csv").stdout.splitlines()[0]   # the header row
-    assert "train.lambda_cycle" in table.split(",")         # the swept param, beside what changed with it
-    assert "train.ngf" not in table.split(",")                # (--only-changed: not the rest)
+    table = dvc(repo, "exp", "show", "--only-changed", "--csv").stdout.splitlines()[
+        0
+    ]  # the header row
+    assert "train.lambda_cycle" in table.split(",")  # the swept param, beside what changed with it
+    assert "train.ngf" not in table.split(",")  # (--only-changed: not the rest)
     full = dvc(repo, "exp", "show", "--csv").stdout.splitlines()[0].split(",")
     assert {"best_epoch", "G_A", "train.lambda_cycle", "train.ngf"} <= set(full)
 
 
 def test_exp_apply_brings_the_chosen_run_and_its_own_checkpoints(swept, tmp_path):
     repo, committed = swept
-    name = next(n for n, e in _experiments(repo).items() if e["params"]["train"]["lambda_cycle"] == SWEEP[1])
+    name = next(
+        n for n, e in _experiments(repo).items() if e["params"]["train"]["lambda_cycle"] == SWEEP[1]
+    )
     dvc(repo, "exp", "apply", name)
     assert _params(repo) == deep_merge(committed, {"train": {"lambda_cycle": SWEEP[1]}})
-    last = torch.load(repo / "models" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    last = torch.load(
+        repo / "models" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu"
+    )
     run = last["run_params"]
-    assert run["lambda_cycle"] == SWEEP[1] and run["lambda_identity"] == EDITS["train"]["lambda_identity"]
+    assert (
+        run["lambda_cycle"] == SWEEP[1]
+        and run["lambda_identity"] == EDITS["train"]["lambda_identity"]
+    )
     epochs = committed["train"]["epochs"] + committed["train"]["epochs_decay"]
-    assert last["epoch"] == epochs and len(last["history"]) == epochs    # trained afresh, no leftover epochs
-    baseline = torch.load(swept[0] / "models" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
-    assert baseline["run_params"]["lambda_cycle"] == SWEEP[1]     # (the workspace now holds the applied run)
+    assert (
+        last["epoch"] == epochs and len(last["history"]) == epochs
+    )  # trained afresh, no leftover epochs
+    baseline = torch.load(
+        swept[0] / "models" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu"
+    )
+    assert (
+        baseline["run_params"]["lambda_cycle"] == SWEEP[1]
+    )  # (the workspace now holds the applied run)

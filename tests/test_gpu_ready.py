@@ -1,6 +1,7 @@
 """What a first GPU run relies on, shown on the CPU (issue 25): a run continued under another
 resolution of its params (device type, precision, memory format) gets its optimizer state
 converted; train.memory_format; train.deterministic; the one-process device; CUDA-graph steps."""
+
 import contextlib
 import copy
 import os
@@ -15,7 +16,11 @@ from unpaired import checkpoint
 from unpaired.distributed import Rank
 from unpaired.models.cyclegan import CycleGAN, optimizers
 from unpaired.models.loop import setup_device
-from unpaired.models.networks import DeterministicReflectionPad2d, ResnetGenerator, deterministic_padding
+from unpaired.models.networks import (
+    DeterministicReflectionPad2d,
+    ResnetGenerator,
+    deterministic_padding,
+)
 from unpaired.models.state import TrainState, stored_resolution
 from unpaired.models.training import TrainParams, use_channels_last
 from unpaired.params import ParamsError, parse
@@ -40,7 +45,10 @@ def trained(channels_last: bool, fused: bool) -> TrainState:
     g = torch.Generator().manual_seed(5)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for _ in range(2):
-        a, b = (torch.rand(2, 3, 24, 24, generator=g).mul(2).sub(1).contiguous(memory_format=fmt) for _ in "ab")
+        a, b = (
+            torch.rand(2, 3, 24, 24, generator=g).mul(2).sub(1).contiguous(memory_format=fmt)
+            for _ in "ab"
+        )
         state.model.step(a, b, contextlib.nullcontext)
     return state
 
@@ -54,17 +62,28 @@ def adam_step(state: TrainState, seed: int = 9) -> dict[str, torch.Tensor]:
             for w in group["params"]:
                 w.grad = torch.empty_like(w).copy_(torch.randn(w.shape, generator=g))
         opt.step()
-    return {f"{n}.{k}": v.detach().contiguous() for n, net in state.model.nets.items()
-            for k, v in net.state_dict().items()}
+    return {
+        f"{n}.{k}": v.detach().contiguous()
+        for n, net in state.model.nets.items()
+        for k, v in net.state_dict().items()
+    }
 
 
-@pytest.mark.parametrize("saved, resumed", [
-    ((True, True), (False, False)),     # a CUDA run (channels-last, fused Adam) continued on the CPU
-    ((True, False), (False, False)),    # channels-last, unfused, continued contiguous
-    ((False, False), (False, True)),    # a CPU run continued with fused Adam (as on CUDA)
-    ((False, False), (True, True)),     # ... in channels-last too
-])
-def test_a_resume_under_another_resolution_converts_the_optimizer_state(saved, resumed, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "saved, resumed",
+    [
+        (
+            (True, True),
+            (False, False),
+        ),  # a CUDA run (channels-last, fused Adam) continued on the CPU
+        ((True, False), (False, False)),  # channels-last, unfused, continued contiguous
+        ((False, False), (False, True)),  # a CPU run continued with fused Adam (as on CUDA)
+        ((False, False), (True, True)),  # ... in channels-last too
+    ],
+)
+def test_a_resume_under_another_resolution_converts_the_optimizer_state(
+    saved, resumed, tmp_path, capsys
+):
     """The moments take their weights' strides and `fused` is the resuming optimizer's own; the next
     Adam step then moves each weight as the writer's own next step does. Before the conversion,
     torch kept the stored `fused` and strides: CPU fused Adam then moved channels-last moments onto
@@ -85,7 +104,10 @@ def test_a_resume_under_another_resolution_converts_the_optimizer_state(saved, r
     line = capsys.readouterr().out
     if saved[0] != resumed[0]:
         layouts = ("channels_last", "contiguous") if saved[0] else ("contiguous", "channels_last")
-        assert f"memory_format {layouts[0]} -> {layouts[1]}" in line and "optimizer state converted" in line
+        assert (
+            f"memory_format {layouts[0]} -> {layouts[1]}" in line
+            and "optimizer state converted" in line
+        )
     else:
         assert line == ""
 
@@ -98,11 +120,25 @@ def test_last_pt_records_the_resolution_and_older_ones_still_resume(tmp_path, ca
     out = tmp_path / "ckpt"
     train(TINY, data, out, tmp_path / "live", stop_after=1)
     last = checkpoint.load(out / "last.pt")
-    assert (last["device"], last["precision"], last["memory_format"]) == ("cpu", "fp32", "contiguous")
-    older = {k: v for k, v in last.items() if k not in ("precision", "memory_format", checkpoint.DIGEST)}
-    older["run_params"] = {k: v for k, v in last["run_params"].items() if k != "memory_format"}   # added later
-    assert stored_resolution(older) == {"device": "cpu", "precision": "fp32", "memory_format": "contiguous"}
-    assert stored_resolution({**older, "device": "cuda"})["precision"] == "bf16"     # auto, then, on CUDA
+    assert (last["device"], last["precision"], last["memory_format"]) == (
+        "cpu",
+        "fp32",
+        "contiguous",
+    )
+    older = {
+        k: v for k, v in last.items() if k not in ("precision", "memory_format", checkpoint.DIGEST)
+    }
+    older["run_params"] = {
+        k: v for k, v in last["run_params"].items() if k != "memory_format"
+    }  # added later
+    assert stored_resolution(older) == {
+        "device": "cpu",
+        "precision": "fp32",
+        "memory_format": "contiguous",
+    }
+    assert (
+        stored_resolution({**older, "device": "cuda"})["precision"] == "bf16"
+    )  # auto, then, on CUDA
     checkpoint.save(older, out / "last.pt")
     capsys.readouterr()
     train(replace(TINY, epochs=1, epochs_decay=1), data, out, tmp_path / "live", stop_after=1)
@@ -117,23 +153,32 @@ def test_last_pt_records_the_resolution_and_older_ones_still_resume(tmp_path, ca
 
 # --- train.memory_format --------------------------------------------------------------------------
 
+
 def test_memory_format_auto_is_contiguous_and_channels_last_is_refused_where_wrong(tmp_path):
     """auto is contiguous everywhere (channels-last is not measured faster; it was on by default on
     CUDA); channels_last where channels_last_ok fails (the CPU) stops in one line, before anything
     is written."""
     assert parse(TrainParams, {}, "train").memory_format == "auto"
-    assert not use_channels_last("auto", torch.device("cuda")) and not use_channels_last("contiguous", CPU)
+    assert not use_channels_last("auto", torch.device("cuda")) and not use_channels_last(
+        "contiguous", CPU
+    )
     data = make_prepared(tmp_path / "prepared")
-    with pytest.raises(ParamsError, match=r"^params.yaml: train.memory_format: channels_last computes instance "
-                                          r"norm's input gradient wrong on cpu \(training.channels_last_ok\); "
-                                          r"use auto or contiguous$"):
-        train(replace(TINY, memory_format="channels_last"), data, tmp_path / "ckpt", tmp_path / "live")
+    with pytest.raises(
+        ParamsError,
+        match=r"^params.yaml: train.memory_format: channels_last computes instance "
+        r"norm's input gradient wrong on cpu \(training.channels_last_ok\); "
+        r"use auto or contiguous$",
+    ):
+        train(
+            replace(TINY, memory_format="channels_last"), data, tmp_path / "ckpt", tmp_path / "live"
+        )
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "live").exists()
     with pytest.raises(ParamsError, match=r"^params.yaml: train.memory_format: "):
         parse(TrainParams, {"memory_format": "nhwc"}, "train")
 
 
 # --- train.deterministic --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("padding", [1, 3, (2, 1, 0, 3)])
 def test_deterministic_reflection_padding_matches_torchs(padding):
@@ -144,7 +189,10 @@ def test_deterministic_reflection_padding_matches_torchs(padding):
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 4, 7, 9, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
         ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out, ref = DeterministicReflectionPad2d(padding)(ours), torch.nn.ReflectionPad2d(padding)(theirs)
+        out, ref = (
+            DeterministicReflectionPad2d(padding)(ours),
+            torch.nn.ReflectionPad2d(padding)(theirs),
+        )
         assert torch.equal(out, ref)
         up = torch.randn(ref.shape, generator=g, dtype=torch.float64)
         out.backward(up)
@@ -161,9 +209,15 @@ def test_deterministic_padding_keeps_the_generator_and_its_gradients():
     deterministic_padding(G)
     assert sum(type(m) is torch.nn.ReflectionPad2d for m in plain.modules()) == 6
     assert sum(isinstance(m, DeterministicReflectionPad2d) for m in G.modules()) == 6
-    assert not any(type(m) is torch.nn.ReflectionPad2d for m in G.modules()) and G.state_dict().keys() == \
-        plain.state_dict().keys()
-    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    assert (
+        not any(type(m) is torch.nn.ReflectionPad2d for m in G.modules())
+        and G.state_dict().keys() == plain.state_dict().keys()
+    )
+    x = (
+        torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        * 2
+        - 1
+    )
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -189,4 +243,6 @@ def test_deterministic_setting_of_the_device(monkeypatch):
     setup_device(replace(TINY, device="cpu", deterministic=True), Rank())
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     setup_device(replace(TINY, device="cpu"), Rank())
-    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic   # CPU: always
+    assert (
+        torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    )  # CPU: always

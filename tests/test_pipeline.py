@@ -1,4 +1,5 @@
 """End to end: the real `dvc repro` of the whole DAG in a fresh git copy of the project, tiny params."""
+
 import json
 import os
 import re
@@ -28,13 +29,18 @@ def project(tmp_path_factory):
 def test_repro_runs_every_stage_and_leaves_nothing_to_do(project):
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    expected = {f"fetch@{d}" for d in yaml.safe_load((project / "params.yaml").read_text())["domains"]}
+    expected = {
+        f"fetch@{d}" for d in yaml.safe_load((project / "params.yaml").read_text())["domains"]
+    }
     expected |= {name for name in stages if name != "fetch"}
     assert set(lock) == expected
     status = dvc(project, "status", "--json")
     assert json.loads(status.stdout or "{}") == {}
     again = dvc(project, "repro")
-    assert "didn't change, skipping" in again.stdout or "Data and pipelines are up to date" in again.stdout
+    assert (
+        "didn't change, skipping" in again.stdout
+        or "Data and pipelines are up to date" in again.stdout
+    )
 
 
 def test_raw_domains_match_their_manifests(project):
@@ -47,8 +53,10 @@ def test_raw_domains_match_their_manifests(project):
 
 def test_prepared_dataset(project):
     manifest = pd.read_csv(project / "data" / "prepared" / "manifest.csv")
-    files = sorted(p.relative_to(project / "data" / "prepared").as_posix()
-                   for p in (project / "data" / "prepared").glob("*/*.png"))
+    files = sorted(
+        p.relative_to(project / "data" / "prepared").as_posix()
+        for p in (project / "data" / "prepared").glob("*/*.png")
+    )
     assert sorted(manifest.file) == files
     assert {f.split("/")[0] for f in files} == {"trainA", "trainB", "testA", "testB"}
     report = json.loads((project / "metrics" / "prepare.json").read_text())
@@ -63,7 +71,9 @@ def test_param_change_reruns_only_what_depends_on_it(project, tmp_path):
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert "train.epochs" in dvc(copy, "params", "diff").stdout
     out = dvc(copy, "repro").stdout
-    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    ran = sorted(
+        line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")
+    )
     assert ran == ["evaluate", "train"], out
     params["domains"]["b"]["seed"] += 1
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -80,7 +90,7 @@ def test_dvc_plots_render_curves_and_images(project, tmp_path):
     # One image: the best epoch's grid (metrics/eval_plots). The per-epoch grids are in the report;
     # the training samples duplicate them, so neither is declared as a plot (tests/test_dvc_views.py).
     assert page.count("<img") == 1 and "best_epoch.png" in page
-    assert "G_A" in page and "cycle_A" in page          # the loss curves
+    assert "G_A" in page and "cycle_A" in page  # the loss curves
 
 
 TEXT_SUFFIXES = {".json", ".csv", ".html", ".tsv", ".yaml", ".lock", ".md", ".txt", ".svg"}
@@ -91,19 +101,28 @@ def test_tracked_artifacts_hold_no_host_facts(project, tmp_path):
     the bundled Inception weights), with HOME in a folder of its own and no TORCH_HOME: no tracked
     artifact (every DVC output in dvc.lock, and dvc.lock) holds that home folder or the user's, the
     clone's or the venv's absolute path, or (in text files) the host name. Those go to the console."""
-    def edit(params):      # enough test images for FID/KID (>= 2 per domain): prepare and train run too
+
+    def edit(params):  # enough test images for FID/KID (>= 2 per domain): prepare and train run too
         params["evaluate"]["metrics"] = "required"
         params["prepare"]["test_fraction"] = 0.5
+
     copy = copy_with(project, tmp_path, edit)
     home = tmp_path / "home-of-someone"
     home.mkdir()
     environment = {**env(), "HOME": str(home)}
     environment.pop("TORCH_HOME", None)
-    proc = subprocess.run([str(VENV_BIN / "dvc"), "repro"], cwd=copy, env=environment, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(VENV_BIN / "dvc"), "repro"], cwd=copy, env=environment, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Running stage 'evaluate'" in proc.stdout and "FID/KID: the bundled Inception weights" in proc.stdout
+    assert (
+        "Running stage 'evaluate'" in proc.stdout
+        and "FID/KID: the bundled Inception weights" in proc.stdout
+    )
     numbers = json.loads((copy / "metrics" / "eval.json").read_text())
-    assert numbers["best_is_fallback"] is False and numbers["fid"] > 0 and numbers["kid"] is not None
+    assert (
+        numbers["best_is_fallback"] is False and numbers["fid"] > 0 and numbers["kid"] is not None
+    )
     assert "skipped" not in (copy / "metrics" / "eval_epochs.csv").read_text()
     lock = yaml.safe_load((copy / "dvc.lock").read_text())["stages"]
     files = [copy / "dvc.lock"]
@@ -124,15 +143,21 @@ def test_tracked_artifacts_hold_no_host_facts(project, tmp_path):
 
 def test_prepared_folder_is_a_view_of_the_tracked_tar(project, tmp_path):
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert [o["path"] for o in lock["prepare"]["outs"]] == ["data/prepared.tar", "metrics/data", "metrics/prepare.json"]
+    assert [o["path"] for o in lock["prepare"]["outs"]] == [
+        "data/prepared.tar",
+        "metrics/data",
+        "metrics/prepare.json",
+    ]
     copy = tmp_path / "copy"
     shutil.copytree(project, copy, symlinks=True)
     shutil.rmtree(copy / "data" / "prepared")
-    assert json.loads(dvc(copy, "status", "--json").stdout or "{}") == {}   # the view is not tracked
-    dvc(copy, "repro", "-f", "-s", "evaluate")                              # a stage that reads it
-    assert sorted((copy / "data" / "prepared").rglob("*.png")) and \
-        (copy / "data" / "prepared" / "manifest.csv").read_bytes() == \
-        (project / "data" / "prepared" / "manifest.csv").read_bytes()
+    assert json.loads(dvc(copy, "status", "--json").stdout or "{}") == {}  # the view is not tracked
+    dvc(copy, "repro", "-f", "-s", "evaluate")  # a stage that reads it
+    assert (
+        sorted((copy / "data" / "prepared").rglob("*.png"))
+        and (copy / "data" / "prepared" / "manifest.csv").read_bytes()
+        == (project / "data" / "prepared" / "manifest.csv").read_bytes()
+    )
 
 
 def copy_with(project, tmp_path, edit):
@@ -150,7 +175,7 @@ def tree_bytes(root, paths):
     out = {}
     for path in paths:
         p = root / path
-        for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+        for f in [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()):
             out[f.relative_to(root).as_posix()] = f.read_bytes()
     return out
 
@@ -158,9 +183,11 @@ def tree_bytes(root, paths):
 def test_changing_an_image_size_really_reruns(project, tmp_path):
     """DVC's run cache leaves keys named `size` out of its key: with `prepare.size` it answered a
     change from the cache ("is cached - skipping run") with the old 32-px images."""
+
     def smaller(p):
         p["domains"]["a"]["image_size"] = 24
         p["prepare"]["image_size"] = 24
+
     copy = copy_with(project, tmp_path, smaller)
     out = dvc(copy, "repro", "prepare").stdout
     assert "Running stage 'fetch@a'" in out and "Running stage 'prepare'" in out, out
@@ -179,6 +206,7 @@ def set_key(dotted, value):
             del node[last]
         else:
             node[last] = value
+
     return edit
 
 
@@ -187,8 +215,14 @@ def deleted_by_dvc(project, stage):
     those dvc.yaml declares `persist: true`."""
     spec = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage.split("@")[0]]
     spec = spec.get("do", spec)
-    persist = {path for section in ("outs", "metrics", "plots") for item in spec.get(section) or []
-               if isinstance(item, dict) for path, opts in item.items() if (opts or {}).get("persist")}
+    persist = {
+        path
+        for section in ("outs", "metrics", "plots")
+        for item in spec.get(section) or []
+        if isinstance(item, dict)
+        for path, opts in item.items()
+        if (opts or {}).get("persist")
+    }
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage]
     return [o["path"] for o in lock["outs"] if o["path"] not in persist]
 
@@ -199,12 +233,15 @@ def repro(project, *args, check=False):
     return run([str(VENV_BIN / "python"), "-m", "unpaired.repro", *args], cwd=project, check=check)
 
 
-@pytest.mark.parametrize("stage, key, value", [
-    ("fetch@a", "domains.a.count", -3),
-    ("prepare", "prepare.test_fraction", 1.5),
-    ("train", "train.lr", -1.0),
-    ("evaluate", "evaluate.kid_subsets", -1),
-])
+@pytest.mark.parametrize(
+    "stage, key, value",
+    [
+        ("fetch@a", "domains.a.count", -3),
+        ("prepare", "prepare.test_fraction", 1.5),
+        ("train", "train.lr", -1.0),
+        ("evaluate", "evaluate.kid_subsets", -1),
+    ],
+)
 def test_a_failed_stage_keeps_its_previous_outputs(project, tmp_path, stage, key, value):
     """Under `dvc repro`, DVC deletes a stage's outputs before running it: a failed run used to
     leave none. Through `make repro` they are back, byte for byte (dvc checkout, and the `cache:
@@ -215,13 +252,21 @@ def test_a_failed_stage_keeps_its_previous_outputs(project, tmp_path, stage, key
     copy = copy_with(project, tmp_path, set_key(key, value))
     proc = repro(copy, stage)
     assert proc.returncode != 0
-    assert f"params.yaml: {key}: " in proc.stderr and "kept the previous" in proc.stderr, proc.stderr
-    assert (proc.stdout + proc.stderr).count(f"params.yaml: {key}: ") == 1, proc.stderr   # issue 24.12
+    assert f"params.yaml: {key}: " in proc.stderr and "kept the previous" in proc.stderr, (
+        proc.stderr
+    )
+    assert (proc.stdout + proc.stderr).count(f"params.yaml: {key}: ") == 1, (
+        proc.stderr
+    )  # issue 24.12
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: params.yaml: {key}: ") and "kept the previous" in last, proc.stderr
+    assert last.startswith(f"error: params.yaml: {key}: ") and "kept the previous" in last, (
+        proc.stderr
+    )
     assert tree_bytes(copy, outputs) == before
     status = json.loads(dvc(copy, "status", "--json", stage).stdout or "{}")
-    assert status == {stage: [{"changed deps": {"params.yaml": {key.rsplit(".", 1)[0]: "modified"}}}]}
+    assert status == {
+        stage: [{"changed deps": {"params.yaml": {key.rsplit(".", 1)[0]: "modified"}}}]
+    }
     assert not (copy / ".dvc" / "tmp" / "repro-kept").exists()
 
 
@@ -230,8 +275,10 @@ def test_a_failed_stage_without_cache_says_how_to_get_the_outputs_back(project, 
     shutil.rmtree(copy / ".dvc" / "cache")
     proc = repro(copy, "fetch@a")
     assert proc.returncode != 0
-    assert ("params.yaml: domains.a.count: must be > 0, got -3; the previous data/raw/a could not be "
-            "restored (not in the DVC cache): run `uv run dvc checkout data/raw/a`") in proc.stderr
+    assert (
+        "params.yaml: domains.a.count: must be > 0, got -3; the previous data/raw/a could not be "
+        "restored (not in the DVC cache): run `uv run dvc checkout data/raw/a`"
+    ) in proc.stderr
 
 
 def test_evaluates_outputs_come_back_though_its_persist_cache_grew(project, tmp_path):
@@ -246,19 +293,31 @@ def test_evaluates_outputs_come_back_though_its_persist_cache_grew(project, tmp_
     proc = repro(copy, "evaluate")
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: params.yaml: evaluate.kid_subsets: ") and "kept the previous" in last, proc.stderr
-    for path in ("models/best", "metrics/samples", "metrics/test_set", "metrics/report.html", "metrics/eval_plots"):
+    assert (
+        last.startswith("error: params.yaml: evaluate.kid_subsets: ")
+        and "kept the previous" in last
+    ), proc.stderr
+    for path in (
+        "models/best",
+        "metrics/samples",
+        "metrics/test_set",
+        "metrics/report.html",
+        "metrics/eval_plots",
+    ):
         assert path in last
     assert tree_bytes(copy, outputs) == before
     assert (copy / "models" / "eval_cache" / "unrecorded.json").read_text() == "{}"
 
 
-def test_more_train_devices_than_cores_after_an_interrupted_run_keeps_trains_outputs(project, tmp_path):
+def test_more_train_devices_than_cores_after_an_interrupted_run_keeps_trains_outputs(
+    project, tmp_path
+):
     """Issue 24.1/24.5: models/checkpoints (persist) holds a file DVC has not recorded (an earlier
     interrupted training), and train.devices asks for more processes than there are cores: one line
     naming train.devices, before any worker starts, and train's outputs are back (by stage, `dvc
     checkout train` refused for the checkpoint)."""
     from unpaired.threads import cpu_count
+
     outputs = deleted_by_dvc(project, "train")
     before = tree_bytes(project, outputs)
     copy = copy_with(project, tmp_path, set_key("train.devices", cpu_count() + 1))
@@ -266,8 +325,13 @@ def test_more_train_devices_than_cores_after_an_interrupted_run_keeps_trains_out
     proc = repro(copy, "train")
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: params.yaml: train.devices: {cpu_count() + 1} processes requested but only "
-                           f"{cpu_count()} CPU core(s) here") and "kept the previous" in last, proc.stderr
+    assert (
+        last.startswith(
+            f"error: params.yaml: train.devices: {cpu_count() + 1} processes requested but only "
+            f"{cpu_count()} CPU core(s) here"
+        )
+        and "kept the previous" in last
+    ), proc.stderr
     assert "rank" not in proc.stderr
     assert tree_bytes(copy, outputs) == before
     assert (copy / "models" / "checkpoints" / "epoch_099.pt").exists()
@@ -287,34 +351,45 @@ def test_plain_dvc_repro_leaves_the_restore_to_dvc_checkout(project, tmp_path):
 KNOWN = "archive, doodles, flares, folder, kaggle, quickdraw, stylegan, web"
 
 
-@pytest.mark.parametrize("value, message", [
-    ("flickr", f"error: params.yaml: domains.a.source: unknown source 'flickr'; known sources: {KNOWN}"),
-    (None, f"error: params.yaml: domains.a.source: required; one of: {KNOWN}"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            "flickr",
+            f"error: params.yaml: domains.a.source: unknown source 'flickr'; known sources: {KNOWN}",
+        ),
+        (None, f"error: params.yaml: domains.a.source: required; one of: {KNOWN}"),
+    ],
+)
 def test_unknown_or_missing_source_is_the_products_line(project, tmp_path, value, message):
     """dvc.yaml depended on unpaired/sources/${item.source}.py: DVC failed first, with a path error
     or "Could not find 'item.source'"."""
     before = tree_bytes(project, ["data/raw/a"])
     copy = copy_with(project, tmp_path, set_key("domains.a.source", value))
-    proc = repro(copy, "fetch@a")                      # make repro: the previous data/raw/a is put back
+    proc = repro(copy, "fetch@a")  # make repro: the previous data/raw/a is put back
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stdout + proc.stderr
     assert "No such file" not in proc.stderr and "item.source" not in proc.stderr
     assert tree_bytes(copy, ["data/raw/a"]) == before
 
 
-def test_a_failed_exp_run_changed_only_its_override_and_says_how_to_get_params_yaml_back(project, tmp_path):
+def test_a_failed_exp_run_changed_only_its_override_and_says_how_to_get_params_yaml_back(
+    project, tmp_path
+):
     """`dvc exp run -S key=value` writes exactly that key into params.yaml (DVC's Hydra composition
     is off: it rewrote every key from conf/); when a stage then fails, the error says how to get the
     committed file back."""
     copy = copy_with(project, tmp_path, lambda p: None)
-    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=copy, capture_output=True,
-                               text=True, check=True).stdout
+    committed = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=copy, capture_output=True, text=True, check=True
+    ).stdout
     proc = dvc(copy, "exp", "run", "-S", "domains.a.count=-3", check=False)
     assert proc.returncode != 0
     assert "params.yaml: domains.a.count" in proc.stderr
-    assert ("`dvc exp run -S` wrote its overrides into params.yaml: `git checkout params.yaml` restores "
-            "the committed one" in proc.stderr)
+    assert (
+        "`dvc exp run -S` wrote its overrides into params.yaml: `git checkout params.yaml` restores "
+        "the committed one" in proc.stderr
+    )
     expected = YAML(typ="safe").load(committed)
     expected["domains"]["a"]["count"] = -3
     assert YAML(typ="safe").load((copy / "params.yaml").read_text()) == expected
@@ -324,6 +399,7 @@ def test_a_failed_exp_run_changed_only_its_override_and_says_how_to_get_params_y
 
 # --- issue 17.2: interrupted runs, with real signals on real processes -----------------------------
 
+
 class Live:
     """`python -m unpaired.repro ARGS` in a session of its own (its process group is what a terminal's
     Ctrl-C reaches), its output (stdout and stderr together) read as it comes."""
@@ -331,10 +407,16 @@ class Live:
     def __init__(self, project, *args):
         import subprocess
         import threading
+
         self.project = project
-        self.proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "unpaired.repro", *args], cwd=project,
-                                     env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "python"), "-m", "unpaired.repro", *args],
+            cwd=project,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.changed = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -348,8 +430,10 @@ class Live:
 
     def wait_for(self, text, timeout=120):
         with self.changed:
-            assert self.changed.wait_for(lambda: any(text in line for line in self.lines)
-                                         or self.proc.poll() is not None, timeout), "".join(self.lines)
+            assert self.changed.wait_for(
+                lambda: any(text in line for line in self.lines) or self.proc.poll() is not None,
+                timeout,
+            ), "".join(self.lines)
         assert any(text in line for line in self.lines), "".join(self.lines)
 
     def signal(self, sig):
@@ -389,6 +473,7 @@ def evaluate_outputs(project):
 def leftovers(project):
     """The wrapper's folder and any temporary (files.TEMPORARY) next to or inside an output."""
     from unpaired.files import TEMPORARY
+
     found = [p for p in [project / ".dvc" / "tmp" / "repro-kept"] if p.exists()]
     for folder in ("data", "models", "metrics"):
         found += [p for p in (project / folder).rglob("*") if TEMPORARY.fullmatch(p.name)]
@@ -403,7 +488,7 @@ def test_ctrl_c_during_the_stages_imports_keeps_the_previous_outputs(project, tm
     before = tree_bytes(copy, outputs)
     live = Live(copy, "-f", "-s", "evaluate")
     live.wait_for("> python -m stages.evaluate")
-    time.sleep(0.5)                                   # torch is still loading
+    time.sleep(0.5)  # torch is still loading
     live.signal(signal.SIGINT)
     code, out = live.finish()
     assert code == 130, out
@@ -459,7 +544,7 @@ def test_kill_9_at_any_moment_then_the_next_run_puts_everything_back(project, tm
     live.signal(signal.SIGKILL)
     live.finish()
     assert no_process_left(copy)
-    proc = repro(copy, "evaluate")                     # evaluate's deps are unchanged: nothing to run
+    proc = repro(copy, "evaluate")  # evaluate's deps are unchanged: nothing to run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert tree_bytes(copy, outputs) == before
     assert json.loads(dvc(copy, "status", "--json").stdout or "{}") == {}
@@ -475,7 +560,11 @@ TIMING = {"metrics/train/metrics.json", "metrics/train/plots/metrics", "metrics/
 
 def locked_outs(project):
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    return {f"{stage}: {o['path']}": o["md5"] for stage, entry in lock.items() for o in entry.get("outs", [])}
+    return {
+        f"{stage}: {o['path']}": o["md5"]
+        for stage, entry in lock.items()
+        for o in entry.get("outs", [])
+    }
 
 
 def test_repro_f_gives_every_artifact_the_same_hash(project, tmp_path):
@@ -490,5 +579,5 @@ def test_repro_f_gives_every_artifact_the_same_hash(project, tmp_path):
     after = locked_outs(copy)
     assert set(after) == set(before)
     differ = sorted(key for key in before if before[key] != after[key])
-    path = lambda key: key.split(": ", 1)[1]                                    # noqa: E731
+    path = lambda key: key.split(": ", 1)[1]  # noqa: E731
     assert [k for k in differ if path(k) not in TIMING] == []

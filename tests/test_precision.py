@@ -1,12 +1,21 @@
 """train.precision's rule (unpaired.devices.precision_rule) for every kind of card, on the CPU: it is a
 pure function of (device type, compute capability, setting), so no GPU is needed to check it."""
+
 import pytest
 import torch
 
 from unpaired import devices
 
-CARDS = {"P100": (6, 0), "V100": (7, 0), "T4": (7, 5), "A100": (8, 0), "RTX 3090": (8, 6),
-         "L4": (8, 9), "H100": (9, 0), "B200": (10, 0)}
+CARDS = {
+    "P100": (6, 0),
+    "V100": (7, 0),
+    "T4": (7, 5),
+    "A100": (8, 0),
+    "RTX 3090": (8, 6),
+    "L4": (8, 9),
+    "H100": (9, 0),
+    "B200": (10, 0),
+}
 
 
 @pytest.mark.parametrize("card", CARDS)
@@ -34,7 +43,8 @@ def test_explicit_bf16_is_kept_and_warns_on_an_older_card(card):
     else:
         assert choice.warning == (
             f"warning: params.yaml: train.precision: bf16 on CUDA compute capability {cap[0]}.{cap[1]}, which "
-            f"has no native bf16 (native bf16 from 8.0): torch emulates it, slower than fp32; use auto or fp32")
+            f"has no native bf16 (native bf16 from 8.0): torch emulates it, slower than fp32; use auto or fp32"
+        )
         assert choice.why.endswith("(emulated)")
 
 
@@ -54,16 +64,25 @@ def test_unknown_capability_cpu_and_mps():
         choice = devices.precision_rule("cpu", None, "bf16", native)
         assert choice.bf16 and (choice.warning is not None) == (native is False)
     assert devices.precision_rule("cpu", None, "auto").why == (
-        "precision: fp32: train.precision auto on CPU: bf16 only on CUDA cards with native bf16, never on a CPU")
-    assert not devices.precision_rule("mps", None, "auto").bf16 and devices.precision_rule("mps", None, "bf16").bf16
-    assert "evaluate.precision" in devices.precision_rule("cuda", (7, 5), "bf16", key="evaluate.precision").warning
+        "precision: fp32: train.precision auto on CPU: bf16 only on CUDA cards with native bf16, never on a CPU"
+    )
+    assert (
+        not devices.precision_rule("mps", None, "auto").bf16
+        and devices.precision_rule("mps", None, "bf16").bf16
+    )
+    assert (
+        "evaluate.precision"
+        in devices.precision_rule("cuda", (7, 5), "bf16", key="evaluate.precision").warning
+    )
 
 
 def test_this_machine_follows_the_rule():
     """precision_for / bf16_for / precision_warning on this machine's CPU (and on its CUDA card, if any)."""
     cpu = torch.device("cpu")
     assert devices.precision_for(cpu, "auto") == devices.precision_rule("cpu", None, "auto")
-    assert devices.precision_for(cpu, "bf16") == devices.precision_rule("cpu", None, "bf16", devices.cpu_bf16_native())
+    assert devices.precision_for(cpu, "bf16") == devices.precision_rule(
+        "cpu", None, "bf16", devices.cpu_bf16_native()
+    )
     assert devices.bf16_for(cpu, "bf16") and not devices.bf16_for(cpu, "auto")
     if torch.cuda.is_available():
         cuda = torch.device("cuda")

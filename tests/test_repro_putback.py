@@ -1,6 +1,7 @@
 """`make repro`'s wrapper (unpaired/repro.py) after a failed or interrupted `dvc repro` (issue 24):
 real DVC in a small git project whose one stage's outputs have every kind DVC has (a cached folder,
 a `persist: true` folder, `cache: false` files and folders), real signals, real processes."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from tests.helpers import ROOT, VENV_BIN, dvc, env, run
 
 # The stage: `python make.py`, whose behaviour `mode.txt` (a dep) chooses; every run writes each
 # output atomically (as the project's stages do), then `finished` next to them (not an output).
-MAKE = '''
+MAKE = """
 import os, sys, time
 from pathlib import Path
 mode = Path("mode.txt").read_text().split()
@@ -52,7 +53,7 @@ folder("big", {f"{i:05d}.txt": f"{i} v{version}\\n" for i in range(int(os.enviro
 folder("plots", {f"{i}.tsv": f"step\\tloss\\n0\\t{i} v{version}\\n" for i in range(10)})
 Path("m.json").write_text(f'{{"v": "{version}"}}\\n')
 Path("finished").write_text("")
-'''
+"""
 
 DVC_YAML = """stages:
   s:
@@ -69,7 +70,7 @@ DVC_YAML = """stages:
           cache: false
 """
 
-OUTPUTS = ["out", "big", "plots", "m.json"]          # all but the persist one
+OUTPUTS = ["out", "big", "plots", "m.json"]  # all but the persist one
 
 
 def mini(root: Path) -> Path:
@@ -80,11 +81,17 @@ def mini(root: Path) -> Path:
     (root / "mode.txt").write_text("ok 1\n")
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / ".gitignore").write_text("started\nfinished\n")
-    for cmd in (["git", "init", "-q", "-b", "main"], [str(VENV_BIN / "dvc"), "init", "-q"],
-                [str(VENV_BIN / "dvc"), "config", "core.autostage", "false"]):
+    for cmd in (
+        ["git", "init", "-q", "-b", "main"],
+        [str(VENV_BIN / "dvc"), "init", "-q"],
+        [str(VENV_BIN / "dvc"), "config", "core.autostage", "false"],
+    ):
         run(cmd, cwd=root)
     dvc(root, "repro")
-    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1"]):
+    for cmd in (
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1"],
+    ):
         run(cmd, cwd=root)
     return root
 
@@ -93,7 +100,7 @@ def tree_bytes(root: Path, paths) -> dict[str, bytes]:
     out = {}
     for path in paths:
         p = root / path
-        for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+        for f in [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()):
             out[f.relative_to(root).as_posix()] = f.read_bytes()
     return out
 
@@ -133,10 +140,13 @@ def only_the_users_change(root: Path) -> bool:
     most, the persist output a run may have grown: no output of the put-back kinds."""
     got = status(root).get("s", [])
     outs = [entry["changed outs"] for entry in got if "changed outs" in entry]
-    return {"changed deps": {"mode.txt": "modified"}} in got and all(set(o) <= {"keep"} for o in outs)
+    return {"changed deps": {"mode.txt": "modified"}} in got and all(
+        set(o) <= {"keep"} for o in outs
+    )
 
 
 # --- 24.1: put back by output path; a persist output is never touched ---------------------------------
+
 
 def test_a_persist_output_dvc_has_not_recorded_never_stops_the_put_back(project):
     """The stage adds a checkpoint to its persist folder, then fails. `dvc checkout <stage>` refused
@@ -147,8 +157,10 @@ def test_a_persist_output_dvc_has_not_recorded_never_stops_the_put_back(project)
     set_mode(project, "grow_then_fail 2")
     proc = repro(project)
     assert proc.returncode != 0
-    assert last_line(proc) == ("error: params.yaml: x.y: must be > 0, got -1; kept the previous plots, "
-                               "m.json, out, big (put back as dvc.lock records them)"), proc.stderr
+    assert last_line(proc) == (
+        "error: params.yaml: x.y: must be > 0, got -1; kept the previous plots, "
+        "m.json, out, big (put back as dvc.lock records them)"
+    ), proc.stderr
     assert tree_bytes(project, OUTPUTS) == before
     assert (project / "keep" / "new.pt").read_text() == "unrecorded"
     assert only_the_users_change(project)
@@ -163,8 +175,10 @@ def test_the_command_named_for_outputs_not_in_the_cache_works(project, tmp_path)
     shutil.move(project / ".dvc" / "cache", tmp_path / "cache")
     set_mode(project, "grow_then_fail 2")
     proc = repro(project)
-    assert last_line(proc).endswith("the previous out, big could not be restored (not in the DVC cache): "
-                                    "run `uv run dvc checkout out big` (or `uv run dvc pull out big`)"), proc.stderr
+    assert last_line(proc).endswith(
+        "the previous out, big could not be restored (not in the DVC cache): "
+        "run `uv run dvc checkout out big` (or `uv run dvc pull out big`)"
+    ), proc.stderr
     assert not (project / "out").exists() and (project / "keep" / "new.pt").exists()
     shutil.move(tmp_path / "cache", project / ".dvc" / "cache")
     dvc(project, "checkout", "out", "big")
@@ -172,6 +186,7 @@ def test_the_command_named_for_outputs_not_in_the_cache_works(project, tmp_path)
 
 
 # --- 24.2: every kept copy that differs from what is on disk is put back ------------------------------
+
 
 def test_a_half_removed_cache_false_folder_is_put_back(project):
     """plots/ (`cache: false`) left with 3 of its 10 files (DVC interrupted while it deleted them,
@@ -186,16 +201,20 @@ def test_a_half_removed_cache_false_folder_is_put_back(project):
 
 # --- 24.12: the stage's error line once ---------------------------------------------------------------
 
+
 def test_the_stages_error_line_is_printed_once(project):
     """The stage's `error: ` line came through dvc's stderr, and the wrapper's last line repeated it."""
     set_mode(project, "fail 2")
     proc = repro(project)
     both = proc.stdout + proc.stderr
     assert both.count("x.y: must be > 0, got -1") == 1, both
-    assert last_line(proc).startswith("error: params.yaml: x.y: must be > 0, got -1; kept the previous ")
+    assert last_line(proc).startswith(
+        "error: params.yaml: x.y: must be > 0, got -1; kept the previous "
+    )
 
 
 # --- 24.3: Ctrl-C while DVC records a finished stage ---------------------------------------------------
+
 
 def pid_of(root: Path, *words: str) -> int | None:
     """PID of a process working in `root` whose command line holds `words` in order, or None."""
@@ -204,7 +223,7 @@ def pid_of(root: Path, *words: str) -> int | None:
             try:
                 if Path(os.readlink(entry / "cwd")) == root:
                     argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                    if any(argv[i:i + len(words)] == list(words) for i in range(len(argv))):
+                    if any(argv[i : i + len(words)] == list(words) for i in range(len(argv))):
                         return int(entry.name)
             except OSError:
                 continue
@@ -229,9 +248,10 @@ def test_ctrl_c_while_dvc_records_a_finished_stage_puts_the_previous_outputs_bac
     (`dvc status`: modified outs). Now the previous ones are back, the last line says so, and
     `dvc status` names only the changed dep."""
     from tests.test_pipeline import Live, no_process_left
+
     before = tree_bytes(project, OUTPUTS)
     set_mode(project, "ok 2")
-    os.environ["BIG"] = "3000"                          # read by the stage, through dvc
+    os.environ["BIG"] = "3000"  # read by the stage, through dvc
     try:
         live = Live(project)
     finally:
@@ -240,17 +260,23 @@ def test_ctrl_c_while_dvc_records_a_finished_stage_puts_the_previous_outputs_bac
     dvc_pid = None
     while dvc_pid is None and live.proc.poll() is None and time.monotonic() < deadline:
         dvc_pid = pid_of(project, "-m", "dvc", "repro")
-    while not (project / "finished").exists() and live.proc.poll() is None and time.monotonic() < deadline:
+    while (
+        not (project / "finished").exists()
+        and live.proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     # DVC ignores SIGINT until it has reaped the stage's command (dvc/stage/run.py); then it records
     while children(dvc_pid) and time.monotonic() < deadline:
         time.sleep(0.002)
     assert "nfiles: 3000" not in (project / "dvc.lock").read_text(), "DVC recorded it already"
-    live.signal(signal.SIGINT)                           # the stage is done: DVC is recording it
+    live.signal(signal.SIGINT)  # the stage is done: DVC is recording it
     code, out = live.finish()
     assert code == 130, out
-    assert out.strip().splitlines()[-1] == ("error: interrupted; kept the previous plots, m.json, out, big "
-                                            "(put back as dvc.lock records them)"), out
+    assert out.strip().splitlines()[-1] == (
+        "error: interrupted; kept the previous plots, m.json, out, big "
+        "(put back as dvc.lock records them)"
+    ), out
     assert tree_bytes(project, OUTPUTS) == before
     assert only_the_users_change(project)
     assert no_process_left(project)
@@ -261,7 +287,7 @@ def test_dvcs_rwlock_left_half_written_is_repaired(project):
     write leaves it empty, and every dvc command after refuses ("Unable to read RWLock-file"), the
     wrapper's put-back included. The next run (and the run whose dvc it was) removes it."""
     (project / ".dvc" / "tmp" / "rwlock").write_text("")
-    set_mode(project, "ok 1")                           # nothing to run: the outputs are version 1
+    set_mode(project, "ok 1")  # nothing to run: the outputs are version 1
     proc = repro(project)
     assert proc.returncode == 0, proc.stderr
     assert "repro: removed .dvc/tmp/rwlock, left half-written by the interrupted dvc" in proc.stderr
@@ -269,6 +295,7 @@ def test_dvcs_rwlock_left_half_written_is_repaired(project):
 
 
 # --- 24.6: a kill -9 of make or of `uv run` reaches every process of the run ---------------------------
+
 
 def makefile_command(project: Path) -> list[str]:
     """`make repro` with the project's Makefile: its setup step (uv sync) skipped (-o), and the
@@ -288,25 +315,52 @@ def test_kill_9_of_the_command_the_user_started_stops_the_whole_run(project, out
         pytest.skip("uv is not on PATH")
     before = tree_bytes(project, OUTPUTS)
     set_mode(project, "slow 2")
-    command = makefile_command(project) if outer == "make" else \
-        [uv, "run", "--no-project", "--python", str(VENV_BIN / "python"), "python", "-m", "unpaired.repro"]
-    clean = {**env(), "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
-                                              if Path(p) != VENV_BIN)}
+    command = (
+        makefile_command(project)
+        if outer == "make"
+        else [
+            uv,
+            "run",
+            "--no-project",
+            "--python",
+            str(VENV_BIN / "python"),
+            "python",
+            "-m",
+            "unpaired.repro",
+        ]
+    )
+    clean = {
+        **env(),
+        "PATH": os.pathsep.join(
+            p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != VENV_BIN
+        ),
+    }
     clean.pop("VIRTUAL_ENV", None)
-    proc = subprocess.Popen(command, cwd=project, env=clean, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        cwd=project,
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
-    while not (project / "started").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while (
+        not (project / "started").exists() and proc.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert proc.poll() is None, proc.stdout.read().decode()
     time.sleep(0.5)
-    os.kill(proc.pid, signal.SIGKILL)                   # the outermost process, alone
+    os.kill(proc.pid, signal.SIGKILL)  # the outermost process, alone
     proc.wait(10)
-    out = proc.stdout.read().decode()                   # until the last writer (the wrapper) is gone
+    out = proc.stdout.read().decode()  # until the last writer (the wrapper) is gone
     from tests.test_pipeline import no_process_left
+
     assert no_process_left(project, timeout=30), out
-    assert out.strip().splitlines()[-1] == ("error: interrupted; kept the previous plots, m.json, out, big "
-                                            "(put back as dvc.lock records them)"), out
+    assert out.strip().splitlines()[-1] == (
+        "error: interrupted; kept the previous plots, m.json, out, big "
+        "(put back as dvc.lock records them)"
+    ), out
     assert tree_bytes(project, OUTPUTS) == before
     assert only_the_users_change(project)
     assert not (project / ".dvc" / "tmp" / "repro-kept").exists()
@@ -317,17 +371,24 @@ def test_kill_9_of_dvc_stops_its_stage(project):
     and the wrapper waiting for it (the stage held dvc's stderr pipe) until it ended and wrote its
     new outputs. Now the wrapper stops what is left of dvc's process group and puts the outputs back."""
     from tests.test_pipeline import Live, no_process_left
+
     before = tree_bytes(project, OUTPUTS)
     set_mode(project, "slow 2")
     live = Live(project)
     deadline = time.monotonic() + 120
-    while not (project / "started").exists() and live.proc.poll() is None and time.monotonic() < deadline:
+    while (
+        not (project / "started").exists()
+        and live.proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     os.kill(pid_of(project, "-m", "dvc", "repro"), signal.SIGKILL)
     code, out = live.finish(timeout=60)
     assert code == 1, out
-    assert out.strip().splitlines()[-1] == ("error: `dvc repro` was killed by SIGKILL; kept the previous plots, "
-                                            "m.json, out, big (put back as dvc.lock records them)"), out
+    assert out.strip().splitlines()[-1] == (
+        "error: `dvc repro` was killed by SIGKILL; kept the previous plots, "
+        "m.json, out, big (put back as dvc.lock records them)"
+    ), out
     assert no_process_left(project)
     assert tree_bytes(project, OUTPUTS) == before
     assert only_the_users_change(project)

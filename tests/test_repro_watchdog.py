@@ -2,6 +2,7 @@
 group. Ctrl-C reaches the whole group, the watchdog included, at any moment, even while its Python
 still starts (the race a CI run met: the wrapper then died on a broken pipe instead of naming the
 command that puts the outputs back)."""
+
 import os
 import signal
 import threading
@@ -16,12 +17,12 @@ def test_ctrl_c_to_dvcs_group_as_it_starts_leaves_the_watchdog_alive(tmp_path, m
         signals = Signals()
         sent = []
 
-        def interrupt_at_once():
+        def interrupt_at_once(signals=signals, sent=sent):  # this iteration's, bound now
             deadline = time.monotonic() + 10
             while signals.group is None and time.monotonic() < deadline:
-                pass                                    # spin: signal within microseconds of the start
+                pass  # spin: signal within microseconds of the start
             group = signals.group
-            for _ in range(20):                        # again and again while the watchdog starts up
+            for _ in range(20):  # again and again while the watchdog starts up
                 try:
                     os.killpg(group, signal.SIGINT)
                 except (ProcessLookupError, TypeError):
@@ -31,7 +32,7 @@ def test_ctrl_c_to_dvcs_group_as_it_starts_leaves_the_watchdog_alive(tmp_path, m
 
         thread = threading.Thread(target=interrupt_at_once)
         thread.start()
-        status = _run_dvc(["version"], signals)        # raised BrokenPipeError when the watchdog died
+        status = _run_dvc(["version"], signals)  # raised BrokenPipeError when the watchdog died
         thread.join()
         assert sent, "the test never reached dvc's process group"
-        assert status != 0                              # dvc itself was interrupted
+        assert status != 0  # dvc itself was interrupted

@@ -1,5 +1,6 @@
 """The archive and folder sources, against a real HTTP server on 127.0.0.1 serving archives built
 here in the layout of the CycleGAN benchmark zips (horse2zebra.zip: horse2zebra/trainA/*.jpg ...)."""
+
 import hashlib
 import io
 import tarfile
@@ -21,7 +22,9 @@ from unpaired.sources.base import SourceError
 
 def jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+        buf, "JPEG"
+    )
     return buf.getvalue()
 
 
@@ -30,7 +33,9 @@ def horse2zebra_zip() -> bytes:
     with zipfile.ZipFile(buf, "w") as z:
         for split in ("trainA", "trainB", "testA"):
             for i in range(3):
-                z.writestr(f"horse2zebra/{split}/n0238{i:04d}_{split}.jpg", jpeg(hash(split) % 1000 + i))
+                z.writestr(
+                    f"horse2zebra/{split}/n0238{i:04d}_{split}.jpg", jpeg(hash(split) % 1000 + i)
+                )
         z.writestr("horse2zebra/trainA/.DS_Store", b"junk")
     return buf.getvalue()
 
@@ -38,8 +43,8 @@ def horse2zebra_zip() -> bytes:
 def corrupt_zip() -> bytes:
     """A zip whose directory is intact but whose first member's data is damaged (CRC fails)."""
     data = bytearray(horse2zebra_zip())
-    start = data.index(b"\xff\xd8")          # the first JPEG's bytes inside the zip
-    data[start + 40:start + 80] = b"\x00" * 40
+    start = data.index(b"\xff\xd8")  # the first JPEG's bytes inside the zip
+    data[start + 40 : start + 80] = b"\x00" * 40
     return bytes(data)
 
 
@@ -95,37 +100,51 @@ def test_archive_from_url_member_count_and_cache(server, tmp_path):
     data = horse2zebra_zip()
     server.routes["/datasets/horse2zebra.zip"] = (200, data, "")
     sha = hashlib.sha256(data).hexdigest()
-    body = (f"    source: archive\n    url: {server.url}/datasets/horse2zebra.zip\n"
-            f"    member: horse2zebra/trainA\n    sha256: {sha}\n    licence: see dataset\n")
+    body = (
+        f"    source: archive\n    url: {server.url}/datasets/horse2zebra.zip\n"
+        f"    member: horse2zebra/trainA\n    sha256: {sha}\n    licence: see dataset\n"
+    )
     out = run_fetch(tmp_path, body)
     manifest = pd.read_csv(out / "manifest.csv")
     assert sorted(manifest.file) == [f"n0238{i:04d}_trainA.jpg" for i in range(3)]
-    assert manifest.origin.str.startswith(f"{server.url}/datasets/horse2zebra.zip#horse2zebra/trainA/").all()
+    assert manifest.origin.str.startswith(
+        f"{server.url}/datasets/horse2zebra.zip#horse2zebra/trainA/"
+    ).all()
     assert (manifest.licence == "see dataset").all()
     first = {p.name: p.read_bytes() for p in out.glob("*.jpg")}
-    out = run_fetch(tmp_path, body + "    count: 2\n")             # fewer images: no new download
+    out = run_fetch(tmp_path, body + "    count: 2\n")  # fewer images: no new download
     assert len(list(out.glob("*.jpg"))) == 2 and server.hits["/datasets/horse2zebra.zip"] == 1
     assert all(first[p.name] == p.read_bytes() for p in out.glob("*.jpg"))
 
 
 def test_retry_after_a_transient_error(server, tmp_path):
     server.routes["/h.zip"] = (200, horse2zebra_zip(), "flaky")
-    out = run_fetch(tmp_path, f"    source: archive\n    url: {server.url}/h.zip\n    member: horse2zebra/trainB\n")
+    out = run_fetch(
+        tmp_path,
+        f"    source: archive\n    url: {server.url}/h.zip\n    member: horse2zebra/trainB\n",
+    )
     assert len(list(out.glob("*.jpg"))) == 3 and server.hits["/h.zip"] == 2
 
 
-@pytest.mark.parametrize("route, mode, status, words", [
-    ("/missing.zip", None, None, "answered HTTP 404"),
-    ("/down.zip", "", 500, "failed after 4 tries (HTTP 500)"),
-    ("/short.zip", "short", 200, "body cut short"),
-    ("/notzip.zip", "", 200, "something that is not a zip or tar archive (an HTML page)"),
-    ("/corrupt.zip", "", 200, "corrupt archive"),
-])
-def test_download_failures_are_one_line_and_leave_nothing(server, tmp_path, monkeypatch, route, mode, status, words):
-    monkeypatch.setattr("unpaired.sources.download.sleep", lambda s: None)   # no backoff waits here
+@pytest.mark.parametrize(
+    "route, mode, status, words",
+    [
+        ("/missing.zip", None, None, "answered HTTP 404"),
+        ("/down.zip", "", 500, "failed after 4 tries (HTTP 500)"),
+        ("/short.zip", "short", 200, "body cut short"),
+        ("/notzip.zip", "", 200, "something that is not a zip or tar archive (an HTML page)"),
+        ("/corrupt.zip", "", 200, "corrupt archive"),
+    ],
+)
+def test_download_failures_are_one_line_and_leave_nothing(
+    server, tmp_path, monkeypatch, route, mode, status, words
+):
+    monkeypatch.setattr("unpaired.sources.download.sleep", lambda s: None)  # no backoff waits here
     if mode is not None:
-        body = {"/notzip.zip": b"<html>an error page served as a zip</html>",
-                "/corrupt.zip": corrupt_zip()}.get(route) or horse2zebra_zip()
+        body = {
+            "/notzip.zip": b"<html>an error page served as a zip</html>",
+            "/corrupt.zip": corrupt_zip(),
+        }.get(route) or horse2zebra_zip()
         server.routes[route] = (status, body, mode)
     with pytest.raises(SourceError) as err:
         run_fetch(tmp_path, f"    source: archive\n    url: {server.url}{route}\n")
@@ -140,14 +159,19 @@ def test_stalled_server_times_out(server, tmp_path, monkeypatch):
     server.routes["/slow.zip"] = (200, horse2zebra_zip(), "stall")
     start = time.monotonic()
     with pytest.raises(SourceError, match=r"failed after 4 tries \(ReadTimeout\)"):
-        run_fetch(tmp_path, f"    source: archive\n    url: {server.url}/slow.zip\n    timeout: 0.3\n")
+        run_fetch(
+            tmp_path, f"    source: archive\n    url: {server.url}/slow.zip\n    timeout: 0.3\n"
+        )
     assert time.monotonic() - start < 15
 
 
 def test_sha256_mismatch(server, tmp_path):
     server.routes["/h.zip"] = (200, horse2zebra_zip(), "")
     with pytest.raises(SourceError, match="does not match the sha256"):
-        run_fetch(tmp_path, f"    source: archive\n    url: {server.url}/h.zip\n    sha256: '{'0' * 64}'\n")
+        run_fetch(
+            tmp_path,
+            f"    source: archive\n    url: {server.url}/h.zip\n    sha256: '{'0' * 64}'\n",
+        )
 
 
 @pytest.mark.parametrize("evil", ["../escape.jpg", "/etc/evil.jpg", "a/../../b.jpg", "link"])
@@ -184,8 +208,12 @@ def test_zip_slip_is_refused(tmp_path):
 def test_wrong_member_names_the_key(tmp_path):
     path = tmp_path / "h.zip"
     path.write_bytes(horse2zebra_zip())
-    with pytest.raises(SourceError, match=r"^domains.a.member: no images under 'horse2zebra/trainZ'"):
-        run_fetch(tmp_path, f"    source: archive\n    url: {path}\n    member: horse2zebra/trainZ\n")
+    with pytest.raises(
+        SourceError, match=r"^domains.a.member: no images under 'horse2zebra/trainZ'"
+    ):
+        run_fetch(
+            tmp_path, f"    source: archive\n    url: {path}\n    member: horse2zebra/trainZ\n"
+        )
     with pytest.raises(ParamsError, match=r"^params.yaml: domains.a.url: required"):
         run_fetch(tmp_path, "    source: archive\n")
 
@@ -208,23 +236,32 @@ def test_folder_source(tmp_path):
 
 # --- names unique by construction, cached downloads validated, tars read to their end ----------------
 
+
 def png(seed: int) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+        buf, "PNG"
+    )
     return buf.getvalue()
 
 
-COLLIDING = {"sub/x.png": png(1), "sub__x.png": png(2), "a_/b.png": png(3), "a/_b.png": png(4), "c.png": png(5)}
+COLLIDING = {
+    "sub/x.png": png(1),
+    "sub__x.png": png(2),
+    "a_/b.png": png(3),
+    "a/_b.png": png(4),
+    "c.png": png(5),
+}
 
 
 def assert_one_file_per_input(out, origin_of):
     manifest = pd.read_csv(out / "manifest.csv")
     assert len(manifest) == len(COLLIDING) and manifest.file.is_unique
     written = {f: (out / f).read_bytes() for f in manifest.file}
-    assert sorted(written.values()) == sorted(COLLIDING.values())          # every image, once
+    assert sorted(written.values()) == sorted(COLLIDING.values())  # every image, once
     for f, origin in zip(manifest.file, manifest.origin):
         assert written[f] == COLLIDING[origin_of(origin)]
-    assert set(manifest.file) >= {"sub__x.png", "c.png"}                   # ordinary names unchanged
+    assert set(manifest.file) >= {"sub__x.png", "c.png"}  # ordinary names unchanged
 
 
 def test_folder_names_never_collide(tmp_path):
@@ -234,7 +271,9 @@ def test_folder_names_never_collide(tmp_path):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     out = run_fetch(tmp_path, f"    source: folder\n    path: {root}\n")
-    assert_one_file_per_input(out, lambda origin: Path(origin).relative_to(root.resolve()).as_posix())
+    assert_one_file_per_input(
+        out, lambda origin: Path(origin).relative_to(root.resolve()).as_posix()
+    )
 
 
 def test_archive_names_never_collide(tmp_path):
@@ -261,8 +300,11 @@ def test_an_html_page_served_for_an_archive_is_not_cached(server, tmp_path):
     refused and never cached, so the next run downloads the archive."""
     server.routes["/h.zip"] = (200, b"<!DOCTYPE html><html><body>Service moved</body></html>", "")
     body = f"    source: archive\n    url: {server.url}/h.zip\n    member: horse2zebra/trainA\n"
-    with pytest.raises(SourceError, match=r"^domains.a.url: .*/h.zip answered with something that is not a zip "
-                                          r"or tar archive \(an HTML page\); check the URL"):
+    with pytest.raises(
+        SourceError,
+        match=r"^domains.a.url: .*/h.zip answered with something that is not a zip "
+        r"or tar archive \(an HTML page\); check the URL",
+    ):
         run_fetch(tmp_path, body)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []
     server.routes["/h.zip"] = (200, horse2zebra_zip(), "")
@@ -273,6 +315,7 @@ def test_an_html_page_served_for_an_archive_is_not_cached(server, tmp_path):
 def test_a_bad_file_already_cached_is_downloaded_again(server, tmp_path):
     """One cached by an older version (before the validation step): removed and fetched again."""
     from unpaired.sources.download import download, is_network_pickle
+
     server.routes["/h.zip"] = (200, horse2zebra_zip(), "")
     body = f"    source: archive\n    url: {server.url}/h.zip\n    member: horse2zebra/trainA\n"
     run_fetch(tmp_path, body)
@@ -283,12 +326,18 @@ def test_a_bad_file_already_cached_is_downloaded_again(server, tmp_path):
     # a network pickle: the same step, with the check the stylegan source passes
     server.routes["/ffhq.pkl"] = (200, b"<html><head><title>503</title></head></html>", "")
     dest = tmp_path / "cache" / "ffhq.pkl"
-    with pytest.raises(SourceError, match=r"^k: .*/ffhq.pkl answered with something that is not a network "
-                                          r"pickle \(an HTML page\)"):
+    with pytest.raises(
+        SourceError,
+        match=r"^k: .*/ffhq.pkl answered with something that is not a network "
+        r"pickle \(an HTML page\)",
+    ):
         download(f"{server.url}/ffhq.pkl", dest, key="k", check=is_network_pickle)
     assert not dest.exists()
     server.routes["/ffhq.pkl"] = (200, b"\x80\x04N.", "")
-    assert download(f"{server.url}/ffhq.pkl", dest, key="k", check=is_network_pickle).read_bytes() == b"\x80\x04N."
+    assert (
+        download(f"{server.url}/ffhq.pkl", dest, key="k", check=is_network_pickle).read_bytes()
+        == b"\x80\x04N."
+    )
 
 
 def test_a_tar_with_a_bad_header_in_the_middle_is_refused(tmp_path):
@@ -303,23 +352,27 @@ def test_a_tar_with_a_bad_header_in_the_middle_is_refused(tmp_path):
     with tarfile.open(path) as t:
         fourth = t.getmembers()[3].offset
     data = bytearray(path.read_bytes())
-    data[fourth + 10] ^= 0xFF                    # one byte of the 4th member's name: its checksum fails
+    data[fourth + 10] ^= 0xFF  # one byte of the 4th member's name: its checksum fails
     path.write_bytes(bytes(data))
-    with pytest.raises(SourceError, match=r"^domains.a.url: corrupt archive set.tar \(ReadError: a damaged header "
-                                          rf"at byte {fourth} of the tar stream"):
+    with pytest.raises(
+        SourceError,
+        match=r"^domains.a.url: corrupt archive set.tar \(ReadError: a damaged header "
+        rf"at byte {fourth} of the tar stream",
+    ):
         run_fetch(tmp_path, f"    source: archive\n    url: {path}\n")
     assert not (tmp_path / "raw" / "a").exists()
-    gz = tmp_path / "set.tar.gz"                 # the same inside gzip: the decompressed stream is checked
+    gz = tmp_path / "set.tar.gz"  # the same inside gzip: the decompressed stream is checked
     with tarfile.open(gz, "w:gz") as t, tarfile.open(path, ignore_zeros=True) as src:
         for info in src.getmembers()[:3]:
             t.addfile(info, src.extractfile(info))
     cut = gz.read_bytes()
-    gz.write_bytes(cut[:-12])                    # the gzip trailer (CRC, length) cut off
+    gz.write_bytes(cut[:-12])  # the gzip trailer (CRC, length) cut off
     with pytest.raises(SourceError, match=r"corrupt archive set.tar.gz"):
         run_fetch(tmp_path, f"    source: archive\n    url: {gz}\n")
 
 
 # --- issue 24.14: every file a folder source's pattern matches is used or counted ----------------------
+
 
 def test_folder_source_counts_and_names_every_file_it_leaves_out(tmp_path, capsys):
     """`.hidden.png` and files without an extension were ignored and counted nowhere. Files with no
@@ -328,29 +381,40 @@ def test_folder_source_counts_and_names_every_file_it_leaves_out(tmp_path, capsy
     listed in the raw folder for prepare."""
     from stages.prepare import PrepareParams, prepare
     from unpaired.sources.folder import SKIPPED, read_skipped
+
     photos = tmp_path / "photos"
     (photos / ".git").mkdir(parents=True)
     (photos / "a.jpg").write_bytes(jpeg(1))
     (photos / "b.jpg").write_bytes(jpeg(3))
     (photos / ".hidden.png").write_bytes(png(2))
-    (photos / "scan").write_bytes(png(4))                 # an image without an extension
-    (photos / "README").write_text("not an image")        # no extension, not an image
+    (photos / "scan").write_bytes(png(4))  # an image without an extension
+    (photos / "README").write_text("not an image")  # no extension, not an image
     (photos / "notes.txt").write_text("not an image")
     (photos / ".git" / "config").write_text("[core]\n")
     out = run_fetch(tmp_path, f"    source: folder\n    path: {photos}\n")
     assert sorted(pd.read_csv(out / "manifest.csv").file) == ["README", "a.jpg", "b.jpg", "scan"]
     line = capsys.readouterr().out.splitlines()[0]
-    assert line == (f"domains.a: folder: skipped 3 of 7 files under {photos}: 2 hidden (.git/config, "
-                    f".hidden.png); 1 not an image file name (notes.txt); listed in the raw folder's {SKIPPED}")
+    assert line == (
+        f"domains.a: folder: skipped 3 of 7 files under {photos}: 2 hidden (.git/config, "
+        f".hidden.png); 1 not an image file name (notes.txt); listed in the raw folder's {SKIPPED}"
+    )
     listed = pd.read_csv(out / SKIPPED)
-    assert list(zip(listed.file, listed.reason)) == [(".git/config", "hidden"), (".hidden.png", "hidden"),
-                                                     ("notes.txt", "not_image_name")]
+    assert list(zip(listed.file, listed.reason)) == [
+        (".git/config", "hidden"),
+        (".hidden.png", "hidden"),
+        ("notes.txt", "not_image_name"),
+    ]
     assert read_skipped(out) == {"hidden": 2, "not_image_name": 1}
     b = tmp_path / "raw" / "b"
     b.mkdir()
     for i in range(3):
         (b / f"{i}.png").write_bytes(png(10 + i))
-    report = prepare(PrepareParams(image_size=8, min_size=8, test_fraction=0.0), tmp_path / "raw",
-                     tmp_path / "prepared", tmp_path / "prepare.json", workers=1)
-    assert report["skipped"]["a"]["not_image"] == 1                        # README, named on the page
-    assert report["kept"]["a"]["train"] == 3                               # a.jpg, b.jpg and scan
+    report = prepare(
+        PrepareParams(image_size=8, min_size=8, test_fraction=0.0),
+        tmp_path / "raw",
+        tmp_path / "prepared",
+        tmp_path / "prepare.json",
+        workers=1,
+    )
+    assert report["skipped"]["a"]["not_image"] == 1  # README, named on the page
+    assert report["kept"]["a"]["train"] == 3  # a.jpg, b.jpg and scan

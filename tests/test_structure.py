@@ -3,6 +3,7 @@ short, `unpaired/` and `stages/` have no import cycle, the library never imports
 through its public interfaces only, and each stage's dvc.yaml `deps` lists exactly the project
 modules it imports and the package data they read (so DVC re-runs a stage when, and only when, code
 it runs or a file it embeds changed)."""
+
 from __future__ import annotations
 
 import ast
@@ -39,7 +40,7 @@ def imported_names(path: Path) -> list[str]:
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:                                   # relative: from the file's package
+            if node.level:  # relative: from the file's package
                 up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*up, base] if base else up)
             names.append(base)
@@ -61,7 +62,11 @@ def graph(with_packages: bool = False) -> dict[str, set[str]]:
                 targets.add(imported)
                 if with_packages:
                     parts = imported.split(".")
-                    targets |= {".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in mods}
+                    targets |= {
+                        ".".join(parts[:i])
+                        for i in range(1, len(parts))
+                        if ".".join(parts[:i]) in mods
+                    }
         targets.discard(name)
         edges[name] = targets
     return edges
@@ -113,8 +118,11 @@ def closure(start: str, edges: dict[str, set[str]]) -> set[str]:
 
 
 def test_every_stage_module_is_at_most_350_lines():
-    long = {p.name: n for p in sorted((ROOT / "stages").glob("*.py"))
-            if (n := len(p.read_text().splitlines())) > MAX_STAGE_LINES}
+    long = {
+        p.name: n
+        for p in sorted((ROOT / "stages").glob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_STAGE_LINES
+    }
     assert not long, f"stage modules over {MAX_STAGE_LINES} lines: {long}"
 
 
@@ -125,7 +133,9 @@ def test_no_import_cycle_among_the_projects_modules():
 def test_the_cycle_finder_finds_one():
     """The check above can fail: a cycle hidden inside a function is found."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert "unpaired.safe_archive" in imported_names(ROOT / "unpaired" / "files.py")  # inside a function
+    assert "unpaired.safe_archive" in imported_names(
+        ROOT / "unpaired" / "files.py"
+    )  # inside a function
 
 
 def test_errors_imports_nothing_from_the_project():
@@ -133,11 +143,17 @@ def test_errors_imports_nothing_from_the_project():
 
 
 def test_the_library_never_imports_a_stage():
-    bad = {name: sorted(t for t in targets if t.split(".")[0] == "stages")
-           for name, targets in graph().items() if name.split(".")[0] == "unpaired"}
+    bad = {
+        name: sorted(t for t in targets if t.split(".")[0] == "stages")
+        for name, targets in graph().items()
+        if name.split(".")[0] == "unpaired"
+    }
     assert {k: v for k, v in bad.items() if v} == {}
-    bad_names = {name: [i for i in imported_names(path) if i.split(".")[0] == "stages"]
-                 for name, path in modules().items() if name.split(".")[0] == "unpaired"}
+    bad_names = {
+        name: [i for i in imported_names(path) if i.split(".")[0] == "stages"]
+        for name, path in modules().items()
+        if name.split(".")[0] == "unpaired"
+    }
     assert {k: v for k, v in bad_names.items() if v} == {}
 
 
@@ -178,8 +194,12 @@ def package_data(init: Path) -> set[str]:
     found = set()
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
-        if (not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in rel.parts
-                or any(part.startswith(".") for part in rel.parts)):
+        if (
+            not path.is_file()
+            or path.suffix in (".py", ".pyc")
+            or "__pycache__" in rel.parts
+            or any(part.startswith(".") for part in rel.parts)
+        ):
             continue
         if next(p for p in path.parents if (p / "__init__.py").is_file()) == folder:
             found.add(str(path.relative_to(ROOT)))
@@ -192,7 +212,7 @@ def needed_files(stage: str) -> set[str]:
     out), and the data files of every package among them (a stylesheet the page embeds changes the
     stage's output as much as code does)."""
     mods = modules()
-    edges = graph(with_packages=True)   # `python -m stages.x` runs stages/__init__.py first
+    edges = graph(with_packages=True)  # `python -m stages.x` runs stages/__init__.py first
     imported = closure(stage_module(stage), edges) | closure("stages", edges)
     files = {str(mods[m].relative_to(ROOT)) for m in imported if mods[m].read_text().strip()}
     for m in imported:
@@ -220,8 +240,13 @@ def test_the_deps_check_can_fail():
     data file a stage's page embeds (unpaired/templates/), with the templates folder dropped."""
     needed = needed_files("prepare")
     assert "unpaired/errors.py" in needed and "stages/prepare.py" in needed
-    assert not covered("unpaired/errors.py", [d for d in stage_deps()["prepare"] if d != "unpaired/errors.py"])
-    for stage, data in (("prepare", "unpaired/templates/dataset.css"), ("evaluate", "unpaired/templates/report.js")):
+    assert not covered(
+        "unpaired/errors.py", [d for d in stage_deps()["prepare"] if d != "unpaired/errors.py"]
+    )
+    for stage, data in (
+        ("prepare", "unpaired/templates/dataset.css"),
+        ("evaluate", "unpaired/templates/report.js"),
+    ):
         assert data in needed_files(stage)
         assert not covered(data, [d for d in stage_deps()[stage] if d != "unpaired/templates"])
     assert not any(f.startswith("unpaired/templates/") for f in needed_files("train"))
@@ -230,9 +255,20 @@ def test_the_deps_check_can_fail():
 # The package boundaries: a layer imports only what sits below it. The models package (training) and
 # the sources (fetching) are two independent columns over the shared modules; the pages, scoring and
 # the user-facing commands sit on top of them and are never imported by them.
-TOP = {"unpaired.cli", "unpaired.translate", "unpaired.export", "unpaired.weights", "unpaired.evaluation",
-       "unpaired.report", "unpaired.dataset_page", "unpaired.prepare", "unpaired.repro", "unpaired.params_doc",
-       "unpaired.presets", "unpaired.remote"}
+TOP = {
+    "unpaired.cli",
+    "unpaired.translate",
+    "unpaired.export",
+    "unpaired.weights",
+    "unpaired.evaluation",
+    "unpaired.report",
+    "unpaired.dataset_page",
+    "unpaired.prepare",
+    "unpaired.repro",
+    "unpaired.params_doc",
+    "unpaired.presets",
+    "unpaired.remote",
+}
 BOUNDARIES = {
     "unpaired.models": TOP | {"unpaired.sources"},
     "unpaired.sources": TOP | {"unpaired.models"},
@@ -245,7 +281,9 @@ def boundary_breaks(edges: dict[str, set[str]]) -> dict[str, list[str]]:
     for name, targets in edges.items():
         for package, banned in BOUNDARIES.items():
             if name == package or name.startswith(package + "."):
-                crossing = sorted(t for t in targets if any(t == b or t.startswith(b + ".") for b in banned))
+                crossing = sorted(
+                    t for t in targets if any(t == b or t.startswith(b + ".") for b in banned)
+                )
                 if crossing:
                     bad[name] = crossing
     return bad
@@ -257,11 +295,14 @@ def test_the_models_and_sources_packages_import_nothing_above_them():
 
 def test_the_boundary_check_can_fail():
     assert boundary_breaks({"unpaired.models.state": {"unpaired.evaluation"}}) == {
-        "unpaired.models.state": ["unpaired.evaluation"]}
+        "unpaired.models.state": ["unpaired.evaluation"]
+    }
 
 
 def test_no_import_needs_a_noqa_for_its_order():
     """stages/__init__.py sets OpenMP's wait policy before any stage imports torch, so no module
     imports out of order (ruff's E402)."""
-    offenders = [str(p.relative_to(ROOT)) for p in modules().values() if "noqa: E402" in p.read_text()]
+    offenders = [
+        str(p.relative_to(ROOT)) for p in modules().values() if "noqa: E402" in p.read_text()
+    ]
     assert offenders == []

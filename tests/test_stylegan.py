@@ -6,6 +6,7 @@ snapshot dict whose networks are pickled by `torch_utils.persistence` as calls
 stand-in `torch_utils.persistence` module exists only while pickling (pickle stores a function by
 name); its function must never be called on load.
 """
+
 import collections
 import hashlib
 import os
@@ -25,14 +26,21 @@ from unpaired.safe_pickle import UnsafePickle, load_generator, save_generator
 from unpaired.sources.base import SourceError
 from unpaired.sources.stylegan2 import Generator, GeneratorConfig, seed_latents, to_uint8
 
-SMALL = dict(z_dim=16, w_dim=16, img_resolution=16, img_channels=3, mapping_layers=2,
-             channel_base=256, channel_max=32)
+SMALL = dict(
+    z_dim=16,
+    w_dim=16,
+    img_resolution=16,
+    img_channels=3,
+    mapping_layers=2,
+    channel_base=256,
+    channel_max=32,
+)
 
 
 def small_generator(seed=0, **overrides) -> Generator:
     torch.manual_seed(seed)
     g = Generator(GeneratorConfig(**{**SMALL, **overrides})).eval()
-    with torch.no_grad():   # official init leaves biases 0, strengths 0 and w_avg 0: vary them
+    with torch.no_grad():  # official init leaves biases 0, strengths 0 and w_avg 0: vary them
         for t in list(g.parameters()) + [g.mapping.w_avg]:
             t.add_(0.1 * torch.randn_like(t))
     return g
@@ -42,20 +50,26 @@ class Record:
     """Pickles as the official persistence does: `_reconstruct_persistent_obj(meta)`."""
 
     def __init__(self, class_name, state, module_src="class Generator: ..."):
-        self.meta = dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)
+        self.meta = dict(
+            type="class", version=6, module_src=module_src, class_name=class_name, state=state
+        )
 
     def __reduce__(self):
         return sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (self.meta,)
 
 
 def record_of(module, init_kwargs=None, extra_state=None, module_src="class Generator: ..."):
-    state = dict(training=False,
-                 _parameters=collections.OrderedDict((k, torch.nn.Parameter(v.detach().clone(), requires_grad=False))
-                                                     for k, v in module._parameters.items()),
-                 _buffers=collections.OrderedDict((k, v.clone()) for k, v in module._buffers.items()),
-                 _non_persistent_buffers_set=set(),
-                 _modules=collections.OrderedDict((k, record_of(m)) for k, m in module._modules.items()),
-                 _forward_hooks=collections.OrderedDict())
+    state = dict(
+        training=False,
+        _parameters=collections.OrderedDict(
+            (k, torch.nn.Parameter(v.detach().clone(), requires_grad=False))
+            for k, v in module._parameters.items()
+        ),
+        _buffers=collections.OrderedDict((k, v.clone()) for k, v in module._buffers.items()),
+        _non_persistent_buffers_set=set(),
+        _modules=collections.OrderedDict((k, record_of(m)) for k, m in module._modules.items()),
+        _forward_hooks=collections.OrderedDict(),
+    )
     if init_kwargs is not None:
         state.update(_init_args=(), _init_kwargs=init_kwargs)
     state.update(extra_state or {})
@@ -64,11 +78,21 @@ def record_of(module, init_kwargs=None, extra_state=None, module_src="class Gene
 
 def official_kwargs(g: Generator) -> dict:
     c = g.cfg
-    return dict(z_dim=c.z_dim, c_dim=0, w_dim=c.w_dim, img_resolution=c.img_resolution,
-                img_channels=c.img_channels, mapping_kwargs={"num_layers": c.mapping_layers},
-                synthesis_kwargs={"channel_base": c.channel_base, "channel_max": c.channel_max,
-                                  "num_fp16_res": c.num_fp16_res, "conv_clamp": c.conv_clamp,
-                                  "architecture": "skip"})
+    return dict(
+        z_dim=c.z_dim,
+        c_dim=0,
+        w_dim=c.w_dim,
+        img_resolution=c.img_resolution,
+        img_channels=c.img_channels,
+        mapping_kwargs={"num_layers": c.mapping_layers},
+        synthesis_kwargs={
+            "channel_base": c.channel_base,
+            "channel_max": c.channel_max,
+            "num_fp16_res": c.num_fp16_res,
+            "conv_clamp": c.conv_clamp,
+            "architecture": "skip",
+        },
+    )
 
 
 @pytest.fixture
@@ -80,6 +104,7 @@ def persistence(monkeypatch):
     def _reconstruct_persistent_obj(meta):
         calls.append(meta)
         raise AssertionError("the official loader ran")
+
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
     _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
     mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
@@ -91,8 +116,13 @@ def persistence(monkeypatch):
 
 def write_snapshot(path, g: Generator, extra_state=None, module_src="class Generator: ..."):
     rec = record_of(g, official_kwargs(g), extra_state, module_src)
-    snapshot = dict(G=rec, D=None, G_ema=rec, augment_pipe=None,
-                    training_set_kwargs=dict(path="ffhq.zip", resolution=g.cfg.img_resolution))
+    snapshot = dict(
+        G=rec,
+        D=None,
+        G_ema=rec,
+        augment_pipe=None,
+        training_set_kwargs=dict(path="ffhq.zip", resolution=g.cfg.img_resolution),
+    )
     path.write_bytes(pickle.dumps(snapshot, protocol=4))
     return path
 
@@ -121,10 +151,10 @@ def test_fused_and_batched_forms_agree_and_truncation_works():
     with torch.no_grad():
         fused, batched = g(z, 0.7, fused=True), g(z, 0.7, fused=False)
         assert (fused - batched).abs().max() < 1e-4
-        same = g(z, 0.0)     # psi 0: every image is the one of w_avg
+        same = g(z, 0.0)  # psi 0: every image is the one of w_avg
         assert (same - same[:1]).abs().max() < 1e-5
         assert not torch.allclose(g(z, 1.0), g(z, 0.7))
-        one_by_one = torch.cat([g(z[i:i + 1], 0.7, fused=False) for i in range(4)])
+        one_by_one = torch.cat([g(z[i : i + 1], 0.7, fused=False) for i in range(4)])
     assert (one_by_one - batched).abs().max() < 1e-5
 
 
@@ -154,24 +184,38 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, persistence):
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
 
-    path = write_snapshot(tmp_path / "evil.pkl", small_generator(), extra_state={"hook": Evil()},
-                          module_src=f"open({str(marker)!r}, 'w')\nclass Generator: ...")
+    path = write_snapshot(
+        tmp_path / "evil.pkl",
+        small_generator(),
+        extra_state={"hook": Evil()},
+        module_src=f"open({str(marker)!r}, 'w')\nclass Generator: ...",
+    )
     with pytest.raises(UnsafePickle) as err:
         load_generator(path)
     assert str(err.value).startswith(f"{path}: refers to ") and "system" in str(err.value)
     assert "refused (nothing in the file was run)" in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists() and persistence == []
     # source embedded in an otherwise clean pickle is kept as text and never executed
-    load_generator(write_snapshot(tmp_path / "src.pkl", small_generator(),
-                                  module_src=f"open({str(marker)!r}, 'w')\nclass Generator: ..."))
+    load_generator(
+        write_snapshot(
+            tmp_path / "src.pkl",
+            small_generator(),
+            module_src=f"open({str(marker)!r}, 'w')\nclass Generator: ...",
+        )
+    )
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload, words", [
-    (b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94\x8c\x011\x94\x85\x94R\x94.",
-     "builtins.eval"),
-    (b"not a pickle at all", "not a readable network pickle"),
-])
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (
+            b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94\x8c\x011\x94\x85\x94R\x94.",
+            "builtins.eval",
+        ),
+        (b"not a pickle at all", "not a readable network pickle"),
+    ],
+)
 def test_other_bad_files(tmp_path, payload, words):
     path = tmp_path / "bad.pkl"
     path.write_bytes(payload)
@@ -181,8 +225,9 @@ def test_other_bad_files(tmp_path, payload, words):
 
 def fetch_body(network, **keys):
     keys = {"seeds": "0-4", "image_size": 8, "batch_size": 2, **keys}
-    return f"    source: stylegan\n    network: {network}\n" + "".join(f"    {k}: {v!r}\n" if isinstance(v, str)
-                                                                     else f"    {k}: {v}\n" for k, v in keys.items())
+    return f"    source: stylegan\n    network: {network}\n" + "".join(
+        f"    {k}: {v!r}\n" if isinstance(v, str) else f"    {k}: {v}\n" for k, v in keys.items()
+    )
 
 
 def images_of(out):
@@ -205,6 +250,7 @@ def test_stylegan_source_is_reproducible_and_batch_independent(tmp_path, persist
     with torch.no_grad():
         direct = to_uint8(small_generator()(seed_latents([2], 16), 0.7))[0].numpy()
     from PIL import Image
+
     expected = Image.fromarray(direct).resize((8, 8), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(Image.open(out / "seed00002.png")), np.asarray(expected))
     # random noise: seeded per image, so the batch does not matter either
@@ -230,14 +276,19 @@ def test_network_from_url_is_cached_and_checked(tmp_path, persistence):
 
 
 def test_stylegan_source_errors(tmp_path, persistence):
-    with pytest.raises(ParamsError, match=r"domains.a.network: required: .*ffhq.pkl \(non-commercial"):
+    with pytest.raises(
+        ParamsError, match=r"domains.a.network: required: .*ffhq.pkl \(non-commercial"
+    ):
         run_fetch(tmp_path, "    source: stylegan\n")
     with pytest.raises(SourceError, match=r"^domains.a.network: .*nope.pkl not found; .*ffhq.pkl"):
         run_fetch(tmp_path, fetch_body(tmp_path / "nope.pkl"))
     net = write_snapshot(tmp_path / "net.pkl", small_generator())
-    for key, value, words in [("seeds", "5-1", "ends before it starts"), ("seeds", "a-b", "expected seeds like"),
-                              ("noise_mode", "loud", "must be one of 'const', 'random', 'none'"),
-                              ("truncation_psi", 3, "must be in")]:
+    for key, value, words in [
+        ("seeds", "5-1", "ends before it starts"),
+        ("seeds", "a-b", "expected seeds like"),
+        ("noise_mode", "loud", "must be one of 'const', 'random', 'none'"),
+        ("truncation_psi", 3, "must be in"),
+    ]:
         with pytest.raises(ParamsError, match=rf"domains.a.{key}: .*{words}"):
             run_fetch(tmp_path, fetch_body(net, **{key: value}))
     evil = tmp_path / "evil.pkl"
@@ -251,9 +302,16 @@ def test_kwargs_as_converted_networks_write_them(tmp_path, persistence):
     """NVIDIA's converted networks spell out every kwarg (legacy.py's convert_tf_generator)."""
     g = small_generator()
     kwargs = official_kwargs(g)
-    kwargs["mapping_kwargs"].update(embed_features=None, layer_features=16, activation="lrelu",
-                                    lr_multiplier=0.01, w_avg_beta=0.995)
-    kwargs["synthesis_kwargs"].update(resample_filter=[1, 3, 3, 1], use_noise=True, activation="lrelu")
+    kwargs["mapping_kwargs"].update(
+        embed_features=None,
+        layer_features=16,
+        activation="lrelu",
+        lr_multiplier=0.01,
+        w_avg_beta=0.995,
+    )
+    kwargs["synthesis_kwargs"].update(
+        resample_filter=[1, 3, 3, 1], use_noise=True, activation="lrelu"
+    )
     rec = record_of(g, kwargs)
     (tmp_path / "conv.pkl").write_bytes(pickle.dumps({"G_ema": rec}, protocol=4))
     with torch.no_grad():
@@ -275,6 +333,8 @@ def test_a_tensorflow_era_pickle_is_named_with_how_to_convert_it(tmp_path):
     with pytest.raises(UserError) as err:
         load_generator(path)
     message = str(err.value)
-    assert message.startswith(f"{path}: a TensorFlow-era StyleGAN2 network (a pickle of dnnlib.tflib.network.Network")
+    assert message.startswith(
+        f"{path}: a TensorFlow-era StyleGAN2 network (a pickle of dnnlib.tflib.network.Network"
+    )
     assert f"python legacy.py --source={path} --dest=converted.pkl" in message
     assert "stylegan2-ada-pytorch" in message and "\n" not in message and "safety" not in message

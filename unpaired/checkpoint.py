@@ -14,6 +14,7 @@ after it was written (zeroed blocks, a bad copy) is refused instead of being use
 reader does not check the zip CRCs, so a file without a digest (written by an older version or
 another program) has its zip CRCs checked with `zipfile` instead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,12 +26,12 @@ from typing import Any
 
 import torch
 
-from unpaired.models.networks import ResnetGenerator
 from unpaired.errors import UserError
 from unpaired.files import atomic_write_bytes
+from unpaired.models.networks import ResnetGenerator
 
 FORMAT = "unpaired.generators/1"
-DIGEST = "sha256"      # the key under which `save` stores `content_digest` of the rest
+DIGEST = "sha256"  # the key under which `save` stores `content_digest` of the rest
 REWRITE = "delete it and re-run the stage that wrote it"
 
 
@@ -100,9 +101,13 @@ def save(obj: dict[str, Any], path: str | Path) -> None:
 def _check_zip(path: Path) -> None:
     """Refuse a file that is not a zip archive (torch's format) or whose zip CRCs do not match."""
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(path, "not a checkpoint, or a truncated one (a PyTorch checkpoint is a "
-                              "complete zip archive, this file is not)", "pass a models/checkpoints/"
-                              "epoch_NNN.pt or models/best/generators.pt file written by the train stage")
+        raise CheckpointError(
+            path,
+            "not a checkpoint, or a truncated one (a PyTorch checkpoint is a "
+            "complete zip archive, this file is not)",
+            "pass a models/checkpoints/"
+            "epoch_NNN.pt or models/best/generators.pt file written by the train stage",
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -120,17 +125,22 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         if path.is_dir():
-            raise UserError(f"{path}: a folder, not a checkpoint file; pass a file in it, e.g. "
-                            f"models/best/generators.pt or models/checkpoints/epoch_NNN.pt")
+            raise UserError(
+                f"{path}: a folder, not a checkpoint file; pass a file in it, e.g. "
+                f"models/best/generators.pt or models/checkpoints/epoch_NNN.pt"
+            )
         raise UserError(f"{path}: checkpoint not found")
-    _check_zip(path)     # cheap compared with the load; torch itself skips the CRCs
+    _check_zip(path)  # cheap compared with the load; torch itself skips the CRCs
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
         # torch's message here advises weights_only=False, which would let the file run code: never show it.
-        raise CheckpointError(path, "not an unpaired checkpoint (it holds objects other than tensors, numbers "
-                              "and strings, which are refused because loading them could run code)",
-                              "pass a checkpoint written by the train stage") from None
+        raise CheckpointError(
+            path,
+            "not an unpaired checkpoint (it holds objects other than tensors, numbers "
+            "and strings, which are refused because loading them could run code)",
+            "pass a checkpoint written by the train stage",
+        ) from None
     except Exception as err:  # torch raises several types for damaged or foreign files
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "weights_only" in detail:
@@ -139,27 +149,45 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]
     if isinstance(obj, dict) and DIGEST in obj:
         stored = obj.pop(DIGEST)
         if content_digest(obj) != stored:
-            raise CheckpointError(path, "damaged checkpoint (its content does not match the sha256 stored "
-                                  "in it)", REWRITE)
+            raise CheckpointError(
+                path,
+                "damaged checkpoint (its content does not match the sha256 stored in it)",
+                REWRITE,
+            )
     return obj
 
 
-def generators_payload(epoch: int, model: dict[str, int], g_ab: torch.nn.Module,
-                       g_ba: torch.nn.Module) -> dict[str, Any]:
+def generators_payload(
+    epoch: int, model: dict[str, int], g_ab: torch.nn.Module, g_ba: torch.nn.Module
+) -> dict[str, Any]:
     def cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
-    return {"format": FORMAT, "epoch": int(epoch), "model": dict(model),
-            "G_AB": cpu_state(g_ab), "G_BA": cpu_state(g_ba)}
+        return {
+            k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()
+        }
+
+    return {
+        "format": FORMAT,
+        "epoch": int(epoch),
+        "model": dict(model),
+        "G_AB": cpu_state(g_ab),
+        "G_BA": cpu_state(g_ba),
+    }
 
 
 def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
-    return [k for k, v in state.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
+    ]
 
 
-def load_generator(path: str | Path, direction: str = "AtoB", device: str | torch.device = "cpu"
-                   ) -> tuple[ResnetGenerator, dict[str, Any]]:
+def load_generator(
+    path: str | Path, direction: str = "AtoB", device: str | torch.device = "cpu"
+) -> tuple[ResnetGenerator, dict[str, Any]]:
     """The generator for `direction` (AtoB or BtoA) from an epoch/last/best checkpoint, in eval mode.
     Raises UserError (one line) for a file that is not such a checkpoint, is damaged, whose model
     settings do not fit its weights, or whose weights are not finite (a diverged run)."""
@@ -170,33 +198,44 @@ def load_generator(path: str | Path, direction: str = "AtoB", device: str | torc
     return _generator(ckpt, key, path, device), ckpt
 
 
-def load_generators(path: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[ResnetGenerator, ResnetGenerator, dict[str, Any]]:
+def load_generators(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[ResnetGenerator, ResnetGenerator, dict[str, Any]]:
     """(G_A, G_B, checkpoint): both directions from one read and verification of the file (evaluate
     uses both). Raises UserError as load_generator does."""
     ckpt = load(path, "cpu")
     return _generator(ckpt, "G_AB", path, device), _generator(ckpt, "G_BA", path, device), ckpt
 
 
-def _generator(ckpt: Any, key: str, path: str | Path, device: str | torch.device) -> ResnetGenerator:
+def _generator(
+    ckpt: Any, key: str, path: str | Path, device: str | torch.device
+) -> ResnetGenerator:
     """The generator stored under `key` (G_AB or G_BA) of a loaded checkpoint, checked (see load_generator)."""
     if not isinstance(ckpt, dict) or key not in ckpt or "model" not in ckpt:
         raise UserError(f"{path}: not an unpaired generator checkpoint (no {key} / model entries)")
     m = ckpt["model"]
     missing = [k for k in ("ngf", "n_blocks") if not isinstance(m, dict) or k not in m]
     if missing:
-        raise UserError(f"{path}: the model settings lack {', '.join(missing)}; the file was edited or "
-                        f"written by another program: use a checkpoint written by the train stage")
+        raise UserError(
+            f"{path}: the model settings lack {', '.join(missing)}; the file was edited or "
+            f"written by another program: use a checkpoint written by the train stage"
+        )
     bad = non_finite(ckpt[key])
     if bad:
-        raise UserError(f"{path}: the {key} weights are not finite (NaN or inf in {bad[0]}"
-                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it "
-                        f"diverged; retrain with a lower params.yaml: train.lr")
-    net = ResnetGenerator(m.get("in_channels", 3), m.get("out_channels", 3), m["ngf"], m["n_blocks"])
+        raise UserError(
+            f"{path}: the {key} weights are not finite (NaN or inf in {bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it "
+            f"diverged; retrain with a lower params.yaml: train.lr"
+        )
+    net = ResnetGenerator(
+        m.get("in_channels", 3), m.get("out_channels", 3), m["ngf"], m["n_blocks"]
+    )
     try:
         net.load_state_dict(ckpt[key])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         first = str(err).replace("\n", " ").replace("\t", "")
-        raise UserError(f"{path}: the {key} weights do not fit the stored model settings (ngf={m['ngf']}, "
-                        f"n_blocks={m['n_blocks']}): {first[:200]}; the file was edited or damaged") from None
+        raise UserError(
+            f"{path}: the {key} weights do not fit the stored model settings (ngf={m['ngf']}, "
+            f"n_blocks={m['n_blocks']}): {first[:200]}; the file was edited or damaged"
+        ) from None
     return net.to(device).eval()

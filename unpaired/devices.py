@@ -8,6 +8,7 @@ flag (any `key` starting with "--" is a flag).
 `check_device` looks only at the spelling (no torch import: the params dataclasses call it while
 validating); `resolve_device` also checks that the device exists on this machine.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,11 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
         if not torch.cuda.is_available():
             _fail(key, f"{name!r} requested but CUDA is not available here; use auto or cpu")
         if ":" in name and int(name[5:]) >= torch.cuda.device_count():
-            _fail(key, f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) here "
-                       f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+            _fail(
+                key,
+                f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) here "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})",
+            )
     if name == "mps" and not torch.backends.mps.is_available():
         _fail(key, "'mps' requested but MPS is not available here; use auto or cpu")
     return torch.device(name)
@@ -72,13 +76,19 @@ class PrecisionChoice:
     """What `train.precision` means on one device: `bf16` autocast or not; `why`, the log line's text
     (which precision and why, e.g. "precision: bf16 autocast: train.precision auto on CUDA compute
     capability 9.0 (native bf16 from 8.0)"); `warning`, one line for stderr or None."""
+
     bf16: bool
     why: str
     warning: str | None = None
 
 
-def precision_rule(device_type: str, capability: tuple[int, int] | None, precision: str,
-                   cpu_native: bool | None = None, key: str = "train.precision") -> PrecisionChoice:
+def precision_rule(
+    device_type: str,
+    capability: tuple[int, int] | None,
+    precision: str,
+    cpu_native: bool | None = None,
+    key: str = "train.precision",
+) -> PrecisionChoice:
     """The precision rule, a pure function (tests/test_precision.py runs it for every card on the CPU).
 
     device_type: a torch.device's type ("cuda", "cpu", "mps"); capability: the CUDA card's compute
@@ -92,8 +102,13 @@ def precision_rule(device_type: str, capability: tuple[int, int] | None, precisi
     card below 8.0 or a CPU without native bf16. `fp32` is fp32 (TF32 on cards of 8.0 and newer)."""
     cuda = device_type == "cuda"
     native = cuda and capability is not None and tuple(capability) >= BF16_NATIVE_CAPABILITY
-    card = (f"CUDA compute capability {capability[0]}.{capability[1]}" if cuda and capability is not None
-            else "CUDA, compute capability unknown" if cuda else device_type.upper())
+    card = (
+        f"CUDA compute capability {capability[0]}.{capability[1]}"
+        if cuda and capability is not None
+        else "CUDA, compute capability unknown"
+        if cuda
+        else device_type.upper()
+    )
     need = f"native bf16 from {BF16_NATIVE_CAPABILITY[0]}.{BF16_NATIVE_CAPABILITY[1]}"
     fp32 = "fp32 (TF32 matmuls and convolutions)" if native else "fp32"
     if precision == "fp32":
@@ -101,28 +116,42 @@ def precision_rule(device_type: str, capability: tuple[int, int] | None, precisi
     if precision == "auto":
         if native:
             return PrecisionChoice(True, f"precision: bf16 autocast: {key} auto on {card} ({need})")
-        why = (f"{card} has no native bf16 ({need}; torch would emulate it)" if cuda
-               else "bf16 only on CUDA cards with native bf16, never on a CPU" if device_type == "cpu"
-               else "bf16 only on CUDA cards with native bf16")
+        why = (
+            f"{card} has no native bf16 ({need}; torch would emulate it)"
+            if cuda
+            else "bf16 only on CUDA cards with native bf16, never on a CPU"
+            if device_type == "cpu"
+            else "bf16 only on CUDA cards with native bf16"
+        )
         return PrecisionChoice(False, f"precision: {fp32}: {key} auto on {card}: {why}")
     warning = None
     if cuda and not native:
-        warning = (f"warning: params.yaml: {key}: bf16 on {card}, which has no native bf16 ({need}): torch "
-                   f"emulates it, slower than fp32; use auto or fp32")
+        warning = (
+            f"warning: params.yaml: {key}: bf16 on {card}, which has no native bf16 ({need}): torch "
+            f"emulates it, slower than fp32; use auto or fp32"
+        )
     elif device_type == "cpu" and cpu_native is False:
-        warning = (f"warning: params.yaml: {key}: bf16 on a CPU without native bf16 instructions (none of "
-                   f"{', '.join(sorted(NATIVE_BF16_FLAGS))} in /proc/cpuinfo) runs emulated, about 10x slower "
-                   f"than fp32; use auto or fp32")
-    return PrecisionChoice(True, f"precision: bf16 autocast: {key} bf16 on {card}"
-                                 + (" (emulated)" if warning else ""), warning)
+        warning = (
+            f"warning: params.yaml: {key}: bf16 on a CPU without native bf16 instructions (none of "
+            f"{', '.join(sorted(NATIVE_BF16_FLAGS))} in /proc/cpuinfo) runs emulated, about 10x slower "
+            f"than fp32; use auto or fp32"
+        )
+    return PrecisionChoice(
+        True,
+        f"precision: bf16 autocast: {key} bf16 on {card}" + (" (emulated)" if warning else ""),
+        warning,
+    )
 
 
-def precision_for(device: torch.device, precision: str, key: str = "train.precision") -> PrecisionChoice:
+def precision_for(
+    device: torch.device, precision: str, key: str = "train.precision"
+) -> PrecisionChoice:
     """precision_rule for this machine's `device`: its CUDA compute capability, or its CPU's native
     bf16 (cpu_bf16_native). The stage prints `.why` once (rank 0) and `.warning` when there is one."""
     capability = None
     if device.type == "cuda":
         import torch
+
         capability = tuple(torch.cuda.get_device_capability(device))
     cpu_native = cpu_bf16_native() if device.type == "cpu" and precision == "bf16" else None
     return precision_rule(device.type, capability, precision, cpu_native, key)
@@ -159,7 +188,9 @@ def cpu_bf16_native(cpuinfo: str | None = None) -> bool | None:
     return bool(flags & NATIVE_BF16_FLAGS)
 
 
-def precision_warning(device: torch.device, precision: str, key: str = "train.precision") -> str | None:
+def precision_warning(
+    device: torch.device, precision: str, key: str = "train.precision"
+) -> str | None:
     """The one-line warning for bf16 asked for where it runs emulated (precision_rule: a CUDA card
     below compute capability 8.0, a CPU without native bf16), else None. The stage prints it once."""
     return precision_for(device, precision, key).warning
@@ -168,6 +199,7 @@ def precision_warning(device: torch.device, precision: str, key: str = "train.pr
 def autocast_for(device: torch.device, precision: str):
     """A no-argument context manager factory: bf16 autocast per bf16_for, else a null context."""
     import torch
+
     if not bf16_for(device, precision):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)

@@ -13,6 +13,7 @@ session() is the frame of a stage's main() (signals, parent-death signal, failur
 the launcher, the process group left at the end); output_lock() keeps one run at a time on an
 output folder, held by every process of the run until the last one ends.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,13 +34,14 @@ import torch.distributed as dist
 from unpaired import params
 from unpaired.errors import UserError, main_guard
 from unpaired.files import creating, make_dirs
-from unpaired.threads import cpu_count as cpu_cores   # the CPUs of this process's affinity mask
+from unpaired.threads import cpu_count as cpu_cores  # the CPUs of this process's affinity mask
 from unpaired.torchrun import parent_death_signal, record_failure
 
 
 @dataclass(frozen=True)
 class Rank:
     """This process's place in the job. The single-process default is rank 0 of 1."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -97,8 +99,12 @@ def from_env() -> Rank | None:
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
     world = int(os.environ["WORLD_SIZE"])
-    return Rank(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)),
-                int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return Rank(
+        int(os.environ["RANK"]),
+        world,
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+    )
 
 
 def check_devices(n: int, device: torch.device, key: str = "train.devices") -> None:
@@ -110,19 +116,30 @@ def check_devices(n: int, device: torch.device, key: str = "train.devices") -> N
         return
     if device.type == "cuda":
         have = torch.cuda.device_count()
-        params.check(n <= have, key, f"{n} processes requested but only {have} CUDA device(s) here; "
-                                     f"use {key}: {have} or less")
+        params.check(
+            n <= have,
+            key,
+            f"{n} processes requested but only {have} CUDA device(s) here; "
+            f"use {key}: {have} or less",
+        )
     elif device.type == "mps":
         params.fail(key, f"{n} processes requested but MPS is one device; use {key}: 1")
     else:
         have = cpu_cores()
-        params.check(n <= have, key, f"{n} processes requested but only {have} CPU core(s) here (each "
-                                     f"process needs one); use {key}: {have} or less")
+        params.check(
+            n <= have,
+            key,
+            f"{n} processes requested but only {have} CPU core(s) here (each "
+            f"process needs one); use {key}: {have} or less",
+        )
     if from_env() is None:
-        params.fail(key, f"{n} processes are started by torchrun, not by the stage: run `uv run dvc "
-                         f"repro train` (its command starts them), or by hand `python -m unpaired.torchrun "
-                         f"--standalone --nproc-per-node {n} -m stages.train ...` (the command in dvc.yaml); "
-                         f"for one process use {key}: 1")
+        params.fail(
+            key,
+            f"{n} processes are started by torchrun, not by the stage: run `uv run dvc "
+            f"repro train` (its command starts them), or by hand `python -m unpaired.torchrun "
+            f"--standalone --nproc-per-node {n} -m stages.train ...` (the command in dvc.yaml); "
+            f"for one process use {key}: 1",
+        )
 
 
 # How long a rank waits in a collective before the process group gives up on it (NCCL's watchdog
@@ -147,16 +164,22 @@ def init(rank: Rank, device: torch.device, timeout: timedelta | None = None) -> 
     cuda = device.type == "cuda"
     if cuda:
         if rank.local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun --nproc-per-node: {rank.local_world_size} processes on this node "
-                            f"but only {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(
+                f"torchrun --nproc-per-node: {rank.local_world_size} processes on this node "
+                f"but only {torch.cuda.device_count()} CUDA device(s)"
+            )
         device = torch.device("cuda", rank.local_rank)
         torch.cuda.set_device(device)
     elif rank.distributed and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, cpu_cores() // rank.local_world_size))
     if rank.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank.rank, world_size=rank.world_size,
-                                device_id=device if cuda else None,
-                                timeout=COLLECTIVE_TIMEOUT if timeout is None else timeout)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            rank=rank.rank,
+            world_size=rank.world_size,
+            device_id=device if cuda else None,
+            timeout=COLLECTIVE_TIMEOUT if timeout is None else timeout,
+        )
     return device
 
 
@@ -176,13 +199,14 @@ def _as_printed(err: BaseException) -> tuple[str, int]:
 
     def fail() -> None:
         raise err
+
     out = io.StringIO()
     try:
         with contextlib.redirect_stderr(out):
             main_guard(fail)
     except SystemExit as done:
         return out.getvalue(), done.code if isinstance(done.code, int) else 1
-    except BaseException:        # noqa: BLE001 (main_guard lets bugs through: they keep their traceback)
+    except BaseException:  # noqa: BLE001 (main_guard lets bugs through: they keep their traceback)
         pass
     return trace, 1
 
@@ -212,14 +236,16 @@ def session() -> Iterator[Rank]:
             yield rank
         except SystemExit:
             raise
-        except BaseException as err:   # noqa: BLE001 (KeyboardInterrupt too: one record, no print)
+        except BaseException as err:  # noqa: BLE001 (KeyboardInterrupt too: one record, no print)
             # The launcher's SIGTERM (it stops the other ranks once one failed) must not turn this
             # failure into a second message: no more signals, and no goodbye to the process group
             # (a peer may be gone: destroy_process_group could wait for it).
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
             text, status = _as_printed(err)
             if not record_failure(text, status):
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+                signal.pthread_sigmask(
+                    signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+                )
                 raise
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
@@ -240,8 +266,10 @@ def lock_holder() -> int:
 def _refuse(out: Path, fd: int) -> UserError:
     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
     os.close(fd)
-    return UserError(f"{out}: another train run (PID {holder}) is writing it; wait for it to end, "
-                     f"or stop it (kill {holder}) and run again")
+    return UserError(
+        f"{out}: another train run (PID {holder}) is writing it; wait for it to end, "
+        f"or stop it (kill {holder}) and run again"
+    )
 
 
 @contextlib.contextmanager
@@ -267,7 +295,7 @@ def output_lock(out: Path, rank: Rank = Rank()) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{lock_holder()}\n".encode(), 0)
         if rank.distributed:
-            try:     # not atomic: another run's rank 0 may win in between; this run then stops
+            try:  # not atomic: another run's rank 0 may win in between; this run then stops
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise _refuse(out, fd) from None
@@ -282,4 +310,4 @@ def output_lock(out: Path, rank: Rank = Rank()) -> Iterator[None]:
     try:
         yield
     finally:
-        os.close(fd)   # releases this process's hold
+        os.close(fd)  # releases this process's hold

@@ -11,6 +11,7 @@ else), `interrupted` once main_guard runs; either way status 130, and any later 
 while the process exits, so that none lands in an exit handler (tqdm's, weakref's) as a second
 traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,11 @@ import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # the errnos of a full disk, quota, `ulimit -f`
+NO_SPACE = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+)  # the errnos of a full disk, quota, `ulimit -f`
 
 
 class UserError(Exception):
@@ -47,7 +52,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def _ignore_interrupts() -> None:
     """From now on Ctrl-C (SIGINT) is ignored: the process is already stopping on an earlier one."""
-    with contextlib.suppress(ValueError):        # signals can only be set in the main thread
+    with contextlib.suppress(ValueError):  # signals can only be set in the main thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -57,7 +62,7 @@ def uninterrupted() -> Iterator[None]:
     rewriting outputs whole on the way out of an interrupted or failed run."""
     try:
         before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:                           # not the main thread: nothing to hold off
+    except ValueError:  # not the main thread: nothing to hold off
         yield
         return
     try:
@@ -66,12 +71,12 @@ def uninterrupted() -> Iterator[None]:
         signal.signal(signal.SIGINT, before)
 
 
-_starting: str | None = None     # the stage interrupt_while_starting speaks for
+_starting: str | None = None  # the stage interrupt_while_starting speaks for
 
 
 def _stop_while_starting(signum: int, frame: object) -> None:
     _ignore_interrupts()
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):     # a worker of torchrun: its launcher says it
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # a worker of torchrun: its launcher says it
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         os._exit(130)
@@ -111,7 +116,9 @@ def main_guard(fn: Callable[[], None]) -> None:
         # A full disk where no atomic writer caught it (a library writing logs, ...): still one line.
         if err.errno not in NO_SPACE:
             raise
-        print(f"error: {no_space_error(err.filename, err)}", file=sys.stderr)   # filename: None if unknown
+        print(
+            f"error: {no_space_error(err.filename, err)}", file=sys.stderr
+        )  # filename: None if unknown
         sys.exit(2)
 
 
@@ -142,9 +149,13 @@ def no_space_error(path: str | Path | None, err: OSError, needed: int | None = N
     need = f"{_human(needed)} needed, " if needed is not None else ""
     subject = f"{path}: " if path is not None else "a write failed: "
     if err.errno == errno.EFBIG:
-        return UserError(f"{subject}file too large for this process's file size limit (`ulimit -f`; "
-                         f"{need}{_human(free)} free on the disk); raise the limit and re-run")
+        return UserError(
+            f"{subject}file too large for this process's file size limit (`ulimit -f`; "
+            f"{need}{_human(free)} free on the disk); raise the limit and re-run"
+        )
     what = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
     intact = "; the previous output is intact" if path is not None else ""
-    return UserError(f"{subject}{what} ({need}{_human(free)} free in {folder}); free some space "
-                     f"(or point the folder elsewhere) and re-run{intact}")
+    return UserError(
+        f"{subject}{what} ({need}{_human(free)} free in {folder}); free some space "
+        f"(or point the folder elsewhere) and re-run{intact}"
+    )

@@ -10,6 +10,7 @@ arithmetic be tested offline with any small feature extractor. Its weights: torc
 when it is in torch's hub cache, else the copy a locked package ships (unpaired/inception.py), so
 every run is scored, offline too; the stage never downloads.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,13 +32,19 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from unpaired import checkpoint, inception, params, threads
 from unpaired.devices import check_device
 from unpaired.errors import UserError
-from unpaired.files import (atomic_dir, atomic_write_bytes, atomic_write_json, make_dirs, remove_stale_temporaries,
-                            sha256_of)
+from unpaired.files import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    make_dirs,
+    remove_stale_temporaries,
+    sha256_of,
+)
 from unpaired.images import png_bytes, read_uint8, to_float, to_uint8
 from unpaired.report import TEST_SET_KINDS, pages_for_test_set
 from unpaired.weights import check_weights, load_inception, weights_file
 
-Features = Callable[[torch.Tensor], torch.Tensor]   # uint8 N×3×H×W → float N×D
+Features = Callable[[torch.Tensor], torch.Tensor]  # uint8 N×3×H×W → float N×D
 KID_SEED = 2020
 
 
@@ -50,14 +57,20 @@ def load_images(folder: Path) -> tuple[list[str], torch.Tensor]:
 
 
 @torch.no_grad()
-def translate(net: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def translate(
+    net: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
     """uint8 in, uint8 out, in batches on `device`."""
-    out = [to_uint8(net(to_float(images[i:i + batch_size]).to(device)).cpu())
-           for i in range(0, len(images), batch_size)]
+    out = [
+        to_uint8(net(to_float(images[i : i + batch_size]).to(device)).cpu())
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out) if out else images.clone()
 
 
-def labelled_grid(rows_a: list[torch.Tensor], rows_b: list[torch.Tensor], scale: int = 2) -> Image.Image:
+def labelled_grid(
+    rows_a: list[torch.Tensor], rows_b: list[torch.Tensor], scale: int = 2
+) -> Image.Image:
     """A labelled grid: a header "real A | fake B | rec A", one row per A sample, then a header
     "real B | fake A | rec B" and one row per B sample. Each row is a list of three uint8 3×H×W
     tensors. Cells are upscaled by `scale` (nearest) so small images stay readable."""
@@ -75,7 +88,9 @@ def labelled_grid(rows_a: list[torch.Tensor], rows_b: list[torch.Tensor], scale:
         y += header
         for row in rows:
             for c, img in enumerate(row):
-                tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((cell, cell), Image.Resampling.NEAREST)
+                tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize(
+                    (cell, cell), Image.Resampling.NEAREST
+                )
                 canvas.paste(tile, (pad + c * (cell + pad), y))
             y += cell + pad
     return canvas
@@ -93,8 +108,11 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     torch-fidelity's function."""
     n, m, d = len(real), len(fake), real.shape[1]
     if min(n, m) > d:
-        return float(fid_statistics_to_metric(fid_features_to_statistics(real), fid_features_to_statistics(fake),
-                                              verbose=False)["frechet_inception_distance"])
+        return float(
+            fid_statistics_to_metric(
+                fid_features_to_statistics(real), fid_features_to_statistics(fake), verbose=False
+            )["frechet_inception_distance"]
+        )
     a = (real - real.mean(0)) / math.sqrt(n - 1)
     b = (fake - fake.mean(0)) / math.sqrt(m - 1)
     diff = real.mean(0) - fake.mean(0)
@@ -107,18 +125,29 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100) -> d
     torch-fidelity's definitions; the KID subset size is the smaller set's size (at most 1000).
     Non-finite features give NaN values (never a best epoch), not a linear-algebra error."""
     real64, fake64 = real.double().cpu(), fake.double().cpu()
-    if not (torch.isfinite(real64).all() and torch.isfinite(fake64).all()):   # e.g. a diverged generator
+    if not (
+        torch.isfinite(real64).all() and torch.isfinite(fake64).all()
+    ):  # e.g. a diverged generator
         return {"fid": math.nan, "kid": math.nan, "kid_std": math.nan}
     fid = frechet_distance(real64, fake64)
     size = min(len(real64), len(fake64), 1000)
-    kid = kid_features_to_metric(real64, fake64, kid_subsets=kid_subsets, kid_subset_size=size,
-                                 verbose=False, rng_seed=KID_SEED)
-    return {"fid": float(fid), "kid": float(kid["kernel_inception_distance_mean"]),
-            "kid_std": float(kid["kernel_inception_distance_std"])}
+    kid = kid_features_to_metric(
+        real64,
+        fake64,
+        kid_subsets=kid_subsets,
+        kid_subset_size=size,
+        verbose=False,
+        rng_seed=KID_SEED,
+    )
+    return {
+        "fid": float(fid),
+        "kid": float(kid["kernel_inception_distance_mean"]),
+        "kid_std": float(kid["kernel_inception_distance_std"]),
+    }
 
 
 # --- the Inception features FID/KID are computed on (the weights file: unpaired/weights.py) ------
-MIN_METRIC_IMAGES = 2      # FID needs a covariance, KID pairs of distinct images: >= 2 per side
+MIN_METRIC_IMAGES = 2  # FID needs a covariance, KID pairs of distinct images: >= 2 per side
 
 
 def inception_features(device: torch.device) -> tuple[Features | None, dict[str, str], str]:
@@ -135,12 +164,17 @@ def inception_features(device: torch.device) -> tuple[Features | None, dict[str,
         if verdict.usable and verdict.published:
             try:
                 net = load_inception(path)
-                facts = {"source": f"torch-fidelity {torch_fidelity.__version__}", "file": path.name,
-                         "sha256": verdict.sha256}
+                facts = {
+                    "source": f"torch-fidelity {torch_fidelity.__version__}",
+                    "file": path.name,
+                    "sha256": verdict.sha256,
+                }
                 print(f"FID/KID: torch-fidelity's Inception weights {path}")
             except Exception as err:  # noqa: BLE001 - does not fit: the bundled weights take over
-                warn(f"{path}: does not fit torch-fidelity's InceptionV3 ({type(err).__name__}); using the bundled "
-                     f"Inception weights instead")
+                warn(
+                    f"{path}: does not fit torch-fidelity's InceptionV3 ({type(err).__name__}); using the bundled "
+                    f"Inception weights instead"
+                )
         else:
             warn(f"{verdict.why} Using the bundled Inception weights instead.")
     if net is None:
@@ -148,54 +182,73 @@ def inception_features(device: torch.device) -> tuple[Features | None, dict[str,
             net = inception.bundled_inception()
         except UserError as err:
             warn(str(err))
-            return None, {}, (f"FID/KID skipped: the bundled Inception weights ({inception.PACKAGE} "
-                              f"{inception.VERSION}) are missing or altered (the console says which file) and "
-                              f"torch-fidelity's {path.name} is absent from $TORCH_HOME/hub/checkpoints or unusable; "
-                              f"{inception.REINSTALL}")
+            return (
+                None,
+                {},
+                (
+                    f"FID/KID skipped: the bundled Inception weights ({inception.PACKAGE} "
+                    f"{inception.VERSION}) are missing or altered (the console says which file) and "
+                    f"torch-fidelity's {path.name} is absent from $TORCH_HOME/hub/checkpoints or unusable; "
+                    f"{inception.REINSTALL}"
+                ),
+            )
         facts = inception.bundled_facts()
-        print(f"FID/KID: the bundled Inception weights {inception.bundled_file()} ({inception.PACKAGE} "
-              f"{inception.VERSION})")
+        print(
+            f"FID/KID: the bundled Inception weights {inception.bundled_file()} ({inception.PACKAGE} "
+            f"{inception.VERSION})"
+        )
     net = net.to(device).eval()
 
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([net(images[i:i + 32].to(device))[0].cpu() for i in range(0, len(images), 32)])
+        return torch.cat(
+            [net(images[i : i + 32].to(device))[0].cpu() for i in range(0, len(images), 32)]
+        )
+
     return features, facts, ""
 
 
 # --- evaluate: score every epoch, pick the best, translate the test set -------------------------
 CACHE_VERSION = 3
-TEST_PAGE_ROWS = 50        # images per direction on one page of metrics/test_set/
+TEST_PAGE_ROWS = 50  # images per direction on one page of metrics/test_set/
 METRIC_COLUMNS = ("fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid")
 
 
 @dataclass(frozen=True)
 class EvaluateParams(params.Params):
-    samples: int = 4                 # test images per direction in each epoch's sample grid (the same
-                                     # images every epoch)
-    select: Literal["kid", "fid", "last"] = "kid"   # best epoch by kid or fid (summed over both
-                                     # directions), or last
-    metrics: Literal["auto", "required", "off"] = "auto"   # auto: FID/KID wherever they can run (>= 2
-                                     # test images per domain, usable Inception weights); required:
-                                     # stop where they cannot; off: none
-    kid_subsets: int = 100           # KID subsets (each of up to 1000 test images; torch-fidelity's
-                                     # default is 100)
-    batch_size: int = 16             # images per translation and Inception pass
-    device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
-    threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+    #: test images per direction in each epoch's sample grid (the same images every epoch)
+    samples: int = 4
+    #: best epoch by kid or fid (summed over both directions), or last
+    select: Literal["kid", "fid", "last"] = "kid"
+    #: auto: FID/KID wherever they can run (>= 2 test images per domain, usable Inception weights);
+    #: required: stop where they cannot; off: none
+    metrics: Literal["auto", "required", "off"] = "auto"
+    #: KID subsets (each of up to 1000 test images; torch-fidelity's default is 100)
+    kid_subsets: int = 100
+    batch_size: int = 16  # images per translation and Inception pass
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    threads: int | str = (
+        "auto"  # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+    )
 
     BOUNDS = {
         "samples": params.SAMPLES,
-        "kid_subsets": params.Bound(100_000, "each subset is one kernel over up to 1000 test images; "
-                                             "the usual 100 is enough"),
+        "kid_subsets": params.Bound(
+            100_000,
+            "each subset is one kernel over up to 1000 test images; the usual 100 is enough",
+        ),
         "batch_size": params.Bound(1024, "images per translation and Inception pass"),
         "threads": params.THREADS,
     }
 
     def validate(self, prefix: str) -> None:
         params.check(self.samples >= 1, f"{prefix}.samples", f"must be >= 1, got {self.samples}")
-        params.check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", f"must be >= 1, got {self.kid_subsets}")
-        params.check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        params.check(
+            self.kid_subsets >= 1, f"{prefix}.kid_subsets", f"must be >= 1, got {self.kid_subsets}"
+        )
+        params.check(
+            self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}"
+        )
         threads.check(self.threads, f"{prefix}.threads")
         check_device(self.device, f"{prefix}.device")
 
@@ -209,6 +262,7 @@ def warn(message: str) -> None:
 class EvalImages:
     """The prepared test images: per domain the PNG file names (sorted) and a uint8 N×3×H×W tensor
     (N may be 0)."""
+
     folder: Path
     names_A: list[str]
     A: torch.Tensor
@@ -222,9 +276,17 @@ class EvalImages:
 
     def empty_note(self) -> str:
         """Why some grids and pages are empty ("" when both domains have test images)."""
-        empty = " and ".join(f"{self.folder}/test{d}" for d, t in (("A", self.A), ("B", self.B)) if not len(t))
-        return (f"no test images in {empty}: nothing to translate there; raise prepare.test_fraction (or add "
-                f"images) and run prepare again") if empty else ""
+        empty = " and ".join(
+            f"{self.folder}/test{d}" for d, t in (("A", self.A), ("B", self.B)) if not len(t)
+        )
+        return (
+            (
+                f"no test images in {empty}: nothing to translate there; raise prepare.test_fraction (or add "
+                f"images) and run prepare again"
+            )
+            if empty
+            else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -233,6 +295,7 @@ class MetricsPlan:
     short and a full reason when they are skipped ("" when they run), a note to show when they run,
     and the facts of the Inception weights that score them ({} when skipped). The strings and facts
     go into artifacts: no host path, no error text."""
+
     features: Features | None = None
     test: EvalImages | None = None
     skipped: str = ""
@@ -254,13 +317,17 @@ def plan_metrics(p: EvaluateParams, device: torch.device, test: EvalImages) -> M
     domain, usable Inception weights); warns on stderr when they are skipped. Raises UserError when
     evaluate.metrics is required and they cannot run."""
     if p.metrics == "off":
-        return MetricsPlan(skipped="evaluate.metrics is off", why="FID/KID skipped: evaluate.metrics is off")
+        return MetricsPlan(
+            skipped="evaluate.metrics is off", why="FID/KID skipped: evaluate.metrics is off"
+        )
     n_A, n_B = len(test.A), len(test.B)
     if min(n_A, n_B) < MIN_METRIC_IMAGES:
         short = f"fewer than {MIN_METRIC_IMAGES} test images in a domain"
-        why = (f"FID/KID skipped: they need at least {MIN_METRIC_IMAGES} test images per domain, and "
-               f"{test.folder}/testA has {n_A}, {test.folder}/testB has {n_B}; raise prepare.test_fraction or "
-               f"add images")
+        why = (
+            f"FID/KID skipped: they need at least {MIN_METRIC_IMAGES} test images per domain, and "
+            f"{test.folder}/testA has {n_A}, {test.folder}/testB has {n_B}; raise prepare.test_fraction or "
+            f"add images"
+        )
     else:
         short = "no usable Inception weights"
         features, weights, why = inception_features(device)
@@ -274,8 +341,9 @@ def plan_metrics(p: EvaluateParams, device: torch.device, test: EvalImages) -> M
     return MetricsPlan(skipped=short, why=why)
 
 
-def score_checkpoint(path: Path, p: EvaluateParams, device: torch.device, test: EvalImages, plan: MetricsPlan
-                     ) -> tuple[dict[str, float], bytes | None]:
+def score_checkpoint(
+    path: Path, p: EvaluateParams, device: torch.device, test: EvalImages, plan: MetricsPlan
+) -> tuple[dict[str, float], bytes | None]:
     """One checkpoint: its FID/KID row (METRIC_COLUMNS; {} without metrics) and its sample grid as
     PNG bytes (the first evaluate.samples test images per direction; None without test images)."""
     G_A, G_B, _ = checkpoint.load_generators(path, device)
@@ -292,8 +360,14 @@ def score_checkpoint(path: Path, p: EvaluateParams, device: torch.device, test: 
         real_A, real_B = plan.real("A"), plan.real("B")
         ab = fid_kid(real_B, plan.features(fake_B), p.kid_subsets)
         ba = fid_kid(real_A, plan.features(fake_A), p.kid_subsets)
-        row = {"fid_AtoB": ab["fid"], "fid_BtoA": ba["fid"], "kid_AtoB": ab["kid"], "kid_BtoA": ba["kid"],
-               "fid": ab["fid"] + ba["fid"], "kid": ab["kid"] + ba["kid"]}
+        row = {
+            "fid_AtoB": ab["fid"],
+            "fid_BtoA": ba["fid"],
+            "kid_AtoB": ab["kid"],
+            "kid_BtoA": ba["kid"],
+            "fid": ab["fid"] + ba["fid"],
+            "kid": ab["kid"] + ba["kid"],
+        }
     return row, png
 
 
@@ -302,6 +376,7 @@ class Scores:
     """Every epoch's score: `rows` ({"epoch": N, **METRIC_COLUMNS} in epoch order), `grids` (epoch →
     its grid PNG in the cache; epochs without one are absent), `checkpoints` (epoch → file),
     `digests` (epoch → the file's sha256) and `settings` (the cache key's other half)."""
+
     rows: list[dict[str, Any]]
     grids: dict[int, Path]
     checkpoints: dict[int, Path]
@@ -335,21 +410,39 @@ def compute_facts(device: torch.device) -> dict[str, Any]:
     """What changes the numbers a device computes, for the cache key (scores from different devices
     are never mixed): the device type, the torch version, and whether CUDA matmuls / cuDNN
     convolutions may use TF32."""
-    return {"device": device.type, "torch": torch.__version__,
-            "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]}
+    return {
+        "device": device.type,
+        "torch": torch.__version__,
+        "tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32],
+    }
 
 
-def score_epochs(ckpts: dict[int, Path], cache: Path, p: EvaluateParams, device: torch.device, test: EvalImages,
-                 plan: MetricsPlan) -> Scores:
+def score_epochs(
+    ckpts: dict[int, Path],
+    cache: Path,
+    p: EvaluateParams,
+    device: torch.device,
+    test: EvalImages,
+    plan: MetricsPlan,
+) -> Scores:
     """Score every epoch checkpoint of `ckpts` (epoch_checkpoints), each read from `cache` when the
     same checkpoint (by sha256) was scored on the same test images with the same settings, and stored
     there otherwise. Raises UserError for a damaged or diverged checkpoint."""
-    settings = json.dumps({"v": CACHE_VERSION, "samples": p.samples, "kid_subsets": p.kid_subsets,
-                           "metrics": plan.features is not None, "A": test.names_A, "B": test.names_B,
-                           "weights": plan.weights.get("sha256", ""), **compute_facts(device)},
-                          sort_keys=True)
+    settings = json.dumps(
+        {
+            "v": CACHE_VERSION,
+            "samples": p.samples,
+            "kid_subsets": p.kid_subsets,
+            "metrics": plan.features is not None,
+            "A": test.names_A,
+            "B": test.names_B,
+            "weights": plan.weights.get("sha256", ""),
+            **compute_facts(device),
+        },
+        sort_keys=True,
+    )
     make_dirs(cache)
-    remove_stale_temporaries(cache)          # what a killed run left
+    remove_stale_temporaries(cache)  # what a killed run left
     scores = Scores([], {}, ckpts, {}, settings)
     for epoch, path in ckpts.items():
         scores.digests[epoch] = sha256_of(path)
@@ -362,10 +455,13 @@ def score_epochs(ckpts: dict[int, Path], cache: Path, p: EvaluateParams, device:
         else:
             row, png = score_checkpoint(path, p, device, test, plan)
             has_grid = png is not None
-            if has_grid:    # the grid first, then the entry that says the grid is there
+            if has_grid:  # the grid first, then the entry that says the grid is there
                 atomic_write_bytes(grid_file, png)
             atomic_write_json(entry, {"row": row, "grid": has_grid})
-            print(f"epoch {epoch:03d}: " + (", ".join(f"{k} {v:.4g}" for k, v in row.items()) or "grid only"))
+            print(
+                f"epoch {epoch:03d}: "
+                + (", ".join(f"{k} {v:.4g}" for k, v in row.items()) or "grid only")
+            )
         scores.rows.append({"epoch": epoch, **row})
         if has_grid:
             scores.grids[epoch] = grid_file
@@ -384,19 +480,31 @@ def select_best(rows: list[dict[str, Any]], select: str, skipped: str) -> dict[s
     `skipped`: why FID/KID were not computed ("" when they were)."""
     last = rows[-1]["epoch"]
     if select == "last":
-        return {"epoch": last, "selected_by": "last", "fallback": False,
-                "reason": "the last epoch (evaluate.select is last)"}
+        return {
+            "epoch": last,
+            "selected_by": "last",
+            "fallback": False,
+            "reason": "the last epoch (evaluate.select is last)",
+        }
     name = select.upper()
     if skipped:
-        return {"epoch": last, "selected_by": "last", "fallback": True,
-                "reason": f"the LAST epoch, not the lowest {name} that evaluate.select asks for: FID/KID were "
-                          f"skipped ({skipped})"}
+        return {
+            "epoch": last,
+            "selected_by": "last",
+            "fallback": True,
+            "reason": f"the LAST epoch, not the lowest {name} that evaluate.select asks for: FID/KID were "
+            f"skipped ({skipped})",
+        }
     good = [r for r in rows if finite(r.get(select))]
     bad = [r["epoch"] for r in rows if not finite(r.get(select))]
     if not good:
-        return {"epoch": last, "selected_by": "last", "fallback": True,
-                "reason": f"the LAST epoch, not the lowest {name} that evaluate.select asks for: every epoch's "
-                          f"{name} is NaN or infinite"}
+        return {
+            "epoch": last,
+            "selected_by": "last",
+            "fallback": True,
+            "reason": f"the LAST epoch, not the lowest {name} that evaluate.select asks for: every epoch's "
+            f"{name} is NaN or infinite",
+        }
     best = min(good, key=lambda r: (r[select], r["epoch"]))["epoch"]
     reason = f"lowest {name} summed over both directions"
     if bad:
@@ -404,37 +512,52 @@ def select_best(rows: list[dict[str, Any]], select: str, skipped: str) -> dict[s
     return {"epoch": best, "selected_by": select, "fallback": False, "reason": reason}
 
 
-def translated_test_set(cache: Path, scores: Scores, epoch: int, p: EvaluateParams, device: torch.device,
-                        test: EvalImages) -> Path:
+def translated_test_set(
+    cache: Path,
+    scores: Scores,
+    epoch: int,
+    p: EvaluateParams,
+    device: torch.device,
+    test: EvalImages,
+) -> Path:
     """The folder in `cache` holding the test-set pages of `epoch`'s checkpoint (write_test_set),
     built once per (checkpoint, test images, settings, TEST_PAGE_ROWS); the pages of any other
     checkpoint are removed from the cache."""
-    key = hashlib.sha256((scores.digests[epoch] + scores.settings + f"pages{TEST_PAGE_ROWS}").encode())
+    key = hashlib.sha256(
+        (scores.digests[epoch] + scores.settings + f"pages{TEST_PAGE_ROWS}").encode()
+    )
     built = cache / f"test_set-{key.hexdigest()[:32]}"
     if not built.is_dir():
         write_test_set(built, scores.checkpoints[epoch], epoch, p, device, test)
-    for old in cache.glob("test_set-*"):       # only the current best's page is kept
+    for old in cache.glob("test_set-*"):  # only the current best's page is kept
         if old != built:
             shutil.rmtree(old, ignore_errors=True)
     return built
 
 
-def write_test_set(folder: Path, ckpt: Path, epoch: int, p: EvaluateParams, device: torch.device,
-                   test: EvalImages) -> None:
+def write_test_set(
+    folder: Path, ckpt: Path, epoch: int, p: EvaluateParams, device: torch.device, test: EvalImages
+) -> None:
     """`folder`/index.html (+ page_NNN.html): every test image with its translation and
     reconstruction by `ckpt`'s generators, both directions, TEST_PAGE_ROWS rows per direction per
     page, each image a link to its full-size PNG under `folder`/{AtoB,BtoA}/{real,fake,rec}/."""
     G_A, G_B, _ = checkpoint.load_generators(ckpt, device)
     directions = {}
     with atomic_dir(folder) as tmp:
-        for label, names, real, forward, back in (("AtoB", test.names_A, test.A, G_A, G_B),
-                                                  ("BtoA", test.names_B, test.B, G_B, G_A)):
+        for label, names, real, forward, back in (
+            ("AtoB", test.names_A, test.A, G_A, G_B),
+            ("BtoA", test.names_B, test.B, G_B, G_A),
+        ):
             fake = translate(forward, real, p.batch_size, device)
-            images = dict(zip(TEST_SET_KINDS, (real, fake, translate(back, fake, p.batch_size, device))))
+            images = dict(
+                zip(TEST_SET_KINDS, (real, fake, translate(back, fake, p.batch_size, device)))
+            )
             for kind, batch in images.items():
                 (tmp / label / kind).mkdir(parents=True)
                 for name, img in zip(names, batch):
-                    (tmp / label / kind / name).write_bytes(png_bytes(Image.fromarray(img.permute(1, 2, 0).numpy())))
+                    (tmp / label / kind / name).write_bytes(
+                        png_bytes(Image.fromarray(img.permute(1, 2, 0).numpy()))
+                    )
             directions[label] = names
         for name, page in pages_for_test_set(epoch, ckpt, directions, TEST_PAGE_ROWS).items():
             (tmp / name).write_text(page)

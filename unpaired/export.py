@@ -5,6 +5,7 @@
 The exported graph pads and crops as `unpaired translate` does (unpaired/translate.py's
 pad_crop_forward, traced), so it takes any H, W >= MIN_SIDE. The argument parsing is unpaired/cli.py's.
 """
+
 # torch is imported inside the function, so that `unpaired --help` answers at once.
 from __future__ import annotations
 
@@ -47,18 +48,42 @@ def export_onnx(checkpoint_path: str, out: str, direction: str = "AtoB", opset: 
         # stats computes in eval mode too; the tracer sees the size checks of instance norm and pad
         # (not branches: the graph works for every H, W, tests/test_cli.py compares sizes 30×42 and
         # more with PyTorch); Slice ops with a step are not constant-folded.
-        warnings.filterwarnings("ignore", r"You are using the legacy TorchScript-based ONNX export",
-                                DeprecationWarning)
-        warnings.filterwarnings("ignore", r"The feature will be removed\. Please remove usage of this function",
-                                DeprecationWarning, r"torch\.onnx")
-        warnings.filterwarnings("ignore", r"ONNX export mode is set to TrainingMode\.EVAL, but operator "
-                                r"'instance_norm' is set to train=True", UserWarning)
-        warnings.filterwarnings("ignore", r"Converting a tensor to a Python boolean might cause the trace",
-                                torch.jit.TracerWarning, r"torch\.nn\.")
-        warnings.filterwarnings("ignore", r"Constant folding - Only steps=1 can be constant folded", UserWarning)
-        torch.onnx.export(PadCrop(net).eval(), (torch.zeros(1, 3, 64, 64),), buf, input_names=["image"],
-                          output_names=["translated"], opset_version=opset,
-                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                        "translated": {0: "batch", 2: "height", 3: "width"}}, dynamo=False)
+        warnings.filterwarnings(
+            "ignore", r"You are using the legacy TorchScript-based ONNX export", DeprecationWarning
+        )
+        warnings.filterwarnings(
+            "ignore",
+            r"The feature will be removed\. Please remove usage of this function",
+            DeprecationWarning,
+            r"torch\.onnx",
+        )
+        warnings.filterwarnings(
+            "ignore",
+            r"ONNX export mode is set to TrainingMode\.EVAL, but operator "
+            r"'instance_norm' is set to train=True",
+            UserWarning,
+        )
+        warnings.filterwarnings(
+            "ignore",
+            r"Converting a tensor to a Python boolean might cause the trace",
+            torch.jit.TracerWarning,
+            r"torch\.nn\.",
+        )
+        warnings.filterwarnings(
+            "ignore", r"Constant folding - Only steps=1 can be constant folded", UserWarning
+        )
+        torch.onnx.export(
+            PadCrop(net).eval(),
+            (torch.zeros(1, 3, 64, 64),),
+            buf,
+            input_names=["image"],
+            output_names=["translated"],
+            opset_version=opset,
+            dynamic_axes={
+                "image": {0: "batch", 2: "height", 3: "width"},
+                "translated": {0: "batch", 2: "height", 3: "width"},
+            },
+            dynamo=False,
+        )
     atomic_write_bytes(path, buf.getvalue())
     return path

@@ -7,6 +7,7 @@ a name too long for that keeps its start and a hash of the whole, see `temp_name
 `remove_stale_temporaries` on its output folders first, which removes those whose writer is dead. A full
 disk (or quota, or `ulimit -f`) becomes one `UserError` line naming the file and the space needed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,6 +31,7 @@ from unpaired.errors import NO_SPACE, UserError, no_space_error
 
 # --- modes, temporaries, disk space ----------------------------------------------------------------
 
+
 def current_umask() -> int:
     """The process umask, read without changing it where Linux allows (/proc), else set and reset."""
     with contextlib.suppress(OSError, ValueError, StopIteration):
@@ -51,10 +53,15 @@ def creating(path: str | Path) -> Iterator[None]:
     except OSError as err:
         if err.errno in NO_SPACE:
             raise no_space_error(err.filename or path, err) from None
-        where = Path(err.filename) if err.filename else None   # named when a folder above failed
-        failed = (f" ({where}: {err.strerror})" if where is not None and where in Path(path).parents
-                  else f" ({err.strerror or type(err).__name__})")
-        raise UserError(f"{path}: cannot write here{failed}; choose another place or make it writable") from None
+        where = Path(err.filename) if err.filename else None  # named when a folder above failed
+        failed = (
+            f" ({where}: {err.strerror})"
+            if where is not None and where in Path(path).parents
+            else f" ({err.strerror or type(err).__name__})"
+        )
+        raise UserError(
+            f"{path}: cannot write here{failed}; choose another place or make it writable"
+        ) from None
 
 
 def make_dirs(path: str | Path) -> Path:
@@ -63,7 +70,7 @@ def make_dirs(path: str | Path) -> Path:
     path = Path(path)
     with creating(path):
         path.mkdir(parents=True, exist_ok=True)
-        if not path.is_dir():   # mkdir -p through a symlink to a file, or a race
+        if not path.is_dir():  # mkdir -p through a symlink to a file, or a race
             raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path))
     return path
 
@@ -93,8 +100,10 @@ def temp_name(path: Path, tag: str, suffix: str = "") -> str:
     name = path.name
     if len(os.fsencode(name)) > room:
         mark = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
-        keep = os.fsencode(name)[:max(0, room - len(mark))].decode(sys.getfilesystemencoding(), "ignore")
-        name = keep.rstrip() + mark        # decode("ignore") drops a character cut in the middle
+        keep = os.fsencode(name)[: max(0, room - len(mark))].decode(
+            sys.getfilesystemencoding(), "ignore"
+        )
+        name = keep.rstrip() + mark  # decode("ignore") drops a character cut in the middle
     return f".{name}{tail}"
 
 
@@ -153,7 +162,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:        # another user's process
+    except PermissionError:  # another user's process
         return True
     except OverflowError:
         return False
@@ -246,8 +255,9 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def write_manifest(path: str | Path, rows: list[dict[str, Any]] | list[tuple[Any, ...]],
-                   columns: list[str]) -> None:
+def write_manifest(
+    path: str | Path, rows: list[dict[str, Any]] | list[tuple[Any, ...]], columns: list[str]
+) -> None:
     """A CSV with a fixed column order, sorted by the first column, byte-stable across runs. `rows`:
     dicts keyed by `columns`, or tuples in their order (a 7-field tuple takes 96 bytes, a dict 360)."""
     frame = pd.DataFrame(rows, columns=columns)
@@ -261,8 +271,9 @@ def tree(folder: str | Path) -> Iterator[tuple[str, bool]]:
     `sorted(Path(folder).rglob("*"))` (a directory before its content, names compared part by part),
     entering directories but not symlinks to them, as rglob does. Holds one directory's sorted names
     at a time (about 80 bytes each), never the whole tree. Raises OSError if `folder` is unreadable."""
+
     def walk(path: str, prefix: str) -> Iterator[tuple[str, bool]]:
-        dirs: dict[str, bool] = {}      # directory (or link to one) -> enter it (not a link)
+        dirs: dict[str, bool] = {}  # directory (or link to one) -> enter it (not a link)
         names: list[str] = []
         with os.scandir(path) as it:
             for e in it:
@@ -274,6 +285,7 @@ def tree(folder: str | Path) -> Iterator[tuple[str, bool]]:
             yield prefix + name, name in dirs
             if dirs.get(name):
                 yield from walk(os.path.join(path, name), f"{prefix}{name}/")
+
     yield from walk(os.fspath(folder), "")
 
 
@@ -284,8 +296,8 @@ def tree(folder: str | Path) -> Iterator[tuple[str, bool]]:
 # view of it: written by prepare, rebuilt from the tar whenever it is missing or out of date
 # (train, evaluate and `unpaired unpack` call unpack_view), never tracked itself.
 
-VIEW_MARK = ".packed-from"   # inside the view: the sha256 of the tar it was unpacked from
-SUMS = "SHA256SUMS"          # the tar's last member: `<sha256>  <name>` of every file before it
+VIEW_MARK = ".packed-from"  # inside the view: the sha256 of the tar it was unpacked from
+SUMS = "SHA256SUMS"  # the tar's last member: `<sha256>  <name>` of every file before it
 
 
 def pack_dir(folder: str | Path, tar_path: str | Path) -> str:
@@ -299,19 +311,28 @@ def pack_dir(folder: str | Path, tar_path: str | Path) -> str:
     folder, tar_path = Path(folder), Path(tar_path)
     make_dirs(tar_path.parent)
     skip = (VIEW_MARK, SUMS)
-    needed = sum((folder / rel).stat().st_size + 1024 for rel, _ in tree(folder)
-                 if rel.rpartition("/")[2] not in skip and (folder / rel).is_file()) + 10240
+    needed = (
+        sum(
+            (folder / rel).stat().st_size + 1024
+            for rel, _ in tree(folder)
+            if rel.rpartition("/")[2] not in skip and (folder / rel).is_file()
+        )
+        + 10240
+    )
     fd, tmp = temp_file(tar_path)
     with space_guard(tar_path, needed), _removed_on_error(tmp):
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar, \
-                tempfile.TemporaryFile(dir=tar_path.parent) as sums:
+        with (
+            os.fdopen(fd, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar,
+            tempfile.TemporaryFile(dir=tar_path.parent) as sums,
+        ):
             for rel, is_dir in tree(folder):
                 path = folder / rel
                 if path.name in skip:
                     continue
                 info = tarfile.TarInfo(rel)
                 info.mtime = 0
-                if is_dir:    # kept, so that an empty split folder survives the round trip
+                if is_dir:  # kept, so that an empty split folder survives the round trip
                     info.type, info.mode = tarfile.DIRTYPE, 0o755
                     tar.addfile(info)
                 else:
@@ -319,7 +340,7 @@ def pack_dir(folder: str | Path, tar_path: str | Path) -> str:
                     info.size, info.mode = len(data), 0o644
                     tar.addfile(info, io.BytesIO(data))
                     sums.write(f"{hashlib.sha256(data).hexdigest()}  {info.name}\n".encode())
-                tar.members.clear()     # addfile keeps a copy of every TarInfo (~500 bytes), needed only to read
+                tar.members.clear()  # addfile keeps a copy of every TarInfo (~500 bytes), needed only to read
             info = tarfile.TarInfo(SUMS)
             info.mtime, info.size, info.mode = 0, sums.tell(), 0o644
             sums.seek(0)
@@ -336,7 +357,8 @@ def unpack_view(tar_path: str | Path, folder: str | Path) -> bool:
     on stderr saying why and where data is changed instead). Atomic; members that would escape the folder are refused. The tar is read to its
     real end and every file is checked against its SHA256SUMS: a damaged tar is refused with one
     `UserError` line and the previous view is left as it was. True if it unpacked."""
-    from unpaired.safe_archive import CorruptArchive, members   # safe reading, shared with sources
+    from unpaired.safe_archive import CorruptArchive, members  # safe reading, shared with sources
+
     tar_path, folder = Path(tar_path), Path(folder)
     digest = sha256_of(tar_path)
     mark = folder / VIEW_MARK
@@ -345,19 +367,27 @@ def unpack_view(tar_path: str | Path, folder: str | Path) -> bool:
         if drift is None:
             return False
         import sys
-        print(f"note: {folder}/ differs from {tar_path} ({drift}); unpacking it again. The view is "
-              f"rebuilt from the tar, so an edit there is not part of the data version (dvc.lock "
-              f"records the tar): to change the data, edit the raw images (data/raw/<domain>, or the "
-              f"folder a `folder` source reads) and re-run prepare (`make repro`)", file=sys.stderr)
-    restore = (f"restore it with `uv run dvc checkout {tar_path}` (or `uv run dvc pull`), or rebuild it "
-               f"with `uv run dvc repro -f prepare`")
+
+        print(
+            f"note: {folder}/ differs from {tar_path} ({drift}); unpacking it again. The view is "
+            f"rebuilt from the tar, so an edit there is not part of the data version (dvc.lock "
+            f"records the tar): to change the data, edit the raw images (data/raw/<domain>, or the "
+            f"folder a `folder` source reads) and re-run prepare (`make repro`)",
+            file=sys.stderr,
+        )
+    restore = (
+        f"restore it with `uv run dvc checkout {tar_path}` (or `uv run dvc pull`), or rebuild it "
+        f"with `uv run dvc repro -f prepare`"
+    )
     with atomic_dir(folder) as tmp:
         try:
             with tarfile.open(tar_path) as tar:
                 dirs = [info.name for info in tar.getmembers() if info.isdir()]
             files: dict[str, str] = {}
             listing = None
-            for name, data in members(tar_path, str(tar_path)):   # checks every name before any is used
+            for name, data in members(
+                tar_path, str(tar_path)
+            ):  # checks every name before any is used
                 if name.as_posix() == SUMS:
                     listing = data.decode("utf-8", "replace")
                     continue
@@ -365,16 +395,27 @@ def unpack_view(tar_path: str | Path, folder: str | Path) -> bool:
                 (tmp / name).write_bytes(data)
                 files[name.as_posix()] = hashlib.sha256(data).hexdigest()
         except CorruptArchive as err:
-            raise UserError(f"{tar_path}: damaged, cannot be unpacked ({err.detail}); {restore}") from None
+            raise UserError(
+                f"{tar_path}: damaged, cannot be unpacked ({err.detail}); {restore}"
+            ) from None
         except tarfile.TarError as err:
-            raise UserError(f"{tar_path}: damaged, cannot be unpacked ({type(err).__name__}: {err}); "
-                            f"{restore}") from None
-        if listing is not None:   # tars packed before SHA256SUMS existed have only the tar's own checks
-            expected = dict(reversed(line.split("  ", 1)) for line in listing.splitlines() if "  " in line)
-            bad = sorted(n for n in expected.keys() | files.keys() if expected.get(n) != files.get(n))
+            raise UserError(
+                f"{tar_path}: damaged, cannot be unpacked ({type(err).__name__}: {err}); {restore}"
+            ) from None
+        if (
+            listing is not None
+        ):  # tars packed before SHA256SUMS existed have only the tar's own checks
+            expected = dict(
+                reversed(line.split("  ", 1)) for line in listing.splitlines() if "  " in line
+            )
+            bad = sorted(
+                n for n in expected.keys() | files.keys() if expected.get(n) != files.get(n)
+            )
             if bad:
-                raise UserError(f"{tar_path}: damaged: {len(bad)} file(s) do not match its SHA256SUMS "
-                                f"(first: {bad[0]}); {restore}")
+                raise UserError(
+                    f"{tar_path}: damaged: {len(bad)} file(s) do not match its SHA256SUMS "
+                    f"(first: {bad[0]}); {restore}"
+                )
         for name in dirs:
             (tmp / name).mkdir(parents=True, exist_ok=True)
         (tmp / VIEW_MARK).write_text(digest + "\n")
@@ -388,12 +429,12 @@ def view_drift(tar_path: str | Path, folder: str | Path) -> str | None:
     Cheap: the tar's index (headers only, the data is skipped) against one stat per file of the view;
     no file is read. The phrase names the first difference and how many there are."""
     tar_path, folder = Path(tar_path), Path(folder)
-    expected: dict[str, int | None] = {}             # relative name -> size (None: a folder)
+    expected: dict[str, int | None] = {}  # relative name -> size (None: a folder)
     with tarfile.open(tar_path) as tar:
         for info in tar:
             if info.name != SUMS:
                 expected[info.name.rstrip("/")] = None if info.isdir() else info.size
-            tar.members.clear()                        # the index only: one TarInfo at a time
+            tar.members.clear()  # the index only: one TarInfo at a time
     marked = (folder / VIEW_MARK).stat().st_mtime_ns
     differ: list[str] = []
     seen = set()
@@ -429,22 +470,30 @@ def view_is_stale(tar_path: str | Path, folder: str | Path) -> bool:
     return view_drift(tar_path, folder) is not None
 
 
-def refresh_view_for(inputs: Iterable[str | Path], tar_path: str | Path, folder: str | Path) -> bool:
+def refresh_view_for(
+    inputs: Iterable[str | Path], tar_path: str | Path, folder: str | Path
+) -> bool:
     """For readers given paths by a user (`unpaired translate data/prepared/testA`): if any input is
     inside the view `folder` and the view was unpacked from another tar than `tar_path` is now (a
     `git checkout` + `dvc checkout` changed the tar, not its view) or was edited by hand, unpack it
     again and say so on stderr. True if it did."""
     import sys
+
     root = os.path.abspath(folder)
-    if not any(os.path.abspath(str(i)) == root or os.path.abspath(str(i)).startswith(root + os.sep)
-               for i in inputs):
+    if not any(
+        os.path.abspath(str(i)) == root or os.path.abspath(str(i)).startswith(root + os.sep)
+        for i in inputs
+    ):
         return False
     if not view_is_stale(tar_path, folder):
         return False
     mark = Path(folder) / VIEW_MARK
-    if not mark.is_file() or mark.read_text().strip() != sha256_of(tar_path):   # (an edit: unpack_view says so)
-        print(f"note: {folder}/ is not the view of {tar_path} as it is now (after a `dvc checkout`?); "
-              f"unpacking it again (what `uv run unpaired unpack` does)", file=sys.stderr)
+    if not mark.is_file() or mark.read_text().strip() != sha256_of(
+        tar_path
+    ):  # (an edit: unpack_view says so)
+        print(
+            f"note: {folder}/ is not the view of {tar_path} as it is now (after a `dvc checkout`?); "
+            f"unpacking it again (what `uv run unpaired unpack` does)",
+            file=sys.stderr,
+        )
     return unpack_view(tar_path, folder)
-
-

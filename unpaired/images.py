@@ -6,6 +6,7 @@ orientation applied; transparency composited on white; 16-bit scaled (not clippe
 grayscale and palette images made RGB; large JPEGs decoded at reduced scale; a decompression-bomb
 guard; and a classification of every failure into a skip reason.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,16 @@ from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 RESAMPLE = Image.Resampling.LANCZOS
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-SKIP_REASONS = ("empty", "not_image", "truncated", "unreadable", "too_large", "too_small", "duplicate",
-                "error")
+SKIP_REASONS = (
+    "empty",
+    "not_image",
+    "truncated",
+    "unreadable",
+    "too_large",
+    "too_small",
+    "duplicate",
+    "error",
+)
 # The decompression-bomb guard: at most this many pixels are decoded (3 bytes each, so about 300 MB).
 # It is Pillow's own warning threshold (Image.MAX_IMAGE_PIXELS's default); files that claim more than
 # twice that are refused by Pillow when opened. A larger JPEG is decoded at 1/2, 1/4 or 1/8 scale
@@ -27,9 +36,15 @@ MAX_PIXELS = 89_478_485
 # EXIF orientation → the transposition that makes the image upright (the EXIF 2.3 table, as
 # ImageOps.exif_transpose applies it; that function also rewrites the EXIF block into the result and
 # fails on malformed tags we do not need, so the lookup is done here).
-ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class Skip(Exception):
@@ -63,13 +78,18 @@ def _to_8bit(img: Image.Image, name: str = "") -> Image.Image:
         elif not (img.mode == "F" and 0 <= low and high <= 255):
             kind = "32-bit integer" if img.mode == "I" else "floating-point"
             shown = f"{low:,.0f} to {high:,.0f}" if img.mode == "I" else f"{low:g} to {high:g}"
-            raise Skip("unreadable", f"{name}: {kind} samples from {shown}, outside the 8-bit, 16-bit "
-                                     f"and 0-1 ranges, so no value is known to be white; save it as an "
-                                     f"8- or 16-bit image")
+            raise Skip(
+                "unreadable",
+                f"{name}: {kind} samples from {shown}, outside the 8-bit, 16-bit "
+                f"and 0-1 ranges, so no value is known to be white; save it as an "
+                f"8- or 16-bit image",
+            )
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255), name: str = "") -> Image.Image:
+def to_rgb(
+    img: Image.Image, background: tuple[int, int, int] = (255, 255, 255), name: str = ""
+) -> Image.Image:
     """Any Pillow image → 8-bit RGB; transparent pixels composited on `background`. Raises Skip
     (naming `name`) for integer or float samples with no known range (see `_to_8bit`)."""
     if img.mode in ("P", "PA"):
@@ -87,8 +107,16 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255),
 
 def _failure(err: BaseException, name: str) -> Skip:
     text = str(err).lower()
-    cut = isinstance(err, EOFError) or any(w in text for w in (
-        "truncated", "broken data stream", "unexpected end", "incomplete", "buffer is not large"))
+    cut = isinstance(err, EOFError) or any(
+        w in text
+        for w in (
+            "truncated",
+            "broken data stream",
+            "unexpected end",
+            "incomplete",
+            "buffer is not large",
+        )
+    )
     return Skip("truncated" if cut else "unreadable", f"{name}: {err}")
 
 
@@ -101,7 +129,9 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def decode_scaled(data: bytes, name: str = "", min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def decode_scaled(
+    data: bytes, name: str = "", min_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """File bytes → (upright 8-bit RGB image, its full upright (width, height)). A JPEG of more than
     MAX_PIXELS is decoded at the smallest of 1/2, 1/4, 1/8 scale whose sides are still >= `min_side`
     (None: full size only). Raises Skip: `too_large` above MAX_PIXELS decoded (or Pillow's hard
@@ -126,8 +156,11 @@ def decode_scaled(data: bytes, name: str = "", min_side: int | None = None) -> t
             if full[0] * full[1] > MAX_PIXELS and min_side is not None and img.format == "JPEG":
                 img.draft(img.mode, (min_side, min_side))
             if img.size[0] * img.size[1] > MAX_PIXELS:
-                raise Skip("too_large", f"{name}: {full[0]}x{full[1]} pixels, more than the "
-                                        f"{MAX_PIXELS:,} decoded at most")
+                raise Skip(
+                    "too_large",
+                    f"{name}: {full[0]}x{full[1]} pixels, more than the "
+                    f"{MAX_PIXELS:,} decoded at most",
+                )
             img.load()
         except Image.DecompressionBombError as err:
             raise Skip("too_large", f"{name}: {err}") from None
@@ -136,8 +169,12 @@ def decode_scaled(data: bytes, name: str = "", min_side: int | None = None) -> t
         method = ORIENTATION.get(_orientation(img))
     if method is not None:
         img = img.transpose(method)
-        if method in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
-                      Image.Transpose.ROTATE_270):
+        if method in (
+            Image.Transpose.TRANSPOSE,
+            Image.Transpose.TRANSVERSE,
+            Image.Transpose.ROTATE_90,
+            Image.Transpose.ROTATE_270,
+        ):
             full = (full[1], full[0])
     return to_rgb(img, name=name), full
 
@@ -180,4 +217,5 @@ def read_uint8(path: str | Path):
     """A file as a uint8 tensor 3×H×W (RGB). (torchvision.io's decoders are deprecated since 0.29,
     so decoding goes through Pillow, which we need anyway for the formats it covers.)"""
     import torch
+
     return torch.from_numpy(np.array(read_rgb(path), dtype=np.uint8)).permute(2, 0, 1).contiguous()

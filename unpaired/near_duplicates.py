@@ -18,6 +18,7 @@ multi-index hashing) does not pay at this threshold: 72 of 256 bits allows pigeo
 bits, whose buckets each hold an eighth of the data set, and a BK-tree visits most nodes at a radius
 of over a quarter of the bits.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,12 +30,14 @@ from PIL import Image
 
 from unpaired.threads import cpu_count
 
-HASH_SIZE = 16   # imagehash's hash_size: HASH_SIZE² = 256 bits
+HASH_SIZE = 16  # imagehash's hash_size: HASH_SIZE² = 256 bits
 BITS = HASH_SIZE * HASH_SIZE
 WORDS = BITS // 64
-BLOCK = 128             # rows per vectorised block, at most,
-BLOCK_BYTES = 4 << 20   # and fewer past n = 4,096 hashes: a block's XOR (rows × n × 8 bytes) stays <= 4 MiB and
-                        # all its temporaries (+ popcount, sums, masks: 13 bytes a pair) <= 7 MiB at any n
+BLOCK = 128  # rows per vectorised block, at most,
+BLOCK_BYTES = (
+    4 << 20
+)  # and fewer past n = 4,096 hashes: a block's XOR (rows × n × 8 bytes) stays <= 4 MiB and
+# all its temporaries (+ popcount, sums, masks: 13 bytes a pair) <= 7 MiB at any n
 
 
 def phash(img: Image.Image) -> int:
@@ -49,8 +52,12 @@ def _array(hashes: Sequence[int]) -> np.ndarray:
     return np.frombuffer(data, dtype="<u8").astype(np.uint64).reshape(len(hashes), WORDS)
 
 
-def close_pairs(hashes: Sequence[int], max_distance: int, others: Sequence[int] | None = None,
-                workers: int | None = None) -> list[tuple[int, int]]:
+def close_pairs(
+    hashes: Sequence[int],
+    max_distance: int,
+    others: Sequence[int] | None = None,
+    workers: int | None = None,
+) -> list[tuple[int, int]]:
     """Index pairs (i, j) whose hashes differ in at most `max_distance` bits (0 disables: []).
 
     Without `others`: pairs within `hashes`, i < j. With `others`: pairs (i in hashes, j in others).
@@ -63,15 +70,17 @@ def close_pairs(hashes: Sequence[int], max_distance: int, others: Sequence[int] 
     rows_per_block = max(1, min(BLOCK, BLOCK_BYTES // (8 * len(o))))
 
     def block_pairs(start: int) -> list[tuple[int, int]]:
-        block = h[start:start + rows_per_block]
+        block = h[start : start + rows_per_block]
         first = start if others is None else 0
         cols_o = o[first:]
         distance = np.zeros((len(block), len(cols_o)), dtype=np.uint16)
         for w in range(WORDS):
             distance += np.bitwise_count(block[:, w, None] ^ cols_o[None, :, w])
         close = distance <= max_distance
-        if others is None:      # only j > i inside the block's own square
-            close &= np.arange(first, len(o))[None, :] > np.arange(start, start + len(block))[:, None]
+        if others is None:  # only j > i inside the block's own square
+            close &= (
+                np.arange(first, len(o))[None, :] > np.arange(start, start + len(block))[:, None]
+            )
         rows, cols = np.nonzero(close)
         return list(zip((rows + start).tolist(), (cols + first).tolist()))
 
@@ -100,8 +109,13 @@ def clusters(hashes: Sequence[int], max_distance: int, workers: int | None = Non
     return [root(i) for i in range(len(hashes))]
 
 
-def keepers(hashes: Sequence[int], pixels: Sequence[int], sha256: Sequence[str],
-            max_distance: int, workers: int | None = None) -> list[int]:
+def keepers(
+    hashes: Sequence[int],
+    pixels: Sequence[int],
+    sha256: Sequence[str],
+    max_distance: int,
+    workers: int | None = None,
+) -> list[int]:
     """For each image, the index of the image kept for its cluster: the largest (`pixels`, width ×
     height of the raw image), ties broken by the smaller SHA-256 hex, so the choice does not depend
     on file order. An image kept for itself maps to its own index."""

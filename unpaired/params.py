@@ -16,6 +16,7 @@ the reason: a value past it would ask for memory, disk or time no run needs (`pr
 This is written by hand because the few lines here are all we need: a schema library (pydantic,
 attrs+cattrs) would add a dependency and its own error format for what is a dozen checks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,9 @@ def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     try:
         data = YAML(typ="safe").load(path.read_text())
     except FileNotFoundError:
-        raise ParamsError(f"{path}: not found; run from the project root (where params.yaml is)") from None
+        raise ParamsError(
+            f"{path}: not found; run from the project root (where params.yaml is)"
+        ) from None
     except YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -71,7 +74,9 @@ def load(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         if name not in SECTIONS:
             near = difflib.get_close_matches(str(name), SECTIONS, n=1)
             hint = f"did you mean {near[0]}? " if near else ""
-            raise ParamsError(f"{path}: {name}: unknown section; {hint}known: {', '.join(SECTIONS)}")
+            raise ParamsError(
+                f"{path}: {name}: unknown section; {hint}known: {', '.join(SECTIONS)}"
+            )
     return data
 
 
@@ -116,7 +121,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            check(len(value) == len(args), key, f"expected a list of {len(args)} values, got {value!r}")
+            check(
+                len(value) == len(args),
+                key,
+                f"expected a list of {len(args)} values, got {value!r}",
+            )
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -128,11 +137,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
     if tp is int:
-        check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        check(
+            isinstance(value, int) and not isinstance(value, bool),
+            key,
+            f"expected an integer, got {value!r}",
+        )
         return value
     if tp is float:
-        check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-              f"expected a number, got {value!r}")
+        check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            key,
+            f"expected a number, got {value!r}",
+        )
         check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
@@ -146,10 +162,11 @@ class Bound:
     """The range a numeric field may take: `high` (inclusive unless `below`, in the field's unit),
     `why` (a short reason, printed with a refusal), and `low` (inclusive) where 0 or 1 is not the
     floor the class's own checks give. For a list or tuple of numbers, each item is checked."""
+
     high: int | float
     why: str
     low: int | float | None = None
-    below: bool = False   # `high` itself is out (a share < 1)
+    below: bool = False  # `high` itself is out (a share < 1)
 
     def describe(self) -> str:
         if self.low is None:
@@ -157,18 +174,31 @@ class Bound:
         return f"in [{_number(self.low)}, {_number(self.high)}{')' if self.below else ']'}"
 
     def holds(self, value: int | float) -> bool:
-        return (value < self.high if self.below else value <= self.high) and (self.low is None or value >= self.low)
+        return (value < self.high if self.below else value <= self.high) and (
+            self.low is None or value >= self.low
+        )
 
 
 # Bounds several classes share.
-SEED = Bound(2 ** 32 - 1, "the range every random generator here accepts (numpy's needs >= 0)", 0)
-COUNT = Bound(1_000_000, "a million images is past any dataset this pipeline trains on; each one is "
-                         "a file on disk and a row in the manifest")
-IMAGE_SIZE = Bound(4096, "each image is held as 3 × side² bytes while it is made and resized "
-                         "(48 MiB at 4096, 30 GB at 100000), and training crops at most 1024")
-THREADS = Bound(1024, "CPU threads; past the largest machines' core counts more only wait on each other")
-SAMPLES = Bound(64, "images per direction in each epoch's sample grid, 3 rows of them; a bigger grid "
-                    "is a picture too large to look at")
+SEED = Bound(2**32 - 1, "the range every random generator here accepts (numpy's needs >= 0)", 0)
+COUNT = Bound(
+    1_000_000,
+    "a million images is past any dataset this pipeline trains on; each one is "
+    "a file on disk and a row in the manifest",
+)
+IMAGE_SIZE = Bound(
+    4096,
+    "each image is held as 3 × side² bytes while it is made and resized "
+    "(48 MiB at 4096, 30 GB at 100000), and training crops at most 1024",
+)
+THREADS = Bound(
+    1024, "CPU threads; past the largest machines' core counts more only wait on each other"
+)
+SAMPLES = Bound(
+    64,
+    "images per direction in each epoch's sample grid, 3 rows of them; a bigger grid "
+    "is a picture too large to look at",
+)
 TIMEOUT = Bound(3600, "seconds per request; no server keeps a silent connection open for an hour")
 
 
@@ -241,10 +271,13 @@ def check_file(path: str | Path = PARAMS_FILE) -> None:
     data = load(path)
     for name in STAGE_SECTIONS:
         if name not in data:
-            raise ParamsError(f"{path}: {name}: missing section (dvc.yaml's stages depend on "
-                              f"{', '.join(STAGE_SECTIONS)}); restore it, e.g. `git checkout {path}`")
+            raise ParamsError(
+                f"{path}: {name}: missing section (dvc.yaml's stages depend on "
+                f"{', '.join(STAGE_SECTIONS)}); restore it, e.g. `git checkout {path}`"
+            )
 
 
 if __name__ == "__main__":
     from unpaired.errors import main_guard
+
     main_guard(check_file)

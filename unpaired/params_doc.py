@@ -1,20 +1,22 @@
 """docs/params.md, generated from the one place each param is documented: its dataclass field.
 
-A params dataclass (a subclass of `params.Params`) documents each field with the comment on the
-field's line, continued on comment lines indented deeper than the field:
+A params dataclass (a subclass of `params.Params`) documents each field in Sphinx's attribute-comment
+form: the comment on the field's line, or, for a longer doc, `#:` comment lines right above it:
 
-    near_duplicate_distance: int = 72   # perceptual-hash bits (of 256) within which two images
-                                        # are one picture; 0: off
+    min_size: int = 16   # skip images whose shorter side is smaller (pixels)
+    #: perceptual-hash bits (of 256) within which two images are one picture (re-encoded, resized,
+    #: cropped ~5 %); the largest is kept; 0: off
+    near_duplicate_distance: int = 72
 
 From the classes this module builds the reference page (key, type, default, allowed values, bound and
 its reason, the doc), and `comments(cls)` gives the same docs to `presets.compose`, which writes them
-as params.yaml's end-of-line comments. So adding a param means its dataclass field (with its comment)
-and its value in conf/config.yaml; `uv run python -m unpaired.params_doc` then rewrites docs/params.md, and
-tests/test_params_doc.py fails while the committed page differs from what the classes give.
+as params.yaml's end-of-line comments. So adding a param means its dataclass field (with its doc)
+and its value in conf/config.yaml; `uv run python -m unpaired.params_doc` then rewrites
+docs/params.md, and tests/test_params_doc.py fails while the committed page differs from what the
+classes give.
 
 The comments are read from the source with `tokenize` (comments are not in the AST): no library
-reads trailing field comments, and docstrings per field (PEP 257's attribute docstrings) would double
-the classes' length.
+reads Sphinx's attribute comments without importing Sphinx's whole autodoc machinery.
 """
 
 from __future__ import annotations
@@ -37,29 +39,40 @@ PAGE = Path("docs/params.md")
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its doc (the field line's comment and its continuation lines, joined by
-    spaces; "" where there is none), for every annotated field in `cls`'s own class body."""
+    """Field name -> its doc (the `#:` lines right above the field, then the comment on the field's
+    own line(s), joined by spaces; "" where there is none), for every annotated field in `cls`'s own
+    class body."""
     source = textwrap.dedent(inspect.getsource(cls))
     body = ast.parse(source).body[0]
     assert isinstance(body, ast.ClassDef)
-    comments: dict[int, tuple[int, str]] = {}   # line -> (column, text) of every comment
+    comments: dict[int, str] = {}  # line -> text of every comment, '#' kept
     code_lines: set[int] = set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
-        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-                              tokenize.ENDMARKER):
+            comments[tok.start[0]] = tok.string
+        elif tok.type not in (
+            tokenize.NL,
+            tokenize.NEWLINE,
+            tokenize.INDENT,
+            tokenize.DEDENT,
+            tokenize.ENDMARKER,
+        ):
             code_lines.add(tok.start[0])
     docs = {}
     for node in body.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        parts = [comments[n][1] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-        line = node.end_lineno + 1
-        while line in comments and line not in code_lines and comments[line][0] > node.col_offset:
-            parts.append(comments[line][1])
-            line += 1
-        docs[node.target.id] = " ".join(p for p in parts if p)
+        above = []
+        line = node.lineno - 1
+        while line in comments and line not in code_lines and comments[line].startswith("#:"):
+            above.insert(0, comments[line][2:].strip())
+            line -= 1
+        own = [
+            comments[n].lstrip("#").strip()
+            for n in range(node.lineno, node.end_lineno + 1)
+            if n in comments
+        ]
+        docs[node.target.id] = " ".join(p for p in above + own if p)
     return docs
 
 
@@ -72,7 +85,9 @@ def classes() -> tuple[dict[str, type[params.Params]], dict[str, type[params.Par
     """({section: class} for prepare, train and evaluate, {source name: class} for the sources)."""
     found = sections()
     by_section = {key: cls for _, key, cls in found if not key.startswith("domains")}
-    by_source = {heading.split("`")[1]: cls for heading, key, cls in found if key.startswith("domains")}
+    by_source = {
+        heading.split("`")[1]: cls for heading, key, cls in found if key.startswith("domains")
+    }
     return by_section, by_source
 
 
@@ -84,8 +99,11 @@ def _type(tp: Any) -> str:
         return " or ".join(_type(a) for a in args)
     if origin in (list, tuple):
         inner = _type(args[0]) if args else "any"
-        return f"list of {inner}" if origin is list or (len(args) == 2 and args[1] is Ellipsis) else (
-            f"[{', '.join(_type(a) for a in args)}]")
+        return (
+            f"list of {inner}"
+            if origin is list or (len(args) == 2 and args[1] is Ellipsis)
+            else (f"[{', '.join(_type(a) for a in args)}]")
+        )
     if origin is dict:
         return "mapping"
     if tp is type(None):
@@ -109,7 +127,7 @@ def _default(field: dataclasses.Field) -> str:
     if isinstance(value, dict):
         return ", ".join(f"`{k}: {v}`" for k, v in value.items()) or "`{}`"
     if isinstance(value, str):
-        return f'`{value}`' if value else '`""`'
+        return f"`{value}`" if value else '`""`'
     return f"`{value}`"
 
 
@@ -125,8 +143,10 @@ def table(cls: type[params.Params]) -> list[str]:
     for field in dataclasses.fields(cls):
         bound = cls.BOUNDS.get(field.name)
         limit = f"{bound.describe()}: {bound.why}" if bound else ""
-        rows.append(f"| `{field.name}` | {_type(hints[field.name])} | {_cell(_default(field))} | "
-                    f"{_cell(docs.get(field.name, ''))} | {_cell(limit)} |")
+        rows.append(
+            f"| `{field.name}` | {_type(hints[field.name])} | {_cell(_default(field))} | "
+            f"{_cell(docs.get(field.name, ''))} | {_cell(limit)} |"
+        )
     return rows
 
 
@@ -134,17 +154,24 @@ def sections() -> list[tuple[str, str, type[params.Params]]]:
     """(heading, the params key it documents, class) for every params section, in page order."""
     # Imported here: the library's params classes live beside their code (heavy modules), and only
     # this generator and its test need them all at once.
-    from unpaired import evaluation, sources
+    from unpaired import evaluation, prepare, sources
     from unpaired.models import training
-    from unpaired import prepare
 
-    found = [("prepare", "prepare", prepare.PrepareParams),
-             ("train", "train", training.TrainParams),
-             ("evaluate", "evaluate", evaluation.EvaluateParams)]
+    found = [
+        ("prepare", "prepare", prepare.PrepareParams),
+        ("train", "train", training.TrainParams),
+        ("evaluate", "evaluate", evaluation.EvaluateParams),
+    ]
     for name, fetch in sources.SOURCES.items():
         module = inspect.getmodule(fetch)
-        classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, params.Params)
-                   and c is not params.Params and c.__module__ == module.__name__]
+        classes = [
+            c
+            for c in vars(module).values()
+            if isinstance(c, type)
+            and issubclass(c, params.Params)
+            and c is not params.Params
+            and c.__module__ == module.__name__
+        ]
         for cls in classes:
             found.append((f"domains: source `{name}`", f"domains.<a|b> (source: {name})", cls))
     return found
@@ -163,7 +190,13 @@ def render() -> str:
         "unknown key or a value of the wrong type.",
     ]
     for heading, key, cls in sections():
-        lines += ["", f"## {heading}", "", f"Key prefix: `{key}`. Class: `{cls.__module__}.{cls.__qualname__}`.", ""]
+        lines += [
+            "",
+            f"## {heading}",
+            "",
+            f"Key prefix: `{key}`. Class: `{cls.__module__}.{cls.__qualname__}`.",
+            "",
+        ]
         lines += table(cls)
     return "\n".join(lines) + "\n"
 
@@ -189,8 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.check:
         if not PAGE.exists() or PAGE.read_text() != render():
-            sys.exit(f"error: {PAGE} differs from the params classes' field comments; "
-                     f"run `uv run python -m unpaired.params_doc` and commit it")
+            sys.exit(
+                f"error: {PAGE} differs from the params classes' field comments; "
+                f"run `uv run python -m unpaired.params_doc` and commit it"
+            )
         print(f"{PAGE}: up to date")
         return
     print(f"{PAGE}: {'written' if write() else 'already up to date'}")

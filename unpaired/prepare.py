@@ -12,6 +12,7 @@ within `near_duplicate_distance` bits, unpaired/near_duplicates.py) once per clu
 The split is a pure function of (seed, content hash of the image kept), so adding images never moves
 existing ones between train and test, and neither a duplicate nor a near-duplicate can land in both.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,89 +33,117 @@ from unpaired.images import MAX_PIXELS, SKIP_REASONS, Skip, decode_scaled, png_b
 from unpaired.parallel import imap
 
 DOMAINS = ("a", "b")
-REASONS = (*SKIP_REASONS, "near_duplicate", "no_face")     # the skip reasons counted per domain
+REASONS = (*SKIP_REASONS, "near_duplicate", "no_face")  # the skip reasons counted per domain
 MANIFEST_COLUMNS = ["file", "domain", "split", "sha256", "width", "height", "origin"]
-MIN_TEST = 2           # evaluate's FID/KID need at least two test images per domain
+MIN_TEST = 2  # evaluate's FID/KID need at least two test images per domain
 
 
 @dataclass(frozen=True)
 class PrepareParams(params.Params):
-    image_size: int = 64                  # output width = height in pixels
-    resize: Literal["crop", "pad"] = "crop"   # crop (shorter side to image_size, centre crop) or
-                                          # pad (letterbox on pad_color)
-    pad_color: str = "white"              # letterbox colour for resize: pad (CSS name or #rrggbb)
-    test_fraction: float = 0.1            # share of images held out in testA/testB, in [0, 1)
-    min_size: int = 16                    # skip images whose shorter side is smaller (pixels)
-    seed: int = 0                         # split seed (and the dataset page's seeded samples)
-    near_duplicate_distance: int = 72     # perceptual-hash bits (of 256) within which two images are
-                                          # one picture (re-encoded, resized, cropped ~5 %); the
-                                          # largest is kept; 0: off
-    faces: dict[str, str] = field(default_factory=lambda: {d: "none" for d in DOMAINS})  # per domain
-                                          # (a, b): none, filter (keep images with a face) or crop
-                                          # (square around the largest face, before the resize);
-                                          # OpenCV's Haar cascade. `none`, not `off` (YAML 1.1 reads
-                                          # off as false)
-    face_margin: float = 0.25             # crop: margin on each side, × the face's side, in [0, 2]
-    page_thumbnails: int = 120            # metrics/data/index.html: thumbnails per contact sheet and
-                                          # skip group (then a seeded sample)
+    image_size: int = 64  # output width = height in pixels
+    #: crop (shorter side to image_size, centre crop) or pad (letterbox on pad_color)
+    resize: Literal["crop", "pad"] = "crop"
+    pad_color: str = "white"  # letterbox colour for resize: pad (CSS name or #rrggbb)
+    test_fraction: float = 0.1  # share of images held out in testA/testB, in [0, 1)
+    min_size: int = 16  # skip images whose shorter side is smaller (pixels)
+    seed: int = 0  # split seed (and the dataset page's seeded samples)
+    #: perceptual-hash bits (of 256) within which two images are one picture (re-encoded, resized,
+    #: cropped ~5 %); the largest is kept; 0: off
+    near_duplicate_distance: int = 72
+    #: per domain (a, b): none, filter (keep images with a face) or crop (square around the largest
+    #: face, before the resize); OpenCV's Haar cascade. `none`, not `off` (YAML 1.1 reads off as
+    #: false)
+    faces: dict[str, str] = field(default_factory=lambda: {d: "none" for d in DOMAINS})
+    face_margin: float = 0.25  # crop: margin on each side, × the face's side, in [0, 2]
+    #: metrics/data/index.html: thumbnails per contact sheet and skip group (then a seeded sample)
+    page_thumbnails: int = 120
 
     BOUNDS = {
         "image_size": params.IMAGE_SIZE,
         "test_fraction": params.Bound(1, "a share of the images", 0, below=True),
-        "min_size": params.Bound(65_535, "pixels; no format this reads stores a longer side (JPEG's limit)"),
+        "min_size": params.Bound(
+            65_535, "pixels; no format this reads stores a longer side (JPEG's limit)"
+        ),
         "seed": params.SEED,
-        "near_duplicate_distance": params.Bound(128, "bits of a 256-bit perceptual hash; past half of "
-                                                     "them unrelated images match"),
-        "face_margin": params.Bound(2, "× the face's side on each side: past it the crop is mostly background"),
-        "page_thumbnails": params.Bound(10_000, "thumbnails per contact sheet: each is a file on the page"),
+        "near_duplicate_distance": params.Bound(
+            128, "bits of a 256-bit perceptual hash; past half of them unrelated images match"
+        ),
+        "face_margin": params.Bound(
+            2, "× the face's side on each side: past it the crop is mostly background"
+        ),
+        "page_thumbnails": params.Bound(
+            10_000, "thumbnails per contact sheet: each is a file on the page"
+        ),
     }
 
     def validate(self, prefix: str) -> None:
-        params.check(self.image_size > 0, f"{prefix}.image_size", f"must be > 0, got {self.image_size}")
-        params.check(0 <= self.test_fraction < 1, f"{prefix}.test_fraction",
-                     f"must be in [0, 1), got {self.test_fraction}")
+        params.check(
+            self.image_size > 0, f"{prefix}.image_size", f"must be > 0, got {self.image_size}"
+        )
+        params.check(
+            0 <= self.test_fraction < 1,
+            f"{prefix}.test_fraction",
+            f"must be in [0, 1), got {self.test_fraction}",
+        )
         params.check(self.min_size >= 1, f"{prefix}.min_size", f"must be >= 1, got {self.min_size}")
         try:
             ImageColor.getrgb(self.pad_color)
         except ValueError:
-            params.fail(f"{prefix}.pad_color", f"not a colour: {self.pad_color!r} (CSS name or #rrggbb)")
-        params.check(0 <= self.near_duplicate_distance <= 128, f"{prefix}.near_duplicate_distance",
-                     f"must be in [0, 128] bits of 256 (0: off; 72 catches re-encoded, resized and 5 %-cropped "
-                     f"copies), got {self.near_duplicate_distance}")
+            params.fail(
+                f"{prefix}.pad_color", f"not a colour: {self.pad_color!r} (CSS name or #rrggbb)"
+            )
+        params.check(
+            0 <= self.near_duplicate_distance <= 128,
+            f"{prefix}.near_duplicate_distance",
+            f"must be in [0, 128] bits of 256 (0: off; 72 catches re-encoded, resized and 5 %-cropped "
+            f"copies), got {self.near_duplicate_distance}",
+        )
         for d in self.faces:
-            params.check(d in DOMAINS, f"{prefix}.faces.{d}", f"unknown domain; use {' or '.join(DOMAINS)}")
+            params.check(
+                d in DOMAINS, f"{prefix}.faces.{d}", f"unknown domain; use {' or '.join(DOMAINS)}"
+            )
         for d in DOMAINS:
             mode = self.faces.get(d, "none")
-            params.check(mode in faces.MODES, f"{prefix}.faces.{d}",
-                         f"must be none, filter or crop, got {mode!r}" + (
-                             " (YAML 1.1 reads off/no/false as false: write none)" if mode is False else ""))
-        params.check(0 <= self.face_margin <= 2, f"{prefix}.face_margin",
-                     f"must be in [0, 2] (× the face's side), got {self.face_margin}")
-        params.check(self.page_thumbnails >= 1, f"{prefix}.page_thumbnails",
-                     f"must be >= 1, got {self.page_thumbnails}")
+            params.check(
+                mode in faces.MODES,
+                f"{prefix}.faces.{d}",
+                f"must be none, filter or crop, got {mode!r}"
+                + (" (YAML 1.1 reads off/no/false as false: write none)" if mode is False else ""),
+            )
+        params.check(
+            0 <= self.face_margin <= 2,
+            f"{prefix}.face_margin",
+            f"must be in [0, 2] (× the face's side), got {self.face_margin}",
+        )
+        params.check(
+            self.page_thumbnails >= 1,
+            f"{prefix}.page_thumbnails",
+            f"must be >= 1, got {self.page_thumbnails}",
+        )
 
 
 @dataclass(slots=True, eq=False)
 class Outcome:
     """One raw file's outcome, kept by the parent until its domain is done (near-duplicates need them
     all): about 400 bytes with its strings (sha256 hex 113, rel ~70, a 256-bit phash 60, name ~80)."""
-    skip: str | None                  # a REASONS entry, None while kept
-    detail: str | None = None         # why it was skipped (the log and the dataset page)
-    sha256: str = ""                  # of the raw file's bytes, hex ("" when unreadable)
-    width: int = 0                    # of the raw image, pixels
+
+    skip: str | None  # a REASONS entry, None while kept
+    detail: str | None = None  # why it was skipped (the log and the dataset page)
+    sha256: str = ""  # of the raw file's bytes, hex ("" when unreadable)
+    width: int = 0  # of the raw image, pixels
     height: int = 0
-    phash: int = 0                    # near_duplicates.phash, 0 when that check is off
-    cropped: bool = False             # cut to a face
-    thumb: bool = False               # its dataset-page thumbnail was written (<index>.thumb.png)
-    index: int = 0                    # position among the domain's raw files: staged as <index>.png
-    rel: str = ""                     # path relative to the domain's raw folder, with "/"
-    name: str = ""                    # kept: the prepared file, trainA/<hash>.png
-    kept: Outcome | None = None       # duplicate, near_duplicate: the image kept instead
+    phash: int = 0  # near_duplicates.phash, 0 when that check is off
+    cropped: bool = False  # cut to a face
+    thumb: bool = False  # its dataset-page thumbnail was written (<index>.thumb.png)
+    index: int = 0  # position among the domain's raw files: staged as <index>.png
+    rel: str = ""  # path relative to the domain's raw folder, with "/"
+    name: str = ""  # kept: the prepared file, trainA/<hash>.png
+    kept: Outcome | None = None  # duplicate, near_duplicate: the image kept instead
 
 
 def is_test(sha256: str, seed: int, test_fraction: float) -> bool:
     """Stable split: a uniform number drawn from (seed, content hash) alone."""
-    u = int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:16], 16) / 2 ** 64
+    u = int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:16], 16) / 2**64
     return u < test_fraction
 
 
@@ -124,12 +153,11 @@ def _process(job: tuple[Path, PrepareParams, str, Path, bool]) -> Outcome:
     `thumbs` its dataset-page thumbnail next to it (`*.thumb.png`). Never raises for one file: an
     unexpected failure (a decoder bug on a strange file) is the skip `error` naming the file. Only a
     full disk stops the stage (atomic_dir makes it one line)."""
-    path = job[0]
     try:
         return _process_one(*job)
     except OSError as err:
         if err.errno in NO_SPACE:
-            raise      # the parent's atomic_dir names the output and the free space
+            raise  # the parent's atomic_dir names the output and the free space
         return Outcome("error", f"{type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - one file never stops the stage; it is counted and named
         return Outcome("error", f"{type(err).__name__}: {err}")
@@ -195,8 +223,12 @@ def _drop_near_duplicates(results: list[Outcome], p: PrepareParams) -> None:
     `near_duplicate`, with `kept` pointing at the keeper's outcome (also for the exact duplicates of an
     image skipped so)."""
     usable = [r for r in results if r.skip is None]
-    keep = near_duplicates.keepers([r.phash for r in usable], [r.width * r.height for r in usable],
-                                   [r.sha256 for r in usable], p.near_duplicate_distance)
+    keep = near_duplicates.keepers(
+        [r.phash for r in usable],
+        [r.width * r.height for r in usable],
+        [r.sha256 for r in usable],
+        p.near_duplicate_distance,
+    )
     for r, k in zip(usable, keep):
         if usable[k] is not r:
             r.skip, r.kept = "near_duplicate", usable[k]
@@ -205,8 +237,14 @@ def _drop_near_duplicates(results: list[Outcome], p: PrepareParams) -> None:
             r.kept = r.kept.kept
 
 
-def process_domain(p: PrepareParams, domain: str, raw: Path, staging: Path, thumbs: bool,
-                   workers: int | None = None) -> list[Outcome]:
+def process_domain(
+    p: PrepareParams,
+    domain: str,
+    raw: Path,
+    staging: Path,
+    thumbs: bool,
+    workers: int | None = None,
+) -> list[Outcome]:
     """Every raw file of `raw` (sorted, manifest.csv and hidden files left out) through `_process` on
     `workers` processes (all cores by default): one Outcome per file, in order, with its `index` and
     `rel`. Each usable image is staged as `staging`/<index>.png (and, with `thumbs`, its dataset-page
@@ -215,8 +253,10 @@ def process_domain(p: PrepareParams, domain: str, raw: Path, staging: Path, thum
     rels = list(_raw_files(raw))
     jobs = ((raw / f, p, domain, staging / f"{i}.png", thumbs) for i, f in enumerate(rels))
     results: list[Outcome] = []
-    seen: dict[str, Outcome] = {}     # sha256 -> the first usable image with it
-    for i, r in enumerate(imap(_process, jobs, workers=workers, desc=f"prepare {domain}", total=len(rels))):
+    seen: dict[str, Outcome] = {}  # sha256 -> the first usable image with it
+    for i, r in enumerate(
+        imap(_process, jobs, workers=workers, desc=f"prepare {domain}", total=len(rels))
+    ):
         r.index, r.rel = i, rels[i]
         results.append(r)
         if r.skip is None and r.sha256 in seen:
@@ -232,16 +272,24 @@ def process_domain(p: PrepareParams, domain: str, raw: Path, staging: Path, thum
 @dataclass
 class DomainTally:
     """One domain's counts and manifest rows, from `place_kept`."""
-    kept: Counter[str]                      # split (train, test) -> images kept
-    skipped: Counter[str]                   # every REASONS entry -> raw files skipped so
-    per_source: dict[str, Counter[str]]     # source -> {"kept": n, "skipped": n}
-    cropped: int                            # kept images cut to a face
-    rows: list[tuple[Any, ...]]             # manifest rows in MANIFEST_COLUMNS order: ~100 bytes + origin
-    hashes: list[int]                       # perceptual hashes of the kept images, in the order of rows
+
+    kept: Counter[str]  # split (train, test) -> images kept
+    skipped: Counter[str]  # every REASONS entry -> raw files skipped so
+    per_source: dict[str, Counter[str]]  # source -> {"kept": n, "skipped": n}
+    cropped: int  # kept images cut to a face
+    rows: list[tuple[Any, ...]]  # manifest rows in MANIFEST_COLUMNS order: ~100 bytes + origin
+    hashes: list[int]  # perceptual hashes of the kept images, in the order of rows
 
 
-def place_kept(p: PrepareParams, domain: str, raw: Path, results: list[Outcome], staging: Path, out: Path,
-               sources: Mapping[str, tuple[str, str]]) -> DomainTally:
+def place_kept(
+    p: PrepareParams,
+    domain: str,
+    raw: Path,
+    results: list[Outcome],
+    staging: Path,
+    out: Path,
+    sources: Mapping[str, tuple[str, str]],
+) -> DomainTally:
     """Split each kept image of `results` (`is_test`) and move its staged PNG to
     `out`/{train,test}<D>/<hash>.png (setting its `name`); count the kept and skipped files per
     reason and per source (`sources`: read_sources(raw)); print the skips that are not the file's
@@ -257,7 +305,7 @@ def place_kept(p: PrepareParams, domain: str, raw: Path, results: list[Outcome],
         if r.skip is not None:
             skipped[r.skip] += 1
             per_source[source]["skipped"] += 1
-            if r.skip in ("error", "too_large"):    # rare, and not the file's fault: name it
+            if r.skip in ("error", "too_large"):  # rare, and not the file's fault: name it
                 print(f"prepare {domain}: skipped {raw / r.rel} ({r.skip}: {r.detail})")
             continue
         split = "test" if is_test(r.sha256, p.seed, p.test_fraction) else "train"
@@ -266,53 +314,85 @@ def place_kept(p: PrepareParams, domain: str, raw: Path, results: list[Outcome],
         kept[split] += 1
         per_source[source]["kept"] += 1
         hashes.append(r.phash)
-        rows.append((name, domain, split, r.sha256, r.width, r.height,
-                     sources.get(r.rel, ("", (raw / r.rel).as_posix()))[1]))
+        rows.append(
+            (
+                name,
+                domain,
+                split,
+                r.sha256,
+                r.width,
+                r.height,
+                sources.get(r.rel, ("", (raw / r.rel).as_posix()))[1],
+            )
+        )
     cropped = sum(1 for r in results if r.skip is None and r.cropped)
     return DomainTally(kept, skipped, per_source, cropped, rows, hashes)
 
 
-def no_training_images(p: PrepareParams, domain: str, raw: Path, files: int, tally: DomainTally) -> UserError:
+def no_training_images(
+    p: PrepareParams, domain: str, raw: Path, files: int, tally: DomainTally
+) -> UserError:
     """The one line for domain `domain` left without training images by its `files` raw files:
     what took the most of them (a skip reason, or the test split), in plain words, with the params
     key that decides it and what to change; then the other reasons' counts."""
     where = f"{raw}: no usable training images for domain {domain}"
     if not files:
-        return UserError(f"{where}: the folder holds no image files; check domains.{domain} and run "
-                         f"`uv run dvc repro fetch@{domain}`")
+        return UserError(
+            f"{where}: the folder holds no image files; check domains.{domain} and run "
+            f"`uv run dvc repro fetch@{domain}`"
+        )
     mode = p.faces.get(domain, "none")
-    unusable = (f"are not usable images ({{what}}); check domains.{domain} (where they come from)")
-    why = {   # reason -> (its words in the list of the others, the sentence for the one that took the most)
+    unusable = f"are not usable images ({{what}}); check domains.{domain} (where they come from)"
+    why = {  # reason -> (its words in the list of the others, the sentence for the one that took the most)
         "empty": ("empty", unusable.format(what="empty files")),
         "not_image": ("not images", unusable.format(what="not images")),
         "truncated": ("truncated", unusable.format(what="truncated files")),
         "unreadable": ("unreadable", unusable.format(what="unreadable")),
-        "error": ("failed to decode", "failed to decode (named in the lines above); check those files"),
+        "error": (
+            "failed to decode",
+            "failed to decode (named in the lines above); check those files",
+        ),
         "too_large": ("too large", f"are larger than {MAX_PIXELS:,} pixels; scale them down"),
-        "too_small": ("too small", f"are smaller than prepare.min_size ({p.min_size} px on the shorter "
-                                   f"side); lower prepare.min_size or add larger images"),
+        "too_small": (
+            "too small",
+            f"are smaller than prepare.min_size ({p.min_size} px on the shorter "
+            f"side); lower prepare.min_size or add larger images",
+        ),
         "duplicate": ("exact copies", "are exact copies of another file; add different images"),
-        "near_duplicate": ("near-duplicates", f"are near-duplicates of another image (within "
-                                              f"prepare.near_duplicate_distance: {p.near_duplicate_distance} "
-                                              f"bits of 256); lower prepare.near_duplicate_distance (0 turns "
-                                              f"the check off) or add different images"),
-        "no_face": ("without a face", f"have no face found (prepare.faces.{domain}: {mode}); set "
-                                      f"prepare.faces.{domain} to none or add images with faces"),
-        "test": ("held out for test", f"went to test{domain.upper()} (prepare.test_fraction: "
-                                      f"{p.test_fraction}); lower prepare.test_fraction or add images"),
+        "near_duplicate": (
+            "near-duplicates",
+            f"are near-duplicates of another image (within "
+            f"prepare.near_duplicate_distance: {p.near_duplicate_distance} "
+            f"bits of 256); lower prepare.near_duplicate_distance (0 turns "
+            f"the check off) or add different images",
+        ),
+        "no_face": (
+            "without a face",
+            f"have no face found (prepare.faces.{domain}: {mode}); set "
+            f"prepare.faces.{domain} to none or add images with faces",
+        ),
+        "test": (
+            "held out for test",
+            f"went to test{domain.upper()} (prepare.test_fraction: "
+            f"{p.test_fraction}); lower prepare.test_fraction or add images",
+        ),
     }
     counts = {r: n for r, n in tally.skipped.items() if n}
     if tally.kept["test"]:
         counts["test"] = tally.kept["test"]
-    top = max(counts, key=lambda r: counts[r])      # the first of equal counts, in REASONS order
+    top = max(counts, key=lambda r: counts[r])  # the first of equal counts, in REASONS order
     others = ", ".join(f"{n} {why[r][0]}" for r, n in counts.items() if r != top)
-    return UserError(f"{where}: {counts[top]} of its {files} files {why[top][1]}"
-                     + (f" (the others: {others})" if others else ""))
+    return UserError(
+        f"{where}: {counts[top]} of its {files} files {why[top][1]}"
+        + (f" (the others: {others})" if others else "")
+    )
 
 
-def cross_domain_near_duplicates(tallies: Mapping[str, DomainTally], distance: int) -> list[list[str]]:
+def cross_domain_near_duplicates(
+    tallies: Mapping[str, DomainTally], distance: int
+) -> list[list[str]]:
     """[prepared file in A, prepared file in B] for each pair of kept images within `distance` bits
     of each other across the domains (the same picture in both), sorted; [] when `distance` is 0."""
-    a, b = ([row[0] for row in tallies[d].rows] for d in DOMAINS)     # their prepared files
+    a, b = ([row[0] for row in tallies[d].rows] for d in DOMAINS)  # their prepared files
     across = near_duplicates.close_pairs(tallies["a"].hashes, distance, tallies["b"].hashes)
     return [[a[i], b[j]] for i, j in across]

@@ -26,6 +26,7 @@ params.yaml's first line records the digest of the two conf/ files it was compos
 can say in one line when conf/ changed since (`stale_composition`): an edit there is otherwise
 ignored without a word, since runs read params.yaml alone.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,16 +44,20 @@ from ruamel.yaml.error import YAMLError
 from unpaired.errors import UserError
 
 CONF = Path("conf")
-HEADER = ("# params.yaml: the one file the pipeline reads. Edit it, then `make repro`; `uv run dvc exp run -S "
-          "key=value` changes only that key.")
+HEADER = (
+    "# params.yaml: the one file the pipeline reads. Edit it, then `make repro`; `uv run dvc exp run -S "
+    "key=value` changes only that key."
+)
 SWITCH = "# Switch presets with `uv run unpaired preset NAME [--keep-edits]` (conf/preset/NAME.yaml); each key is explained below and in docs/params.md."
-DIGEST = re.compile(r"^# composed by `unpaired preset (?P<name>[\w.-]+)` from conf/ \(sha256 (?P<digest>[0-9a-f]{16})\)$")
+DIGEST = re.compile(
+    r"^# composed by `unpaired preset (?P<name>[\w.-]+)` from conf/ \(sha256 (?P<digest>[0-9a-f]{16})\)$"
+)
 _ABSENT = object()
 
 
 def _yaml() -> YAML:
-    y = YAML()                    # round trip: comments and key order kept; YAML 1.2 like DVC
-    y.width = 4096                # never fold a long line (a URL, a palette)
+    y = YAML()  # round trip: comments and key order kept; YAML 1.2 like DVC
+    y.width = 4096  # never fold a long line (a URL, a palette)
     y.indent(mapping=2, sequence=4, offset=2)
     return y
 
@@ -67,7 +72,9 @@ def _read(path: Path, text: str | None = None) -> CommentedMap:
     except YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+        raise UserError(
+            f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}"
+        ) from None
     if not isinstance(data, CommentedMap):
         raise UserError(f"{path}: must be a mapping of sections")
     return data
@@ -82,7 +89,9 @@ def preset_file(conf: Path, name: str) -> Path:
     """conf/preset/<name>.yaml; UserError naming the known presets when there is none."""
     path = conf / "preset" / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"unknown preset {name!r}; known presets: {', '.join(names(conf))} (conf/preset/)")
+        raise UserError(
+            f"unknown preset {name!r}; known presets: {', '.join(names(conf))} (conf/preset/)"
+        )
     return path
 
 
@@ -113,19 +122,25 @@ def _composed(conf: Path, name: str, texts: tuple[str, str] | None = None) -> Co
     texts (an older version of them) instead of what conf/ holds now."""
     config, preset = texts if texts is not None else (None, None)
     base = _read(conf / "config.yaml", config)
-    base.ca.comment = None                       # its own header explains conf/, not params.yaml
-    _merge(base, _read(preset_file(conf, name) if texts is None else conf / "preset" / f"{name}.yaml", preset))
+    base.ca.comment = None  # its own header explains conf/, not params.yaml
+    _merge(
+        base,
+        _read(
+            preset_file(conf, name) if texts is None else conf / "preset" / f"{name}.yaml", preset
+        ),
+    )
     _annotate(base)
     return base
 
 
-COMMENT_COLUMN = 26   # where params.yaml's end-of-line comments start
-COMMENT_WIDTH = 100   # ... and where they wrap onto comment lines of their own
+COMMENT_COLUMN = 26  # where params.yaml's end-of-line comments start
+COMMENT_WIDTH = 100  # ... and where they wrap onto comment lines of their own
 
 
 def _comment(doc: str) -> str:
     """A field's doc as an end-of-line comment, wrapped at COMMENT_WIDTH under its first line."""
     import textwrap
+
     lines = textwrap.wrap(doc, COMMENT_WIDTH - COMMENT_COLUMN - 2) or [""]
     return ("\n" + " " * COMMENT_COLUMN).join(f"# {line}" for line in lines)
 
@@ -145,7 +160,7 @@ def _document(section: CommentedMap, docs: dict[str, str]) -> None:
 def _annotate(data: CommentedMap) -> None:
     """The comments of a composed params.yaml, from the params classes' field docs (unpaired.params_doc):
     each key of prepare, train and evaluate, and each key of a domain by its source's class."""
-    from unpaired import params_doc   # the params classes live beside their (heavy) code
+    from unpaired import params_doc  # the params classes live beside their (heavy) code
 
     by_section, by_source = params_doc.classes()
     for name, cls in by_section.items():
@@ -153,14 +168,17 @@ def _annotate(data: CommentedMap) -> None:
             _document(data[name], params_doc.comments(cls))
     for domain in (data.get("domains") or {}).values():
         if isinstance(domain, CommentedMap) and domain.get("source") in by_source:
-            docs = {"source": "where the images come from (docs/data.md); the keys below are its own",
-                    **params_doc.comments(by_source[domain["source"]])}
+            docs = {
+                "source": "where the images come from (docs/data.md); the keys below are its own",
+                **params_doc.comments(by_source[domain["source"]]),
+            }
             _document(domain, docs)
 
 
 def _git(cwd: Path, *args: str) -> bytes | None:
     """`git ARGS` run in `cwd`: its stdout, or None when git is missing or fails."""
     import subprocess
+
     try:
         proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -195,7 +213,11 @@ def _recorded_texts(conf: Path, name: str, recorded: str) -> tuple[str, str] | N
 def _dump(data: CommentedMap, conf_digest: str, name: str) -> str:
     out = io.StringIO()
     _yaml().dump(data, out)
-    lines = [f"# composed by `unpaired preset {name}` from conf/ (sha256 {conf_digest})", HEADER, SWITCH]
+    lines = [
+        f"# composed by `unpaired preset {name}` from conf/ (sha256 {conf_digest})",
+        HEADER,
+        SWITCH,
+    ]
     return "\n".join(lines) + "\n" + out.getvalue()
 
 
@@ -251,12 +273,15 @@ def _yaml_text(tree: Any) -> str:
 class Switch(NamedTuple):
     """What `switch` gives: the new text of params.yaml, one line per key whose value changes, and
     one line per edit of yours kept or dropped (a dropped edit's key is among the changes too)."""
+
     text: str
     changes: list[str]
     notes: list[str]
 
 
-def _baseline(params_path: Path, conf: Path, current: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+def _baseline(
+    params_path: Path, conf: Path, current: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
     """The composition params.yaml was written from, which "your edits" are measured against, and
     a note when it could not be found: the one its first line records (conf/ as it is, or as git
     holds it when conf/ changed since: see `_recorded_texts`), else conf/'s composition of the preset
@@ -273,7 +298,8 @@ def _baseline(params_path: Path, conf: Path, current: dict[str, Any]) -> tuple[d
         return _plain(_composed(conf, old_name)), (
             f"conf/ changed since {params_path} was composed, and git holds no version of it with the "
             f"recorded digest: where conf/ changed, the value {params_path} holds counts as your edit; "
-            f"`git diff conf/` shows what changed")
+            f"`git diff conf/` shows what changed"
+        )
     return (_plain(_composed(conf, old_name)) if old_name in names(conf) else {}), None
 
 
@@ -306,15 +332,21 @@ def switch(params_path: Path, conf: Path, name: str, keep_edits: bool = False) -
     for key, value in edits.items():
         parts = key.split(".")
         if parts[0] == "domains" and len(parts) > 2:
-            same_source = (_get(old_domains, f"{parts[1]}.source") == _get(new, f"domains.{parts[1]}.source"))
+            same_source = _get(old_domains, f"{parts[1]}.source") == _get(
+                new, f"domains.{parts[1]}.source"
+            )
         else:
             same_source = True
         if not keep_edits:
             notes.append(f"dropped your edit {key}: {_show(value)} (pass --keep-edits to keep it)")
-        elif _get(composed, key) != _get(baseline, key):     # the switch itself changes this key
-            notes.append(f"dropped your edit {key}: {_show(value)}: preset {name} sets it to {_show(_get(new, key))}")
+        elif _get(composed, key) != _get(baseline, key):  # the switch itself changes this key
+            notes.append(
+                f"dropped your edit {key}: {_show(value)}: preset {name} sets it to {_show(_get(new, key))}"
+            )
         elif not same_source:
-            notes.append(f"dropped your edit {key}: {_show(value)}: domain {parts[1]}'s source changes")
+            notes.append(
+                f"dropped your edit {key}: {_show(value)}: domain {parts[1]}'s source changes"
+            )
         else:
             _set(new, key, copy.deepcopy(value))
             notes.append(f"kept your edit {key}: {_show(value)}")
@@ -343,6 +375,8 @@ def stale_composition(params_path: Path, conf: Path = CONF) -> str | None:
     name = match["name"]
     if digest(conf, name) == match["digest"]:
         return None
-    return (f"{params_path} was composed from conf/config.yaml and conf/preset/{name}.yaml, which changed "
-            f"since; runs read {params_path} alone, so that change is not used: apply it with `uv run "
-            f"unpaired preset {name} --keep-edits`, or undo it (`git checkout conf/`)")
+    return (
+        f"{params_path} was composed from conf/config.yaml and conf/preset/{name}.yaml, which changed "
+        f"since; runs read {params_path} alone, so that change is not used: apply it with `uv run "
+        f"unpaired preset {name} --keep-edits`, or undo it (`git checkout conf/`)"
+    )

@@ -11,6 +11,7 @@ It asks DVC for the outputs of the current dvc.lock that go through the cache, a
 remote's object store for each of their objects (dvc's own object-database API, so it works for
 every remote type DVC supports).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ import json
 from unpaired.errors import UserError
 
 
-def missing_outputs(root: str = ".", remote: str | None = None, repair: bool = False
-                    ) -> tuple[str, dict[str, list[str]]]:
+def missing_outputs(
+    root: str = ".", remote: str | None = None, repair: bool = False
+) -> tuple[str, dict[str, list[str]]]:
     """(remote name, {output path: [missing file paths]}); an empty list means the whole output.
 
     With `repair`, the directory listings of incomplete outputs are removed from the remote and the
@@ -44,7 +46,11 @@ def missing_outputs(root: str = ".", remote: str | None = None, repair: bool = F
                 with odb.fs.open(odb.oid_to_path(oid), "r") as f:
                     listing = json.load(f)
                 present = set(odb.oids_exist([entry["md5"] for entry in listing]))
-                lost = [f"{out.def_path}/{entry['relpath']}" for entry in listing if entry["md5"] not in present]
+                lost = [
+                    f"{out.def_path}/{entry['relpath']}"
+                    for entry in listing
+                    if entry["md5"] not in present
+                ]
                 if lost:
                     missing[out.def_path] = lost
                     if repair:
@@ -68,6 +74,8 @@ def report(root: str = ".", remote: str | None = None, repair: bool = False) -> 
             print(f"  {path}  (the whole output)")
         for f in files:
             print(f"  {f}")
-    print("from a clone that has these outputs, run `uv run unpaired remote-status --repair` "
-          "(re-uploads them), or `uv run dvc repro` to rebuild them")
+    print(
+        "from a clone that has these outputs, run `uv run unpaired remote-status --repair` "
+        "(re-uploads them), or `uv run dvc repro` to rebuild them"
+    )
     return 1

@@ -16,6 +16,7 @@ Also here: the test-set pages (metrics/test_set/index.html, page_NNN.html), whic
 the best epoch's translations of every test image. The pages' stylesheets and script are package data
 in unpaired/templates/; prepare's dataset page is unpaired/dataset_page.py.
 """
+
 from __future__ import annotations
 
 import html
@@ -31,9 +32,13 @@ from unpaired import templates
 from unpaired.files import atomic_write_bytes
 
 LOSSES = ("G_A", "G_B", "D_A", "D_B", "cycle_A", "cycle_B", "idt_A", "idt_B")
-LOSS_PANELS = (("generators (LSGAN)", ("G_A", "G_B")), ("discriminators", ("D_A", "D_B")),
-               ("cycle consistency", ("cycle_A", "cycle_B")), ("identity", ("idt_A", "idt_B")))
-COLOUR_A, COLOUR_B = "#1f77b4", "#d62728"    # everything about direction A (A→B) blue, B red
+LOSS_PANELS = (
+    ("generators (LSGAN)", ("G_A", "G_B")),
+    ("discriminators", ("D_A", "D_B")),
+    ("cycle consistency", ("cycle_A", "cycle_B")),
+    ("identity", ("idt_A", "idt_B")),
+)
+COLOUR_A, COLOUR_B = "#1f77b4", "#d62728"  # everything about direction A (A→B) blue, B red
 
 
 def colour_of(name: str) -> str:
@@ -52,7 +57,10 @@ def svg_panel(series: Series, title: str, marker: float | None = None, note: str
     """One small chart: each series a polyline (and dots) on the panel's own y scale, a marker line
     at x=`marker`, an HTML legend whose entries carry their series' colour. Non-finite points are
     left out. Returns "" when no series has a finite point (no empty chart is drawn)."""
-    clean = {k: [(x, y) for x, y in v if math.isfinite(x) and math.isfinite(y)] for k, v in series.items()}
+    clean = {
+        k: [(x, y) for x, y in v if math.isfinite(x) and math.isfinite(y)]
+        for k, v in series.items()
+    }
     clean = {k: v for k, v in clean.items() if v}
     if not clean:
         return ""
@@ -65,28 +73,46 @@ def svg_panel(series: Series, title: str, marker: float | None = None, note: str
     y0, y1 = min(ys), max(ys)
     pad = (y1 - y0) * 0.08 or abs(y1) * 0.1 or 1.0
     y0, y1 = y0 - pad, y1 + pad
-    sx = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)     # noqa: E731
-    sy = lambda y: top + (y1 - y) / (y1 - y0) * (h - top - bottom)      # noqa: E731
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
+    sy = lambda y: top + (y1 - y) / (y1 - y0) * (h - top - bottom)  # noqa: E731
     out = [f'<svg class=chart viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(title)}">']
     for t in _ticks(y0 + pad, y1 - pad):
-        out.append(f'<line x1="{left}" x2="{w - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class=grid />'
-                   f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" text-anchor="end" class=tick>{t:.3g}</text>')
+        out.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class=grid />'
+            f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" text-anchor="end" class=tick>{t:.3g}</text>'
+        )
     for t in sorted({x0 if len(set(xs)) > 1 else xs[0], x1 if len(set(xs)) > 1 else xs[0]}):
-        out.append(f'<text x="{sx(t):.1f}" y="{h - 8}" text-anchor="middle" class=tick>{t:g}</text>')
-    out.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" class=axis />')
+        out.append(
+            f'<text x="{sx(t):.1f}" y="{h - 8}" text-anchor="middle" class=tick>{t:g}</text>'
+        )
+    out.append(
+        f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" class=axis />'
+    )
     if marker is not None and x0 <= marker <= x1:
-        out.append(f'<line x1="{sx(marker):.1f}" y1="{top}" x2="{sx(marker):.1f}" y2="{h - bottom}" class=best />')
+        out.append(
+            f'<line x1="{sx(marker):.1f}" y1="{top}" x2="{sx(marker):.1f}" y2="{h - bottom}" class=best />'
+        )
     for name, values in clean.items():
         colour = colour_of(name)
         pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in values)
-        out.append(f'<polyline data-series="{html.escape(name)}" fill="none" stroke="{colour}" '
-                   f'stroke-width="2" points="{pts}"/>')
-        out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in values)
+        out.append(
+            f'<polyline data-series="{html.escape(name)}" fill="none" stroke="{colour}" '
+            f'stroke-width="2" points="{pts}"/>'
+        )
+        out.extend(
+            f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>'
+            for x, y in values
+        )
     out.append("</svg>")
-    legend = "".join(f'<span class=key data-series="{html.escape(n)}" style="color:{colour_of(n)}">'
-                     f'<i style="background:{colour_of(n)}"></i>{html.escape(n)}</span>' for n in clean)
-    caption = f"<b>{html.escape(title)}</b> {legend}" + (f"<br><small>{html.escape(note)}</small>" if note else "")
-    return f'<figure class=panel>{"".join(out)}<figcaption class=legend>{caption}</figcaption></figure>'
+    legend = "".join(
+        f'<span class=key data-series="{html.escape(n)}" style="color:{colour_of(n)}">'
+        f'<i style="background:{colour_of(n)}"></i>{html.escape(n)}</span>'
+        for n in clean
+    )
+    caption = f"<b>{html.escape(title)}</b> {legend}" + (
+        f"<br><small>{html.escape(note)}</small>" if note else ""
+    )
+    return f"<figure class=panel>{''.join(out)}<figcaption class=legend>{caption}</figcaption></figure>"
 
 
 def _tsv_series(live_dir: Path, name: str) -> list[tuple[float, float]]:
@@ -98,7 +124,7 @@ def _tsv_series(live_dir: Path, name: str) -> list[tuple[float, float]]:
     try:
         frame = pd.read_csv(tsv, sep="\t")
         return list(zip(frame["step"].astype(float), frame[name].astype(float)))
-    except (OSError, ValueError, KeyError):    # empty, truncated or another program's file
+    except (OSError, ValueError, KeyError):  # empty, truncated or another program's file
         return []
 
 
@@ -125,8 +151,9 @@ def _train_device(run: dict[str, Any], train: dict[str, Any]) -> str:
     return html.escape(f"{run['device']}{procs} ({setting})")
 
 
-def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path,
-             summary: dict[str, Any]) -> tuple[str, str]:
+def _context(
+    params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path, summary: dict[str, Any]
+) -> tuple[str, str]:
     """(the header's HTML, the throughput note): what was trained, on what, how fast."""
     esc = html.escape
     domains = params_all.get("domains") or {}
@@ -138,9 +165,11 @@ def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path
         detail = ", ".join(f"{k}: {json.dumps(v)}" for k, v in spec.items() if k != "source")
         counts = kept.get(d) or {}
         n_skip = sum(v for v in (skipped.get(d) or {}).values() if isinstance(v, (int, float)))
-        rows.append(f"<tr><th>{d.upper()}</th><td>{esc(str(spec.get('source', '?')))}</td>"
-                    f"<td class=detail>{esc(detail)}</td><td>{counts.get('train', '?')}</td>"
-                    f"<td>{counts.get('test', '?')}</td><td>{n_skip if kept else '?'}</td></tr>")
+        rows.append(
+            f"<tr><th>{d.upper()}</th><td>{esc(str(spec.get('source', '?')))}</td>"
+            f"<td class=detail>{esc(detail)}</td><td>{counts.get('train', '?')}</td>"
+            f"<td>{counts.get('test', '?')}</td><td>{n_skip if kept else '?'}</td></tr>"
+        )
     ips = _tsv_series(live_dir, "images_per_s")
     per_epoch = max((kept.get(d) or {}).get("train", 0) for d in ("a", "b")) if kept else 0
     if ips:
@@ -148,25 +177,48 @@ def _context(params_all: dict[str, Any], prepare: dict[str, Any], live_dir: Path
         mean = sum(rates) / len(rates) if rates else 0.0
         seconds = sum(per_epoch / y for y in rates) if per_epoch else 0.0
         speed = f"{mean:.3g} images/s on average over {len(ips)} epoch(s) (last {ips[-1][1]:.3g})"
-        took = (f"≈ {_duration(seconds)} in training steps ({per_epoch} images per epoch ÷ images/s, "
-                f"summed over epochs)" if seconds else "not known (no metrics/prepare.json)")
+        took = (
+            f"≈ {_duration(seconds)} in training steps ({per_epoch} images per epoch ÷ images/s, "
+            f"summed over epochs)"
+            if seconds
+            else "not known (no metrics/prepare.json)"
+        )
     else:
         speed, took = "not known (no training logs)", "not known (no training logs)"
     train = params_all.get("train") or {}
     evaluate = params_all.get("evaluate") or {}
-    table = ("<table class=domains><tr><th>domain</th><th>source</th><th class=detail>settings</th><th>train images</th>"
-             "<th>test images</th><th>skipped</th></tr>" + "".join(rows) + "</table>")
+    table = (
+        "<table class=domains><tr><th>domain</th><th>source</th><th class=detail>settings</th><th>train images</th>"
+        "<th>test images</th><th>skipped</th></tr>" + "".join(rows) + "</table>"
+    )
     facts = [
         ("preset", esc(str(params_all.get("preset", "(none: params.yaml edited by hand)")))),
-        ("training", esc(", ".join(part for part in (
-            f"{train['epochs']} + {train['epochs_decay']} epochs (constant lr, then linear decay)"
-            if "epochs" in train and "epochs_decay" in train else "",
-            f"{train['load_size']}→{train['crop_size']} px crops" if "load_size" in train and "crop_size" in train
-            else "",
-            f"ngf {train['ngf']}, {train['n_blocks']} residual blocks" if "ngf" in train and "n_blocks" in train
-            else "") if part) or "see params below")),
-        ("device", f"train: {_train_device(summary.get('train_run') or {}, train)}; evaluate: "
-                   f"{esc(str(summary.get('device', '?')))} (evaluate.device = {esc(str(evaluate.get('device', 'auto')))})"),
+        (
+            "training",
+            esc(
+                ", ".join(
+                    part
+                    for part in (
+                        f"{train['epochs']} + {train['epochs_decay']} epochs (constant lr, then linear decay)"
+                        if "epochs" in train and "epochs_decay" in train
+                        else "",
+                        f"{train['load_size']}→{train['crop_size']} px crops"
+                        if "load_size" in train and "crop_size" in train
+                        else "",
+                        f"ngf {train['ngf']}, {train['n_blocks']} residual blocks"
+                        if "ngf" in train and "n_blocks" in train
+                        else "",
+                    )
+                    if part
+                )
+                or "see params below"
+            ),
+        ),
+        (
+            "device",
+            f"train: {_train_device(summary.get('train_run') or {}, train)}; evaluate: "
+            f"{esc(str(summary.get('device', '?')))} (evaluate.device = {esc(str(evaluate.get('device', 'auto')))})",
+        ),
         ("training time", esc(took)),
         ("throughput", esc(speed)),
     ]
@@ -183,13 +235,26 @@ def _flat(prefix: str, values: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def _params_table(section: str, values: dict[str, Any]) -> str:
-    return "<table class=params>" + "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
-        for k, v in _flat(section, values)) + "</table>"
+    return (
+        "<table class=params>"
+        + "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
+            for k, v in _flat(section, values)
+        )
+        + "</table>"
+    )
 
 
-def write_report(path: Path, *, summary: dict[str, Any], table: pd.DataFrame, grids: list[int],
-                 params_all: dict[str, Any], live_dir: Path, prepare_report: Path | None = None) -> None:
+def write_report(
+    path: Path,
+    *,
+    summary: dict[str, Any],
+    table: pd.DataFrame,
+    grids: list[int],
+    params_all: dict[str, Any],
+    live_dir: Path,
+    prepare_report: Path | None = None,
+) -> None:
     """Write the report to `path` atomically. `summary` is evaluate's (best_epoch, best_reason,
     select_fallback, metrics_available, metrics_skipped, weights (those that scored), weights_help,
     notes, device, train_run); `table`
@@ -201,57 +266,83 @@ def write_report(path: Path, *, summary: dict[str, Any], table: pd.DataFrame, gr
     esc = html.escape
     prepare_counts = _read_json(prepare_report)
     header, _ = _context(params_all, prepare_counts, live_dir, summary)
-    if prepare_counts.get("page"):      # the dataset page prepare wrote (metrics/data/index.html)
+    if prepare_counts.get("page"):  # the dataset page prepare wrote (metrics/data/index.html)
         link = Path(os.path.relpath(prepare_counts["page"], path.parent)).as_posix()
-        header += (f'<p id=dataset-page>The prepared images, what was skipped and why: '
-                   f'<a href="{esc(link)}">{esc(link)}</a>.</p>')
+        header += (
+            f"<p id=dataset-page>The prepared images, what was skipped and why: "
+            f'<a href="{esc(link)}">{esc(link)}</a>.</p>'
+        )
 
-    panels = [svg_panel({n: _tsv_series(live_dir, n) for n in names}, title, best) for title, names in LOSS_PANELS]
+    panels = [
+        svg_panel({n: _tsv_series(live_dir, n) for n in names}, title, best)
+        for title, names in LOSS_PANELS
+    ]
     panels = [p for p in panels if p]
-    loss_html = (f'<div class=panels>{"".join(panels)}</div>' if panels else
-                 f"<p class=note>No training logs found in {esc(str(live_dir))}.</p>")
+    loss_html = (
+        f"<div class=panels>{''.join(panels)}</div>"
+        if panels
+        else f"<p class=note>No training logs found in {esc(str(live_dir))}.</p>"
+    )
 
     if summary["metrics_available"]:
+
         def series(cols: tuple[str, str]) -> Series:
             return {c: list(zip(table.epoch.astype(float), table[c].astype(float))) for c in cols}
-        charts = [svg_panel(series(("fid_AtoB", "fid_BtoA")), "FID per epoch (lower is better)", best),
-                  svg_panel(series(("kid_AtoB", "kid_BtoA")), "KID per epoch (lower is better)", best)]
+
+        charts = [
+            svg_panel(series(("fid_AtoB", "fid_BtoA")), "FID per epoch (lower is better)", best),
+            svg_panel(series(("kid_AtoB", "kid_BtoA")), "KID per epoch (lower is better)", best),
+        ]
         cols = ["epoch", "fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid"]
         head = "".join(f"<th>{esc(c)}</th>" for c in cols)
         body = "".join(
-            f"<tr{' class=best' if int(r['epoch']) == best else ''}>" + "".join(
+            f"<tr{' class=best' if int(r['epoch']) == best else ''}>"
+            + "".join(
                 f"<td>{int(r[c]) if c == 'epoch' else (f'{r[c]:.4g}' if math.isfinite(r[c]) else 'not finite')}</td>"
-                for c in cols) + "</tr>" for r in table.to_dict("records"))
-        metric_html = (f'<div class=panels>{"".join(c for c in charts if c)}</div>'
-                       f"<table class=numbers><tr>{head}</tr>{body}</table>")
+                for c in cols
+            )
+            + "</tr>"
+            for r in table.to_dict("records")
+        )
+        metric_html = (
+            f"<div class=panels>{''.join(c for c in charts if c)}</div>"
+            f"<table class=numbers><tr>{head}</tr>{body}</table>"
+        )
         used = summary.get("weights") or {}
         if used:
-            metric_html += (f"<p id=inception-weights>Inception weights: {esc(used['source'])}, <code>"
-                            f"{esc(used['file'])}</code>, sha256 <code>{esc(used['sha256'])}</code>.</p>")
+            metric_html += (
+                f"<p id=inception-weights>Inception weights: {esc(used['source'])}, <code>"
+                f"{esc(used['file'])}</code>, sha256 <code>{esc(used['sha256'])}</code>.</p>"
+            )
     else:
         weights = summary.get("weights_help") or {}
         metric_html = f"<p class=warn id=metrics-skipped>{esc(summary.get('metrics_skipped') or 'FID/KID not computed')}</p>"
         if weights:
             metric_html += (
                 "<p>To compute them without internet, fetch the file elsewhere and copy it in:</p><dl class=facts>"
-                f"<dt>URL</dt><dd><a href=\"{esc(weights['url'])}\">{esc(weights['url'])}</a></dd>"
+                f'<dt>URL</dt><dd><a href="{esc(weights["url"])}">{esc(weights["url"])}</a></dd>'
                 f"<dt>file name</dt><dd><code>{esc(weights['file'])}</code></dd>"
                 f"<dt>folder</dt><dd><code>{esc(weights['folder'])}/</code> (by default ~/.cache/torch/hub/checkpoints)</dd>"
                 f"<dt>sha256</dt><dd>starts with <code>{esc(weights['sha256_prefix'] or '?')}</code> (torch-fidelity "
                 f"publishes only this prefix, in the file name)</dd>"
-                f"<dt>then</dt><dd><code>{esc(weights['check'])}</code>, and run evaluate again</dd></dl>")
+                f"<dt>then</dt><dd><code>{esc(weights['check'])}</code>, and run evaluate again</dd></dl>"
+            )
 
     notes = "".join(f"<p class=warn>{esc(n)}</p>" for n in summary.get("notes") or [])
     best_cls = "warn" if summary.get("select_fallback") else "ok"
-    best_html = (f"<p class={best_cls} id=best>Best epoch: <b>{best}</b> — {esc(summary['best_reason'])}. Its "
-                 f"generators are in <code>models/best/generators.pt</code>. {len(table)} saved epoch(s) evaluated. "
-                 f'Every test image translated by them: <a href="test_set/index.html">test_set/index.html</a>.</p>')
+    best_html = (
+        f"<p class={best_cls} id=best>Best epoch: <b>{best}</b> — {esc(summary['best_reason'])}. Its "
+        f"generators are in <code>models/best/generators.pt</code>. {len(table)} saved epoch(s) evaluated. "
+        f'Every test image translated by them: <a href="test_set/index.html">test_set/index.html</a>.</p>'
+    )
     if grids:
         start = grids.index(best) if best in grids else len(grids) - 1
         strip = "".join(
             f'<figure{" class=best" if e == best else ""}><img src="samples/epoch_{e:03d}.png" '
             f'alt="samples at epoch {e}" loading="eager"><figcaption>epoch {e}{" ★ best" if e == best else ""}'
-            f"</figcaption></figure>" for e in grids)
+            f"</figcaption></figure>"
+            for e in grids
+        )
         grids_html = f"""<p>Rows: real A | fake B | reconstructed A, then real B | fake A | reconstructed B; the same test
 images every epoch.</p>
 <div id="viewer"><input id="epoch" type="range" min="0" max="{len(grids) - 1}" value="{start}"
@@ -265,10 +356,12 @@ images every epoch.</p>
     scalars = {k: v for k, v in sections.items() if not isinstance(v, dict)}
     blocks = ([f"<div><h3>top level</h3>{_params_table('', scalars)}</div>"] if scalars else []) + [
         f"<div><h3>{esc(name)}</h3>{_params_table(name, values)}</div>"
-        for name, values in sections.items() if isinstance(values, dict)]
-    params_html = f'<div class=params-grid>{"".join(blocks)}</div>'
+        for name, values in sections.items()
+        if isinstance(values, dict)
+    ]
+    params_html = f"<div class=params-grid>{''.join(blocks)}</div>"
 
-    css, js = templates.text("report.css"), templates.text("report.js")   # unpaired/templates/
+    css, js = templates.text("report.css"), templates.text("report.js")  # unpaired/templates/
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>unpaired: evaluation report</title>
 <style>
@@ -303,32 +396,49 @@ def page_name_for_test_set(i: int) -> str:
     return "index.html" if i == 0 else f"page_{i + 1:03d}.html"
 
 
-def pages_for_test_set(epoch: int, generators: Path, directions: dict[str, list[str]], rows_per_page: int
-                   ) -> dict[str, str]:
+def pages_for_test_set(
+    epoch: int, generators: Path, directions: dict[str, list[str]], rows_per_page: int
+) -> dict[str, str]:
     """The test-set pages as {file name: HTML}: for each direction ("AtoB", "BtoA" → the test file
     names of its source domain) a table of `rows_per_page` rows per page, each row the real image,
     its translation by G_A or G_B and its reconstruction, linked to the full-size PNGs the caller
     writes at <direction>/{real,fake,rec}/<name>. A direction without images says how to get some.
     `generators` is the checkpoint shown (= models/best/generators.pt); `epoch` its epoch."""
     esc = html.escape
-    style = templates.text("test_set.css")     # unpaired/templates/
+    style = templates.text("test_set.css")  # unpaired/templates/
     pages = max(1, math.ceil(max(map(len, directions.values()), default=0) / rows_per_page))
     out = {}
     for i in range(pages):
-        nav = " ".join(f"<b>{j + 1}</b>" if j == i else f'<a href="{page_name_for_test_set(j)}">{j + 1}</a>'
-                       for j in range(pages)) if pages > 1 else ""
+        nav = (
+            " ".join(
+                f"<b>{j + 1}</b>"
+                if j == i
+                else f'<a href="{page_name_for_test_set(j)}">{j + 1}</a>'
+                for j in range(pages)
+            )
+            if pages > 1
+            else ""
+        )
         parts = []
         for label, names in directions.items():
             a, b = label[0], label[-1]
             rows = "".join(
-                f"<tr><td class=name>{esc(n)}</td>" + "".join(
+                f"<tr><td class=name>{esc(n)}</td>"
+                + "".join(
                     f'<td><a href="{label}/{kind}/{esc(n)}"><img src="{label}/{kind}/{esc(n)}" '
-                    f'alt="{kind} {esc(n)}" loading="lazy"></a></td>' for kind in TEST_SET_KINDS) + "</tr>"
-                for n in names[i * rows_per_page:(i + 1) * rows_per_page])
-            body = (f"<table><tr><th>file</th><th>real {a}</th><th>fake {b} (G_{a})</th><th>reconstructed {a}</th>"
-                    f"</tr>{rows}</table>" if names else
-                    f"<p class=warn>No test images in test{a}: raise prepare.test_fraction (or add images) and "
-                    f"run prepare again.</p>")
+                    f'alt="{kind} {esc(n)}" loading="lazy"></a></td>'
+                    for kind in TEST_SET_KINDS
+                )
+                + "</tr>"
+                for n in names[i * rows_per_page : (i + 1) * rows_per_page]
+            )
+            body = (
+                f"<table><tr><th>file</th><th>real {a}</th><th>fake {b} (G_{a})</th><th>reconstructed {a}</th>"
+                f"</tr>{rows}</table>"
+                if names
+                else f"<p class=warn>No test images in test{a}: raise prepare.test_fraction (or add images) and "
+                f"run prepare again.</p>"
+            )
             parts.append(f"<h2>{a} → {b}: {len(names)} test image(s)</h2>{body}")
         out[page_name_for_test_set(i)] = (
             f"<!doctype html><html lang=en><head><meta charset=utf-8><title>unpaired: test set, epoch {epoch}"
@@ -336,5 +446,8 @@ def pages_for_test_set(epoch: int, generators: Path, directions: dict[str, list[
             f"<h1>Test set translated by the best epoch ({epoch})</h1>"
             f"<p>Generators: <code>{esc(generators.as_posix())}</code> (= models/best/generators.pt). "
             f"Click an image for the full-size file. Page {i + 1} of {pages}. {nav}</p>"
-            + "".join(parts) + (f"<p>{nav}</p>" if nav else "") + "</body></html>\n")
+            + "".join(parts)
+            + (f"<p>{nav}</p>" if nav else "")
+            + "</body></html>\n"
+        )
     return out

@@ -35,6 +35,7 @@ first, and removes the temporaries a killed stage left next to the outputs
 The output passes through as it comes, but `dvc repro`'s stderr is read through a pipe (to find the
 stage's `error: ` line), so DVC shows no progress bars of its own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,35 +59,40 @@ from unpaired.params import PARAMS_FILE, check_file
 from unpaired.presets import stale_composition
 from unpaired.torchrun import parent_death_signal
 
-STATE = Path(".dvc/tmp/repro-kept")          # one run's record: present.json + kept/<output path>
-LOCK = Path(".dvc/tmp/repro-kept.lock")      # held (flock) for the wrapper's whole run
+STATE = Path(".dvc/tmp/repro-kept")  # one run's record: present.json + kept/<output path>
+LOCK = Path(".dvc/tmp/repro-kept.lock")  # held (flock) for the wrapper's whole run
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # Watches dvc's process group (argv[1]) from a process group of its own, so that neither a signal the
 # wrapper forwards to dvc's group (even one that lands while the watchdog's Python still starts) nor a
 # kill of the wrapper's group reaches it. Its stdin is a pipe only the wrapper writes: EOF without the
 # "done" byte means the wrapper died (kill -9), so it takes dvc and its stage down with it.
-WATCHDOG = ("import os, signal, sys\n"
-            "if sys.stdin.buffer.read(1) != b'd':\n"
-            "    try:\n"
-            "        os.killpg(int(sys.argv[1]), signal.SIGKILL)\n"
-            "    except ProcessLookupError:\n"
-            "        pass\n")
+WATCHDOG = (
+    "import os, signal, sys\n"
+    "if sys.stdin.buffer.read(1) != b'd':\n"
+    "    try:\n"
+    "        os.killpg(int(sys.argv[1]), signal.SIGKILL)\n"
+    "    except ProcessLookupError:\n"
+    "        pass\n"
+)
 
 
 @dataclass(frozen=True)
 class Output:
-    path: str            # as dvc.yaml writes it, relative to the repository root
-    stage: str           # DVC addressing, e.g. `fetch@a`
-    cached: bool         # False for `cache: false` outputs (metrics)
-    lock: str = ""       # digest of the stage's dvc.lock entry (its deps', params' and outs' hashes)
-    state: str = ""      # fingerprint of the output on disk before the run (see `fingerprint`)
+    path: str  # as dvc.yaml writes it, relative to the repository root
+    stage: str  # DVC addressing, e.g. `fetch@a`
+    cached: bool  # False for `cache: false` outputs (metrics)
+    lock: str = ""  # digest of the stage's dvc.lock entry (its deps', params' and outs' hashes)
+    state: str = ""  # fingerprint of the output on disk before the run (see `fingerprint`)
 
 
 def _stage_lock(stage) -> str:
     """A digest of what dvc.lock records for `stage`: every dep's, param's and output's hash. It
     changes exactly when DVC recorded a new run of the stage."""
-    items = [[item.def_path, item.hash_info.name, item.hash_info.value] for item in [*stage.deps, *stage.outs]]
+    items = [
+        [item.def_path, item.hash_info.name, item.hash_info.value]
+        for item in [*stage.deps, *stage.outs]
+    ]
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -94,9 +100,14 @@ def outputs(persist: bool = False) -> list[Output]:
     """Every non-persist output of every stage (persist ones DVC never deletes; with `persist`, those
     too), from DVC's index of dvc.yaml and dvc.lock, with its stage's `lock` digest."""
     from dvc.repo import Repo
+
     with Repo(os.getcwd()) as repo:
-        return [Output(out.def_path, stage.addressing, bool(out.use_cache), _stage_lock(stage))
-                for stage in repo.index.stages for out in stage.outs if persist or not out.persist]
+        return [
+            Output(out.def_path, stage.addressing, bool(out.use_cache), _stage_lock(stage))
+            for stage in repo.index.stages
+            for out in stage.outs
+            if persist or not out.persist
+        ]
 
 
 def fingerprint(path: str | Path) -> str:
@@ -110,7 +121,9 @@ def fingerprint(path: str | Path) -> str:
     if path.is_dir() and not path.is_symlink():
         for rel, is_dir in tree(path):
             st = (path / rel).lstat()
-            h.update(f"{rel}\0{'d' if is_dir else st.st_size}\0{0 if is_dir else st.st_mtime_ns}\n".encode())
+            h.update(
+                f"{rel}\0{'d' if is_dir else st.st_size}\0{0 if is_dir else st.st_mtime_ns}\n".encode()
+            )
     else:
         st = path.lstat()
         h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -160,8 +173,14 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
     (what was put back, notes: what could not be, with the command that does it). STATE is removed."""
     present = [Output(**o) for o in json.loads((STATE / "present.json").read_text())]
     now = {(o.stage, o.path): o.lock for o in outputs()}
-    changed = [o for o in present if now.get((o.stage, o.path)) == o.lock and fingerprint(o.path) != o.state]
-    changed += [o for o in present if not o.state and not _exists(o.path)]   # a record without fingerprints
+    changed = [
+        o
+        for o in present
+        if now.get((o.stage, o.path)) == o.lock and fingerprint(o.path) != o.state
+    ]
+    changed += [
+        o for o in present if not o.state and not _exists(o.path)
+    ]  # a record without fingerprints
     restored, notes = [], []
     for out in (o for o in changed if not o.cached):
         src, dst = STATE / "kept" / out.path, Path(out.path)
@@ -170,7 +189,7 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
             make_dirs(aside.parent)
             os.replace(dst, aside)
         make_dirs(dst.parent)
-        os.replace(src, dst)                     # same filesystem: a rename, never half a file
+        os.replace(src, dst)  # same filesystem: a rename, never half a file
         restored.append(out.path)
     cached = [o for o in changed if o.cached]
     lost: list[Output] = []
@@ -182,14 +201,17 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
                 os.replace(out.path, aside)
         count = signals.count
         targets = [o.path for o in cached]
-        print(f"repro: putting back the previous {', '.join(targets)}: dvc checkout {' '.join(targets)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"repro: putting back the previous {', '.join(targets)}: dvc checkout {' '.join(targets)}",
+            file=sys.stderr,
+            flush=True,
+        )
         status = _run_dvc(["checkout", *targets], signals)
         if status != 0 or signals.count > count:
             repair_rwlock()
         if status == 0 and signals.count == count:
             restored += targets
-        else:            # interrupted: an output may be half checked out, so it is named as lost
+        else:  # interrupted: an output may be half checked out, so it is named as lost
             lost = [o for o in cached if signals.count > count or not _exists(o.path)]
             restored += [o.path for o in cached if o not in lost]
             if signals.count > count:
@@ -197,13 +219,15 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
     shutil.rmtree(STATE, ignore_errors=True)
     if lost:
         command = " ".join(o.path for o in lost)
-        notes.append(f"the previous {', '.join(o.path for o in lost)} could not be restored"
-                     f"{'' if signals.count else ' (not in the DVC cache)'}: "
-                     f"run `uv run dvc checkout {command}` (or `uv run dvc pull {command}`)")
+        notes.append(
+            f"the previous {', '.join(o.path for o in lost)} could not be restored"
+            f"{'' if signals.count else ' (not in the DVC cache)'}: "
+            f"run `uv run dvc checkout {command}` (or `uv run dvc pull {command}`)"
+        )
     return restored, notes
 
 
-RWLOCK = Path(".dvc/tmp/rwlock")     # DVC's record of the paths its running commands hold
+RWLOCK = Path(".dvc/tmp/rwlock")  # DVC's record of the paths its running commands hold
 
 
 def repair_rwlock() -> bool:
@@ -219,8 +243,12 @@ def repair_rwlock() -> bool:
     except (ValueError, OSError, UnicodeDecodeError):
         with contextlib.suppress(FileNotFoundError):
             RWLOCK.unlink()
-        print(f"repro: removed {RWLOCK}, left half-written by the interrupted dvc (every later dvc "
-              f"command would refuse to read it)", file=sys.stderr, flush=True)
+        print(
+            f"repro: removed {RWLOCK}, left half-written by the interrupted dvc (every later dvc "
+            f"command would refuse to read it)",
+            file=sys.stderr,
+            flush=True,
+        )
         return True
     return False
 
@@ -232,11 +260,13 @@ def recover(signals: Signals) -> list[str]:
         return []
     try:
         restored, notes = put_back(signals)
-    except (OSError, ValueError, TypeError):        # killed while writing its record: nothing removed yet
+    except (OSError, ValueError, TypeError):  # killed while writing its record: nothing removed yet
         shutil.rmtree(STATE, ignore_errors=True)
         return []
     if restored:
-        notes.insert(0, f"an earlier `make repro` was killed: put back its previous {', '.join(restored)}")
+        notes.insert(
+            0, f"an earlier `make repro` was killed: put back its previous {', '.join(restored)}"
+        )
     return notes
 
 
@@ -268,12 +298,16 @@ class Signals:
 def _run_dvc(args: list[str], signals: Signals, errors: list[str] | None = None) -> int:
     """`dvc ARGS` in a process group of its own with a watchdog, its output passed through (stderr's
     `error: ` lines appended to `errors`); returns its exit status."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], process_group=0,
-                            stderr=subprocess.PIPE if errors is not None else None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args],
+        process_group=0,
+        stderr=subprocess.PIPE if errors is not None else None,
+    )
     signals.group = proc.pid
     read, write = os.pipe()
-    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(proc.pid)], stdin=read,
-                                process_group=0)
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", WATCHDOG, str(proc.pid)], stdin=read, process_group=0
+    )
     os.close(read)
     tee = None
     try:
@@ -293,7 +327,9 @@ def _run_dvc(args: list[str], signals: Signals, errors: list[str] | None = None)
             tee.join()
     finally:
         signals.group = None
-        with contextlib.suppress(BrokenPipeError):  # the watchdog is gone already: nothing to tell it
+        with contextlib.suppress(
+            BrokenPipeError
+        ):  # the watchdog is gone already: nothing to tell it
             os.write(write, b"d")
         os.close(write)
         watchdog.wait()
@@ -327,8 +363,8 @@ def _tee(fd: int, errors: list[str]) -> None:
     those are appended to `errors` (text, stripped) and not written, since the wrapper's last line
     repeats the stage's error (it was printed twice); main prints any it does not use. A line is held
     only while it may still become one (its first 7 bytes), then passed through as it comes."""
-    held = b""            # the current line so far (after its last \r), while it may be an error line
-    passing = False       # the current line is not one: its bytes go through as they come
+    held = b""  # the current line so far (after its last \r), while it may be an error line
+    passing = False  # the current line is not one: its bytes go through as they come
     while True:
         try:
             chunk = os.read(fd, 65536)
@@ -353,7 +389,7 @@ def _tee(fd: int, errors: list[str]) -> None:
                     held, passing = b"", True
         if out:
             os.write(2, out)
-    if held.startswith(ERROR_LINE):          # the last line, without its newline
+    if held.startswith(ERROR_LINE):  # the last line, without its newline
         errors.append(held.decode(errors="replace").strip())
     elif held:
         os.write(2, held)
@@ -367,7 +403,9 @@ def _exclusive():
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError("another `make repro` is running in this project; wait for it") from None
+            raise UserError(
+                "another `make repro` is running in this project; wait for it"
+            ) from None
         yield
 
 
@@ -397,8 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     # the stage through the wrapper, so no process of the run outlives the command the user started.
     parent_death_signal(signal.SIGTERM)
     _own_environment()
-    check_file()                                  # before DVC: a missing section would remove outputs
-    stale = stale_composition(PARAMS_FILE)        # conf/ edited since params.yaml was composed from it
+    check_file()  # before DVC: a missing section would remove outputs
+    stale = stale_composition(PARAMS_FILE)  # conf/ edited since params.yaml was composed from it
     if stale:
         print(f"warning: {stale}", flush=True)
     with _exclusive(), Signals() as signals:
@@ -418,23 +456,33 @@ def main(argv: list[str] | None = None) -> None:
         status = _run_dvc(["repro", *args], signals, errors)
         if status != 0 or signals.count:
             repair_rwlock()
-        if status == 0:                       # finished: every stage it ran is recorded
+        if status == 0:  # finished: every stage it ran is recorded
             shutil.rmtree(STATE, ignore_errors=True)
-            for line in errors:               # withheld by _tee for a last line there is no need for
+            for line in errors:  # withheld by _tee for a last line there is no need for
                 print(line, file=sys.stderr)
             if not signals.count:
                 return
             # DVC ignores Ctrl-C while a stage's command ends (dvc/stage/run.py), and went on
-            print("error: interrupted after `dvc repro` had finished: every stage it ran is recorded in "
-                  "dvc.lock; nothing to put back", file=sys.stderr)
+            print(
+                "error: interrupted after `dvc repro` had finished: every stage it ran is recorded in "
+                "dvc.lock; nothing to put back",
+                file=sys.stderr,
+            )
             sys.exit(130)
-        for line in errors[:-1]:              # the last one goes into the last line
+        for line in errors[:-1]:  # the last one goes into the last line
             print(line, file=sys.stderr, flush=True)
         restored, notes = put_back(signals)
-    first = errors[-1].removeprefix("error: ") if errors else (
-        "interrupted" if signals.count else
-        f"`dvc repro` was killed by {_signal_name(-status)}" if status < 0 else
-        f"`dvc repro` failed (status {status}); see its output above")
+    first = (
+        errors[-1].removeprefix("error: ")
+        if errors
+        else (
+            "interrupted"
+            if signals.count
+            else f"`dvc repro` was killed by {_signal_name(-status)}"
+            if status < 0
+            else f"`dvc repro` failed (status {status}); see its output above"
+        )
+    )
     parts = [first]
     if restored:
         parts.append(f"kept the previous {', '.join(restored)} (put back as dvc.lock records them)")

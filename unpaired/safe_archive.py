@@ -4,11 +4,12 @@ the whole archive refused. Archives are read to their real end: a tar whose list
 damaged header in the middle, which Python's tarfile takes for the end) is refused as corrupt.
 
 Used by the sources (archive, kaggle) and by files.unpack_view (data/prepared.tar)."""
+
 from __future__ import annotations
 
 import tarfile
-import zlib
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -38,8 +39,10 @@ def _read_to_end(t: tarfile.TarFile) -> None:
     while block := t.fileobj.read(1 << 20):
         rest = block.lstrip(b"\0")
         if rest:
-            raise tarfile.ReadError(f"a damaged header at byte {position + len(block) - len(rest)} of the "
-                                    f"tar stream: the members after it cannot be read")
+            raise tarfile.ReadError(
+                f"a damaged header at byte {position + len(block) - len(rest)} of the "
+                f"tar stream: the members after it cannot be read"
+            )
         position += len(block)
 
 
@@ -60,7 +63,9 @@ def members(archive: Path, where: str) -> Iterator[tuple[PurePosixPath, bytes]]:
                     _check(info.filename, where)
                     mode = info.external_attr >> 16
                     if (mode & 0o170000) == 0o120000:
-                        raise ArchiveError(f"{where}: refused: member {info.filename!r} is a symbolic link")
+                        raise ArchiveError(
+                            f"{where}: refused: member {info.filename!r} is a symbolic link"
+                        )
                 for info in infos:
                     if not info.is_dir():
                         yield _check(info.filename, where), z.read(info)
@@ -71,7 +76,9 @@ def members(archive: Path, where: str) -> Iterator[tuple[PurePosixPath, bytes]]:
                 for info in infos:
                     _check(info.name, where)
                     if not (info.isfile() or info.isdir()):
-                        raise ArchiveError(f"{where}: refused: member {info.name!r} is a link or device")
+                        raise ArchiveError(
+                            f"{where}: refused: member {info.name!r} is a link or device"
+                        )
                 _read_to_end(t)
                 for info in infos:
                     if info.isfile():
@@ -79,14 +86,23 @@ def members(archive: Path, where: str) -> Iterator[tuple[PurePosixPath, bytes]]:
                         yield _check(info.name, where), f.read() if f else b""
             return
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError) as err:
-        detail = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
-        raise CorruptArchive(f"{where}: corrupt archive {archive.name} ({detail}); delete it from "
-                             f"the cache and re-run, or check the URL", detail) from None
-    raise ArchiveError(f"{where}: {archive.name} is not a readable zip or tar archive (corrupt, or not an "
-                      f"archive at all); check the URL")
+        detail = (
+            f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+        )
+        raise CorruptArchive(
+            f"{where}: corrupt archive {archive.name} ({detail}); delete it from "
+            f"the cache and re-run, or check the URL",
+            detail,
+        ) from None
+    raise ArchiveError(
+        f"{where}: {archive.name} is not a readable zip or tar archive (corrupt, or not an "
+        f"archive at all); check the URL"
+    )
 
 
-def images_under(archive: Path, folder: str, where: str) -> list[tuple[PurePosixPath, PurePosixPath, bytes]]:
+def images_under(
+    archive: Path, folder: str, where: str
+) -> list[tuple[PurePosixPath, PurePosixPath, bytes]]:
     """(member path, path relative to `folder`, bytes) of every image under `folder` ("" = all) of
     an archive, sorted by member path; hidden files (.DS_Store ...) are not images."""
     prefix = PurePosixPath(folder.strip("/")) if folder.strip("/") else None

@@ -18,6 +18,7 @@ unpickler meets it, before it is called: `UnsafePickle` names the global and not
 The generator's tensors and constructor arguments are then read out of the records and loaded into
 the plain-PyTorch generator of sources/stylegan2.py.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,10 +47,12 @@ class TensorFlowPickle(UserError):
 
 
 TF_MODULES = ("dnnlib.tflib", "tensorflow")
-CONVERT = ("convert it to a PyTorch network with stylegan2-ada-pytorch's legacy.py "
-           "(git clone https://github.com/NVlabs/stylegan2-ada-pytorch, then "
-           "`python legacy.py --source=THIS_FILE --dest=converted.pkl`; it needs no TensorFlow) "
-           "and give converted.pkl")
+CONVERT = (
+    "convert it to a PyTorch network with stylegan2-ada-pytorch's legacy.py "
+    "(git clone https://github.com/NVlabs/stylegan2-ada-pytorch, then "
+    "`python legacy.py --source=THIS_FILE --dest=converted.pkl`; it needs no TensorFlow) "
+    "and give converted.pkl"
+)
 
 
 class Persistent:
@@ -110,14 +113,18 @@ ALLOWED: dict[tuple[str, str], Any] = {
 class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == TF_MODULES[0] or module.startswith(tuple(m + "." for m in TF_MODULES)):
-            raise TensorFlowPickle(f"a TensorFlow-era StyleGAN2 network (a pickle of {module}.{name} "
-                                   f"objects, from NVlabs/stylegan2 or stylegan2-ada), which this "
-                                   f"loader cannot read; {CONVERT} (nothing in the file was run)")
+            raise TensorFlowPickle(
+                f"a TensorFlow-era StyleGAN2 network (a pickle of {module}.{name} "
+                f"objects, from NVlabs/stylegan2 or stylegan2-ada), which this "
+                f"loader cannot read; {CONVERT} (nothing in the file was run)"
+            )
         try:
             return ALLOWED[(module, name)]
         except KeyError:
-            raise UnsafePickle(f"refers to {module}.{name}, which a network pickle does not need; "
-                               f"refused (nothing in the file was run)") from None
+            raise UnsafePickle(
+                f"refers to {module}.{name}, which a network pickle does not need; "
+                f"refused (nothing in the file was run)"
+            ) from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickle("uses persistent ids (a torch.save file?); refused")
@@ -133,10 +140,19 @@ def safe_load(path: str | Path) -> Any:
         raise TensorFlowPickle(f"{path}: {err}".replace("THIS_FILE", str(path))) from None
     except UnsafePickle as err:
         raise UnsafePickle(f"{path}: {err}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            RuntimeError) as err:
-        raise UserError(f"{path}: not a readable network pickle ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        RuntimeError,
+    ) as err:
+        raise UserError(
+            f"{path}: not a readable network pickle ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
 
 def module_tensors(obj: Persistent, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -158,11 +174,23 @@ def module_tensors(obj: Persistent, prefix: str = "") -> dict[str, torch.Tensor]
 
 
 # Generator(z_dim, c_dim, w_dim, img_resolution, img_channels, mapping_kwargs, synthesis_kwargs)
-GENERATOR_ARGS = ["z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs",
-                  "synthesis_kwargs"]
+GENERATOR_ARGS = [
+    "z_dim",
+    "c_dim",
+    "w_dim",
+    "img_resolution",
+    "img_channels",
+    "mapping_kwargs",
+    "synthesis_kwargs",
+]
 MAPPING_KEYS = {"num_layers": "mapping_layers", "lr_multiplier": "mapping_lr_multiplier"}
 SYNTHESIS_KEYS = {"channel_base", "channel_max", "num_fp16_res", "conv_clamp", "resample_filter"}
-DEFAULTS_WE_MATCH = {"architecture": "skip", "activation": "lrelu", "kernel_size": 3, "use_noise": True}
+DEFAULTS_WE_MATCH = {
+    "architecture": "skip",
+    "activation": "lrelu",
+    "kernel_size": 3,
+    "use_noise": True,
+}
 # Accepted whatever their value: training-only (w_avg_beta), memory layout (fp16_channels_last), the
 # label embedding of conditional networks (refused elsewhere). layer_features must be w_dim (or None).
 IGNORED = {"w_avg_beta", "fp16_channels_last", "embed_features"}
@@ -175,8 +203,9 @@ def config_from_record(g: Persistent, where: str) -> GeneratorConfig:
     extra: dict[str, Any] = {}
     for key in ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels"):
         if key not in kwargs:
-            raise UserError(f"{where}: the generator record has no {key}; is this a StyleGAN2-ADA "
-                            f"pickle?")
+            raise UserError(
+                f"{where}: the generator record has no {key}; is this a StyleGAN2-ADA pickle?"
+            )
         values[key] = int(kwargs[key])
     for group, names in (("mapping_kwargs", MAPPING_KEYS), ("synthesis_kwargs", SYNTHESIS_KEYS)):
         for key, value in dict(kwargs.get(group) or {}).items():
@@ -187,8 +216,10 @@ def config_from_record(g: Persistent, where: str) -> GeneratorConfig:
             elif key in DEFAULTS_WE_MATCH and value == DEFAULTS_WE_MATCH[key]:
                 extra[key] = value
             elif key in DEFAULTS_WE_MATCH:
-                raise UserError(f"{where}: {group}.{key}={value!r} is not supported (only "
-                                f"{DEFAULTS_WE_MATCH[key]!r}: the StyleGAN2 config-f generator)")
+                raise UserError(
+                    f"{where}: {group}.{key}={value!r} is not supported (only "
+                    f"{DEFAULTS_WE_MATCH[key]!r}: the StyleGAN2 config-f generator)"
+                )
             else:
                 extra[key] = value
     for key in ("mapping_layers", "channel_base", "channel_max", "num_fp16_res"):
@@ -212,13 +243,17 @@ def build(cfg: GeneratorConfig, tensors: dict[str, torch.Tensor], where: str) ->
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{where}: not a StyleGAN2 generator this loader knows (missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}); StyleGAN3 and TF pickles are "
-                        f"not supported")
+        raise UserError(
+            f"{where}: not a StyleGAN2 generator this loader knows (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}); StyleGAN3 and TF pickles are "
+            f"not supported"
+        )
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(expected[name].shape):
-            raise UserError(f"{where}: {name} has shape {tuple(t.shape)}, expected "
-                            f"{tuple(expected[name].shape)}")
+            raise UserError(
+                f"{where}: {name} has shape {tuple(t.shape)}, expected "
+                f"{tuple(expected[name].shape)}"
+            )
     g.load_state_dict({k: v.detach().to(torch.float32) for k, v in tensors.items()})
     return g.eval().requires_grad_(False)
 
@@ -229,12 +264,14 @@ def load_generator(path: str | Path, key: str = "G_ema") -> Generator:
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(4)
-    if head.startswith(b"PK"):     # a torch.save zip file: our own format
+    if head.startswith(b"PK"):  # a torch.save zip file: our own format
         return _load_saved(path)
     obj = safe_load(path)
     if isinstance(obj, dict):
         if key not in obj:
-            raise UserError(f"{path}: no {key!r} in the pickle (it holds {', '.join(map(str, obj))})")
+            raise UserError(
+                f"{path}: no {key!r} in the pickle (it holds {', '.join(map(str, obj))})"
+            )
         obj = obj[key]
     if not isinstance(obj, Persistent) or obj.class_name != "Generator":
         raise UserError(f"{path}: {key} is not a StyleGAN2 Generator record")
@@ -252,8 +289,10 @@ def _load_saved(path: Path) -> Generator:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure is one line naming the file
-        raise UserError(f"{path}: cannot load ({type(err).__name__}); expected a StyleGAN2 network "
-                        f"pickle or a file saved by unpaired") from None
+        raise UserError(
+            f"{path}: cannot load ({type(err).__name__}); expected a StyleGAN2 network "
+            f"pickle or a file saved by unpaired"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path}: a torch file, but not a StyleGAN2 generator saved by unpaired")
     cfg = dict(data["config"])

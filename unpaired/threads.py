@@ -10,6 +10,7 @@ a 2-core machine). Two measures, measured with benchmarks/threads.py:
   `auto` leaves one CPU to the rest of the machine: an OpenMP parallel region waits for its slowest
   thread, so one thread that shares its core with other work slows all of them down.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,15 +33,18 @@ def cpu_count() -> int:
     """CPUs this process may run on (its affinity mask, which taskset and containers narrow)."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:   # macOS, Windows
+    except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
 
 
 def check(setting: int | str, key: str) -> None:
     """Raise ParamsError unless `setting` is "auto" or an integer >= 1."""
     from unpaired import params
+
     if isinstance(setting, str):
-        params.check(setting == "auto", key, f"use auto or a number of threads >= 1, got {setting!r}")
+        params.check(
+            setting == "auto", key, f"use auto or a number of threads >= 1, got {setting!r}"
+        )
     else:
         params.check(setting >= 1, key, f"use auto or a number of threads >= 1, got {setting}")
 
@@ -58,6 +62,7 @@ def auto_threads() -> int | None:
 def apply(setting: int | str) -> int:
     """Set torch's intra-op threads for `setting` ("auto" or N); returns the count in effect."""
     import torch
+
     n = auto_threads() if setting == "auto" else int(setting)
     if n is not None and n != torch.get_num_threads():
         torch.set_num_threads(n)
@@ -67,5 +72,6 @@ def apply(setting: int | str) -> int:
 def describe(setting: int | str) -> str:
     """One phrase for messages: `auto (2 threads, passive wait)`."""
     import torch
+
     policy = os.environ.get(WAIT_POLICY, "default").lower()
     return f"{setting} ({torch.get_num_threads()} threads, {policy} wait)"

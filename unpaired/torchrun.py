@@ -32,6 +32,7 @@ What it adds to plain torchrun:
 This module imports nothing heavy at the top: the worker start and the one-process exec run before
 torch is imported.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -42,9 +43,9 @@ import sys
 import time
 from typing import Any
 
-PR_SET_PDEATHSIG = 1                    # <linux/prctl.h>
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WORKER = "--worker-of"
-INTERRUPTED = 130                       # what unpaired.errors.main_guard exits with on Ctrl-C
+INTERRUPTED = 130  # what unpaired.errors.main_guard exits with on Ctrl-C
 
 
 def parent_death_signal(sig: int, parent: int | None = None) -> None:
@@ -86,6 +87,7 @@ def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     still starting up then (importing torch, before its handlers) dies of it without a record:
     that is never the cause when another worker recorded one (`train.devices: 3` on 2 cores: rank
     0's error, not "rank 1 was killed by SIGTERM")."""
+
     def order(item: tuple[int, Any]) -> tuple[int, int, int]:
         rank, failure = item
         data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
@@ -93,6 +95,7 @@ def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
         if isinstance(stamp, int):
             return (1, stamp, rank)
         return (2 if failure.exitcode == -signal.SIGTERM else 0, 0, rank)
+
     return min(failures.items(), key=order)
 
 
@@ -119,10 +122,15 @@ def failure_report(failures: dict[int, Any]) -> tuple[str, int]:
 # train.devices's largest value (training.TrainParams.BOUNDS, the same number): checked here, before
 # any process starts, and again by the stage.
 MAX_PROCESSES = 64
-NPROC_WORDS = ("cpu", "gpu", "auto", "xpu")   # torchrun's own --nproc-per-node values besides numbers
+NPROC_WORDS = (
+    "cpu",
+    "gpu",
+    "auto",
+    "xpu",
+)  # torchrun's own --nproc-per-node values besides numbers
 
 
-FLAGS = ("--standalone", "--no-python", "--run-path")   # torchrun's options that take no value
+FLAGS = ("--standalone", "--no-python", "--run-path")  # torchrun's options that take no value
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -146,6 +154,7 @@ def _params_devices() -> tuple[bool, Any, Any]:
     """(params.yaml sets train.devices, its value, train.device) read as DVC reads params.yaml;
     (False, None, None) when there is no such file or key, or it cannot be read (the stage says why)."""
     from unpaired import params
+
     try:
         train = params.section(params.load(), "train")
     except params.ParamsError:
@@ -172,34 +181,55 @@ def check_processes(argv: list[str]) -> None:
     has, devices, device = _params_devices()
     if has and _as_dvc_writes(devices) == value:
         from unpaired import params
+
         key = "train.devices"
-        params.check(isinstance(devices, int) and not isinstance(devices, bool), key,
-                     f"expected an integer (processes on this node), got {devices!r}")
+        params.check(
+            isinstance(devices, int) and not isinstance(devices, bool),
+            key,
+            f"expected an integer (processes on this node), got {devices!r}",
+        )
         params.check(devices >= 1, key, f"must be >= 1, got {devices}")
-        params.check(devices <= MAX_PROCESSES, key, f"must be <= {MAX_PROCESSES}, got {devices}: processes "
-                                                    f"on one node, each with its own copy of the models")
+        params.check(
+            devices <= MAX_PROCESSES,
+            key,
+            f"must be <= {MAX_PROCESSES}, got {devices}: processes "
+            f"on one node, each with its own copy of the models",
+        )
         from unpaired.devices import resolve_device
         from unpaired.threads import cpu_count
+
         kind = resolve_device(device if isinstance(device, str) else "auto").type
         if kind == "cuda":
             import torch
+
             have = torch.cuda.device_count()
-            params.check(devices <= have, key, f"{devices} processes requested but only {have} CUDA "
-                                               f"device(s) here; use {key}: {have} or less")
+            params.check(
+                devices <= have,
+                key,
+                f"{devices} processes requested but only {have} CUDA "
+                f"device(s) here; use {key}: {have} or less",
+            )
         elif kind == "mps":
             params.fail(key, f"{devices} processes requested but MPS is one device; use {key}: 1")
         else:
             have = cpu_count()
-            params.check(devices <= have, key, f"{devices} processes requested but only {have} CPU core(s) "
-                                               f"here (each process needs one); use {key}: {have} or less")
+            params.check(
+                devices <= have,
+                key,
+                f"{devices} processes requested but only {have} CPU core(s) "
+                f"here (each process needs one); use {key}: {have} or less",
+            )
         return
     from unpaired.errors import UserError
+
     if value.isdigit():
         if int(value) < 1:
             raise UserError(f"unpaired.torchrun: --nproc-per-node: must be >= 1, got {value}")
     elif value not in NPROC_WORDS:
-        raise UserError(f"unpaired.torchrun: --nproc-per-node: expected a number of processes (or "
-                        f"{', '.join(NPROC_WORDS)}), got {value!r}")
+        raise UserError(
+            f"unpaired.torchrun: --nproc-per-node: expected a number of processes (or "
+            f"{', '.join(NPROC_WORDS)}), got {value!r}"
+        )
 
 
 def _one_process(argv: list[str]) -> list[str] | None:
@@ -226,7 +256,11 @@ def _one_process(argv: list[str]) -> list[str] | None:
         else:
             break
         i += 1
-    if i == len(argv) or values["--nproc-per-node"] != "1" or values["--nnodes"] not in ("1", "1:1"):
+    if (
+        i == len(argv)
+        or values["--nproc-per-node"] != "1"
+        or values["--nnodes"] not in ("1", "1:1")
+    ):
         return None
     return (["-m"] if module else []) + argv[i:]
 
@@ -242,29 +276,48 @@ def _worker(argv: list[str]) -> None:
 def _launch(argv: list[str]) -> int:
     """torchrun's parser and agent in this process, each worker started through _worker."""
     import logging
-    logging.disable(logging.CRITICAL)    # the agent's logs: start, closing signals, the failure report
+
+    logging.disable(
+        logging.CRITICAL
+    )  # the agent's logs: start, closing signals, the failure report
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     from unpaired.threads import cpu_count
+
     args = get_args_parser().parse_args(argv)
     if args.run_path:
-        print("error: unpaired.torchrun: --run-path is not supported; use -m MODULE or a script path",
-              file=sys.stderr)
+        print(
+            "error: unpaired.torchrun: --run-path is not supported; use -m MODULE or a script path",
+            file=sys.stderr,
+        )
         return 2
     if str(args.nproc_per_node).isdigit():
         # torchrun would otherwise set 1 thread each with a banner; the processes split the cores
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // int(args.nproc_per_node))))
+        os.environ.setdefault(
+            "OMP_NUM_THREADS", str(max(1, cpu_count() // int(args.nproc_per_node)))
+        )
     if args.no_python:
         command = [args.training_script]
     else:
-        command = [os.getenv("PYTHON_EXEC", sys.executable), "-u", *(["-m"] if args.module else []),
-                   args.training_script]
+        command = [
+            os.getenv("PYTHON_EXEC", sys.executable),
+            "-u",
+            *(["-m"] if args.module else []),
+            args.training_script,
+        ]
     args.no_python, args.module, args.training_script = True, False, sys.executable
-    args.training_script_args = ["-m", "unpaired.torchrun", WORKER,
-                                 str(os.getpid()), "--", *command, *args.training_script_args]
+    args.training_script_args = [
+        "-m",
+        "unpaired.torchrun",
+        WORKER,
+        str(os.getpid()),
+        "--",
+        *command,
+        *args.training_script_args,
+    ]
     sys.stdout.flush()
     try:
         run(args)
@@ -275,7 +328,7 @@ def _launch(argv: list[str]) -> int:
         text, status = failure_report(err.failures)
         print(text, file=sys.stderr)
         return status
-    except Exception as err:   # a rendezvous that failed or timed out, a port in use, ...
+    except Exception as err:  # a rendezvous that failed or timed out, a port in use, ...
         line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: torchrun: {line}", file=sys.stderr)
         return 1
@@ -287,8 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == [WORKER]:
         _worker(argv[1:])
         return
-    parent_death_signal(signal.SIGTERM)    # the launcher's parent died: stop the run as on Ctrl-C
+    parent_death_signal(signal.SIGTERM)  # the launcher's parent died: stop the run as on Ctrl-C
     from unpaired.errors import UserError
+
     try:
         check_processes(argv)
     except UserError as err:

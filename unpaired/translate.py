@@ -8,6 +8,7 @@ named), given unique output names (`out_names`), grouped into same-shape batches
 (`batches`) and run through the generator with reflect padding to a multiple of 4 (`pad_crop_forward`,
 which the ONNX export in unpaired/export.py traces too). The argument parsing is unpaired/cli.py's.
 """
+
 # torch is imported inside the functions that need it, so that `unpaired --help` answers at once.
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
     import torch
 
 # The CLI's defaults for the pipeline's paths (dvc.yaml's cmds pass the stages theirs).
-PACKED = Path("data/prepared.tar")      # prepare's packed dataset (the DVC output)
-PREPARED = Path("data/prepared")        # its browsable view
+PACKED = Path("data/prepared.tar")  # prepare's packed dataset (the DVC output)
+PREPARED = Path("data/prepared")  # its browsable view
 
 # The smallest side, in pixels, that the ResnetGenerator takes. An input is reflect-padded to a
 # multiple of 4; its two stride-2 convolutions bring that to 1/4, where each residual block
@@ -58,6 +59,7 @@ def _walk(root: Path, dead: list[str]) -> Iterator[Path]:
     """Every file and dead link under the folder `root`, following linked folders, but never into a
     folder that is its own ancestor: such a link is a loop, named once in `dead` (glob's `**` would
     follow it 40 deep, and two of them for minutes; rglob would drop it without a word)."""
+
     def visit(folder: Path, ancestors: frozenset[tuple[int, int]]) -> Iterator[Path]:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -76,6 +78,7 @@ def _walk(root: Path, dead: list[str]) -> Iterator[Path]:
                 dead.append(f"{path} (symlink_loop)")
             else:
                 yield from visit(path, ancestors | {(st.st_dev, st.st_ino)})
+
     st = root.stat()
     yield from visit(root, frozenset({(st.st_dev, st.st_ino)}))
 
@@ -90,8 +93,11 @@ def _glob_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     hidden = parts[0].startswith(".")
     if pattern[0] == "**":
         return _glob_match(parts, pattern[1:]) or (not hidden and _glob_match(parts[1:], pattern))
-    return ((not hidden or pattern[0].startswith(".")) and fnmatch.fnmatchcase(parts[0], pattern[0])
-            and _glob_match(parts[1:], pattern[1:]))
+    return (
+        (not hidden or pattern[0].startswith("."))
+        and fnmatch.fnmatchcase(parts[0], pattern[0])
+        and _glob_match(parts[1:], pattern[1:])
+    )
 
 
 def _recursive_glob(item: str, dead: list[str]) -> list[Path]:
@@ -183,7 +189,9 @@ def _check_out(out_dir: Path, inputs: list[str], files: list[Path]) -> None:
     """Refuse an --out that is, is inside or contains an input folder, or holds an input file:
     translating there would overwrite inputs or read the outputs back as inputs next time."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out: {out_dir} exists and is not a folder; give a folder for the outputs")
+        raise UserError(
+            f"--out: {out_dir} exists and is not a folder; give a folder for the outputs"
+        )
     out = out_dir.resolve()
     for item in inputs:
         folder = Path(item)
@@ -191,12 +199,16 @@ def _check_out(out_dir: Path, inputs: list[str], files: list[Path]) -> None:
             inp = folder.resolve()
             if out == inp or inp in out.parents or out in inp.parents:
                 how = "is" if out == inp else "is inside" if inp in out.parents else "contains"
-                raise UserError(f"--out: {out_dir} {how} the input folder {item}; outputs would overwrite or "
-                                f"mix with the inputs; choose a folder outside the inputs")
+                raise UserError(
+                    f"--out: {out_dir} {how} the input folder {item}; outputs would overwrite or "
+                    f"mix with the inputs; choose a folder outside the inputs"
+                )
     for f in files:
         if out in f.resolve().parents:
-            raise UserError(f"--out: {out_dir} contains the input {f}; outputs could overwrite inputs; "
-                            f"choose a folder outside the inputs")
+            raise UserError(
+                f"--out: {out_dir} contains the input {f}; outputs could overwrite inputs; "
+                f"choose a folder outside the inputs"
+            )
 
 
 def pad_crop_forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -205,6 +217,7 @@ def pad_crop_forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     H×W. h and w are read from x.shape, so the ONNX export (a trace) records this arithmetic and the
     exported graph pads and crops for every H and W, not only the traced one."""
     import torch.nn.functional as F
+
     h, w = x.shape[-2], x.shape[-1]
     ph, pw = (4 - h % 4) % 4, (4 - w % 4) % 4
     return net(F.pad(x, (0, pw, 0, ph), mode="reflect"))[..., :h, :w]
@@ -212,15 +225,20 @@ def pad_crop_forward(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _is_oom(err: BaseException) -> bool:
     import torch
+
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(err, RuntimeError) and any(s in str(err).lower() for s in ("out of memory", "not enough memory",
-                                                                            "can't allocate memory")))
+        isinstance(err, RuntimeError)
+        and any(
+            s in str(err).lower()
+            for s in ("out of memory", "not enough memory", "can't allocate memory")
+        )
+    )
 
 
 class _Item(NamedTuple):
     path: Path
-    name: str                  # output file name
-    image: Any                 # uint8 tensor 3×h×w, after --size
+    name: str  # output file name
+    image: Any  # uint8 tensor 3×h×w, after --size
     original: tuple[int, int]  # (H, W) of the decoded file
 
 
@@ -249,9 +267,9 @@ def batches(items: Iterable[_Item], batch_size: int) -> Iterator[list[_Item]]:
 
 class Translated(NamedTuple):
     written: int
-    skipped: list[str]    # "path (reason)": not read, or not written
-    renamed: list[str]    # "path -> name" for outputs written under another name than <stem>.png,
-                          # where input names collide (in input order; never a file not written)
+    skipped: list[str]  # "path (reason)": not read, or not written
+    renamed: list[str]  # "path -> name" for outputs written under another name than <stem>.png,
+    # where input names collide (in input order; never a file not written)
 
 
 def _folder_takes(folder: Path, size: int) -> bool:
@@ -259,6 +277,7 @@ def _folder_takes(folder: Path, size: int) -> bool:
     gone when closed, even after a kill): when it does, a write that failed there was that file's
     own fault (its name, a folder in its way), not the folder's (read-only, full, gone)."""
     import tempfile
+
     try:
         with tempfile.TemporaryFile(dir=folder) as f:
             f.write(bytes(size))
@@ -269,9 +288,16 @@ def _folder_takes(folder: Path, size: int) -> bool:
     return True
 
 
-def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction: str = "AtoB",
-                    size: int | None = None, batch_size: int = 8, device: str = "auto",
-                    keep_size: bool = False) -> Translated:
+def translate_files(
+    checkpoint_path: str,
+    inputs: list[str],
+    out: str,
+    direction: str = "AtoB",
+    size: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    keep_size: bool = False,
+) -> Translated:
     """Translate every readable input image into the folder `out` (created when the first output is
     written), one `<name>.png` per input (names: `out_names`).
 
@@ -293,23 +319,35 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
     from unpaired.images import Skip, png_bytes, read_uint8, to_float, to_uint8
 
     if size is not None and size < MIN_SIDE:
-        raise UserError(f"--size: must be >= {MIN_SIDE} (the generator needs >= {MIN_SIDE} px per side), got {size}")
+        raise UserError(
+            f"--size: must be >= {MIN_SIDE} (the generator needs >= {MIN_SIDE} px per side), got {size}"
+        )
     if batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
     dev = resolve_device(device, "--device")
     from unpaired.files import refresh_view_for
-    refresh_view_for(inputs, PACKED, PREPARED)     # data/prepared/ is a view of the tar: never a stale one
+
+    refresh_view_for(
+        inputs, PACKED, PREPARED
+    )  # data/prepared/ is a view of the tar: never a stale one
     skipped: list[str] = []
     files = expand_inputs(inputs, skipped)
     if not files:
-        raise UserError("no input images found" + (f"; skipped {len(skipped)}: {', '.join(skipped[:3])}"
-                                                   f"{', ...' if len(skipped) > 3 else ''}" if skipped else ""))
+        raise UserError(
+            "no input images found"
+            + (
+                f"; skipped {len(skipped)}: {', '.join(skipped[:3])}"
+                f"{', ...' if len(skipped) > 3 else ''}"
+                if skipped
+                else ""
+            )
+        )
     out_dir = Path(out)
     _check_out(out_dir, inputs, files)
     net, _ = load_generator(checkpoint_path, direction, dev)
     names = out_names(files)
 
-    def resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:   # float N×C×H×W
+    def resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:  # float N×C×H×W
         return F.interpolate(img, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
 
     def readable() -> Iterator[_Item]:
@@ -319,7 +357,9 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
                 h, w = img.shape[-2:]
                 if size is not None:
                     scale = size / min(h, w)
-                    img = resize(img[None].float(), max(1, round(h * scale)), max(1, round(w * scale)))[0]
+                    img = resize(
+                        img[None].float(), max(1, round(h * scale)), max(1, round(w * scale))
+                    )[0]
                     img = img.round().clamp(0, 255).byte()
             except (Skip, OSError) as err:
                 skipped.append(f"{f} ({getattr(err, 'reason', type(err).__name__)})")
@@ -328,11 +368,15 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
             except (RuntimeError, MemoryError) as err:
                 if not _is_oom(err):
                     raise
-                raise UserError(f"{f}: out of memory reading this image; use an image editor to scale it "
-                                f"down first") from None
+                raise UserError(
+                    f"{f}: out of memory reading this image; use an image editor to scale it "
+                    f"down first"
+                ) from None
             if min(img.shape[-2:]) < MIN_SIDE:
-                skipped.append(f"{f} (too_small: {w}x{h} px; the generator needs >= {MIN_SIDE} px per side, "
-                               f"or use --size)")
+                skipped.append(
+                    f"{f} (too_small: {w}x{h} px; the generator needs >= {MIN_SIDE} px per side, "
+                    f"or use --size)"
+                )
                 bar.update(1)
                 continue
             yield _Item(f, name, img, (h, w))
@@ -358,9 +402,13 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
             if not _folder_takes(out_dir, len(data)):
                 if isinstance(err, UserError):
                     raise
-                raise UserError(f"{final}: cannot write ({err.strerror or err}); check the --out folder "
-                                f"and free space") from None
-            cause = err if isinstance(err, OSError) else err.__context__      # files' UserError wraps it
+                raise UserError(
+                    f"{final}: cannot write ({err.strerror or err}); check the --out folder "
+                    f"and free space"
+                ) from None
+            cause = (
+                err if isinstance(err, OSError) else err.__context__
+            )  # files' UserError wraps it
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
             return f"{it.path} (not written: {final}: {why})"
         return None
@@ -395,14 +443,16 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
                         raise
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
-                    if len(chunk) > 1:          # retry one by one before giving up
+                    if len(chunk) > 1:  # retry one by one before giving up
                         todo += [[it] for it in reversed(chunk)]
                         continue
                     it = chunk[0]
                     h, w = it.image.shape[-2:]
-                    raise UserError(f"{it.path}: out of memory translating this {w}x{h} image on {dev} "
-                                    f"({len(written)} written before it); use --size N (e.g. --size 512) to scale "
-                                    f"inputs down, or --batch-size 1") from None
+                    raise UserError(
+                        f"{it.path}: out of memory translating this {w}x{h} image on {dev} "
+                        f"({len(written)} written before it); use --size N (e.g. --size 512) to scale "
+                        f"inputs down, or --batch-size 1"
+                    ) from None
                 written.update(it.path for it in done)
                 skipped.extend(failed)
                 bar.update(len(chunk))
@@ -411,16 +461,29 @@ def translate_files(checkpoint_path: str, inputs: list[str], out: str, direction
     return Translated(len(written), skipped, renamed)
 
 
-def translate_command(checkpoint_path: str, inputs: list[str], out: str, direction: str, size: int | None,
-                      batch_size: int, device: str, keep_size: bool) -> None:
+def translate_command(
+    checkpoint_path: str,
+    inputs: list[str],
+    out: str,
+    direction: str,
+    size: int | None,
+    batch_size: int,
+    device: str,
+    keep_size: bool,
+) -> None:
     """`unpaired translate ...`: check the flags, translate_files, and print what was written,
     renamed and skipped. Raises UserError (one line) for a bad flag, or when nothing was written."""
     from unpaired.devices import check_device
+
     check_device(device, "--device")
     if keep_size and size is None:
-        raise UserError("--keep-size: only with --size N (without --size, outputs already have the "
-                        "inputs' size)")
-    done = translate_files(checkpoint_path, inputs, out, direction, size, batch_size, device, keep_size)
+        raise UserError(
+            "--keep-size: only with --size N (without --size, outputs already have the "
+            "inputs' size)"
+        )
+    done = translate_files(
+        checkpoint_path, inputs, out, direction, size, batch_size, device, keep_size
+    )
     if done.written:
         print(f"translated {done.written} image(s) {direction} -> {out}")
     if done.renamed:

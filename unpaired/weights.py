@@ -5,6 +5,7 @@ its published name), how it is fetched (`download_weights`), and what an offline
 (`weights_advice`, `weights_facts`). `unpaired weights [--check] [FILE]` is `weights_command`.
 evaluation.py's `inception_features` builds the feature extractor from the file checked here.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,7 +19,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from unpaired.errors import UserError
 from unpaired.files import make_dirs, sha256_of
 
-INCEPTION_URL = URL_INCEPTION_V3     # torch-fidelity's release of the FID Inception weights
+INCEPTION_URL = URL_INCEPTION_V3  # torch-fidelity's release of the FID Inception weights
 
 # torch-fidelity downloads its InceptionV3 weights from one URL into torch's hub cache. Offline, a
 # user must fetch that file elsewhere and copy it in, so every message names the URL, the file, the
@@ -26,7 +27,7 @@ INCEPTION_URL = URL_INCEPTION_V3     # torch-fidelity's release of the FID Incep
 # files, its file name carries the first hex digits of the file's sha256 ("-6726825d.pth"), which
 # torch.hub's `check_hash` would compare; torch-fidelity does not. We compare that prefix, and print
 # the full sha256 of the file found so it can be checked against a copy the user trusts.
-HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")   # torch.hub's naming rule, as in torch.hub.HASH_REGEX
+HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub's naming rule, as in torch.hub.HASH_REGEX
 
 
 def weights_file() -> Path:
@@ -44,24 +45,35 @@ def published_sha256_prefix() -> str:
 def weights_facts() -> dict[str, str]:
     """What an offline user needs, as fields: url, file, folder ("$TORCH_HOME/hub/checkpoints": no
     host path, these go into artifacts), sha256_prefix, check."""
-    return {"url": INCEPTION_URL, "file": weights_file().name, "folder": "$TORCH_HOME/hub/checkpoints",
-            "sha256_prefix": published_sha256_prefix(), "check": "uv run unpaired weights --check"}
+    return {
+        "url": INCEPTION_URL,
+        "file": weights_file().name,
+        "folder": "$TORCH_HOME/hub/checkpoints",
+        "sha256_prefix": published_sha256_prefix(),
+        "check": "uv run unpaired weights --check",
+    }
 
 
 def weights_advice() -> str:
     """One sentence: what to fetch, where to put it, how to verify it."""
     path, prefix = weights_file(), published_sha256_prefix()
-    sha = (f"its sha256 starts with {prefix} (torch-fidelity publishes only this prefix, in the file name)"
-           if prefix else "torch-fidelity publishes no checksum for it")
-    return (f"download {INCEPTION_URL} on a machine with internet and copy it, named {path.name}, into "
-            f"{path.parent}/ ($TORCH_HOME/hub/checkpoints); {sha}; then check it with "
-            f"`uv run unpaired weights --check`")
+    sha = (
+        f"its sha256 starts with {prefix} (torch-fidelity publishes only this prefix, in the file name)"
+        if prefix
+        else "torch-fidelity publishes no checksum for it"
+    )
+    return (
+        f"download {INCEPTION_URL} on a machine with internet and copy it, named {path.name}, into "
+        f"{path.parent}/ ($TORCH_HOME/hub/checkpoints); {sha}; then check it with "
+        f"`uv run unpaired weights --check`"
+    )
 
 
 @dataclass
 class WeightsCheck:
     """The verdict on a weights file: usable (FID/KID can run with it), published (its sha256
     matches the name's prefix), and the lines that explain it."""
+
     path: Path
     usable: bool = False
     published: bool = False
@@ -80,8 +92,10 @@ def check_weights(path: Path | None = None, build: bool = True) -> WeightsCheck:
     path = Path(path) if path is not None else weights_file()
     result = WeightsCheck(path)
     if not path.is_file():
-        result.lines.append(f"{path}: not present (evaluate uses the bundled weights instead; `uv run unpaired "
-                            f"weights --compare FILE` compares the two); {weights_advice()}.")
+        result.lines.append(
+            f"{path}: not present (evaluate uses the bundled weights instead; `uv run unpaired "
+            f"weights --compare FILE` compares the two); {weights_advice()}."
+        )
         return result
     result.sha256 = sha256_of(path)
     prefix = published_sha256_prefix()
@@ -90,7 +104,9 @@ def check_weights(path: Path | None = None, build: bool = True) -> WeightsCheck:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle with code, truncated zip, HTML page: all "not a weights file"
-        result.lines.append(f"Not a plain weights file ({type(err).__name__}): delete it; {weights_advice()}.")
+        result.lines.append(
+            f"Not a plain weights file ({type(err).__name__}): delete it; {weights_advice()}."
+        )
         return result
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         result.lines.append(f"Holds no state dict of tensors: delete it; {weights_advice()}.")
@@ -100,17 +116,23 @@ def check_weights(path: Path | None = None, build: bool = True) -> WeightsCheck:
             load_inception(path)
         except Exception as err:  # missing/extra keys, wrong shapes
             detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-            result.lines.append(f"Does not fit torch-fidelity's InceptionV3 ({detail}): delete it; "
-                                f"{weights_advice()}.")
+            result.lines.append(
+                f"Does not fit torch-fidelity's InceptionV3 ({detail}): delete it; "
+                f"{weights_advice()}."
+            )
             return result
     result.usable = True
     if result.published:
-        result.lines.append(f"Usable: loads as weights only, fits InceptionV3, and its sha256 starts with "
-                            f"{prefix} as the published file's name says.")
+        result.lines.append(
+            f"Usable: loads as weights only, fits InceptionV3, and its sha256 starts with "
+            f"{prefix} as the published file's name says."
+        )
     else:
-        result.lines.append(f"Usable (loads as weights only, fits InceptionV3), but its sha256 does not start "
-                            f"with {prefix or '(none published)'}: not the file torch-fidelity publishes, so "
-                            f"FID/KID will not be comparable with published numbers.")
+        result.lines.append(
+            f"Usable (loads as weights only, fits InceptionV3), but its sha256 does not start "
+            f"with {prefix or '(none published)'}: not the file torch-fidelity publishes, so "
+            f"FID/KID will not be comparable with published numbers."
+        )
     return result
 
 
@@ -118,7 +140,10 @@ def load_inception(path: Path) -> torch.nn.Module:
     """torch-fidelity's InceptionV3 (2048-d pool features) from a file that check_weights has
     already loaded with weights_only=True (torch-fidelity itself loads it without that guard)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+
+    return FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+    )
 
 
 def download_weights(timeout: float = 20.0) -> str:
@@ -126,17 +151,21 @@ def download_weights(timeout: float = 20.0) -> str:
     path = weights_file()
     try:
         make_dirs(path.parent)
-    except UserError as err:   # a read-only cache: the weights are as unavailable as without network
+    except UserError as err:  # a read-only cache: the weights are as unavailable as without network
         return str(err)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
         torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)
-    except Exception as err:  # no network, DNS failure, HTTP error, timeout: all mean "not available"
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'no detail'}"
+    except (
+        Exception
+    ) as err:  # no network, DNS failure, HTTP error, timeout: all mean "not available"
+        return (
+            f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'no detail'}"
+        )
     finally:
         socket.setdefaulttimeout(previous)
-        for stale in path.parent.glob(f"{path.name}.*.partial"):   # torch.hub's temp file on failure
+        for stale in path.parent.glob(f"{path.name}.*.partial"):  # torch.hub's temp file on failure
             stale.unlink(missing_ok=True)
     return ""
 
@@ -158,4 +187,3 @@ def weights_command(file: str | None, check_only: bool) -> None:
     print(verdict.lines[-1])
     if file and Path(file).resolve() != weights_file().resolve():
         print(f"To use it, copy it to {weights_file()}")
-

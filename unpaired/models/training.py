@@ -36,8 +36,8 @@ class TrainParams(params.Params):
     beta1: float = 0.5               # Adam's β1 (paper: 0.5; β2 is 0.999)
     lambda_cycle: float = 10.0       # λ for each cycle loss, A→B→A and B→A→B (paper: 10)
     lambda_identity: float = 0.5     # identity loss weight, × lambda_cycle (paper: 0.5; 0 turns it off)
-    pool_size: int = 50              # generated images kept per direction for the discriminators
-                                     # (paper: 50; 0: no pool)
+    #: generated images kept per direction for the discriminators (paper: 50; 0: no pool)
+    pool_size: int = 50
     ngf: int = 16                    # generator width (paper: 64)
     ndf: int = 32                    # discriminator width (paper: 64)
     n_blocks: int = 6                # residual blocks (paper: 9 at 256 px, 6 below)
@@ -50,26 +50,29 @@ class TrainParams(params.Params):
     samples: int = 4                 # test images per direction in the per-epoch sample image
     seed: int = 0                    # weights, crops, flips and pool draws
     device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
-    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto (bf16 on CUDA at compute capability
-                                     # >= 8.0, else fp32), bf16, fp32 (fp32 allows TF32 on CUDA)
-    deterministic: bool = False      # true: deterministic kernels on CUDA too (torch's deterministic
-                                     # algorithms, no cuDNN autotuning), for runs repeatable on one GPU
-                                     # and software stack; slower by an unmeasured amount. CPU runs
-                                     # always use them
-    compile: bool | CompileMode = False   # false, default or reduce-overhead: torch.compile (true =
-                                     # default; worth it on CUDA for long runs)
-    batched_passes: bool = True      # a step's independent network passes as one batch (false: the
-                                     # reference order, pass by pass; the same maths)
-    devices: int = 1                 # processes on this node via torchrun: one per GPU (CPU: at
-                                     # most one per core)
-    lr_scaling: Literal["none", "linear", "sqrt"] = "none"   # with devices > 1: lr × 1, × world
-                                     # size or × √(world size)
-    memory_format: MemoryFormat = "auto"   # the networks' memory format: auto (contiguous:
-                                     # channels-last is not measured faster for these networks),
-                                     # channels_last (refused where it computes wrong, e.g. the CPU)
-                                     # or contiguous
-    data_device: DataPlace = "auto"  # where the training images live: auto, device, host (CUDA:
-                                     # pinned) or disk (read one batch ahead)
+    #: auto (bf16 on CUDA at compute capability >= 8.0, else fp32), bf16, fp32 (fp32 allows TF32 on
+    #: CUDA)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    #: true: deterministic kernels on CUDA too (torch's deterministic algorithms, no cuDNN
+    #: autotuning), for runs repeatable on one GPU and software stack; slower by an unmeasured
+    #: amount. CPU runs always use them
+    deterministic: bool = False
+    #: false, default or reduce-overhead: torch.compile (true = default; worth it on CUDA for long
+    #: runs)
+    compile: bool | CompileMode = False
+    #: a step's independent network passes as one batch (false: the reference order, pass by pass;
+    #: the same maths)
+    batched_passes: bool = True
+    #: processes on this node via torchrun: one per GPU (CPU: at most one per core)
+    devices: int = 1
+    #: with devices > 1: lr × 1, × world size or × √(world size)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    #: the networks' memory format: auto (contiguous: channels-last is not measured faster for these
+    #: networks), channels_last (refused where it computes wrong, e.g. the CPU) or contiguous
+    memory_format: MemoryFormat = "auto"
+    #: where the training images live: auto, device, host (CUDA: pinned) or disk (read one batch
+    #: ahead)
+    data_device: DataPlace = "auto"
     threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
 
     BOUNDS = {   # generous: the paper trains 100 + 100 epochs at 256 px, ngf = ndf = 64, 9 blocks

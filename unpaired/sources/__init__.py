@@ -1,14 +1,12 @@
 """The data sources a domain can use: `source:` in params.yaml names one of SOURCES."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
 from unpaired.params import fail
-from unpaired.sources import archive, doodles, flares, folder, quickdraw
-from unpaired.sources import kaggle
-from unpaired.sources import stylegan
-from unpaired.sources import web
+from unpaired.sources import archive, doodles, flares, folder, kaggle, quickdraw, stylegan, web
 from unpaired.sources.base import FetchContext
 
 Source = Callable[[dict[str, Any], FetchContext], list[dict[str, Any]]]

@@ -5,6 +5,7 @@ without its `source` key (the function parses it into its own params dataclass, 
 the prefix for error messages), `ctx` says where to write. It writes image files directly into
 `ctx.out_dir` and returns one manifest row per file (see MANIFEST_COLUMNS).
 """
+
 from __future__ import annotations
 
 import re
@@ -25,15 +26,22 @@ MANIFEST_COLUMNS = ["file", "source", "origin", "licence"]
 
 @dataclass(frozen=True)
 class FetchContext:
-    domain: str        # the domain's name in params.yaml (a, b, ...)
-    key: str           # its params key, e.g. "domains.a", for error messages
-    out_dir: Path      # empty directory to write images into (renamed into data/raw/<domain> after)
-    cache_dir: Path    # download cache shared by all domains, survives re-runs (data/cache);
-                       # sources name what they keep there by URL / dataset / keyword
-    workers: int       # processes to use
+    domain: str  # the domain's name in params.yaml (a, b, ...)
+    key: str  # its params key, e.g. "domains.a", for error messages
+    out_dir: Path  # empty directory to write images into (renamed into data/raw/<domain> after)
+    cache_dir: Path  # download cache shared by all domains, survives re-runs (data/cache);
+    # sources name what they keep there by URL / dataset / keyword
+    workers: int  # processes to use
 
 
-__all__ = ["MANIFEST_COLUMNS", "FetchContext", "SourceError", "item_rng", "flat_name", "fetch_drawn"]
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "FetchContext",
+    "SourceError",
+    "item_rng",
+    "flat_name",
+    "fetch_drawn",
+]
 
 
 def item_rng(seed: int, domain: str, index: int) -> np.random.Generator:
@@ -61,24 +69,31 @@ def flat_name(rel: PurePath) -> str:
 
 class Procedural(Protocol):
     """What a procedural source's params have in common."""
-    count: int        # images to draw
-    seed: int         # with the domain and the index, the one input of an image's random stream
+
+    count: int  # images to draw
+    seed: int  # with the domain and the index, the one input of an image's random stream
 
 
 P = TypeVar("P", bound=Procedural)
 
 
-def _write_drawn(job: tuple[Callable[[Any, str, int], Image.Image], Any, str, int, Path, str, str]
-                 ) -> dict[str, Any]:
+def _write_drawn(
+    job: tuple[Callable[[Any, str, int], Image.Image], Any, str, int, Path, str, str],
+) -> dict[str, Any]:
     draw, p, domain, index, out_dir, source, stem = job
     name = f"{stem}_{index:06d}.png"
     draw(p, domain, index).save(out_dir / name, optimize=False)
-    return {"file": name, "source": source, "origin": f"seed={p.seed} domain={domain} index={index}",
-            "licence": "generated"}
+    return {
+        "file": name,
+        "source": source,
+        "origin": f"seed={p.seed} domain={domain} index={index}",
+        "licence": "generated",
+    }
 
 
-def fetch_drawn(draw: Callable[[P, str, int], Image.Image], p: P, ctx: FetchContext, source: str,
-                stem: str) -> list[dict[str, Any]]:
+def fetch_drawn(
+    draw: Callable[[P, str, int], Image.Image], p: P, ctx: FetchContext, source: str, stem: str
+) -> list[dict[str, Any]]:
     """Draw images 0 .. p.count-1 with `draw(p, domain, index)` (a module-level function: it runs in
     worker processes) into ctx.out_dir as `<stem>_<index:06d>.png` (PNG, not optimised, so the bytes
     depend only on the pixels); returns their manifest rows (`licence: generated`)."""

@@ -7,6 +7,7 @@ Every download has one validation step, `check` (e.g. `is_archive`, `is_network_
 answer that carries an HTML page instead of the file is refused before it reaches the cache, and a
 cached file that fails it (one cached by an older version) is removed and downloaded again, so a
 fixed server works on the next run."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,8 @@ import os
 import tarfile
 import zipfile
 from collections.abc import Callable
-from time import sleep
 from pathlib import Path
+from time import sleep
 from typing import BinaryIO
 from urllib.parse import urlparse
 
@@ -40,8 +41,11 @@ def write_body(response: requests.Response, f: BinaryIO) -> str:
         f.write(chunk)
         size += len(chunk)
     expected = response.headers.get("Content-Length")
-    if expected is not None and response.headers.get("Content-Encoding") in (None, "identity") \
-            and int(expected) != size:
+    if (
+        expected is not None
+        and response.headers.get("Content-Encoding") in (None, "identity")
+        and int(expected) != size
+    ):
         return f"body cut short ({size} of {expected} bytes)"
     return ""
 
@@ -75,15 +79,24 @@ def is_network_pickle(path: Path) -> str:
     return f"not a network pickle ({_looks_like(path)})"
 
 
-def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeout: float = 30.0,
-             retries: int = 3, backoff: float = 1.0, check: Check | None = None) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    *,
+    key: str,
+    sha256: str | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 1.0,
+    check: Check | None = None,
+) -> Path:
     """`url` → `dest` (a cache path). A complete cached file is reused without a request, unless it
     fails `check` (then it is removed and downloaded again). A download that fails `check` is
     refused (one `SourceError` line) and not cached."""
     if dest.is_file() and (sha256 is None or sha256_of(dest) == sha256.lower()):
         if check is None or not check(dest):
             return dest
-        dest.unlink()       # cached by an older version, or by hand: fetch it again
+        dest.unlink()  # cached by an older version, or by hand: fetch it again
     make_dirs(dest.parent)
     last = ""
     for attempt in range(retries + 1):
@@ -91,8 +104,12 @@ def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeo
             sleep(backoff * 2 ** (attempt - 1))
         fd, tmp = temp_file(dest, "part")
         try:
-            with os.fdopen(fd, "wb") as f, \
-                    requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": USER_AGENT}) as r:
+            with (
+                os.fdopen(fd, "wb") as f,
+                requests.get(
+                    url, stream=True, timeout=timeout, headers={"User-Agent": USER_AGENT}
+                ) as r,
+            ):
                 if r.status_code in RETRY_STATUS:
                     raise _Retry(f"HTTP {r.status_code}")
                 if r.status_code != 200:
@@ -101,12 +118,16 @@ def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeo
                 if short:
                     raise _Retry(short)
             if sha256 is not None and sha256_of(Path(tmp)) != sha256.lower():
-                raise SourceError(f"{key}: {url} does not match the sha256 in params; "
-                                  f"the file changed or the checksum is wrong")
+                raise SourceError(
+                    f"{key}: {url} does not match the sha256 in params; "
+                    f"the file changed or the checksum is wrong"
+                )
             wrong = check(Path(tmp)) if check is not None else ""
             if wrong:
-                raise SourceError(f"{key}: {url} answered with something that is {wrong}; check the URL "
-                                  f"(nothing was cached: the next run downloads it again)")
+                raise SourceError(
+                    f"{key}: {url} answered with something that is {wrong}; check the URL "
+                    f"(nothing was cached: the next run downloads it again)"
+                )
             os.replace(tmp, dest)
             return dest
         except _Retry as err:
@@ -120,17 +141,27 @@ def download(url: str, dest: Path, *, key: str, sha256: str | None = None, timeo
         except OSError as err:
             if err.errno not in NO_SPACE:
                 raise
-            os.unlink(tmp)     # first, so that the free space reported counts it free
+            os.unlink(tmp)  # first, so that the free space reported counts it free
             raise no_space_error(dest, err) from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-    raise SourceError(f"{key}: download of {url} failed after {retries + 1} tries ({last}); "
-                      f"check the network and the URL, then re-run")
+    raise SourceError(
+        f"{key}: download of {url} failed after {retries + 1} tries ({last}); "
+        f"check the network and the URL, then re-run"
+    )
 
 
-def locate(location: str, cache_dir: Path, *, key: str, sha256: str | None, timeout: float,
-           missing: str, check: Check | None = None) -> Path:
+def locate(
+    location: str,
+    cache_dir: Path,
+    *,
+    key: str,
+    sha256: str | None,
+    timeout: float,
+    missing: str,
+    check: Check | None = None,
+) -> Path:
     """A params value that is an http(s) URL (downloaded once into `cache_dir`, under a name made of
     the URL's hash and file name) or a local path; either way checked against `sha256` when given.
     `key` is the params key of `location` (its sibling `sha256` is named on a mismatch); `missing`
@@ -143,5 +174,7 @@ def locate(location: str, cache_dir: Path, *, key: str, sha256: str | None, time
     if not path.is_file():
         raise SourceError(f"{key}: {path} {missing}")
     if sha256 is not None and sha256_of(path) != sha256.lower():
-        raise SourceError(f"{key.rsplit('.', 1)[0]}.sha256: {path} does not match the sha256 in params")
+        raise SourceError(
+            f"{key.rsplit('.', 1)[0]}.sha256: {path} does not match the sha256 in params"
+        )
     return path

@@ -3,6 +3,7 @@ palette (red, gold and green by default) over a solid or gradient background, wi
 
 Drawn at 2× the output size and downscaled with a Lanczos filter for smooth edges.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,35 +16,60 @@ from unpaired.params import COUNT, IMAGE_SIZE, SEED, Bound, Params, check, fail,
 from unpaired.sources.base import FetchContext, fetch_drawn, item_rng
 
 SUPERSAMPLE = 2
-FESTIVE = ("#b3001b", "#e63946", "#7a0010", "#f4c430", "#d4af37", "#ffdf6b",
-           "#1b7f3b", "#0b4f24", "#57a773", "#fdf6e3")
+FESTIVE = (
+    "#b3001b",
+    "#e63946",
+    "#7a0010",
+    "#f4c430",
+    "#d4af37",
+    "#ffdf6b",
+    "#1b7f3b",
+    "#0b4f24",
+    "#57a773",
+    "#fdf6e3",
+)
 SHAPES = ("ellipse", "polygon", "star", "arc", "blob", "gradient")
 
 
 @dataclass(frozen=True)
 class FlareParams(Params):
-    count: int = 200                        # number of images
-    image_size: int = 64                    # width = height in pixels
-    shapes: tuple[int, int] = (4, 12)       # min, max shapes per image: ellipses, polygons,
-                                            # stars, arcs, blobs, gradient discs
-    palette: tuple[str, ...] = FESTIVE      # colours as CSS names or #rrggbb, at least two
-                                            # (default: festive reds, golds, greens)
-    seed: int = 0                           # image i depends only on (seed, domain, i)
+    count: int = 200  # number of images
+    image_size: int = 64  # width = height in pixels
+    #: min, max shapes per image: ellipses, polygons, stars, arcs, blobs, gradient discs
+    shapes: tuple[int, int] = (4, 12)
+    #: colours as CSS names or #rrggbb, at least two (default: festive reds, golds, greens)
+    palette: tuple[str, ...] = FESTIVE
+    seed: int = 0  # image i depends only on (seed, domain, i)
 
-    BOUNDS = {"count": COUNT, "image_size": IMAGE_SIZE, "seed": SEED,
-              "shapes": Bound(1_000, "shapes per image; each is drawn at 2× the size")}
+    BOUNDS = {
+        "count": COUNT,
+        "image_size": IMAGE_SIZE,
+        "seed": SEED,
+        "shapes": Bound(1_000, "shapes per image; each is drawn at 2× the size"),
+    }
 
     def validate(self, prefix: str) -> None:
         check(self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
-        check(self.image_size >= 8, f"{prefix}.image_size", f"must be >= 8 pixels, got {self.image_size}")
+        check(
+            self.image_size >= 8,
+            f"{prefix}.image_size",
+            f"must be >= 8 pixels, got {self.image_size}",
+        )
         lo, hi = self.shapes
-        check(1 <= lo <= hi, f"{prefix}.shapes", f"must be [min, max] with 1 <= min <= max, got {list(self.shapes)}")
+        check(
+            1 <= lo <= hi,
+            f"{prefix}.shapes",
+            f"must be [min, max] with 1 <= min <= max, got {list(self.shapes)}",
+        )
         check(len(self.palette) >= 2, f"{prefix}.palette", "needs at least 2 colours")
         for i, colour in enumerate(self.palette):
             try:
                 ImageColor.getrgb(colour)
             except ValueError:
-                fail(f"{prefix}.palette[{i}]", f"not a colour: {colour!r} (use a CSS name or #rrggbb)")
+                fail(
+                    f"{prefix}.palette[{i}]",
+                    f"not a colour: {colour!r} (use a CSS name or #rrggbb)",
+                )
 
 
 def _pick(rng: np.random.Generator, palette: list[tuple[int, int, int]]) -> tuple[int, int, int]:
@@ -75,9 +101,11 @@ def _star(rng, cx, cy, r) -> list[tuple[float, float]]:
 def _blob(rng, cx, cy, r) -> list[tuple[float, float]]:
     angles = np.linspace(0, 2 * np.pi, 64, endpoint=False)
     radius = np.full(64, r)
-    for k in range(1, 4):                     # a few random harmonics make an organic outline
+    for k in range(1, 4):  # a few random harmonics make an organic outline
         radius += r * rng.uniform(0, 0.25) * np.cos(k * angles + rng.uniform(0, 2 * np.pi))
-    return list(zip((cx + radius * np.cos(angles)).tolist(), (cy + radius * np.sin(angles)).tolist()))
+    return list(
+        zip((cx + radius * np.cos(angles)).tolist(), (cy + radius * np.sin(angles)).tolist())
+    )
 
 
 def render(p: FlareParams, domain: str, index: int) -> Image.Image:
@@ -87,7 +115,9 @@ def render(p: FlareParams, domain: str, index: int) -> Image.Image:
     if rng.random() < 0.5:
         canvas = Image.new("RGB", (big, big), _pick(rng, palette))
     else:
-        canvas = _gradient(big, _pick(rng, palette), _pick(rng, palette), rng, radial=bool(rng.random() < 0.5))
+        canvas = _gradient(
+            big, _pick(rng, palette), _pick(rng, palette), rng, radial=bool(rng.random() < 0.5)
+        )
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(p.shapes[0], p.shapes[1] + 1))):
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -102,8 +132,12 @@ def render(p: FlareParams, domain: str, index: int) -> Image.Image:
         elif kind == "polygon":
             n = int(rng.integers(3, 8))
             angles = np.sort(rng.uniform(0, 2 * np.pi, n))
-            draw.polygon(list(zip((cx + r * np.cos(angles)).tolist(), (cy + r * np.sin(angles)).tolist())),
-                         fill=fill, outline=outline, width=width)
+            draw.polygon(
+                list(zip((cx + r * np.cos(angles)).tolist(), (cy + r * np.sin(angles)).tolist())),
+                fill=fill,
+                outline=outline,
+                width=width,
+            )
         elif kind == "star":
             draw.polygon(_star(rng, cx, cy, r), fill=fill, outline=outline, width=width)
         elif kind == "arc":

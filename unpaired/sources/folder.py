@@ -10,6 +10,7 @@ starting with ".": `.DS_Store`, macOS `._photo.jpg`, `.git/`) and files with ano
 the raw folder's SKIPPED file (`file`: the path under `path`, `reason`: hidden or not_image_name)
 for prepare's counts.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,22 +24,28 @@ from unpaired.images import IMAGE_SUFFIXES
 from unpaired.params import COUNT, Params, check, parse
 from unpaired.sources.base import FetchContext, SourceError, flat_name
 
-SKIPPED = ".skipped.csv"       # in the raw folder, next to manifest.csv; hidden, so never read as an image
-SKIP_REASONS = {"hidden": "hidden", "not_image_name": "not an image file name"}   # reason -> words
+SKIPPED = (
+    ".skipped.csv"  # in the raw folder, next to manifest.csv; hidden, so never read as an image
+)
+SKIP_REASONS = {"hidden": "hidden", "not_image_name": "not an image file name"}  # reason -> words
 
 
 @dataclass(frozen=True)
 class FolderParams(Params):
-    path: str = ""                # required: a folder of your images (~ is expanded)
-    pattern: str = "**/*"         # glob under path; ** matches any depth
-    count: int | None = None      # at most this many files (sorted by path); all by default
-    licence: str = ""             # recorded in the manifest
+    path: str = ""  # required: a folder of your images (~ is expanded)
+    pattern: str = "**/*"  # glob under path; ** matches any depth
+    count: int | None = None  # at most this many files (sorted by path); all by default
+    licence: str = ""  # recorded in the manifest
 
     BOUNDS = {"count": COUNT}
 
     def validate(self, prefix: str) -> None:
         check(bool(self.path), f"{prefix}.path", "required: the folder holding your images")
-        check(self.count is None or self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
+        check(
+            self.count is None or self.count > 0,
+            f"{prefix}.count",
+            f"must be > 0, got {self.count}",
+        )
 
 
 def skip_reason(rel: Path) -> str | None:
@@ -55,6 +62,7 @@ def read_skipped(raw: Path) -> Counter[str]:
     """The counts by reason (SKIP_REASONS keys) of the files a folder source left out of the raw
     folder `raw` (its SKIPPED file; empty when there is none)."""
     import pandas as pd
+
     path = Path(raw) / SKIPPED
     if not path.is_file():
         return Counter()
@@ -81,16 +89,24 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
         for reason, words in SKIP_REASONS.items():
             names = [s["file"] for s in skipped if s["reason"] == reason]
             if names:
-                parts.append(f"{counts[reason]} {words} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-        print(f"{ctx.key}: folder: skipped {len(skipped)} of {len(skipped) + len(files)} files under "
-              f"{root}: {'; '.join(parts)}; listed in the raw folder's {SKIPPED}")
+                parts.append(
+                    f"{counts[reason]} {words} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                )
+        print(
+            f"{ctx.key}: folder: skipped {len(skipped)} of {len(skipped) + len(files)} files under "
+            f"{root}: {'; '.join(parts)}; listed in the raw folder's {SKIPPED}"
+        )
         write_manifest(ctx.out_dir / SKIPPED, skipped, ["file", "reason"])
     if not files:
-        raise SourceError(f"{ctx.key}.pattern: no image files match {p.pattern!r} under {root}"
-                          + (f" (skipped {len(skipped)}: hidden or not named as images)" if skipped else ""))
+        raise SourceError(
+            f"{ctx.key}.pattern: no image files match {p.pattern!r} under {root}"
+            + (f" (skipped {len(skipped)}: hidden or not named as images)" if skipped else "")
+        )
     rows = []
-    for f in files[:p.count]:
+    for f in files[: p.count]:
         name = flat_name(f.relative_to(root))
         shutil.copyfile(f, ctx.out_dir / name)
-        rows.append({"file": name, "source": "folder", "origin": str(f.resolve()), "licence": p.licence})
+        rows.append(
+            {"file": name, "source": "folder", "origin": str(f.resolve()), "licence": p.licence}
+        )
     return rows

@@ -14,6 +14,7 @@ without any request (or credentials), so changing `subdir`, `exclude` or `count`
 delete data/cache/<owner>__<name>.zip to get a newer version of the dataset. The zip is read with the safe reader
 of unpaired/safe_archive.py, which refuses members that would escape the target folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,11 +22,11 @@ import io
 import json
 import os
 import re
-from time import sleep
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from time import sleep
 from typing import Any, BinaryIO
 
 import requests
@@ -37,26 +38,37 @@ from unpaired.sources.base import FetchContext, SourceError, flat_name
 from unpaired.sources.download import RETRY_STATUS, write_body
 
 DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-RETRIES, BACKOFF = 3, 1.0   # as downloads of other sources (download.py)
-CREDENTIALS = ("set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY, or put kaggle.json in ~/.kaggle/ "
-               "(https://www.kaggle.com/settings → API)")
+RETRIES, BACKOFF = 3, 1.0  # as downloads of other sources (download.py)
+CREDENTIALS = (
+    "set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY, or put kaggle.json in ~/.kaggle/ "
+    "(https://www.kaggle.com/settings → API)"
+)
 
 
 @dataclass(frozen=True)
 class KaggleParams(Params):
-    dataset: str = ""             # owner/name, as in https://www.kaggle.com/datasets/<owner>/<name>
-    subdir: str = ""              # folder inside the dataset, e.g. cropped ("" = all)
-    count: int | None = None      # at most this many images (sorted by name); all by default
-    exclude: tuple[str, ...] = () # file names (10.png) or paths in the dataset (cropped/10.png) to drop
-    licence: str = ""             # recorded in the manifest; by default what Kaggle says
-    timeout: float = 60.0         # seconds without data before a download attempt is abandoned
+    dataset: str = ""  # owner/name, as in https://www.kaggle.com/datasets/<owner>/<name>
+    subdir: str = ""  # folder inside the dataset, e.g. cropped ("" = all)
+    count: int | None = None  # at most this many images (sorted by name); all by default
+    exclude: tuple[
+        str, ...
+    ] = ()  # file names (10.png) or paths in the dataset (cropped/10.png) to drop
+    licence: str = ""  # recorded in the manifest; by default what Kaggle says
+    timeout: float = 60.0  # seconds without data before a download attempt is abandoned
 
     BOUNDS = {"count": COUNT, "timeout": TIMEOUT}
 
     def validate(self, prefix: str) -> None:
-        check(bool(DATASET.fullmatch(self.dataset)), f"{prefix}.dataset",
-              f"must be owner/name as in https://www.kaggle.com/datasets/<owner>/<name>, got {self.dataset!r}")
-        check(self.count is None or self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
+        check(
+            bool(DATASET.fullmatch(self.dataset)),
+            f"{prefix}.dataset",
+            f"must be owner/name as in https://www.kaggle.com/datasets/<owner>/<name>, got {self.dataset!r}",
+        )
+        check(
+            self.count is None or self.count > 0,
+            f"{prefix}.count",
+            f"must be > 0, got {self.count}",
+        )
         check(self.timeout > 0, f"{prefix}.timeout", f"must be > 0, got {self.timeout}")
 
 
@@ -65,28 +77,40 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
     key = f"{ctx.key}.dataset"
     owner, name = p.dataset.split("/")
     cached = ctx.cache_dir / f"{owner}__{name}.zip"
-    about = ctx.cache_dir / f"{owner}__{name}.json"     # what Kaggle says about the dataset (its licence)
+    about = (
+        ctx.cache_dir / f"{owner}__{name}.json"
+    )  # what Kaggle says about the dataset (its licence)
     if cached.is_file() and not zipfile.is_zipfile(cached):
-        cached.unlink()     # not a zip (cached by hand or by an older version): download it again
+        cached.unlink()  # not a zip (cached by hand or by an older version): download it again
     if not cached.is_file():
         _download(p.dataset, cached, about, key=key, timeout=p.timeout)
     licence = p.licence or _licence(about) or f"see https://www.kaggle.com/datasets/{p.dataset}"
 
     selected = images_under(cached, p.subdir, key)
     if not selected:
-        raise SourceError(f"{ctx.key}.subdir: no images under {p.subdir or 'the dataset root'!r} in "
-                          f"{p.dataset}; check the folder name on https://www.kaggle.com/datasets/{p.dataset}")
+        raise SourceError(
+            f"{ctx.key}.subdir: no images under {p.subdir or 'the dataset root'!r} in "
+            f"{p.dataset}; check the folder name on https://www.kaggle.com/datasets/{p.dataset}"
+        )
     for i, entry in enumerate(p.exclude):
         if not any(entry in (member.name, member.as_posix()) for member, _, _ in selected):
-            raise SourceError(f"{ctx.key}.exclude[{i}]: no image {entry!r} under "
-                              f"{p.subdir or 'the dataset root'!r} in {p.dataset}")
+            raise SourceError(
+                f"{ctx.key}.exclude[{i}]: no image {entry!r} under "
+                f"{p.subdir or 'the dataset root'!r} in {p.dataset}"
+            )
     kept = [s for s in selected if s[0].name not in p.exclude and s[0].as_posix() not in p.exclude]
     rows = []
-    for member, rel, data in kept[:p.count]:
+    for member, rel, data in kept[: p.count]:
         file = flat_name(rel)
         (ctx.out_dir / file).write_bytes(data)
-        rows.append({"file": file, "source": "kaggle", "origin": f"kaggle:{p.dataset}/{member.as_posix()}",
-                     "licence": licence})
+        rows.append(
+            {
+                "file": file,
+                "source": "kaggle",
+                "origin": f"kaggle:{p.dataset}/{member.as_posix()}",
+                "licence": licence,
+            }
+        )
     return rows
 
 
@@ -94,14 +118,16 @@ def _download(dataset: str, dest: Path, about: Path, *, key: str, timeout: float
     """The dataset's zip → `dest` (atomically), and what Kaggle says about it → `about`."""
     make_dirs(dest.parent)
     fd, tmp = temp_file(dest, "part")
-    with space_guard(dest):      # outside the try: the free space is reported without the partial file
+    with space_guard(dest):  # outside the try: the free space is reported without the partial file
         _download_into(dataset, dest, about, fd, tmp, key=key, timeout=timeout)
 
 
-def _download_into(dataset: str, dest: Path, about: Path, fd: int, tmp: str, *, key: str, timeout: float) -> None:
+def _download_into(
+    dataset: str, dest: Path, about: Path, fd: int, tmp: str, *, key: str, timeout: float
+) -> None:
     try:
         with os.fdopen(fd, "wb") as f, _quiet(), _client(key, timeout) as client:
-            for attempt in range(RETRIES + 1):     # transient failures: bounded retry with backoff
+            for attempt in range(RETRIES + 1):  # transient failures: bounded retry with backoff
                 if attempt:
                     sleep(BACKOFF * 2 ** (attempt - 1))
                     f.seek(0)
@@ -110,19 +136,23 @@ def _download_into(dataset: str, dest: Path, about: Path, fd: int, tmp: str, *, 
                     short = _stream(client, dataset, f)
                 except Exception as err:  # noqa: BLE001 - anything from the package becomes one line
                     if isinstance(err, OSError) and err.errno in NO_SPACE:
-                        raise      # a full disk: _download's space_guard says so
+                        raise  # a full disk: _download's space_guard says so
                     if attempt < RETRIES and _transient(err):
                         continue
                     raise SourceError(_explain(err, dataset, key)) from None
                 if not short:
                     break
                 if attempt == RETRIES:
-                    raise SourceError(f"{key}: the download of {dataset} from Kaggle failed after "
-                                      f"{RETRIES + 1} tries: {short}; re-run")
+                    raise SourceError(
+                        f"{key}: the download of {dataset} from Kaggle failed after "
+                        f"{RETRIES + 1} tries: {short}; re-run"
+                    )
             licence = _dataset_licence(client, dataset)
         if not zipfile.is_zipfile(tmp):
-            raise SourceError(f"{key}: Kaggle sent something that is not a zip archive for {dataset}; "
-                              f"re-run later")
+            raise SourceError(
+                f"{key}: Kaggle sent something that is not a zip archive for {dataset}; "
+                f"re-run later"
+            )
         if licence:
             atomic_write_bytes(about, (json.dumps({"licence": licence}) + "\n").encode())
         os.replace(tmp, dest)
@@ -133,8 +163,9 @@ def _download_into(dataset: str, dest: Path, about: Path, fd: int, tmp: str, *, 
 
 def _transient(err: BaseException) -> bool:
     status = getattr(getattr(err, "response", None), "status_code", None)
-    return status in RETRY_STATUS or isinstance(err, (requests.ConnectionError, requests.Timeout,
-                                                      requests.exceptions.ChunkedEncodingError))
+    return status in RETRY_STATUS or isinstance(
+        err, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+    )
 
 
 def _stream(client: Any, dataset: str, f: BinaryIO) -> str:
@@ -167,6 +198,7 @@ def _client(key: str, timeout: float) -> Iterator[Any]:
     try:
         # Importing kaggle already tries to authenticate once (and prints help when it cannot).
         from kaggle.api.kaggle_api_extended import KaggleApi
+
         api = KaggleApi()
         config_dir = os.environ.get("KAGGLE_CONFIG_DIR")
         if config_dir:  # the package reads this once, on import; read it again for this call
@@ -207,11 +239,15 @@ def _explain(err: BaseException, dataset: str, key: str) -> str:
     if status == 401:
         return f"{key}: Kaggle rejected the credentials (HTTP 401): {CREDENTIALS}"
     if status == 403 and dataset:
-        return (f"{key}: Kaggle refused access to {dataset} (HTTP 403); open "
-                f"https://www.kaggle.com/datasets/{dataset}, accept its rules if it has any, and re-run")
+        return (
+            f"{key}: Kaggle refused access to {dataset} (HTTP 403); open "
+            f"https://www.kaggle.com/datasets/{dataset}, accept its rules if it has any, and re-run"
+        )
     if status == 404 and dataset:
-        return (f"{key}: Kaggle has no dataset {dataset!r} (HTTP 404); copy owner/name from the dataset's "
-                f"URL, https://www.kaggle.com/datasets/<owner>/<name>")
+        return (
+            f"{key}: Kaggle has no dataset {dataset!r} (HTTP 404); copy owner/name from the dataset's "
+            f"URL, https://www.kaggle.com/datasets/<owner>/<name>"
+        )
     if status is not None:
         return f"{key}: Kaggle answered HTTP {status}{f' for {dataset}' if dataset else ''}; re-run later"
     if isinstance(err, requests.exceptions.ChunkedEncodingError) and dataset:

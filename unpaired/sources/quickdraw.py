@@ -7,6 +7,7 @@ returns into its cache without looking at the status code, so an HTML error page
 drawings. The package then loads the drawings; we render the strokes ourselves at the requested size,
 antialiased (drawn at 4× and downscaled), centred with a margin.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -29,32 +30,52 @@ SUPERSAMPLE = 4
 
 @dataclass(frozen=True)
 class QuickDrawParams(Params):
-    category: str = ""            # required: a Quick, Draw! category (dragon, cow, ...), checked
-                                  # against the quickdraw package's list
-    count: int = 200              # drawings to render
-    recognized: bool = True       # only drawings the game's classifier recognised (false: all)
-    base_url: str = BASE_URL      # where <category>.bin is fetched from (Google's public files)
-    image_size: int = 64          # width = height in pixels (antialiased, centred)
-    stroke_width: float = 2.0     # output pixels
-    margin: float = 0.1           # share of the size left free around the drawing
-    seed: int = 0                 # which drawings: the `count` first in an order drawn from the seed
+    #: required: a Quick, Draw! category (dragon, cow, ...), checked against the quickdraw package's
+    #: list
+    category: str = ""
+    count: int = 200  # drawings to render
+    recognized: bool = True  # only drawings the game's classifier recognised (false: all)
+    base_url: str = BASE_URL  # where <category>.bin is fetched from (Google's public files)
+    image_size: int = 64  # width = height in pixels (antialiased, centred)
+    stroke_width: float = 2.0  # output pixels
+    margin: float = 0.1  # share of the size left free around the drawing
+    seed: int = 0  # which drawings: the `count` first in an order drawn from the seed
 
-    BOUNDS = {"count": COUNT, "image_size": IMAGE_SIZE, "seed": SEED,
-              "stroke_width": Bound(1_024, "pixels; at most image_size / 4"),
-              "margin": Bound(0.5, "a share of the side on each edge", 0, below=True)}
+    BOUNDS = {
+        "count": COUNT,
+        "image_size": IMAGE_SIZE,
+        "seed": SEED,
+        "stroke_width": Bound(1_024, "pixels; at most image_size / 4"),
+        "margin": Bound(0.5, "a share of the side on each edge", 0, below=True),
+    }
 
     def validate(self, prefix: str) -> None:
         from quickdraw.names import QUICK_DRAWING_NAMES
+
         if self.category not in QUICK_DRAWING_NAMES:
             close = difflib.get_close_matches(self.category, QUICK_DRAWING_NAMES, n=3)
-            fail(f"{prefix}.category", f"unknown Quick, Draw! category {self.category!r}"
-                 + (f"; did you mean {', '.join(close)}?" if close else
-                    f"; see the {len(QUICK_DRAWING_NAMES)} names in quickdraw.names"))
+            fail(
+                f"{prefix}.category",
+                f"unknown Quick, Draw! category {self.category!r}"
+                + (
+                    f"; did you mean {', '.join(close)}?"
+                    if close
+                    else f"; see the {len(QUICK_DRAWING_NAMES)} names in quickdraw.names"
+                ),
+            )
         check(self.count > 0, f"{prefix}.count", f"must be > 0, got {self.count}")
         check(self.image_size >= 8, f"{prefix}.image_size", f"must be >= 8, got {self.image_size}")
-        check(0 < self.stroke_width <= self.image_size / 4, f"{prefix}.stroke_width", "must be in (0, image_size/4]")
+        check(
+            0 < self.stroke_width <= self.image_size / 4,
+            f"{prefix}.stroke_width",
+            "must be in (0, image_size/4]",
+        )
         check(0 <= self.margin < 0.5, f"{prefix}.margin", "must be in [0, 0.5)")
-        check(self.base_url.startswith(("http://", "https://")), f"{prefix}.base_url", "must be an http(s) URL")
+        check(
+            self.base_url.startswith(("http://", "https://")),
+            f"{prefix}.base_url",
+            "must be an http(s) URL",
+        )
 
 
 def check_binary(path: Path) -> int:
@@ -79,7 +100,9 @@ def check_binary(path: Path) -> int:
     return records
 
 
-def render(strokes: list[tuple[tuple[int, ...], tuple[int, ...]]], p: QuickDrawParams) -> Image.Image:
+def render(
+    strokes: list[tuple[tuple[int, ...], tuple[int, ...]]], p: QuickDrawParams
+) -> Image.Image:
     big = p.image_size * SUPERSAMPLE
     xs = np.concatenate([np.asarray(s[0], float) for s in strokes])
     ys = np.concatenate([np.asarray(s[1], float) for s in strokes])
@@ -112,19 +135,35 @@ def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
         check_binary(path)
     except ValueError as err:
         path.unlink()
-        raise SourceError(f"{ctx.key}.base_url: {url} is not a Quick, Draw! binary file ({err}); "
-                          f"check base_url") from None
+        raise SourceError(
+            f"{ctx.key}.base_url: {url} is not a Quick, Draw! binary file ({err}); check base_url"
+        ) from None
     # The file is in the package's cache under its own name, so the package reads it, never downloads.
-    group = QuickDrawDataGroup(p.category, recognized=p.recognized or None, max_drawings=None,
-                               print_messages=False, cache_dir=str(cache))
-    drawings = sorted(group.drawings, key=lambda d: hashlib.sha256(f"{p.seed}:{d.key_id}".encode()).digest())
+    group = QuickDrawDataGroup(
+        p.category,
+        recognized=p.recognized or None,
+        max_drawings=None,
+        print_messages=False,
+        cache_dir=str(cache),
+    )
+    drawings = sorted(
+        group.drawings, key=lambda d: hashlib.sha256(f"{p.seed}:{d.key_id}".encode()).digest()
+    )
     if len(drawings) < p.count:
-        raise SourceError(f"{ctx.key}.count: only {len(drawings)} {'recognized ' if p.recognized else ''}"
-                          f"{p.category} drawings in {filename}; lower count")
+        raise SourceError(
+            f"{ctx.key}.count: only {len(drawings)} {'recognized ' if p.recognized else ''}"
+            f"{p.category} drawings in {filename}; lower count"
+        )
     rows = []
-    for d in drawings[:p.count]:
+    for d in drawings[: p.count]:
         name = f"{p.category.replace(' ', '_')}_{d.key_id}.png"
         render(d.image_data, p).save(ctx.out_dir / name, optimize=False)
-        rows.append({"file": name, "source": "quickdraw", "origin": f"{url}#key_id={d.key_id}",
-                     "licence": "CC BY 4.0 (Google Quick, Draw!)"})
+        rows.append(
+            {
+                "file": name,
+                "source": "quickdraw",
+                "origin": f"{url}#key_id={d.key_id}",
+                "licence": "CC BY 4.0 (Google Quick, Draw!)",
+            }
+        )
     return rows

@@ -10,6 +10,7 @@ The pages embed them inline (each page must open offline, alone). dvc.yaml lists
 deps of every stage that imports it, so an edited stylesheet re-runs the stage that writes the page
 (tests/test_structure.py checks).
 """
+
 from __future__ import annotations
 
 from importlib.resources import files
