@@ -433,7 +433,7 @@ def write_params(folder: Path, *overrides: dict) -> None:
 
     from unpaired import presets
 
-    text, _ = presets.switch(folder / "absent.yaml", ROOT / "conf", PRESET)
+    text = presets.switch(folder / "absent.yaml", ROOT / "conf", PRESET).text
     data = YAML(typ="safe").load(text)
     for over in overrides:
         for section, values in over.items():
