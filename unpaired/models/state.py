@@ -164,12 +164,15 @@ def resolution(device: torch.device, precision: str, channels_last: bool) -> dic
 
 def stored_resolution(state: dict[str, Any]) -> dict[str, str]:
     """The resolution a last.pt records (see `resolution`). A last.pt from before it was recorded in
-    full: its precision as train.precision resolved then on its device (bf16_for), its memory format
+    full: its precision as train.precision resolved then on its device type, its memory format
     as its stored weights are laid out; without a recorded device, none is known (left out)."""
     got = {k: state[k] for k in ("device", "precision", "memory_format") if isinstance(state.get(k), str)}
     if "device" in got and "precision" not in got:
         written = state["run_params"].get("precision", "auto")
-        got["precision"] = "bf16" if bf16_for(torch.device(got["device"]), written) else "fp32"
+        # the rule of the versions that did not record it: bf16 for auto or bf16 on any CUDA card
+        # (asking this machine's devices would be wrong: the run may have been on another one)
+        bf16 = got["device"] == "cuda" and written in ("auto", "bf16")
+        got["precision"] = "bf16" if bf16 else "fp32"
     if "memory_format" not in got:
         convs = [w for net in state["nets"].values() for w in net.values()
                  if isinstance(w, torch.Tensor) and w.dim() == 4 and w.shape[1] > 1 and w.shape[2] * w.shape[3] > 1]
