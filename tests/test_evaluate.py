@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import unpaired.evaluation as evl
+import unpaired.weights as wts
 from stages.evaluate import EvaluateParams, Paths, evaluate, parse_args
 from tests.helpers import CHROMIUM, chromium_page
 from unpaired import checkpoint
@@ -297,7 +298,7 @@ def test_torch_fidelity_file_comes_first_and_its_facts_key_the_cache(setup, caps
     target.parent.mkdir(parents=True)
     torch.save(inception.fidelity_state_dict(inception.bundled_tensors()), target)
     monkeypatch.setattr(
-        evl, "published_sha256_prefix", lambda: hashlib.sha256(target.read_bytes()).hexdigest()[:8]
+        wts, "published_sha256_prefix", lambda: hashlib.sha256(target.read_bytes()).hexdigest()[:8]
     )
     capsys.readouterr()
     evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)
@@ -315,7 +316,7 @@ def test_torch_fidelity_file_comes_first_and_its_facts_key_the_cache(setup, caps
     pd.testing.assert_frame_equal(rows, bundled_rows, rtol=1e-5)
     assert str(target.parent) not in tracked_text(tmp_path)
     monkeypatch.setattr(
-        evl, "published_sha256_prefix", lambda: "6726825d"
+        wts, "published_sha256_prefix", lambda: "6726825d"
     )  # not the published file now
     evaluate(EvaluateParams(samples=2, kid_subsets=5), paths)
     out, err = capsys.readouterr()
