@@ -227,9 +227,8 @@ class EvaluateParams(params.Params):
     kid_subsets: int = 100
     batch_size: int = 16  # images per translation and Inception pass
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
-    threads: int | str = (
-        "auto"  # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
-    )
+    #: CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+    threads: int | str = "auto"
 
     BOUNDS = {
         "samples": params.SAMPLES,

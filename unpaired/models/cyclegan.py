@@ -8,6 +8,7 @@ Naming follows the reference implementation: G_A maps A→B, G_B maps B→A, D_A
 (real B vs G_A's fakes), D_B judges domain A. Losses: G_A, G_B (LSGAN), cycle_A, cycle_B (L1 × λ),
 idt_A, idt_B (L1 × λ × λ_identity), D_A, D_B ((real + fake) × 0.5).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,7 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from unpaired import checkpoint
-from unpaired.models.networks import PatchDiscriminator, ResnetGenerator, deterministic_padding, init_weights
+from unpaired.models.networks import (
+    PatchDiscriminator,
+    ResnetGenerator,
+    deterministic_padding,
+    init_weights,
+)
 from unpaired.models.pool import ImagePool
 from unpaired.models.training import TrainParams, compiled, ddp
 
@@ -83,6 +89,7 @@ class Discriminators(nn.Module):
 class Models:
     """The four networks, and the two pair modules a step calls (the same networks; DDP-wrapped and
     compiled versions replace `generators`/`discriminators`, the raw networks stay reachable)."""
+
     G_A: nn.Module
     G_B: nn.Module
     D_A: nn.Module
@@ -100,13 +107,22 @@ class Models:
         return self.G_A, self.G_B, self.D_A, self.D_B
 
 
-def build_models(ngf: int, ndf: int, n_blocks: int, n_layers: int, device: torch.device,
-                 channels_last: bool, dtype: torch.dtype = torch.float32) -> Models:
+def build_models(
+    ngf: int,
+    ndf: int,
+    n_blocks: int,
+    n_layers: int,
+    device: torch.device,
+    channels_last: bool,
+    dtype: torch.dtype = torch.float32,
+) -> Models:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    nets = [init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks)),
-            init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks)),
-            init_weights(PatchDiscriminator(ndf=ndf, n_layers=n_layers)),
-            init_weights(PatchDiscriminator(ndf=ndf, n_layers=n_layers))]
+    nets = [
+        init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks)),
+        init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks)),
+        init_weights(PatchDiscriminator(ndf=ndf, n_layers=n_layers)),
+        init_weights(PatchDiscriminator(ndf=ndf, n_layers=n_layers)),
+    ]
     return Models(*(n.to(device=device, dtype=dtype, memory_format=fmt) for n in nets))
 
 
@@ -114,23 +130,35 @@ def distribute(m: Models, device: torch.device) -> Models:
     """Wrap the pair modules in DistributedDataParallel (training.ddp; process group already
     initialised). The G step calls the raw Ds (frozen there; a DDP-wrapped module whose forward
     produces no gradients in a backward would leave its reducer waiting)."""
-    return Models(m.G_A, m.G_B, m.D_A, m.D_B, ddp(m.generators, device), ddp(m.discriminators, device))
+    return Models(
+        m.G_A, m.G_B, m.D_A, m.D_B, ddp(m.generators, device), ddp(m.discriminators, device)
+    )
 
 
 def compile_models(m: Models, mode: str, backend: str = "inductor") -> Models:
     """torch.compile the pair modules (training.compiled). Each pair compiles as one graph: nothing
     in a step's network passes reads a value back to the host (the pool and the losses stay on the
     device)."""
-    return Models(m.G_A, m.G_B, m.D_A, m.D_B, compiled(m.generators, mode, backend),
-                  compiled(m.discriminators, mode, backend))
+    return Models(
+        m.G_A,
+        m.G_B,
+        m.D_A,
+        m.D_B,
+        compiled(m.generators, mode, backend),
+        compiled(m.discriminators, mode, backend),
+    )
 
 
-def optimizers(m: Models, lr: float, beta1: float, fused: bool) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+def optimizers(
+    m: Models, lr: float, beta1: float, fused: bool
+) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     kw = dict(lr=lr, betas=(beta1, 0.999))
     if fused:
         kw["fused"] = True
-    return (torch.optim.Adam(itertools.chain(m.G_A.parameters(), m.G_B.parameters()), **kw),
-            torch.optim.Adam(itertools.chain(m.D_A.parameters(), m.D_B.parameters()), **kw))
+    return (
+        torch.optim.Adam(itertools.chain(m.G_A.parameters(), m.G_B.parameters()), **kw),
+        torch.optim.Adam(itertools.chain(m.D_A.parameters(), m.D_B.parameters()), **kw),
+    )
 
 
 def gan_loss(prediction: torch.Tensor, real: bool) -> torch.Tensor:
@@ -149,8 +177,19 @@ def _requires_grad(nets, flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def train_step(m: Models, opt_G, opt_D, pool_A: ImagePool, pool_B: ImagePool, real_A, real_B,
-               lambda_cycle: float, lambda_identity: float, autocast, batched: bool = True) -> torch.Tensor:
+def train_step(
+    m: Models,
+    opt_G,
+    opt_D,
+    pool_A: ImagePool,
+    pool_B: ImagePool,
+    real_A,
+    real_B,
+    lambda_cycle: float,
+    lambda_identity: float,
+    autocast,
+    batched: bool = True,
+) -> torch.Tensor:
     """One reference iteration: the G step with both Ds frozen, then the D step (D loss × 0.5).
     real_A, real_B: B×3×H×W in [-1, 1]. Returns the 8 losses (LOSS_NAMES order) as a detached
     float32 device tensor (no host sync). `batched` groups independent passes (see Generators);
@@ -161,7 +200,9 @@ def train_step(m: Models, opt_G, opt_D, pool_A: ImagePool, pool_B: ImagePool, re
     _requires_grad((m.D_A, m.D_B), False)
     opt_G.zero_grad(set_to_none=True)
     with autocast():
-        fake_B, rec_A, fake_A, rec_B, same_B, same_A = m.generators(real_A, real_B, identity, batched)
+        fake_B, rec_A, fake_A, rec_B, same_B, same_A = m.generators(
+            real_A, real_B, identity, batched
+        )
         if identity:
             idt_A = _l1(same_B, real_B) * lambda_cycle * lambda_identity
             idt_B = _l1(same_A, real_A) * lambda_cycle * lambda_identity
@@ -180,22 +221,31 @@ def train_step(m: Models, opt_G, opt_D, pool_A: ImagePool, pool_B: ImagePool, re
     pooled_B = pool_B.query(fake_B)
     pooled_A = pool_A.query(fake_A)
     with autocast():
-        real_b, fake_b, real_a, fake_a = m.discriminators(real_A, real_B, pooled_A, pooled_B, batched)
+        real_b, fake_b, real_a, fake_a = m.discriminators(
+            real_A, real_B, pooled_A, pooled_B, batched
+        )
         loss_D_A = (gan_loss(real_b, True) + gan_loss(fake_b, False)) * 0.5
         loss_D_B = (gan_loss(real_a, True) + gan_loss(fake_a, False)) * 0.5
     (loss_D_A + loss_D_B).backward()
     opt_D.step()
-    return torch.stack([loss_G_A, loss_G_B, cycle_A, cycle_B, idt_A, idt_B, loss_D_A, loss_D_B]).detach().float()
+    return (
+        torch.stack([loss_G_A, loss_G_B, cycle_A, cycle_B, idt_A, idt_B, loss_D_A, loss_D_B])
+        .detach()
+        .float()
+    )
 
 
 @torch.no_grad()
-def triplets(G_A: torch.nn.Module, G_B: torch.nn.Module, real_A: torch.Tensor, real_B: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def triplets(
+    G_A: torch.nn.Module, G_B: torch.nn.Module, real_A: torch.Tensor, real_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(real A, fake B, rec A) and (real B, fake A, rec B) stacked per sample: N×3×3×H×W each, in [-1, 1]."""
     fake_B = G_A(real_A)
     fake_A = G_B(real_B)
-    return (torch.stack([real_A, fake_B, G_B(fake_B)], 1).float().cpu(),
-            torch.stack([real_B, fake_A, G_A(fake_A)], 1).float().cpu())
+    return (
+        torch.stack([real_A, fake_B, G_B(fake_B)], 1).float().cpu(),
+        torch.stack([real_B, fake_A, G_A(fake_A)], 1).float().cpu(),
+    )
 
 
 class CycleGAN:
@@ -210,16 +260,32 @@ class CycleGAN:
     OPTIMIZERS = ("G", "D")
     RANK_STATE = ("pool_A", "pool_B")
 
-    def __init__(self, p: TrainParams, device: torch.device, world_size: int, g_rank: torch.Generator,
-                 channels_last: bool):
+    def __init__(
+        self,
+        p: TrainParams,
+        device: torch.device,
+        world_size: int,
+        g_rank: torch.Generator,
+        channels_last: bool,
+    ):
         self.p, self.device = p, device
-        self.models = build_models(p.ngf, p.ndf, p.n_blocks, p.n_layers, device, channels_last=channels_last)
-        if p.deterministic and device.type == "cuda":   # torch's CUDA reflection-pad backward would raise
+        self.models = build_models(
+            p.ngf, p.ndf, p.n_blocks, p.n_layers, device, channels_last=channels_last
+        )
+        if (
+            p.deterministic and device.type == "cuda"
+        ):  # torch's CUDA reflection-pad backward would raise
             for G in (self.models.G_A, self.models.G_B):
                 deterministic_padding(G)
         self.nets = dict(zip(self.NETS, self.models.nets()))
-        self.optimizers = dict(zip(self.OPTIMIZERS, optimizers(self.models, p.scaled_lr(world_size), p.beta1,
-                                                               fused=device.type == "cuda")))
+        self.optimizers = dict(
+            zip(
+                self.OPTIMIZERS,
+                optimizers(
+                    self.models, p.scaled_lr(world_size), p.beta1, fused=device.type == "cuda"
+                ),
+            )
+        )
         self.pool_A, self.pool_B = ImagePool(p.pool_size, g_rank), ImagePool(p.pool_size, g_rank)
 
     def epoch_file(self, epoch: int) -> dict[str, Any]:
@@ -238,8 +304,19 @@ class CycleGAN:
         """One training step (train_step) on B×3×H×W batches; the 8 losses on the device."""
         p = self.p
         opt_G, opt_D = self.optimizers.values()
-        return train_step(self.models, opt_G, opt_D, self.pool_A, self.pool_B, real_A, real_B,
-                          p.lambda_cycle, p.lambda_identity, autocast, p.batched_passes)
+        return train_step(
+            self.models,
+            opt_G,
+            opt_D,
+            self.pool_A,
+            self.pool_B,
+            real_A,
+            real_B,
+            p.lambda_cycle,
+            p.lambda_identity,
+            autocast,
+            p.batched_passes,
+        )
 
     def rank_state(self) -> dict[str, Any]:
         return {"pool_A": self.pool_A.state(), "pool_B": self.pool_B.state()}
@@ -254,7 +331,9 @@ class CycleGAN:
     def compile(self, mode: str) -> None:
         self.models = compile_models(self.models, mode)
 
-    def sample_rows(self, real_A: torch.Tensor, real_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_rows(
+        self, real_A: torch.Tensor, real_B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(real A, fake B, rec A) and (real B, fake A, rec B) rows (triplets), generators in eval mode."""
         self.models.G_A.eval()
         self.models.G_B.eval()

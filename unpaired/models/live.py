@@ -2,6 +2,7 @@
 run's own history after every epoch, so they always match the checkpoints, and each epoch's sample
 grid and line on stdout (RunLog).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -33,6 +34,7 @@ def read_speeds(live_dir: Path, last_epoch: int) -> dict[int, float]:
     """{epoch: images/s} of epochs 1..last_epoch from an existing dvclive log (timing lives there
     alone, never in last.pt), so a resumed run's log keeps them; {} when there is none to read."""
     import csv
+
     try:
         with open(live_dir / "plots" / "metrics" / "images_per_s.tsv", newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
@@ -42,12 +44,15 @@ def read_speeds(live_dir: Path, last_epoch: int) -> dict[int, float]:
     return {e: v for e, v in speeds.items() if 1 <= e <= last_epoch}
 
 
-def write_live(live_dir: Path, history: list[dict[str, Any]], speeds: dict[int, float], out: Path) -> None:
+def write_live(
+    live_dir: Path, history: list[dict[str, Any]], speeds: dict[int, float], out: Path
+) -> None:
     """Write the dvclive logs afresh from the run's own history (the losses and lr of every epoch),
     this process's images/s per epoch (`speeds`, not kept in last.pt) and the sample PNGs in out/
     samples/. Called after every epoch, so the logs are whole at the end even when another process
     (a refused concurrent `dvc repro`) deleted them meanwhile."""
     from dvclive import Live  # imported here: dvclive pulls in dvc, slow to import for other users
+
     reset_live(live_dir)
     live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None)
     for record in history:
@@ -62,7 +67,7 @@ def write_live(live_dir: Path, history: list[dict[str, Any]], speeds: dict[int, 
                 live.log_image(f"samples/{png.name}", image.copy())
         live.make_summary()
     live.end()
-    make_dirs(live_dir / "plots" / "images")   # a declared output, even empty
+    make_dirs(live_dir / "plots" / "images")  # a declared output, even empty
 
 
 class RunLog:
@@ -72,8 +77,14 @@ class RunLog:
     the dvclive log alone, never in last.pt: a resumed run reads them back from there. `sample_A`,
     `sample_B`: the fixed test images of the sample grid, N×3×crop×crop in [-1, 1] on the device."""
 
-    def __init__(self, out: Path, live_dir: Path, speeds: dict[int, float], sample_A: torch.Tensor,
-                 sample_B: torch.Tensor):
+    def __init__(
+        self,
+        out: Path,
+        live_dir: Path,
+        speeds: dict[int, float],
+        sample_A: torch.Tensor,
+        sample_B: torch.Tensor,
+    ):
         self.out, self.live_dir, self.speeds = out, live_dir, speeds
         self.sample_A, self.sample_B = sample_A, sample_B
 
@@ -86,24 +97,39 @@ class RunLog:
         speeds = read_speeds(live_dir, state.epoch)
         print(f"train: {where}")
         if rank.distributed:
-            print(f"train: {rank.world_size} processes ({'NCCL' if state.device.type == 'cuda' else 'gloo'}), "
-                  f"batch {p.batch_size} each: effective batch {p.batch_size * rank.world_size}, lr "
-                  f"{p.scaled_lr(rank.world_size):.2e} (train.lr_scaling: {p.lr_scaling})")
+            print(
+                f"train: {rank.world_size} processes ({'NCCL' if state.device.type == 'cuda' else 'gloo'}), "
+                f"batch {p.batch_size} each: effective batch {p.batch_size * rank.world_size}, lr "
+                f"{p.scaled_lr(rank.world_size):.2e} (train.lr_scaling: {p.lr_scaling})"
+            )
         write_live(live_dir, state.history, speeds, out)
-        return cls(out, live_dir, speeds, fixed_images(data / "testA", p.samples, p.crop_size).to(state.device),
-                   fixed_images(data / "testB", p.samples, p.crop_size).to(state.device))
+        return cls(
+            out,
+            live_dir,
+            speeds,
+            fixed_images(data / "testA", p.samples, p.crop_size).to(state.device),
+            fixed_images(data / "testB", p.samples, p.crop_size).to(state.device),
+        )
 
-    def publish(self, state: TrainState, losses: dict[str, float], lr: float, images_per_s: float) -> None:
+    def publish(
+        self, state: TrainState, losses: dict[str, float], lr: float, images_per_s: float
+    ) -> None:
         """After epoch state.epoch (its `losses`: all ranks' means, the `lr` it ran at, the images/s of
         all ranks together): its sample grid PNG, its history record, the dvclive logs, its line."""
         epoch = state.epoch
         if len(self.sample_A) and len(self.sample_B):
-            write_sample(self.out, epoch, grid(*state.model.sample_rows(self.sample_A, self.sample_B)))
+            write_sample(
+                self.out, epoch, grid(*state.model.sample_rows(self.sample_A, self.sample_B))
+            )
         state.history.append({"epoch": epoch, "metrics": {**losses, "lr": lr}})
         self.speeds[epoch] = images_per_s
         write_live(self.live_dir, state.history, self.speeds, self.out)
-        print(f"epoch {epoch}/{state.total}  " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
-              + f"  lr {lr:.2e}  {images_per_s:.1f} img/s", flush=True)
+        print(
+            f"epoch {epoch}/{state.total}  "
+            + "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
+            + f"  lr {lr:.2e}  {images_per_s:.1f} img/s",
+            flush=True,
+        )
 
     def result(self, state: TrainState) -> dict[str, Any]:
         """The last history record, with its epoch's images/s when known; {} when nothing was trained."""

@@ -5,6 +5,7 @@ wrapped in DDP, compiled); one epoch of steps on every rank.
 Data parallel: each process trains one DistributedDataParallel replica on its share of every epoch;
 rank 0 alone decides about resuming and writes (unpaired.models.state, unpaired.models.live).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ from unpaired.models.progress import Progress
 from unpaired.models.state import TrainState, data_names, resume
 from unpaired.models.training import Model, TrainParams, use_channels_last
 
-LOG_EVERY = 50   # steps between progress-bar loss updates (each one reads the losses from the device)
+LOG_EVERY = (
+    50  # steps between progress-bar loss updates (each one reads the losses from the device)
+)
 
 
 def setup_device(p: TrainParams, rank: Rank) -> torch.device:
@@ -42,7 +45,7 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
     device = resolve_device(p.device)
     distributed.check_devices(p.devices, device)
     joined = distributed.init(rank, device)
-    if rank.distributed:       # one process keeps the device as train.device names it (cuda, cuda:N)
+    if rank.distributed:  # one process keeps the device as train.device names it (cuda, cuda:N)
         device = joined
     threads.apply(p.threads)
     cuda = device.type == "cuda"
@@ -54,15 +57,16 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     warning = precision_warning(device, p.precision)
     if rank.main:
-        if device.type == "cuda":                # which precision, and why (bf16 only where native)
+        if device.type == "cuda":  # which precision, and why (bf16 only where native)
             print(f"train: {precision_for(device, p.precision).why}")
         if warning:
             print(warning, file=sys.stderr)
     return device
 
 
-def resume_on_every_rank(model: type[Model], p: TrainParams, data: Path, out: Path, rank: Rank
-                         ) -> tuple[dict[str, Any] | None, list[str]]:
+def resume_on_every_rank(
+    model: type[Model], p: TrainParams, data: Path, out: Path, rank: Rank
+) -> tuple[dict[str, Any] | None, list[str]]:
     """state.resume's answer on every rank: rank 0 decides (it verifies out/last.pt, and moves an
     earlier run that does not fit aside); the other ranks follow it, reading the same last.pt."""
     stored, extended = resume(model, p, data, out, rank.world_size) if rank.main else (None, [])
@@ -73,15 +77,18 @@ def resume_on_every_rank(model: type[Model], p: TrainParams, data: Path, out: Pa
     return stored, extended
 
 
-def start_run(model: type[Model], p: TrainParams, data: Path, out: Path, device: torch.device,
-              rank: Rank) -> TrainState:
+def start_run(
+    model: type[Model], p: TrainParams, data: Path, out: Path, device: torch.device, rank: Rank
+) -> TrainState:
     """The state a run of `model` starts from, on every rank: out/last.pt's when it can be continued
     (resume_on_every_rank), else a fresh one (TrainState.new); in the memory format of
     train.memory_format (training.use_channels_last); then wrapped in DDP (several processes) and
     compiled (train.compile). `data`: the prepared folder; `out`: the checkpoints folder (rank 0
     makes it). Raises UserError (one line) for a last.pt that cannot be continued, ParamsError for
     channels_last where it computes wrong."""
-    channels_last = use_channels_last(p.memory_format, device)   # before anything is moved or written
+    channels_last = use_channels_last(
+        p.memory_format, device
+    )  # before anything is moved or written
     stored, extended = resume_on_every_rank(model, p, data, out, rank)
     if rank.main:
         make_dirs(out)
@@ -89,9 +96,14 @@ def start_run(model: type[Model], p: TrainParams, data: Path, out: Path, device:
     if stored is not None:
         state.load_state_dict(stored, out / "last.pt", extended=bool(extended))
         if rank.main:
-            print(f"train: resuming from {out / 'last.pt'}: epochs 1-{state.epoch} done, "
-                  + (f"training from epoch {state.epoch + 1}" if state.epoch < state.total
-                     else "nothing left to train"))
+            print(
+                f"train: resuming from {out / 'last.pt'}: epochs 1-{state.epoch} done, "
+                + (
+                    f"training from epoch {state.epoch + 1}"
+                    if state.epoch < state.total
+                    else "nothing left to train"
+                )
+            )
     if rank.distributed:
         state.model.distribute(device)
     if p.compile_mode:
@@ -99,7 +111,9 @@ def start_run(model: type[Model], p: TrainParams, data: Path, out: Path, device:
     return state
 
 
-def train_epoch(state: TrainState, feeder: DeviceFeeder, progress: Progress, autocast) -> tuple[list[float], float]:
+def train_epoch(
+    state: TrainState, feeder: DeviceFeeder, progress: Progress, autocast
+) -> tuple[list[float], float]:
     """Train epoch state.epoch + 1 on every rank (state.epoch itself is counted by state.end_epoch).
     Returns the mean losses over all ranks (the model's LOSS_NAMES order) and the images/s of the
     epoch (all ranks together). The losses reach the host once per epoch, and every LOG_EVERY steps
@@ -109,14 +123,22 @@ def train_epoch(state: TrainState, feeder: DeviceFeeder, progress: Progress, aut
     state.model.start_epoch(feeder.images_per_epoch)
     sums = torch.zeros(len(names), device=device)
     t0 = time.perf_counter()
-    bar = tqdm(feeder.batches(plan), total=feeder.steps_per_epoch, desc=f"epoch {epoch}/{state.total}",
-               unit="it", leave=False, disable=None if rank.main else True)
+    bar = tqdm(
+        feeder.batches(plan),
+        total=feeder.steps_per_epoch,
+        desc=f"epoch {epoch}/{state.total}",
+        unit="it",
+        leave=False,
+        disable=None if rank.main else True,
+    )
     progress.start_epoch(epoch, plain=bar.disable and rank.main)
     for step, (real_A, real_B) in enumerate(bar, 1):
         sums += state.model.step(real_A, real_B, autocast)
-        if step % LOG_EVERY == 0 and not bar.disable:   # one device read per LOG_EVERY steps
+        if step % LOG_EVERY == 0 and not bar.disable:  # one device read per LOG_EVERY steps
             bar.set_postfix({k: f"{v:.2f}" for k, v in zip(names, (sums / step).tolist())})
         progress.step(step, sums)
-    rank.sum(sums)                                            # losses of all ranks, for the log
-    means = (sums / (feeder.steps_per_epoch * rank.world_size)).tolist()   # the epoch's one host sync
+    rank.sum(sums)  # losses of all ranks, for the log
+    means = (
+        sums / (feeder.steps_per_epoch * rank.world_size)
+    ).tolist()  # the epoch's one host sync
     return means, feeder.images_per_epoch * rank.world_size / (time.perf_counter() - t0)

@@ -11,6 +11,7 @@ implementation's defaults (the losses and the step are each model's: unpaired/mo
 - deterministic_padding: the generators' reflection padding with a deterministic backward, for
   CUDA runs under torch.use_deterministic_algorithms (train.deterministic).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,13 @@ class ResnetBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=True), _norm(dim), nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=True), _norm(dim),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, bias=True),
+            _norm(dim),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, bias=True),
+            _norm(dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,19 +41,34 @@ class ResnetBlock(nn.Module):
 
 
 class ResnetGenerator(nn.Module):
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9):
+    def __init__(
+        self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, n_blocks: int = 9
+    ):
         super().__init__()
         # Instance norm has no affine shift, so conv biases are kept, as the reference does.
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7, bias=True),
-                                   _norm(ngf), nn.ReLU(True)]
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_channels, ngf, 7, bias=True),
+            _norm(ngf),
+            nn.ReLU(True),
+        ]
         ch = ngf
         for _ in range(2):
-            layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1, bias=True), _norm(ch * 2), nn.ReLU(True)]
+            layers += [
+                nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1, bias=True),
+                _norm(ch * 2),
+                nn.ReLU(True),
+            ]
             ch *= 2
         layers += [ResnetBlock(ch) for _ in range(n_blocks)]
         for _ in range(2):
-            layers += [nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1, bias=True),
-                       _norm(ch // 2), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(
+                    ch, ch // 2, 3, stride=2, padding=1, output_padding=1, bias=True
+                ),
+                _norm(ch // 2),
+                nn.ReLU(True),
+            ]
             ch //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
@@ -59,16 +80,25 @@ class ResnetGenerator(nn.Module):
 class PatchDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
         mult = 1
         for n in range(1, n_layers):
-            prev, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1, bias=True),
-                       _norm(ndf * mult), nn.LeakyReLU(0.2, True)]
-        prev, mult = mult, min(2 ** n_layers, 8)
-        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1, bias=True),
-                   _norm(ndf * mult), nn.LeakyReLU(0.2, True),
-                   nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1, bias=True),
+                _norm(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        prev, mult = mult, min(2**n_layers, 8)
+        layers += [
+            nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1, bias=True),
+            _norm(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1),
+        ]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,16 +135,16 @@ class _ReflectionPad(torch.autograd.Function):
         h, w = grad.shape[-2] - top - bottom, grad.shape[-1] - left - right
         # Output column j < left copies input column left - j, column left + w + j copies w - 2 - j:
         # each padded column's gradient goes back onto the column it copies (rows likewise, after).
-        cols = grad[..., left:left + w].clone()
+        cols = grad[..., left : left + w].clone()
         if left:
-            cols[..., 1:left + 1] += grad[..., :left].flip(-1)
+            cols[..., 1 : left + 1] += grad[..., :left].flip(-1)
         if right:
-            cols[..., w - 1 - right:w - 1] += grad[..., left + w:].flip(-1)
-        out = cols[..., top:top + h, :].clone()
+            cols[..., w - 1 - right : w - 1] += grad[..., left + w :].flip(-1)
+        out = cols[..., top : top + h, :].clone()
         if top:
-            out[..., 1:top + 1, :] += cols[..., :top, :].flip(-2)
+            out[..., 1 : top + 1, :] += cols[..., :top, :].flip(-2)
         if bottom:
-            out[..., h - 1 - bottom:h - 1, :] += cols[..., top + h:, :].flip(-2)
+            out[..., h - 1 - bottom : h - 1, :] += cols[..., top + h :, :].flip(-2)
         return out, None
 
 

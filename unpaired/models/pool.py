@@ -1,5 +1,6 @@
 """The image pool: a history of generated images for the discriminators (Shrivastava et al. 2017),
 as the reference CycleGAN keeps it (`pool_size` 50)."""
+
 from __future__ import annotations
 
 import torch
@@ -24,10 +25,10 @@ class ImagePool:
     def __init__(self, size: int, generator: torch.Generator):
         self.size = size
         self.generator = generator
-        self.buffer: torch.Tensor | None = None      # capacity×C×H×W once the first image arrives
-        self.stored = 0                               # images stored (<= size, <= capacity)
-        self._u = torch.empty(0)                      # per-image uniform draw in [0, 1)
-        self._index = torch.empty(0, dtype=torch.long)   # per-image slot draw in [0, size)
+        self.buffer: torch.Tensor | None = None  # capacity×C×H×W once the first image arrives
+        self.stored = 0  # images stored (<= size, <= capacity)
+        self._u = torch.empty(0)  # per-image uniform draw in [0, 1)
+        self._index = torch.empty(0, dtype=torch.long)  # per-image slot draw in [0, size)
 
     def prepare(self, n: int, device: torch.device | None = None) -> None:
         """Draw the randomness of the next `n` images (two draws per image, even while filling)."""
@@ -56,17 +57,17 @@ class ImagePool:
             return images
         if len(self._u) < len(images):
             self.prepare(len(images) - len(self._u), images.device)
-        u, index = self._u[:len(images)], self._index[:len(images)]
-        self._u, self._index = self._u[len(images):], self._index[len(images):]
-        filling = min(len(images), self.size - self.stored)       # the first `filling` images are stored
+        u, index = self._u[: len(images)], self._index[: len(images)]
+        self._u, self._index = self._u[len(images) :], self._index[len(images) :]
+        filling = min(len(images), self.size - self.stored)  # the first `filling` images are stored
         if filling:
             self._reserve(self.stored + filling, images)
-            self.buffer[self.stored:self.stored + filling] = images[:filling]
+            self.buffer[self.stored : self.stored + filling] = images[:filling]
             self.stored += filling
         out = [images[:filling]] if filling else []
         for i in range(filling, len(images)):
-            new = images[i:i + 1]
-            slot = index[i:i + 1]
+            new = images[i : i + 1]
+            slot = index[i : i + 1]
             swap = u[i] > 0.5
             old = self.buffer.index_select(0, slot)
             out.append(torch.where(swap, old, new))
@@ -78,11 +79,14 @@ class ImagePool:
         """The stored images, 1×C×H×W each (for tests and checkpoints)."""
         if self.buffer is None:
             return []
-        return list(self.buffer[:self.stored].split(1))
+        return list(self.buffer[: self.stored].split(1))
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"images": self.buffer[:self.stored].clone() if self.stored else torch.empty(0),
-                "u": self._u.cpu(), "index": self._index.cpu()}
+        return {
+            "images": self.buffer[: self.stored].clone() if self.stored else torch.empty(0),
+            "u": self._u.cpu(),
+            "index": self._index.cpu(),
+        }
 
     def load(self, state, device: torch.device) -> None:
         """From `state()`; also accepts the list of 1×C×H×W images older checkpoints hold."""
@@ -93,7 +97,7 @@ class ImagePool:
         self._index = state.get("index", torch.empty(0, dtype=torch.long)).to(device)
         self.buffer, self.stored = None, 0
         if len(images):
-            images = images[:self.size].to(device)
+            images = images[: self.size].to(device)
             self._reserve(len(images), images)
-            self.buffer[:len(images)] = images
+            self.buffer[: len(images)] = images
             self.stored = len(images)

@@ -1,4 +1,5 @@
 """Progress lines and the ETA inside epochs, for logs and CI, and the slow-down warning."""
+
 from __future__ import annotations
 
 import time
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 # running losses from the device (one sync), so the rate is bounded on both ends.
 PROGRESS_EVERY_S = 60.0
 PROGRESS_MIN_GAP_S = 10.0
-SLOW_FACTOR = 3.0   # warn once when an epoch runs this many times slower than the first steps did
+SLOW_FACTOR = 3.0  # warn once when an epoch runs this many times slower than the first steps did
 
 
 def _clock_str(seconds: float) -> str:
@@ -37,15 +38,28 @@ class Progress:
     `names` the model's loss names (Model.LOSS_NAMES), in the order of the sums `step` is given.
     `clock` returns seconds (time.perf_counter)."""
 
-    def __init__(self, steps: int, images_per_step: float, total: int, hint: str, names: tuple[str, ...],
-                 every_s: float | None = None, min_gap_s: float | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.steps, self.images_per_step, self.total, self.hint = steps, images_per_step, total, hint
+    def __init__(
+        self,
+        steps: int,
+        images_per_step: float,
+        total: int,
+        hint: str,
+        names: tuple[str, ...],
+        every_s: float | None = None,
+        min_gap_s: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.steps, self.images_per_step, self.total, self.hint = (
+            steps,
+            images_per_step,
+            total,
+            hint,
+        )
         self.names = names
         self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
         self.min_gap_s = PROGRESS_MIN_GAP_S if min_gap_s is None else min_gap_s
         self.clock = clock
-        self.baseline: float | None = None     # images/s of the first steps
+        self.baseline: float | None = None  # images/s of the first steps
         self.warned = False
         self.base_end = min(steps, 11)
 
@@ -61,30 +75,33 @@ class Progress:
         if step == 1:
             self.t1 = now
         elif self.baseline is None and step == self.base_end and self.t1 is not None:
-            sums.sum().item()                                     # wait for the device: true timing
+            sums.sum().item()  # wait for the device: true timing
             now = self.clock()
             self.baseline = (step - 1) * self.images_per_step / max(now - self.t1, 1e-9)
-        if not self.plain or step >= self.steps:                  # the epoch line covers the end
+        if not self.plain or step >= self.steps:  # the epoch line covers the end
             return
         marked = step * 10 >= self.next_mark * self.steps
         if not (now - self.last >= self.every_s or (marked and now - self.last >= self.min_gap_s)):
             return
         while self.next_mark * self.steps <= step * 10:
             self.next_mark += 1
-        means = (sums / step).tolist()                            # the one device read of this line
+        means = (sums / step).tolist()  # the one device read of this line
         now = self.clock()
         self.last = now
-        rate = step / max(now - self.t0, 1e-9)                    # steps/s in this epoch
+        rate = step / max(now - self.t0, 1e-9)  # steps/s in this epoch
         left = self.steps - step
         run_left = left + (self.total - self.epoch) * self.steps
-        print(f"epoch {self.epoch}/{self.total}  step {step}/{self.steps} ({100 * step // self.steps}%)  "
-              f"{rate * self.images_per_step:.1f} img/s  ETA {_clock_str(left / rate)} "
-              f"(run {_clock_str(run_left / rate)})  "
-              + "  ".join(f"{k} {v:.3f}" for k, v in zip(self.names, means)), flush=True)
+        print(
+            f"epoch {self.epoch}/{self.total}  step {step}/{self.steps} ({100 * step // self.steps}%)  "
+            f"{rate * self.images_per_step:.1f} img/s  ETA {_clock_str(left / rate)} "
+            f"(run {_clock_str(run_left / rate)})  "
+            + "  ".join(f"{k} {v:.3f}" for k, v in zip(self.names, means)),
+            flush=True,
+        )
         self.check_speed(rate * self.images_per_step)
 
     def end_epoch(self, images_per_s: float) -> None:
-        if self.baseline is None:                                 # epochs too short to measure steps
+        if self.baseline is None:  # epochs too short to measure steps
             self.baseline = images_per_s
         self.check_speed(images_per_s)
 
@@ -92,17 +109,20 @@ class Progress:
         if self.warned or self.baseline is None or images_per_s * SLOW_FACTOR > self.baseline:
             return
         self.warned = True
-        print(f"train: warning: epoch {self.epoch} runs at {images_per_s:.2f} img/s, "
-              f"{self.baseline / max(images_per_s, 1e-9):.0f}x slower than its first steps "
-              f"({self.baseline:.2f} img/s): other work is probably sharing the machine; {self.hint}",
-              flush=True)
+        print(
+            f"train: warning: epoch {self.epoch} runs at {images_per_s:.2f} img/s, "
+            f"{self.baseline / max(images_per_s, 1e-9):.0f}x slower than its first steps "
+            f"({self.baseline:.2f} img/s): other work is probably sharing the machine; {self.hint}",
+            flush=True,
+        )
 
 
 def speed_hint(device: torch.device, p: TrainParams) -> str:
     if device.type != "cpu":
         return "stop the other work on the device, or train on another one"
     if torch.get_num_threads() > 1:
-        return (f"try params.yaml: train.threads: 1 (now {threads.describe(p.threads)}), or stop the "
-                f"other work")
+        return (
+            f"try params.yaml: train.threads: 1 (now {threads.describe(p.threads)}), or stop the "
+            f"other work"
+        )
     return "stop the other work, or train on another machine"
-

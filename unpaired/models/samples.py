@@ -1,5 +1,6 @@
 """Sample grids: real | translated | reconstructed, for a fixed set of test images, both directions
 (each model's rows: Model.sample_rows), and their PNG files, one per epoch in out/samples/."""
+
 from __future__ import annotations
 
 import io
@@ -8,10 +9,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import make_grid
 
 from unpaired.files import atomic_write_bytes, make_dirs
 from unpaired.images import read_uint8, to_float
-from torchvision.utils import make_grid
 
 
 def fixed_images(folder: Path, count: int, size: int) -> torch.Tensor:
@@ -28,7 +29,7 @@ def grid(rows_a: torch.Tensor, rows_b: torch.Tensor, padding: int = 2) -> torch.
     """One uint8 image, one row per sample: A rows first (real A | fake B | rec A), then B rows
     (real B | fake A | rec B)."""
     rows = torch.cat([rows_a, rows_b], 0)
-    flat = rows.flatten(0, 1)                            # (N*3)×3×H×W, row-major
+    flat = rows.flatten(0, 1)  # (N*3)×3×H×W, row-major
     g = make_grid(flat, nrow=3, padding=padding, pad_value=1.0, normalize=True, value_range=(-1, 1))
     return g.mul(255).round().clamp(0, 255).to(torch.uint8)
 

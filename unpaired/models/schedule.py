@@ -1,5 +1,6 @@
 """The learning-rate rule of the reference CycleGAN (`lr_policy=linear`): constant, then a linear decay
 towards 0. The train state applies it through torch's LambdaLR, one step per epoch."""
+
 from __future__ import annotations
 
 

@@ -12,6 +12,7 @@ out/samples/ (written once, never kept in last.pt), so last.pt stays the same si
 per-epoch numbers of its history. Nothing in last.pt or the epoch files depends on the clock, the
 host or the process.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,8 @@ NOT_HASHED = ("save_every", "compile", "samples", "threads", "devices", "data_de
 # Run params added after last.pt files existed: a last.pt without one is compared as if it held this
 # value (what the run did then is what this value does now, up to its resolution: see `resolution`).
 ADDED_LATER = {"memory_format": "auto", "deterministic": False}
-SCHEDULE = ("epochs", "epochs_decay")   # the keys along which a finished run can be extended
-EPOCH_FILE = ("format", "epoch", "model", "G_AB", "G_BA")   # checkpoint.generators_payload's keys
+SCHEDULE = ("epochs", "epochs_decay")  # the keys along which a finished run can be extended
+EPOCH_FILE = ("format", "epoch", "model", "G_AB", "G_BA")  # checkpoint.generators_payload's keys
 
 
 def run_params(p: TrainParams) -> dict[str, Any]:
@@ -61,12 +62,14 @@ def move_aside(out: Path, why: str) -> None:
     """Move every file of `out` (the checkpoints of an earlier run) to <out>.previous/<time>/, which
     git ignores (a `*` .gitignore inside) and DVC does not track, and say so. Nothing is deleted."""
     if not out.is_dir() or not any(not f.name.startswith(".") for f in out.iterdir()):
-        return          # nothing of a run (hidden files are temporaries of interrupted writes)
+        return  # nothing of a run (hidden files are temporaries of interrupted writes)
     aside_root = out.parent / f"{out.name}.previous"
     make_dirs(aside_root)
     ignore = aside_root / ".gitignore"
     if not ignore.exists():
-        ignore.write_text("# checkpoints of earlier train runs, moved aside by the train stage\n*\n")
+        ignore.write_text(
+            "# checkpoints of earlier train runs, moved aside by the train stage\n*\n"
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest, n = aside_root / stamp, 1
     while dest.exists():
@@ -76,8 +79,10 @@ def move_aside(out: Path, why: str) -> None:
     out.rename(dest)
     out.mkdir()
     what = f"epochs {epochs[0]}-{epochs[-1]}" if epochs else "no epoch files"
-    print(f"train: {why}; moved the earlier checkpoints ({what}) to {dest}/ (delete it when you no "
-          f"longer need them)")
+    print(
+        f"train: {why}; moved the earlier checkpoints ({what}) to {dest}/ (delete it when you no "
+        f"longer need them)"
+    )
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, str]:
@@ -96,13 +101,26 @@ def resume_keys(model: type[Model]) -> tuple[str, ...]:
     """The keys a last.pt of `model` must hold to be continued (CycleGAN: epoch, run_params,
     data_names, nets, opt_G, opt_D, sched_G, sched_D, pool_A, pool_B, rng, history, G_AB, G_BA,
     model, format)."""
-    return ("epoch", "run_params", "data_names", "nets", *(f"opt_{n}" for n in model.OPTIMIZERS),
-            *(f"sched_{n}" for n in model.OPTIMIZERS), *model.RANK_STATE, "rng", "history",
-            "G_AB", "G_BA", "model", "format")
+    return (
+        "epoch",
+        "run_params",
+        "data_names",
+        "nets",
+        *(f"opt_{n}" for n in model.OPTIMIZERS),
+        *(f"sched_{n}" for n in model.OPTIMIZERS),
+        *model.RANK_STATE,
+        "rng",
+        "history",
+        "G_AB",
+        "G_BA",
+        "model",
+        "format",
+    )
 
 
-def resume(model: type[Model], p: TrainParams, data: Path, out: Path, world_size: int = 1
-           ) -> tuple[dict[str, Any] | None, list[str]]:
+def resume(
+    model: type[Model], p: TrainParams, data: Path, out: Path, world_size: int = 1
+) -> tuple[dict[str, Any] | None, list[str]]:
     """The verified state of out/last.pt (a run of `model`) to continue from, and the schedule keys
     that changed (non-empty: the run is extended). None when there is nothing to continue: then every earlier
     file has been moved aside (never deleted) with a line saying why. A last.pt written by another
@@ -119,38 +137,53 @@ def resume(model: type[Model], p: TrainParams, data: Path, out: Path, world_size
         return None, []
     missing = [k for k in resume_keys(model) if not isinstance(state, dict) or k not in state]
     if missing:
-        move_aside(out, f"starting afresh: {last} lacks {', '.join(missing)} (written by an older "
-                         f"version of train, or edited)")
+        move_aside(
+            out,
+            f"starting afresh: {last} lacks {', '.join(missing)} (written by an older "
+            f"version of train, or edited)",
+        )
         return None, []
     written = state.get("world_size", 1)
     if written != world_size:
-        move_aside(out, f"starting afresh: {last} was written by {written} process(es), this run has "
-                         f"{world_size} (train.devices); each process's pool and random streams cannot be "
-                         f"split or merged exactly")
+        move_aside(
+            out,
+            f"starting afresh: {last} was written by {written} process(es), this run has "
+            f"{world_size} (train.devices); each process's pool and random streams cannot be "
+            f"split or merged exactly",
+        )
         return None, []
     current = run_params(p)
     written = {**{k: v for k, v in ADDED_LATER.items() if k in current}, **state["run_params"]}
     changed = differences(written, current)
     other_data = state["data_names"] != data_names(data)
     if other_data or not set(changed) <= set(SCHEDULE):
-        why = ", ".join(list(changed.values()) + ([f"other prepared training images in {data}"] if other_data else []))
+        why = ", ".join(
+            list(changed.values())
+            + ([f"other prepared training images in {data}"] if other_data else [])
+        )
         move_aside(out, f"starting afresh: {last} was written with {why}")
         return None, []
     total = p.epochs + p.epochs_decay
     if state["epoch"] > total:
-        raise UserError(f"params.yaml: train.epochs + train.epochs_decay = {total} is below the "
-                        f"{state['epoch']} epochs already in {last}: raise them to extend that run, or "
-                        f"move {out} away to start afresh")
+        raise UserError(
+            f"params.yaml: train.epochs + train.epochs_decay = {total} is below the "
+            f"{state['epoch']} epochs already in {last}: raise them to extend that run, or "
+            f"move {out} away to start afresh"
+        )
     check_epoch_files(out, state)
     if changed and state["epoch"] == total:
-        print(f"train: {last} already holds all {total} epochs of the new schedule "
-              f"({', '.join(changed.values())}); nothing to train")
+        print(
+            f"train: {last} already holds all {total} epochs of the new schedule "
+            f"({', '.join(changed.values())}); nothing to train"
+        )
     elif changed:
         old = state["history"][-1]["metrics"]["lr"] if state["history"] else float("nan")
         new = p.lr * lr_factor(state["epoch"], p.epochs, p.epochs_decay)
-        print(f"train: extending the run in {last} (epoch {state['epoch']}): {', '.join(changed.values())}; from "
-              f"epoch {state['epoch'] + 1} on the learning rate follows the new schedule: {new:.3g} "
-              f"(epoch {state['epoch']} ran at {old:.3g})")
+        print(
+            f"train: extending the run in {last} (epoch {state['epoch']}): {', '.join(changed.values())}; from "
+            f"epoch {state['epoch'] + 1} on the learning rate follows the new schedule: {new:.3g} "
+            f"(epoch {state['epoch']} ran at {old:.3g})"
+        )
     return state, sorted(changed)
 
 
@@ -158,15 +191,22 @@ def resolution(device: torch.device, precision: str, channels_last: bool) -> dic
     """What a run's settings resolved to, as last.pt records it beside run_params (which hold them
     as written, e.g. `auto`): {"device": "cpu"|"cuda"|"mps", "precision": "bf16"|"fp32" (train.precision
     by unpaired.devices.bf16_for), "memory_format": "channels_last"|"contiguous" (the networks')}."""
-    return {"device": device.type, "precision": "bf16" if bf16_for(device, precision) else "fp32",
-            "memory_format": "channels_last" if channels_last else "contiguous"}
+    return {
+        "device": device.type,
+        "precision": "bf16" if bf16_for(device, precision) else "fp32",
+        "memory_format": "channels_last" if channels_last else "contiguous",
+    }
 
 
 def stored_resolution(state: dict[str, Any]) -> dict[str, str]:
     """The resolution a last.pt records (see `resolution`). A last.pt from before it was recorded in
     full: its precision as train.precision resolved then on its device type, its memory format
     as its stored weights are laid out; without a recorded device, none is known (left out)."""
-    got = {k: state[k] for k in ("device", "precision", "memory_format") if isinstance(state.get(k), str)}
+    got = {
+        k: state[k]
+        for k in ("device", "precision", "memory_format")
+        if isinstance(state.get(k), str)
+    }
     if "device" in got and "precision" not in got:
         written = state["run_params"].get("precision", "auto")
         # the rule of the versions that did not record it: bf16 for auto or bf16 on any CUDA card
@@ -174,10 +214,22 @@ def stored_resolution(state: dict[str, Any]) -> dict[str, str]:
         bf16 = got["device"] == "cuda" and written in ("auto", "bf16")
         got["precision"] = "bf16" if bf16 else "fp32"
     if "memory_format" not in got:
-        convs = [w for net in state["nets"].values() for w in net.values()
-                 if isinstance(w, torch.Tensor) and w.dim() == 4 and w.shape[1] > 1 and w.shape[2] * w.shape[3] > 1]
-        got["memory_format"] = "channels_last" if convs and not convs[0].is_contiguous() and \
-            convs[0].is_contiguous(memory_format=torch.channels_last) else "contiguous"
+        convs = [
+            w
+            for net in state["nets"].values()
+            for w in net.values()
+            if isinstance(w, torch.Tensor)
+            and w.dim() == 4
+            and w.shape[1] > 1
+            and w.shape[2] * w.shape[3] > 1
+        ]
+        got["memory_format"] = (
+            "channels_last"
+            if convs
+            and not convs[0].is_contiguous()
+            and convs[0].is_contiguous(memory_format=torch.channels_last)
+            else "contiguous"
+        )
     return got
 
 
@@ -189,14 +241,20 @@ def load_optimizer_state(opt: torch.optim.Optimizer, stored: dict[str, Any]) -> 
     weights as flat arrays: a channels-last moment of a contiguous weight updates other elements
     than its own (measured on the CPU; tests/test_train.py checks the conversion). Raises what
     load_state_dict raises for a state of other parameters (ValueError, KeyError)."""
-    groups = [{**group, "fused": mine.get("fused")} for group, mine in zip(stored["param_groups"], opt.param_groups)]
-    opt.load_state_dict({**stored, "param_groups": groups + stored["param_groups"][len(groups):]})
+    groups = [
+        {**group, "fused": mine.get("fused")}
+        for group, mine in zip(stored["param_groups"], opt.param_groups)
+    ]
+    opt.load_state_dict({**stored, "param_groups": groups + stored["param_groups"][len(groups) :]})
     for group in opt.param_groups:
         for weight in group["params"]:
             moments = opt.state.get(weight, {})
             for key, value in moments.items():
-                if isinstance(value, torch.Tensor) and value.shape == weight.shape \
-                        and value.stride() != weight.stride():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == weight.shape
+                    and value.stride() != weight.stride()
+                ):
                     moments[key] = torch.empty_like(weight, dtype=value.dtype).copy_(value)
 
 
@@ -223,18 +281,27 @@ def check_epoch_files(out: Path, state: dict[str, Any]) -> None:
                 print(f"train: {err.problem}; rewrote it from {out / 'last.pt'}")
             else:
                 path.unlink()
-                print(f"train: {err.problem}; removed it (its weights exist nowhere else: retrain from "
-                      f"scratch to have that epoch again)")
+                print(
+                    f"train: {err.problem}; removed it (its weights exist nowhere else: retrain from "
+                    f"scratch to have that epoch again)"
+                )
 
 
 def _diverged(epoch: int, total: int, what: str, p: TrainParams, out: Path) -> UserError:
-    kept = (f"{out / 'last.pt'} keeps the last good epoch" if (out / "last.pt").exists()
-            else "no checkpoint was written")
-    return UserError(f"epoch {epoch}/{total}: {what}: training diverged; lower params.yaml: train.lr "
-                     f"(now {p.lr:g}) or check the prepared data; nothing of this epoch was saved, {kept}")
+    kept = (
+        f"{out / 'last.pt'} keeps the last good epoch"
+        if (out / "last.pt").exists()
+        else "no checkpoint was written"
+    )
+    return UserError(
+        f"epoch {epoch}/{total}: {what}: training diverged; lower params.yaml: train.lr "
+        f"(now {p.lr:g}) or check the prepared data; nothing of this epoch was saved, {kept}"
+    )
 
 
-def check_finite(epoch: int, total: int, losses: dict[str, float], p: TrainParams, out: Path) -> None:
+def check_finite(
+    epoch: int, total: int, losses: dict[str, float], p: TrainParams, out: Path
+) -> None:
     """Stop the run at the first epoch whose mean losses are not finite, before anything of the
     epoch is written; the last good last.pt stays resumable. Uses the per-epoch means, which reach
     the host once per epoch anyway: no extra device sync."""
@@ -245,8 +312,12 @@ def check_finite(epoch: int, total: int, losses: dict[str, float], p: TrainParam
 
 def check_finite_weights(model: Model, epoch: int, total: int, p: TrainParams, out: Path) -> None:
     """Refuse to checkpoint non-finite weights (one device sync, where the save syncs anyway)."""
-    flags = [torch.isfinite(v).all() for net in model.nets.values()
-             for v in net.state_dict().values() if v.is_floating_point()]
+    flags = [
+        torch.isfinite(v).all()
+        for net in model.nets.values()
+        for v in net.state_dict().values()
+        if v.is_floating_point()
+    ]
     if not bool(torch.stack(flags).all()):
         raise _diverged(epoch, total, "the weights are not finite after this epoch", p, out)
 
@@ -260,27 +331,43 @@ class TrainState:
     `history` ([{"epoch": int, "metrics": {loss name: float, "lr": float}}], one per epoch, kept by
     rank 0). `state_dict()` is last.pt's format (the one place it is written); `load_state_dict()`
     restores it. Build with `TrainState.new`."""
+
     p: TrainParams
     device: torch.device
     rank: Rank
-    names: list[str]                     # the prepared training files (data_names)
+    names: list[str]  # the prepared training files (data_names)
     model: Model
     g_data: torch.Generator
     g_rank: torch.Generator
-    channels_last: bool                  # the networks' memory format (and the feeders' batches)
-    schedules: dict[str, Any] = field(default_factory=dict)   # LambdaLR per model.optimizers key
+    channels_last: bool  # the networks' memory format (and the feeders' batches)
+    schedules: dict[str, Any] = field(default_factory=dict)  # LambdaLR per model.optimizers key
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def new(cls, model: type[Model], p: TrainParams, device: torch.device, rank: Rank, names: list[str],
-            channels_last: bool) -> TrainState:
+    def new(
+        cls,
+        model: type[Model],
+        p: TrainParams,
+        device: torch.device,
+        rank: Rank,
+        names: list[str],
+        channels_last: bool,
+    ) -> TrainState:
         """A fresh run of `model`, seeded by train.seed (this rank's stream also by the rank)."""
         torch.manual_seed(p.seed)
-        g_data = torch.Generator().manual_seed(p.seed + 1)          # the epoch plan: the same on every rank
-        g_rank = torch.Generator().manual_seed(p.seed + 2 + 1_000_003 * rank.rank)   # (seed, rank)
-        state = cls(p, device, rank, names, model(p, device, rank.world_size, g_rank, channels_last),
-                    g_data, g_rank, channels_last)
+        g_data = torch.Generator().manual_seed(p.seed + 1)  # the epoch plan: the same on every rank
+        g_rank = torch.Generator().manual_seed(p.seed + 2 + 1_000_003 * rank.rank)  # (seed, rank)
+        state = cls(
+            p,
+            device,
+            rank,
+            names,
+            model(p, device, rank.world_size, g_rank, channels_last),
+            g_data,
+            g_rank,
+            channels_last,
+        )
         state.schedules = state._schedules()
         return state
 
@@ -288,8 +375,10 @@ class TrainState:
         """LambdaLR schedules after the rule of the current train.epochs / train.epochs_decay; with
         `last_epoch` >= 0 (needs the optimizers' initial_lr) the lr is set for the epoch after it."""
         rule = lambda e: lr_factor(e, self.p.epochs, self.p.epochs_decay)  # noqa: E731
-        return {name: torch.optim.lr_scheduler.LambdaLR(opt, rule, last_epoch=last_epoch)
-                for name, opt in self.model.optimizers.items()}
+        return {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, rule, last_epoch=last_epoch)
+            for name, opt in self.model.optimizers.items()
+        }
 
     @property
     def resolution(self) -> dict[str, str]:
@@ -334,19 +423,35 @@ class TrainState:
         ranks 1..'s rank_state(), gathered by rank 0."""
         run = run_params(self.p)
         state = self.epoch_file()
-        state.update({
-            "run_hash": run_hash(run, self.names), "run_params": run, "data_names": self.names,
-            "world_size": self.rank.world_size, **self.resolution,   # device, precision, memory_format
-            "nets": {name: {k: v.detach().cpu() for k, v in net.state_dict().items()}
-                     for name, net in self.model.nets.items()},
-            **{f"opt_{name}": opt.state_dict() for name, opt in self.model.optimizers.items()},
-            **{f"sched_{name}": schedule.state_dict() for name, schedule in self.schedules.items()},
-            **self.model.rank_state(),
-            "other_ranks": other_ranks or [],
-            "rng": {"torch": torch.get_rng_state(), "data": self.g_data.get_state(), "pool": self.g_rank.get_state(),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
-            "history": self.history,
-        })
+        state.update(
+            {
+                "run_hash": run_hash(run, self.names),
+                "run_params": run,
+                "data_names": self.names,
+                "world_size": self.rank.world_size,
+                **self.resolution,  # device, precision, memory_format
+                "nets": {
+                    name: {k: v.detach().cpu() for k, v in net.state_dict().items()}
+                    for name, net in self.model.nets.items()
+                },
+                **{f"opt_{name}": opt.state_dict() for name, opt in self.model.optimizers.items()},
+                **{
+                    f"sched_{name}": schedule.state_dict()
+                    for name, schedule in self.schedules.items()
+                },
+                **self.model.rank_state(),
+                "other_ranks": other_ranks or [],
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "data": self.g_data.get_state(),
+                    "pool": self.g_rank.get_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device)
+                    if self.device.type == "cuda"
+                    else None,
+                },
+                "history": self.history,
+            }
+        )
         return state
 
     def load_state_dict(self, state: dict[str, Any], last: Path, extended: bool = False) -> None:
@@ -360,14 +465,24 @@ class TrainState:
                 net.load_state_dict(state["nets"][name])
             for name, opt in model.optimizers.items():
                 load_optimizer_state(opt, state[f"opt_{name}"])
-            if extended:   # the new rule's lr for the next epoch; the stored counters kept
+            if extended:  # the new rule's lr for the next epoch; the stored counters kept
                 first = next(iter(self.schedules))
-                self.schedules = self._schedules(last_epoch=state[f"sched_{first}"]["last_epoch"] - 1)
+                self.schedules = self._schedules(
+                    last_epoch=state[f"sched_{first}"]["last_epoch"] - 1
+                )
             for name, schedule in self.schedules.items():
-                schedule.load_state_dict({k: v for k, v in state[f"sched_{name}"].items()
-                                          if not (extended and k == "_last_lr")})
-            own = state["other_ranks"][self.rank.rank - 1] if not self.rank.main else {
-                **{k: state[k] for k in model.RANK_STATE}, "pool": state["rng"]["pool"]}
+                schedule.load_state_dict(
+                    {
+                        k: v
+                        for k, v in state[f"sched_{name}"].items()
+                        if not (extended and k == "_last_lr")
+                    }
+                )
+            own = (
+                state["other_ranks"][self.rank.rank - 1]
+                if not self.rank.main
+                else {**{k: state[k] for k in model.RANK_STATE}, "pool": state["rng"]["pool"]}
+            )
             model.load_rank_state(own, self.device)
             self.g_rank.set_state(own["pool"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -376,19 +491,31 @@ class TrainState:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
             detail = " ".join(str(err).split())[:200]
-            raise UserError(f"{last}: its stored state does not fit the models its train params describe "
-                            f"({type(err).__name__}: {detail}); it was edited or written by another version: "
-                            f"move {last.parent} away to start afresh") from None
-        moved = [f"{k} {before[k]} -> {v}" for k, v in self.resolution.items() if before.get(k, v) != v]
+            raise UserError(
+                f"{last}: its stored state does not fit the models its train params describe "
+                f"({type(err).__name__}: {detail}); it was edited or written by another version: "
+                f"move {last.parent} away to start afresh"
+            ) from None
+        moved = [
+            f"{k} {before[k]} -> {v}" for k, v in self.resolution.items() if before.get(k, v) != v
+        ]
         if moved and self.rank.main:
-            print(f"train: {last} was trained with another resolution of the same params ({', '.join(moved)}); "
-                  f"continuing it with its optimizer state converted (moments laid out as the weights, Adam "
-                  f"fused as this device runs it); its numbers will differ from a run on one setting: move "
-                  f"{last.parent} away to start afresh")
+            print(
+                f"train: {last} was trained with another resolution of the same params ({', '.join(moved)}); "
+                f"continuing it with its optimizer state converted (moments laid out as the weights, Adam "
+                f"fused as this device runs it); its numbers will differ from a run on one setting: move "
+                f"{last.parent} away to start afresh"
+            )
         self.epoch = state["epoch"]
-        self.history = [{"epoch": r["epoch"], "metrics": {k: v for k, v in r["metrics"].items()
-                                                          if k in model.LOSS_NAMES or k == "lr"}}
-                        for r in state["history"]]
+        self.history = [
+            {
+                "epoch": r["epoch"],
+                "metrics": {
+                    k: v for k, v in r["metrics"].items() if k in model.LOSS_NAMES or k == "lr"
+                },
+            }
+            for r in state["history"]
+        ]
 
     def save(self, out: Path) -> None:
         """On every rank, when an epoch is to be saved: the ranks' own state is gathered, rank 0 writes

@@ -4,6 +4,7 @@ around a model's modules: the memory format (train.memory_format: channels-last 
 and where the device computes it right), DistributedDataParallel and torch.compile with a
 persistent cache.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,38 +19,38 @@ from torch import nn
 from unpaired import params, threads
 from unpaired.devices import check_device
 
-
 CompileMode = Literal["default", "reduce-overhead"]
 COMPILE_MODES = get_args(CompileMode)
 
 
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 DataPlace = Literal["auto", "device", "host", "disk"]
-DATA_PLACES = get_args(DataPlace)   # train.data_device; see unpaired.models.feeding.place_images
+DATA_PLACES = get_args(DataPlace)  # train.data_device; see unpaired.models.feeding.place_images
 
 
 @dataclass(frozen=True)
 class TrainParams(params.Params):
-    epochs: int = 3                  # epochs at the initial learning rate (paper: 100)
-    epochs_decay: int = 3            # then epochs of linear decay towards 0 (paper: 100)
-    lr: float = 0.0002               # Adam's learning rate (paper: 0.0002)
-    beta1: float = 0.5               # Adam's β1 (paper: 0.5; β2 is 0.999)
-    lambda_cycle: float = 10.0       # λ for each cycle loss, A→B→A and B→A→B (paper: 10)
-    lambda_identity: float = 0.5     # identity loss weight, × lambda_cycle (paper: 0.5; 0 turns it off)
+    epochs: int = 3  # epochs at the initial learning rate (paper: 100)
+    epochs_decay: int = 3  # then epochs of linear decay towards 0 (paper: 100)
+    lr: float = 0.0002  # Adam's learning rate (paper: 0.0002)
+    beta1: float = 0.5  # Adam's β1 (paper: 0.5; β2 is 0.999)
+    lambda_cycle: float = 10.0  # λ for each cycle loss, A→B→A and B→A→B (paper: 10)
+    #: identity loss weight, × lambda_cycle (paper: 0.5; 0 turns it off)
+    lambda_identity: float = 0.5
     #: generated images kept per direction for the discriminators (paper: 50; 0: no pool)
     pool_size: int = 50
-    ngf: int = 16                    # generator width (paper: 64)
-    ndf: int = 32                    # discriminator width (paper: 64)
-    n_blocks: int = 6                # residual blocks (paper: 9 at 256 px, 6 below)
-    n_layers: int = 3                # discriminator conv layers (3 = 70×70 PatchGAN)
-    load_size: int = 72              # resize to this (paper: 286) ...
-    crop_size: int = 64              # ... then random crop (paper: 256); a multiple of 4, >= 16
-    no_flip: bool = False            # true: no random horizontal flips
-    batch_size: int = 1              # images per step per process (paper: 1)
-    save_every: int = 1              # epochs between checkpoints (the last epoch is always saved)
-    samples: int = 4                 # test images per direction in the per-epoch sample image
-    seed: int = 0                    # weights, crops, flips and pool draws
-    device: str = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    ngf: int = 16  # generator width (paper: 64)
+    ndf: int = 32  # discriminator width (paper: 64)
+    n_blocks: int = 6  # residual blocks (paper: 9 at 256 px, 6 below)
+    n_layers: int = 3  # discriminator conv layers (3 = 70×70 PatchGAN)
+    load_size: int = 72  # resize to this (paper: 286) ...
+    crop_size: int = 64  # ... then random crop (paper: 256); a multiple of 4, >= 16
+    no_flip: bool = False  # true: no random horizontal flips
+    batch_size: int = 1  # images per step per process (paper: 1)
+    save_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    samples: int = 4  # test images per direction in the per-epoch sample image
+    seed: int = 0  # weights, crops, flips and pool draws
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     #: auto (bf16 on CUDA at compute capability >= 8.0, else fp32), bf16, fp32 (fp32 allows TF32 on
     #: CUDA)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -73,57 +74,98 @@ class TrainParams(params.Params):
     #: where the training images live: auto, device, host (CUDA: pinned) or disk (read one batch
     #: ahead)
     data_device: DataPlace = "auto"
-    threads: int | str = "auto"      # CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+    #: CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+    threads: int | str = "auto"
 
-    BOUNDS = {   # generous: the paper trains 100 + 100 epochs at 256 px, ngf = ndf = 64, 9 blocks
-        "epochs": params.Bound(10_000, "each epoch adds an epoch file, a sample grid and a log row"),
-        "epochs_decay": params.Bound(10_000, "each epoch adds an epoch file, a sample grid and a log row"),
-        "lr": params.Bound(1.0, "Adam moves each weight by about lr per step; the paper uses 0.0002"),
+    BOUNDS = {  # generous: the paper trains 100 + 100 epochs at 256 px, ngf = ndf = 64, 9 blocks
+        "epochs": params.Bound(
+            10_000, "each epoch adds an epoch file, a sample grid and a log row"
+        ),
+        "epochs_decay": params.Bound(
+            10_000, "each epoch adds an epoch file, a sample grid and a log row"
+        ),
+        "lr": params.Bound(
+            1.0, "Adam moves each weight by about lr per step; the paper uses 0.0002"
+        ),
         "beta1": params.Bound(1, "Adam's momentum: a decay rate", 0, below=True),
-        "lambda_cycle": params.Bound(1_000, "past it the GAN loss no longer counts; the paper uses 10"),
+        "lambda_cycle": params.Bound(
+            1_000, "past it the GAN loss no longer counts; the paper uses 10"
+        ),
         "lambda_identity": params.Bound(100, "× lambda_cycle; the paper uses 0.5"),
-        "pool_size": params.Bound(10_000, "fake images kept per direction on the training device; "
-                                          "the paper keeps 50"),
-        "ngf": params.Bound(256, "weights grow with its square: 256 is ~180 M per generator at 9 blocks"),
+        "pool_size": params.Bound(
+            10_000, "fake images kept per direction on the training device; the paper keeps 50"
+        ),
+        "ngf": params.Bound(
+            256, "weights grow with its square: 256 is ~180 M per generator at 9 blocks"
+        ),
         "ndf": params.Bound(256, "weights grow with its square; the paper uses 64"),
         "n_blocks": params.Bound(64, "residual blocks; the paper uses 9"),
         "n_layers": params.Bound(8, "crop_size must be >= 3 × 2^n_layers, and crop_size <= 1024"),
-        "load_size": params.Bound(2048, "every training image is resized to load_size² before the crop"),
-        "crop_size": params.Bound(1024, "activations grow with its square: a step at 1024 px "
-                                        "needs 16× the memory of one at 256"),
+        "load_size": params.Bound(
+            2048, "every training image is resized to load_size² before the crop"
+        ),
+        "crop_size": params.Bound(
+            1024,
+            "activations grow with its square: a step at 1024 px "
+            "needs 16× the memory of one at 256",
+        ),
         "batch_size": params.Bound(1024, "images per step per process; the paper uses 1"),
-        "save_every": params.Bound(20_000, "epochs; past epochs + epochs_decay only the last is saved"),
+        "save_every": params.Bound(
+            20_000, "epochs; past epochs + epochs_decay only the last is saved"
+        ),
         "samples": params.SAMPLES,
         "seed": params.SEED,
         "devices": params.Bound(64, "processes on one node, each with its own copy of the models"),
         "threads": params.THREADS,
     }
-    POOL_BYTES = 4 * 2 ** 30   # both pools together, fp32 on the training device
+    POOL_BYTES = 4 * 2**30  # both pools together, fp32 on the training device
 
     def validate(self, prefix: str) -> None:
         c = params.check
         for key in ("epochs", "ngf", "ndf", "n_blocks", "n_layers", "batch_size", "save_every"):
-            c(getattr(self, key) >= (0 if key == "n_blocks" else 1), f"{prefix}.{key}",
-              f"must be >= {0 if key == 'n_blocks' else 1}, got {getattr(self, key)}")
-        c(self.epochs_decay >= 0, f"{prefix}.epochs_decay", f"must be >= 0, got {self.epochs_decay}")
+            c(
+                getattr(self, key) >= (0 if key == "n_blocks" else 1),
+                f"{prefix}.{key}",
+                f"must be >= {0 if key == 'n_blocks' else 1}, got {getattr(self, key)}",
+            )
+        c(
+            self.epochs_decay >= 0,
+            f"{prefix}.epochs_decay",
+            f"must be >= 0, got {self.epochs_decay}",
+        )
         c(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
         c(0 <= self.beta1 < 1, f"{prefix}.beta1", f"must be in [0, 1), got {self.beta1}")
-        c(self.lambda_cycle >= 0 and self.lambda_identity >= 0, f"{prefix}.lambda_cycle",
-          "lambda_cycle and lambda_identity must be >= 0")
+        c(
+            self.lambda_cycle >= 0 and self.lambda_identity >= 0,
+            f"{prefix}.lambda_cycle",
+            "lambda_cycle and lambda_identity must be >= 0",
+        )
         c(self.pool_size >= 0, f"{prefix}.pool_size", f"must be >= 0, got {self.pool_size}")
         c(self.samples >= 0, f"{prefix}.samples", f"must be >= 0, got {self.samples}")
-        pool = 2 * self.pool_size * 3 * self.crop_size ** 2 * 4   # both directions, fp32 at most
-        c(pool <= self.POOL_BYTES, f"{prefix}.pool_size",
-          f"{self.pool_size:,} images per direction at crop_size {self.crop_size} need {pool / 2 ** 30:.1f} "
-          f"GiB on the training device, over {self.POOL_BYTES // 2 ** 30} GiB; use at most "
-          f"{self.POOL_BYTES // (24 * self.crop_size ** 2):,} (the paper keeps 50)")
-        c(self.crop_size >= 16 and self.crop_size % 4 == 0, f"{prefix}.crop_size",
-          f"must be a multiple of 4 and >= 16 (the generator downsamples twice), got {self.crop_size}")
-        c(self.crop_size <= self.load_size, f"{prefix}.crop_size",
-          f"must be <= {prefix}.load_size ({self.load_size}), got {self.crop_size}")
-        smallest = 3 * 2 ** self.n_layers   # the PatchGAN's last feature map must stay >= 2×2
-        c(self.crop_size >= smallest, f"{prefix}.crop_size",
-          f"must be >= {smallest} for a discriminator with n_layers={self.n_layers}, got {self.crop_size}")
+        pool = 2 * self.pool_size * 3 * self.crop_size**2 * 4  # both directions, fp32 at most
+        c(
+            pool <= self.POOL_BYTES,
+            f"{prefix}.pool_size",
+            f"{self.pool_size:,} images per direction at crop_size {self.crop_size} need {pool / 2**30:.1f} "
+            f"GiB on the training device, over {self.POOL_BYTES // 2**30} GiB; use at most "
+            f"{self.POOL_BYTES // (24 * self.crop_size**2):,} (the paper keeps 50)",
+        )
+        c(
+            self.crop_size >= 16 and self.crop_size % 4 == 0,
+            f"{prefix}.crop_size",
+            f"must be a multiple of 4 and >= 16 (the generator downsamples twice), got {self.crop_size}",
+        )
+        c(
+            self.crop_size <= self.load_size,
+            f"{prefix}.crop_size",
+            f"must be <= {prefix}.load_size ({self.load_size}), got {self.crop_size}",
+        )
+        smallest = 3 * 2**self.n_layers  # the PatchGAN's last feature map must stay >= 2×2
+        c(
+            self.crop_size >= smallest,
+            f"{prefix}.crop_size",
+            f"must be >= {smallest} for a discriminator with n_layers={self.n_layers}, got {self.crop_size}",
+        )
         check_device(self.device, f"{prefix}.device")
         threads.check(self.threads, f"{prefix}.threads")
         c(self.devices >= 1, f"{prefix}.devices", f"must be >= 1, got {self.devices}")
@@ -135,7 +177,9 @@ class TrainParams(params.Params):
 
     def scaled_lr(self, world_size: int) -> float:
         """train.lr under train.lr_scaling for an effective batch of batch_size × world_size."""
-        return self.lr * {"none": 1.0, "linear": world_size, "sqrt": world_size ** 0.5}[self.lr_scaling]
+        return (
+            self.lr * {"none": 1.0, "linear": world_size, "sqrt": world_size**0.5}[self.lr_scaling]
+        )
 
 
 class Model(Protocol):
@@ -155,8 +199,8 @@ class Model(Protocol):
     NETS: ClassVar[tuple[str, ...]]
     OPTIMIZERS: ClassVar[tuple[str, ...]]
     RANK_STATE: ClassVar[tuple[str, ...]]
-    nets: dict[str, nn.Module]                     # the raw networks, in NETS order
-    optimizers: dict[str, torch.optim.Optimizer]   # in OPTIMIZERS order
+    nets: dict[str, nn.Module]  # the raw networks, in NETS order
+    optimizers: dict[str, torch.optim.Optimizer]  # in OPTIMIZERS order
 
     def epoch_file(self, epoch: int) -> dict[str, Any]:
         """The epoch file's content: the generators in checkpoint.generators_payload's format."""
@@ -181,7 +225,9 @@ class Model(Protocol):
     def compile(self, mode: str) -> None:
         """torch.compile what a step calls (`mode`: one of COMPILE_MODES)."""
 
-    def sample_rows(self, real_A: torch.Tensor, real_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_rows(
+        self, real_A: torch.Tensor, real_B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The sample grid's rows for fixed test images (samples.grid): N×3×3×H×W per direction."""
 
 
@@ -198,7 +244,9 @@ def channels_last_ok(device: torch.device) -> bool:
         x64 = x.clone().requires_grad_(True)
         F.instance_norm(x64).backward(up)
         xd = x.float().to(device).requires_grad_(True)
-        F.instance_norm(xd).backward(up.float().to(device).contiguous(memory_format=torch.channels_last))
+        F.instance_norm(xd).backward(
+            up.float().to(device).contiguous(memory_format=torch.channels_last)
+        )
         err = (xd.grad.double().cpu() - x64.grad).abs().max() / x64.grad.abs().max()
         if not err < 1e-3:
             return False
@@ -215,8 +263,11 @@ def use_channels_last(setting: str, device: torch.device, key: str = "train.memo
     if setting != "channels_last":
         return False
     if not channels_last_ok(device):
-        params.fail(key, f"channels_last computes instance norm's input gradient wrong on {device} "
-                         f"(training.channels_last_ok); use auto or contiguous")
+        params.fail(
+            key,
+            f"channels_last computes instance norm's input gradient wrong on {device} "
+            f"(training.channels_last_ok); use auto or contiguous",
+        )
     return True
 
 
@@ -233,6 +284,7 @@ def ddp(module: nn.Module, device: torch.device) -> nn.Module:
     """`module` in DistributedDataParallel (process group already initialised): gradients are
     averaged over ranks in the backward; rank 0's weights are broadcast at wrap time."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     ids = [device.index] if device.type == "cuda" else None
     return DDP(module, device_ids=ids)
 
