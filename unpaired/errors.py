@@ -75,13 +75,16 @@ _starting: str | None = None  # the stage interrupt_while_starting speaks for
 
 
 def _stop_while_starting(signum: int, frame: object) -> None:
+    # os._exit, not an exception: one raised from a signal handler can land in a finalizer or a
+    # library's catch-all mid-import and be swallowed (the stage then ran on). Nothing is written
+    # before main() runs, so there is nothing to clean up.
     _ignore_interrupts()
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # a worker of torchrun: its launcher says it
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):  # a worker of torchrun: its launcher says it
         with contextlib.suppress(Exception):
-            sys.stdout.flush()
-        os._exit(130)
-    print(f"interrupted while starting {_starting}", file=sys.stderr, flush=True)
-    raise SystemExit(130)
+            print(f"interrupted while starting {_starting}", file=sys.stderr, flush=True)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os._exit(130)
 
 
 def interrupt_while_starting(name: str) -> None:
