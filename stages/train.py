@@ -28,7 +28,7 @@ from unpaired.errors import ArgumentParser, main_guard
 from unpaired.files import remove_stale_temporaries, unpack_view
 from unpaired.models.cyclegan import CycleGAN
 from unpaired.models.feeding import decoded_bytes, feeder_for, image_files, place_images
-from unpaired.models.live import RunLog
+from unpaired.models.live import RunLog, settle_logs
 from unpaired.models.loop import setup_device, start_run, train_epoch
 from unpaired.models.progress import Progress, speed_hint
 from unpaired.models.training import TrainParams
@@ -59,29 +59,34 @@ def train(
         rank.local_world_size,
         batch_bytes=decoded_bytes(2 * p.batch_size, p.load_size),
     )  # before any output: a setting that does not fit stops here
-    state = start_run(CycleGAN, p, data, out, device, rank)
-    feeder = feeder_for(p, files_A, files_B, device, state.channels_last, placement, rank)
-    log = RunLog.start(state, placement.why, data, out, live_dir) if rank.main else None
-    autocast = autocast_for(device, p.precision)
-    images_per_step = feeder.images_per_epoch * rank.world_size / feeder.steps_per_epoch
-    progress = Progress(
-        feeder.steps_per_epoch,
-        images_per_step,
-        state.total,
-        speed_hint(device, p),
-        state.model.LOSS_NAMES,
-    )
-    end = state.total if stop_after is None else min(state.total, stop_after)
-    while state.epoch < end:
-        lr = state.lr
-        means, images_per_s = train_epoch(state, feeder, progress, autocast)
-        losses = dict(zip(state.model.LOSS_NAMES, means))
-        saving = state.end_epoch(losses, out)  # the same on every rank
-        if rank.main:
-            log.publish(state, losses, lr, images_per_s)
-            progress.end_epoch(images_per_s)
-        if saving:
-            state.save(out)  # every rank: rank 0 writes, the others wait for it
+    state, log = None, None
+    try:
+        state = start_run(CycleGAN, p, data, out, device, rank)
+        log = RunLog.start(state, placement.why, data, out, live_dir) if rank.main else None
+        feeder = feeder_for(p, files_A, files_B, device, state.channels_last, placement, rank)
+        autocast = autocast_for(device, p.precision)
+        images_per_step = feeder.images_per_epoch * rank.world_size / feeder.steps_per_epoch
+        progress = Progress(
+            feeder.steps_per_epoch,
+            images_per_step,
+            state.total,
+            speed_hint(device, p),
+            state.model.LOSS_NAMES,
+        )
+        end = state.total if stop_after is None else min(state.total, stop_after)
+        while state.epoch < end:
+            lr = state.lr
+            means, images_per_s = train_epoch(state, feeder, progress, autocast)
+            losses = dict(zip(state.model.LOSS_NAMES, means))
+            saving = state.end_epoch(losses, out)  # the same on every rank
+            if rank.main:
+                log.publish(state, losses, lr, images_per_s)
+                progress.end_epoch(images_per_s)
+            if saving:
+                state.save(out)  # every rank: rank 0 writes, the others wait for it
+    finally:
+        if rank.main:  # however the run ends, the logs tell the epochs the checkpoints hold
+            settle_logs(out, live_dir, log, state)
     return log.result(state) if rank.main else {}
 
 

@@ -1,6 +1,7 @@
 """CycleGAN model and train stage: architecture, pool, schedule, losses, learning, resume, safety."""
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from stages.train import train
 from unpaired import checkpoint
 from unpaired.errors import UserError
 from unpaired.models.cyclegan import build_models, optimizers, train_step
+from unpaired.models.live import SPEEDS
 from unpaired.models.networks import PatchDiscriminator, ResnetGenerator, count_parameters
 from unpaired.models.pool import ImagePool
 from unpaired.models.schedule import lr_factor
@@ -219,14 +221,20 @@ def data(tmp_path):
     return make_prepared(tmp_path / "prepared")
 
 
+def run_files(out: Path) -> list[str]:
+    """The checkpoint files in `out` (not the timing beside them: live.SPEEDS)."""
+    return sorted(p.name for p in out.iterdir() if p.is_file() and p.name != SPEEDS)
+
+
 def test_stage_writes_checkpoints_and_logs(tmp_path, data):
     out, live = tmp_path / "ckpt", tmp_path / "live"
     train(replace(TINY, epochs=2, epochs_decay=1, save_every=2), data, out, live)
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
-        "epoch_002.pt",
-        "epoch_003.pt",
-        "last.pt",
-    ]
+    assert run_files(out) == ["epoch_002.pt", "epoch_003.pt", "last.pt"]
+    assert json.loads((out / SPEEDS).read_text()).keys() == {
+        "1",
+        "2",
+        "3",
+    }  # the timing, beside them
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
         "epoch_001.png",
         "epoch_002.png",
@@ -281,10 +289,7 @@ def test_resume_equals_uninterrupted(tmp_path, data, capsys):
     p = replace(TINY, epochs=2, epochs_decay=1)
     train(p, data, tmp_path / "straight", tmp_path / "l1")
     train(p, data, tmp_path / "resumed", tmp_path / "l2", stop_after=1)
-    assert sorted(x.name for x in (tmp_path / "resumed").iterdir() if x.is_file()) == [
-        "epoch_001.pt",
-        "last.pt",
-    ]
+    assert run_files(tmp_path / "resumed") == ["epoch_001.pt", "last.pt"]
     train(p, data, tmp_path / "resumed", tmp_path / "l2")
     assert "resuming from" in capsys.readouterr().out
     assert same(
@@ -301,11 +306,7 @@ def test_changed_params_start_afresh(tmp_path, data, capsys):
     train(replace(TINY, epochs=2, epochs_decay=1), data, out, tmp_path / "live")
     train(replace(TINY, lr=1e-4), data, out, tmp_path / "live")
     assert "starting afresh" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
-        "epoch_001.pt",
-        "epoch_002.pt",
-        "last.pt",
-    ]
+    assert run_files(out) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
     assert checkpoint.load(out / "last.pt")["epoch"] == 2
 
 

@@ -1,6 +1,7 @@
 """Train stage faults: divergence, degenerate splits, extending a run, damaged checkpoints, concurrent
 runs, threads and progress (issues 11 and 12)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from unpaired import checkpoint, threads
 from unpaired.distributed import output_lock
 from unpaired.errors import UserError
 from unpaired.models.cyclegan import LOSS_NAMES
+from unpaired.models.live import SPEEDS
 from unpaired.models.networks import ResnetGenerator
 from unpaired.models.progress import Progress
 from unpaired.models.training import TrainParams
@@ -40,8 +42,11 @@ def data(tmp_path):
 
 
 def names(folder: Path) -> list[str]:
+    """The files of a run in `folder` (not samples/, not the timing beside them: live.SPEEDS)."""
     return (
-        sorted(p.name for p in folder.iterdir() if p.name != "samples") if folder.exists() else []
+        sorted(p.name for p in folder.iterdir() if p.name not in ("samples", SPEEDS))
+        if folder.exists()
+        else []
     )
 
 
@@ -532,10 +537,11 @@ def test_ctrl_c_while_a_stage_starts_is_one_line(stage, library, presses):
     assert (proc.returncode, out, err) == (130, "", f"interrupted while starting {stage}\n")
 
 
-def test_two_ctrl_c_while_training_are_one_line(tmp_path):
+def test_two_ctrl_c_while_training_are_one_line_and_the_logs_match_the_checkpoints(tmp_path):
     """Two real SIGINTs to a training, close together as a user presses them: `interrupted` and
     status 130, nothing from the exit handlers (weakref's and tqdm's got the second one: `Exception
-    ignored in atexit callback`, and status -2)."""
+    ignored in atexit callback`, and status -2), and the logs, metrics.json and the checkpoints tell
+    the same epochs."""
     make_prepared(tmp_path / "data" / "prepared")
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump(
@@ -571,6 +577,25 @@ def test_two_ctrl_c_while_training_are_one_line(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert (proc.returncode, err) == (130, "interrupted\n"), out
+    live, out_dir = tmp_path / "metrics" / "train", tmp_path / "models" / "checkpoints"
+    saved = sorted(checkpoint.epoch_files(out_dir))
+    assert saved and lrs_steps(live) == saved
+    assert json.loads((live / "metrics.json").read_text())["step"] == saved[-1]
+    assert checkpoint.load(out_dir / "last.pt")["epoch"] == saved[-1]
+
+
+def test_a_run_that_ends_early_logs_the_saved_epochs_only(tmp_path, data):
+    """Issue 24.12: with train.save_every 2, a run that ends after epoch 3 (an interruption) has
+    epoch 2 saved: its logs and metrics.json end at epoch 2 too, as a resumed run will rewrite them
+    (they showed epoch 3, which no checkpoint holds)."""
+    out, live = tmp_path / "ckpt", tmp_path / "live"
+    train(replace(TINY, epochs=4, epochs_decay=0, save_every=2), data, out, live, stop_after=3)
+    assert sorted(checkpoint.epoch_files(out)) == [2] and lrs_steps(live) == [1, 2]
+    assert json.loads((live / "metrics.json").read_text())["step"] == 2
+
+
+def lrs_steps(live: Path) -> list[int]:
+    return pd.read_csv(live / "plots" / "metrics" / "lr.tsv", sep="\t")["step"].tolist()
 
 
 # --- progress without a terminal, slowdown warning (issues 12.1, 12.2) ------------------------------

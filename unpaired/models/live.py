@@ -1,10 +1,17 @@
 """Rank 0's outputs besides the checkpoints: the dvclive logs (metrics/train), rewritten whole from the
-run's own history after every epoch, so they always match the checkpoints, and each epoch's sample
-grid and line on stdout (RunLog).
+run's own history after every epoch, and at every exit to the epochs the checkpoints hold, so they
+always match the checkpoints; each epoch's sample grid and line on stdout (RunLog).
+
+Timing (images/s per epoch) is kept out of last.pt (no clock in an artifact) but must outlive the
+logs, which DVC deletes before it runs the stage: it is kept beside the checkpoints too, in
+out/.images_per_s.json (SPEEDS), which .dvcignore leaves out of the output's hash, and which moves
+aside with the run's checkpoints. So a run resumed under `dvc repro`, even with nothing left to
+train, logs the images/s of every epoch again.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,7 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from unpaired.files import creating, make_dirs
+from unpaired import checkpoint
+from unpaired.errors import uninterrupted
+from unpaired.files import atomic_write_json, creating, make_dirs
 from unpaired.models.samples import fixed_images, grid, sample_path, write_sample
 from unpaired.models.state import TrainState
 
@@ -30,17 +39,30 @@ def reset_live(live_dir: Path) -> None:
         f.write_bytes(content)
 
 
-def read_speeds(live_dir: Path, last_epoch: int) -> dict[int, float]:
-    """{epoch: images/s} of epochs 1..last_epoch from an existing dvclive log (timing lives there
-    alone, never in last.pt), so a resumed run's log keeps them; {} when there is none to read."""
+SPEEDS = ".images_per_s.json"  # in the checkpoints folder: {"epoch": images/s}; .dvcignore names it
+
+
+def read_speeds(live_dir: Path, out: Path, last_epoch: int) -> dict[int, float]:
+    """{epoch: images/s} of epochs 1..last_epoch (timing is never in last.pt), so a resumed run's
+    log keeps them: from out/SPEEDS, else from an existing dvclive log (a run of an older version);
+    {} when neither can be read."""
     import csv
 
+    speeds: dict[int, float] = {}
     try:
         with open(live_dir / "plots" / "metrics" / "images_per_s.tsv", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        speeds = {int(r["step"]): float(r["images_per_s"]) for r in rows}
+            speeds.update(
+                {
+                    int(r["step"]): float(r["images_per_s"])
+                    for r in csv.DictReader(f, delimiter="\t")
+                }
+            )
     except (OSError, KeyError, ValueError, TypeError):
-        return {}
+        pass
+    try:
+        speeds.update({int(e): float(v) for e, v in json.loads((out / SPEEDS).read_text()).items()})
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
     return {e: v for e, v in speeds.items() if 1 <= e <= last_epoch}
 
 
@@ -50,7 +72,9 @@ def write_live(
     """Write the dvclive logs afresh from the run's own history (the losses and lr of every epoch),
     this process's images/s per epoch (`speeds`, not kept in last.pt) and the sample PNGs in out/
     samples/. Called after every epoch, so the logs are whole at the end even when another process
-    (a refused concurrent `dvc repro`) deleted them meanwhile."""
+    (a refused concurrent `dvc repro`) deleted them meanwhile. Every declared output is there, even
+    for no epoch (metrics.json `{}`, empty plot folders): none is left for `make repro` to put back
+    from an earlier run."""
     from dvclive import Live  # imported here: dvclive pulls in dvc, slow to import for other users
 
     reset_live(live_dir)
@@ -67,14 +91,16 @@ def write_live(
                 live.log_image(f"samples/{png.name}", image.copy())
         live.make_summary()
     live.end()
-    make_dirs(live_dir / "plots" / "images")  # a declared output, even empty
+    for folder in ("images", "metrics"):  # declared outputs, even empty
+        make_dirs(live_dir / "plots" / folder)
 
 
 class RunLog:
     """Rank 0's publishing of a run in `out` (the checkpoints folder) and `live_dir` (the dvclive
     folder): `start` opens it, `publish` closes each epoch (sample grid, history record, logs, the
-    epoch line), `result` is the final history record. The images/s of each epoch (`speeds`) live in
-    the dvclive log alone, never in last.pt: a resumed run reads them back from there. `sample_A`,
+    epoch line), `result` is the final history record; settle_logs closes it at every end of the
+    run. The images/s of each epoch (`speeds`) are never in last.pt: they are kept in out/SPEEDS and
+    the dvclive log, and a resumed run reads them back. `sample_A`,
     `sample_B`: the fixed test images of the sample grid, N×3×crop×crop in [-1, 1] on the device."""
 
     def __init__(
@@ -94,7 +120,8 @@ class RunLog:
         how they share a batch), the logs of the epochs already done (state.history), and the first
         train.samples images of data/testA and data/testB, resized to train.crop_size."""
         p, rank = state.p, state.rank
-        speeds = read_speeds(live_dir, state.epoch)
+        speeds = read_speeds(live_dir, out, state.epoch)
+        write_live(live_dir, state.history, speeds, out)
         print(f"train: {where}")
         if rank.distributed:
             print(
@@ -102,7 +129,6 @@ class RunLog:
                 f"batch {p.batch_size} each: effective batch {p.batch_size * rank.world_size}, lr "
                 f"{p.scaled_lr(rank.world_size):.2e} (train.lr_scaling: {p.lr_scaling})"
             )
-        write_live(live_dir, state.history, speeds, out)
         return cls(
             out,
             live_dir,
@@ -123,6 +149,7 @@ class RunLog:
             )
         state.history.append({"epoch": epoch, "metrics": {**losses, "lr": lr}})
         self.speeds[epoch] = images_per_s
+        atomic_write_json(self.out / SPEEDS, {str(e): v for e, v in sorted(self.speeds.items())})
         write_live(self.live_dir, state.history, self.speeds, self.out)
         print(
             f"epoch {epoch}/{state.total}  "
@@ -138,3 +165,23 @@ class RunLog:
         last = state.history[-1]
         speed = {"images_per_s": self.speeds[state.epoch]} if state.epoch in self.speeds else {}
         return {**last, "metrics": {**last["metrics"], **speed}}
+
+
+def settle_logs(out: Path, live_dir: Path, log: RunLog | None, state: TrainState | None) -> None:
+    """At every end of a run, finished, interrupted or failed (rank 0): make the dvclive logs (and
+    metrics.json) tell the epochs whose epoch_NNN.pt is in `out`, so that they and the checkpoints
+    are one run's. With the run's `log` and `state`: rewritten when they show epochs past the last
+    one saved (train.save_every, or an end between an epoch's log and its save). Without them (the
+    run ended before its log was written): an empty log when `out` holds no epoch (a fresh start has
+    moved the earlier checkpoints aside, and `make repro` would put that run's logs back beside
+    none), else left as they are. Ctrl-C is ignored meanwhile: the run is ending anyway."""
+    saved = max(checkpoint.epoch_files(out), default=0)
+    if log is not None and state is not None:
+        if any(r["epoch"] > saved for r in state.history):
+            with uninterrupted():
+                write_live(
+                    live_dir, [r for r in state.history if r["epoch"] <= saved], log.speeds, out
+                )
+    elif not saved:
+        with uninterrupted():
+            write_live(live_dir, [], {}, out)
