@@ -262,13 +262,16 @@ def check_epoch_files(out: Path, state: dict[str, Any]) -> None:
     """Verify the epoch_NNN.pt files of the run being resumed: one past last.pt's epoch (from an older
     version, which wrote it first) is removed, to be written again; last.pt's own epoch file is
     written from last.pt if an interruption left it missing (train writes last.pt first); a damaged
-    one is rewritten from last.pt when it is last.pt's epoch, else removed (its weights exist nowhere
-    else), with a line saying so. So a damaged file is never carried forward into the DVC output."""
+    one is rewritten from last.pt when it is last.pt's epoch, else restored from the DVC cache when
+    dvc.lock records it for this run (restore_from_dvc_cache), else removed (its weights exist
+    nowhere else); one line says which. So a damaged file is never carried forward into the DVC
+    output."""
     generators = {k: state[k] for k in EPOCH_FILE}
     drop_samples_after(out, state["epoch"])
     files = checkpoint.epoch_files(out)
     if state["epoch"] not in files:
         checkpoint.save(generators, out / f"epoch_{state['epoch']:03d}.pt")
+    damaged: dict[int, str] = {}
     for epoch, path in files.items():
         if epoch > state["epoch"]:
             path.unlink()
@@ -280,11 +283,105 @@ def check_epoch_files(out: Path, state: dict[str, Any]) -> None:
                 checkpoint.save(generators, path)
                 print(f"train: {err.problem}; rewrote it from {out / 'last.pt'}")
             else:
-                path.unlink()
-                print(
-                    f"train: {err.problem}; removed it (its weights exist nowhere else: retrain from "
-                    f"scratch to have that epoch again)"
+                damaged[epoch] = err.problem
+    if not damaged:
+        return
+    for epoch, why_not in restore_from_dvc_cache(
+        out, {e: files[e] for e in damaged}, state
+    ).items():
+        if why_not is None:
+            print(
+                f"train: {damaged[epoch]}; restored it from the DVC cache (the version dvc.lock records)"
+            )
+        else:
+            files[epoch].unlink(missing_ok=True)
+            print(
+                f"train: {damaged[epoch]}; not restored from the DVC cache ({why_not}): removed it (retrain "
+                f"from scratch to have that epoch again)"
+            )
+
+
+def restore_from_dvc_cache(
+    out: Path, damaged: dict[int, Path], state: dict[str, Any]
+) -> dict[int, str | None]:
+    """Bring damaged epoch files of the run in `out` (epoch -> path, each before last.pt's epoch;
+    `state`: last.pt's verified content) back from the DVC cache: `dvc checkout <file path>`
+    (dvc.repo.Repo.checkout; by the file's path, never the stage's: `out` is a persist output that
+    also holds files dvc.lock does not record yet), then verified like any checkpoint (its digest,
+    its epoch, last.pt's model config). Asked first (`dvc data status`): dvc.lock must record the
+    file, the cache must hold it and the folder's listing (without them DVC's checkout of one file
+    removes the whole folder), and dvc.lock must record this run: its version of last.pt, or of an
+    epoch file at or after the damaged one, is the very file in `out` (epoch files of another run,
+    one moved aside since, would load fine but hold other weights). Returns epoch -> None when
+    restored, else the reason it was not (the damaged file is left for the caller to remove)."""
+    import contextlib
+    import os
+
+    from dvc.exceptions import DvcException, NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        root = Path(Repo.find_root(str(out.resolve())))
+    except NotDvcRepoError:
+        return dict.fromkeys(damaged, "not in a DVC repository")
+    rel = lambda p: Path(os.path.relpath(p.resolve(), root)).as_posix()  # noqa: E731
+    answers: dict[int, str | None] = {}
+    try:
+        with (
+            contextlib.chdir(root),
+            Repo(str(root)) as repo,
+        ):  # targets as `dvc` takes them in the root
+            # dvc.lock's files of `out` (git's HEAD aside: `committed` is HEAD's dvc.lock to this one)
+            status = repo.data_status(targets=[rel(out)], granular=True, with_renames=False)
+            differ = {
+                f for key in ("modified", "deleted") for f in status["uncommitted"].get(key, [])
+            }
+            unchanged = (
+                set(status["unchanged"])
+                | {f for key in ("added", "modified") for f in status["committed"].get(key, [])}
+            ) - differ
+            recorded, missing = unchanged | differ, set(status["not_in_cache"])
+            for epoch, path in damaged.items():
+                pull = (
+                    f"`uv run dvc pull {rel(path)}` brings it back from a DVC remote that holds it"
                 )
+                if f"{rel(out)}/" in missing:
+                    answers[epoch] = f"the cache lacks dvc.lock's listing of {rel(out)}: {pull}"
+                elif rel(path) not in recorded:
+                    answers[epoch] = f"dvc.lock records no {path.name}"
+                elif rel(path) in missing:
+                    answers[epoch] = f"dvc.lock records it, but the cache lacks it: {pull}"
+                elif not (
+                    rel(out / "last.pt") in unchanged
+                    or any(
+                        rel(f) in unchanged
+                        for e, f in checkpoint.epoch_files(out).items()
+                        if e >= epoch
+                    )
+                ):
+                    answers[epoch] = "dvc.lock records the checkpoints of another run"
+                else:
+                    repo.checkout(targets=[rel(path)], force=True)
+                    answers[epoch] = _restored_fits(path, epoch, state)
+    except (
+        DvcException,
+        OSError,
+    ) as err:  # DVC could not read the project (a broken dvc.yaml, ...)
+        detail = " ".join(str(err).split())[:160]
+        answers.update({e: f"DVC failed: {detail}" for e in damaged if e not in answers})
+    return answers
+
+
+def _restored_fits(path: Path, epoch: int, state: dict[str, Any]) -> str | None:
+    """None when the file DVC restored at `path` is a whole epoch file of `epoch` with last.pt's model
+    config (`state`), else what is wrong with it."""
+    try:
+        restored = checkpoint.load(path)
+    except (checkpoint.CheckpointError, UserError) as err:
+        return f"its copy there is not usable either: {err}"
+    if restored.get("epoch") != epoch or restored.get("model") != state["model"]:
+        return "dvc.lock records another epoch or model config under that name"
+    return None
 
 
 def _diverged(epoch: int, total: int, what: str, p: TrainParams, out: Path) -> UserError:
