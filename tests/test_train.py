@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,6 +300,31 @@ def test_resume_equals_uninterrupted(tmp_path, data, capsys):
     assert tsv("l1") == tsv("l2")
     speed = pd.read_csv(tmp_path / "l2" / "plots" / "metrics" / "images_per_s.tsv", sep="\t")
     assert list(speed.step) == [1, 2, 3]  # the resumed run's log keeps epoch 1's images/s
+
+
+def test_a_resumed_run_takes_back_its_own_timing_only(tmp_path, data):
+    """Issue 24.12b: the logs are gone (DVC deletes them before train runs) and the run resumes with
+    nothing left to train: its images/s come back from the timing file beside the checkpoints, but
+    never another run's (DVC ignores that file: `dvc exp apply` or `dvc checkout` bringing other
+    checkpoints leaves it as it was)."""
+    p = replace(TINY, epochs=2, epochs_decay=0)
+    train(p, data, tmp_path / "a", tmp_path / "la")
+    train(replace(p, lr=1e-4), data, tmp_path / "b", tmp_path / "lb")
+    speed = lambda live: pd.read_csv(live / "plots" / "metrics" / "images_per_s.tsv", sep="\t")  # noqa: E731
+    before = speed(tmp_path / "lb")
+    shutil.rmtree(tmp_path / "lb")
+    assert (
+        "images_per_s"
+        in train(replace(p, lr=1e-4), data, tmp_path / "b", tmp_path / "lb")["metrics"]
+    )
+    assert speed(tmp_path / "lb").equals(before)
+    shutil.copy(tmp_path / "a" / SPEEDS, tmp_path / "b" / SPEEDS)  # run a's timing beside run b
+    shutil.rmtree(tmp_path / "lb")
+    assert (
+        "images_per_s"
+        not in train(replace(p, lr=1e-4), data, tmp_path / "b", tmp_path / "lb")["metrics"]
+    )
+    assert not (tmp_path / "lb" / "plots" / "metrics" / "images_per_s.tsv").exists()
 
 
 def test_changed_params_start_afresh(tmp_path, data, capsys):

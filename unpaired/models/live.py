@@ -5,8 +5,9 @@ always match the checkpoints; each epoch's sample grid and line on stdout (RunLo
 Timing (images/s per epoch) is kept out of last.pt (no clock in an artifact) but must outlive the
 logs, which DVC deletes before it runs the stage: it is kept beside the checkpoints too, in
 out/.images_per_s.json (SPEEDS), which .dvcignore leaves out of the output's hash, and which moves
-aside with the run's checkpoints. So a run resumed under `dvc repro`, even with nothing left to
-train, logs the images/s of every epoch again.
+aside with the run's checkpoints; each epoch's images/s there is kept with that epoch's losses and
+lr, and read back only for the same record. So a run resumed under `dvc repro`, even with nothing
+left to train, logs the images/s of every epoch again.
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ def reset_live(live_dir: Path) -> None:
         f.write_bytes(content)
 
 
-SPEEDS = ".images_per_s.json"  # in the checkpoints folder: {"epoch": images/s}; .dvcignore names it
+SPEEDS = ".images_per_s.json"  # in the checkpoints folder (.dvcignore names it): {"epoch": {"images_per_s":
+# float, "metrics": that epoch's history record}}
 
 
-def read_speeds(live_dir: Path, out: Path, last_epoch: int) -> dict[int, float]:
-    """{epoch: images/s} of epochs 1..last_epoch (timing is never in last.pt), so a resumed run's
-    log keeps them: from out/SPEEDS, else from an existing dvclive log (a run of an older version);
-    {} when neither can be read."""
+def read_speeds(live_dir: Path, out: Path, history: list[dict[str, Any]]) -> dict[int, float]:
+    """{epoch: images/s} of the epochs of `history` (the run's, from last.pt; timing is never in
+    it), so a resumed run's log keeps them: from out/SPEEDS, each only where the losses and lr
+    stored beside it are that epoch's record in `history` (the file stays in the folder when `dvc
+    exp apply` or `dvc checkout` brings another run's checkpoints: DVC ignores it), else from an
+    existing dvclive log (a run of an older version); {} when neither can be read."""
     import csv
 
+    records = {r["epoch"]: r["metrics"] for r in history}
     speeds: dict[int, float] = {}
     try:
         with open(live_dir / "plots" / "metrics" / "images_per_s.tsv", newline="") as f:
@@ -60,10 +65,29 @@ def read_speeds(live_dir: Path, out: Path, last_epoch: int) -> dict[int, float]:
     except (OSError, KeyError, ValueError, TypeError):
         pass
     try:
-        speeds.update({int(e): float(v) for e, v in json.loads((out / SPEEDS).read_text()).items()})
-    except (OSError, ValueError, TypeError, AttributeError):
+        kept = json.loads((out / SPEEDS).read_text())
+        speeds.update(
+            {
+                int(e): float(v["images_per_s"])
+                for e, v in kept.items()
+                if v.get("metrics") == records.get(int(e), {})
+            }
+        )
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
         pass
-    return {e: v for e, v in speeds.items() if 1 <= e <= last_epoch}
+    return {e: v for e, v in speeds.items() if e in records}
+
+
+def write_speeds(out: Path, history: list[dict[str, Any]], speeds: dict[int, float]) -> None:
+    """out/SPEEDS: each epoch's images/s with its history record (read_speeds checks it)."""
+    atomic_write_json(
+        out / SPEEDS,
+        {
+            str(r["epoch"]): {"images_per_s": speeds[r["epoch"]], "metrics": r["metrics"]}
+            for r in history
+            if r["epoch"] in speeds
+        },
+    )
 
 
 def write_live(
@@ -120,7 +144,7 @@ class RunLog:
         how they share a batch), the logs of the epochs already done (state.history), and the first
         train.samples images of data/testA and data/testB, resized to train.crop_size."""
         p, rank = state.p, state.rank
-        speeds = read_speeds(live_dir, out, state.epoch)
+        speeds = read_speeds(live_dir, out, state.history)
         write_live(live_dir, state.history, speeds, out)
         print(f"train: {where}")
         if rank.distributed:
@@ -149,7 +173,7 @@ class RunLog:
             )
         state.history.append({"epoch": epoch, "metrics": {**losses, "lr": lr}})
         self.speeds[epoch] = images_per_s
-        atomic_write_json(self.out / SPEEDS, {str(e): v for e, v in sorted(self.speeds.items())})
+        write_speeds(self.out, state.history, self.speeds)
         write_live(self.live_dir, state.history, self.speeds, self.out)
         print(
             f"epoch {epoch}/{state.total}  "
