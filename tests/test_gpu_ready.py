@@ -15,12 +15,14 @@ from tests.test_train import TINY, make_prepared
 from unpaired import checkpoint
 from unpaired.distributed import Rank
 from unpaired.models.cyclegan import CycleGAN, optimizers
-from unpaired.models.loop import setup_device
+from unpaired.models.feeding import DeviceFeeder
+from unpaired.models.loop import process_device, setup_device, train_epoch
 from unpaired.models.networks import (
     DeterministicReflectionPad2d,
     ResnetGenerator,
     deterministic_padding,
 )
+from unpaired.models.progress import Progress
 from unpaired.models.state import TrainState, stored_resolution
 from unpaired.models.training import TrainParams, use_channels_last
 from unpaired.params import ParamsError, parse
@@ -246,3 +248,59 @@ def test_deterministic_setting_of_the_device(monkeypatch):
     assert (
         torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
     )  # CPU: always
+
+
+# --- the one-process device, CUDA-graph steps, full batches ----------------------------------------
+
+
+def test_each_process_trains_on_its_own_device_and_a_replaced_cuda_n_is_said():
+    """One process trains on train.device as named (cuda:1 stays cuda:1; setup_device makes it the
+    current device, where it made cuda:0 current before); each process of a data-parallel run on
+    CUDA takes cuda:LOCAL_RANK, and a cuda:N in params is then said not to be used, in one line."""
+    cuda1 = torch.device("cuda", 1)
+    assert process_device(cuda1, Rank()) == (cuda1, None)
+    assert process_device(CPU, Rank(1, 2, 1, 2)) == (CPU, None)
+    assert process_device(torch.device("cuda"), Rank(1, 2, 1, 2)) == (cuda1, None)
+    device, line = process_device(torch.device("cuda", 0), Rank(1, 2, 1, 2))
+    assert device == cuda1 and line == (
+        "train: train.device cuda:0 is not used by a run of 2 processes: each "
+        "trains on cuda:LOCAL_RANK (cuda:0 to cuda:1 on this node); say "
+        "train.device: cuda (or auto) to silence this"
+    )
+
+
+def test_reduce_overhead_marks_a_cuda_graph_step_per_step(monkeypatch):
+    """Under compile: reduce-overhead every step begins with torch.compiler.cudagraph_mark_step_begin
+    (torch's counter of marked steps goes down by one per step): the G step's outputs, which the D
+    step reads through the pool, stay valid until the step ends. Other settings mark nothing."""
+    from torch._inductor.cudagraph_trees import MarkStepBox
+
+    monkeypatch.setattr(MarkStepBox, "mark_step_counter", 0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 28, 28), dtype=torch.uint8, generator=g)
+    for compile_, marks in ((False, 0), ("default", 0), ("reduce-overhead", -3)):
+        p = replace(TINY, compile=compile_)
+        state = TrainState.new(CycleGAN, p, CPU, Rank(), [], False)
+        feeder = DeviceFeeder(images, images, 24, True, 1, CPU, False)
+        progress = Progress(feeder.steps_per_epoch, 1, state.total, "", state.model.LOSS_NAMES)
+        before = MarkStepBox.mark_step_counter
+        train_epoch(state, feeder, progress, contextlib.nullcontext)
+        assert MarkStepBox.mark_step_counter - before == marks, compile_
+
+
+def test_every_batch_is_full():
+    """A short last batch would recompile a compiled step (a new shape): the epoch is padded by
+    wrapping to full batches, as a data-parallel run's always was. 5 images at batch 2: 3 steps of
+    2, the last one the 5th image and the 1st again; batch 1 (the default) is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (5, 3, 28, 28), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8, generator=g)
+    feeder = DeviceFeeder(a, b, 24, False, 2, CPU, False)
+    plan = feeder.plan(torch.Generator().manual_seed(3))
+    assert feeder.images_per_epoch == 6 and len(plan["a"]) == 6 and plan["a"][5] == plan["a"][0]
+    batches = list(feeder.batches(plan))
+    assert [len(x) for x, _ in batches] == [2, 2, 2] and torch.equal(
+        batches[2][0][1], batches[0][0][0]
+    )
+    one = DeviceFeeder(a, b, 24, False, 1, CPU, False)
+    assert one.images_per_epoch == 5 and len(one.plan(torch.Generator().manual_seed(3))["a"]) == 5

@@ -85,10 +85,25 @@ class Discriminators(nn.Module):
         return self.D_A(real_B), self.D_A(fake_B), self.D_B(real_A), self.D_B(fake_A)
 
 
+class FrozenDiscriminators(nn.Module):
+    """D_A and D_B as the G step calls them, weights frozen: D_A(fake_B), D_B(fake_A). A module of
+    its own so that torch.compile compiles these passes too; never DDP-wrapped (see distribute)."""
+
+    def __init__(self, D_A: nn.Module, D_B: nn.Module):
+        super().__init__()
+        self.D_A, self.D_B = D_A, D_B
+
+    def forward(
+        self, fake_B: torch.Tensor, fake_A: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.D_A(fake_B), self.D_B(fake_A)
+
+
 @dataclass
 class Models:
-    """The four networks, and the two pair modules a step calls (the same networks; DDP-wrapped and
-    compiled versions replace `generators`/`discriminators`, the raw networks stay reachable)."""
+    """The four networks, and the three pair modules a step calls (the same networks; DDP-wrapped and
+    compiled versions replace `generators`/`discriminators`/`judges`, the raw networks stay
+    reachable). `judges`: the G step's D passes (FrozenDiscriminators)."""
 
     G_A: nn.Module
     G_B: nn.Module
@@ -96,12 +111,15 @@ class Models:
     D_B: nn.Module
     generators: nn.Module | None = None
     discriminators: nn.Module | None = None
+    judges: nn.Module | None = None
 
     def __post_init__(self):
         if self.generators is None:
             self.generators = Generators(self.G_A, self.G_B)
         if self.discriminators is None:
             self.discriminators = Discriminators(self.D_A, self.D_B)
+        if self.judges is None:
+            self.judges = FrozenDiscriminators(self.D_A, self.D_B)
 
     def nets(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
         return self.G_A, self.G_B, self.D_A, self.D_B
@@ -128,17 +146,23 @@ def build_models(
 
 def distribute(m: Models, device: torch.device) -> Models:
     """Wrap the pair modules in DistributedDataParallel (training.ddp; process group already
-    initialised). The G step calls the raw Ds (frozen there; a DDP-wrapped module whose forward
-    produces no gradients in a backward would leave its reducer waiting)."""
+    initialised). The G step's D passes (`judges`) stay unwrapped (frozen there; a DDP-wrapped
+    module whose forward produces no gradients in a backward would leave its reducer waiting)."""
     return Models(
-        m.G_A, m.G_B, m.D_A, m.D_B, ddp(m.generators, device), ddp(m.discriminators, device)
+        m.G_A,
+        m.G_B,
+        m.D_A,
+        m.D_B,
+        ddp(m.generators, device),
+        ddp(m.discriminators, device),
+        m.judges,
     )
 
 
 def compile_models(m: Models, mode: str, backend: str = "inductor") -> Models:
-    """torch.compile the pair modules (training.compiled). Each pair compiles as one graph: nothing
-    in a step's network passes reads a value back to the host (the pool and the losses stay on the
-    device)."""
+    """torch.compile the pair modules (training.compiled): the generators, the D step's
+    discriminators and the G step's D passes. Each compiles as one graph: nothing in a step's
+    network passes reads a value back to the host (the pool and the losses stay on the device)."""
     return Models(
         m.G_A,
         m.G_B,
@@ -146,6 +170,7 @@ def compile_models(m: Models, mode: str, backend: str = "inductor") -> Models:
         m.D_B,
         compiled(m.generators, mode, backend),
         compiled(m.discriminators, mode, backend),
+        compiled(m.judges, mode, backend),
     )
 
 
@@ -196,7 +221,7 @@ def train_step(
     False runs the reference order. Either way the D step runs one backward of D_A + D_B losses:
     they share no parameters, so each D's gradient is what its own backward would give, bit for bit."""
     identity = lambda_identity > 0
-    # G step, discriminators frozen (called raw: see distribute).
+    # G step, discriminators frozen (never DDP-wrapped: see distribute).
     _requires_grad((m.D_A, m.D_B), False)
     opt_G.zero_grad(set_to_none=True)
     with autocast():
@@ -208,8 +233,9 @@ def train_step(
             idt_B = _l1(same_A, real_A) * lambda_cycle * lambda_identity
         else:
             idt_A = idt_B = real_A.new_zeros((), dtype=torch.float32)
-        loss_G_A = gan_loss(m.D_A(fake_B), True)
-        loss_G_B = gan_loss(m.D_B(fake_A), True)
+        judged_B, judged_A = m.judges(fake_B, fake_A)
+        loss_G_A = gan_loss(judged_B, True)
+        loss_G_B = gan_loss(judged_A, True)
         cycle_A = _l1(rec_A, real_A) * lambda_cycle
         cycle_B = _l1(rec_B, real_B) * lambda_cycle
         loss_G = loss_G_A + loss_G_B + cycle_A + cycle_B + idt_A + idt_B

@@ -242,10 +242,12 @@ class DeviceFeeder:
     sit in pinned memory; each batch's whole images are gathered into a reused pinned buffer
     (HostBuffers), copied asynchronously (one batch ahead) and cropped on the device.
 
-    Data parallel (`world_size` > 1): every rank draws the same epoch plan, padded by wrapping to
-    a multiple of world_size × batch_size (as torch's DistributedSampler pads), and takes its
-    share of every global batch: rank r's step k is global samples [(k·W + r)·b, (k·W + r + 1)·b).
-    The ranks together make one epoch of max(|A|, |B|) images (plus the padding)."""
+    Every batch is full: the epoch plan is padded by wrapping to a multiple of world_size ×
+    batch_size (as torch's DistributedSampler pads), so the step's shapes never change and a
+    compiled step (or a CUDA graph, or cuDNN's autotuning) never meets a short last batch. Data
+    parallel (`world_size` > 1): every rank draws the same plan and takes its share of every
+    global batch: rank r's step k is global samples [(k·W + r)·b, (k·W + r + 1)·b). The ranks
+    together make one epoch of max(|A|, |B|) images (plus the padding)."""
 
     def __init__(
         self,
@@ -308,13 +310,12 @@ class DeviceFeeder:
 
     @property
     def images_per_epoch(self) -> int:
-        """Images this rank takes per epoch."""
-        n = max(self.count_a, self.count_b)
-        return n if self.world_size == 1 else self.steps_per_epoch * self.batch_size
+        """Images this rank takes per epoch (full batches: see the class docstring)."""
+        return self.steps_per_epoch * self.batch_size
 
     def plan(self, g: torch.Generator) -> dict[str, torch.Tensor]:
         """The reference's sampling: A in a shuffled order over max(|A|, |B|) (wrapping), B at
-        random; then this rank's share (see the class docstring)."""
+        random; padded to full batches, then this rank's share (see the class docstring)."""
         n = max(self.count_a, self.count_b)
         plan = {
             "a": torch.randperm(n, generator=g) % self.count_a,
@@ -322,11 +323,10 @@ class DeviceFeeder:
             "offsets": torch.randint(self.load - self.crop + 1, (n, 2, 2), generator=g),
             "flips": (torch.rand((n, 2), generator=g) < 0.5) & self.flip,
         }
-        if self.world_size > 1:
-            b, w, steps = self.batch_size, self.world_size, self.steps_per_epoch
-            order = torch.arange(steps * w * b) % n  # padded by wrapping
-            mine = order.view(steps, w, b)[:, self.rank].reshape(-1)
-            plan = {k: v[mine] for k, v in plan.items()}
+        b, w, steps = self.batch_size, self.world_size, self.steps_per_epoch
+        order = torch.arange(steps * w * b) % n  # padded by wrapping
+        mine = order.view(steps, w, b)[:, self.rank].reshape(-1)
+        plan = {k: v[mine] for k, v in plan.items()}
         return {
             k: v.to(self._index_device if k in ("a", "b") else self.device) for k, v in plan.items()
         }

@@ -42,11 +42,15 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
     Raises ParamsError (one line) for a device this machine lacks."""
     if p.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    device = resolve_device(p.device)
-    distributed.check_devices(p.devices, device)
-    joined = distributed.init(rank, device)
-    if rank.distributed:  # one process keeps the device as train.device names it (cuda, cuda:N)
-        device = joined
+    requested = resolve_device(p.device)
+    distributed.check_devices(p.devices, requested)
+    device, note = process_device(requested, rank)
+    if rank.distributed:
+        distributed.init(rank, requested)  # makes cuda:LOCAL_RANK current
+    elif device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # one process on cuda:N: N is current, not cuda:0
+    if note and rank.main:
+        print(note)
     threads.apply(p.threads)
     cuda = device.type == "cuda"
     if device.type == "cpu" or p.deterministic:
@@ -62,6 +66,23 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
         if warning:
             print(warning, file=sys.stderr)
     return device
+
+
+def process_device(requested: torch.device, rank: Rank) -> tuple[torch.device, str | None]:
+    """The device this process trains on, for train.device resolved to `requested`, and a line
+    to print (None: nothing to say). One process trains on `requested` as named (cuda:N included);
+    each process of a data-parallel run on CUDA takes cuda:LOCAL_RANK (torchrun's local rank), so
+    a cuda:N in params is not used, which the line says."""
+    if not rank.distributed or requested.type != "cuda":
+        return requested, None
+    mine = torch.device("cuda", rank.local_rank)
+    if requested.index is None:
+        return mine, None
+    return mine, (
+        f"train: train.device {requested} is not used by a run of {rank.world_size} processes: each "
+        f"trains on cuda:LOCAL_RANK (cuda:0 to cuda:{rank.local_world_size - 1} on this node); "
+        f"say train.device: cuda (or auto) to silence this"
+    )
 
 
 def resume_on_every_rank(
@@ -117,7 +138,12 @@ def train_epoch(
     """Train epoch state.epoch + 1 on every rank (state.epoch itself is counted by state.end_epoch).
     Returns the mean losses over all ranks (the model's LOSS_NAMES order) and the images/s of the
     epoch (all ranks together). The losses reach the host once per epoch, and every LOG_EVERY steps
-    on a terminal (the progress bar, rank 0)."""
+    on a terminal (the progress bar, rank 0).
+
+    Under train.compile: reduce-overhead each step starts with torch.compiler.cudagraph_mark_step_begin():
+    CUDA-graph trees otherwise start a new generation at each compiled call without a pending
+    backward, here the D step's call, and may then reuse the memory of the G step's outputs, which
+    the D step still reads (the pool returns views of them)."""
     epoch, device, rank, names = state.epoch + 1, state.device, state.rank, state.model.LOSS_NAMES
     plan = feeder.plan(state.g_data)
     state.model.start_epoch(feeder.images_per_epoch)
@@ -132,7 +158,10 @@ def train_epoch(
         disable=None if rank.main else True,
     )
     progress.start_epoch(epoch, plain=bar.disable and rank.main)
+    graphs = state.p.compile_mode == "reduce-overhead"
     for step, (real_A, real_B) in enumerate(bar, 1):
+        if graphs:  # one step is one CUDA-graph generation (see the docstring)
+            torch.compiler.cudagraph_mark_step_begin()
         sums += state.model.step(real_A, real_B, autocast)
         if step % LOG_EVERY == 0 and not bar.disable:  # one device read per LOG_EVERY steps
             bar.set_postfix({k: f"{v:.2f}" for k, v in zip(names, (sums / step).tolist())})
