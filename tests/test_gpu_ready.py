@@ -204,7 +204,8 @@ def test_deterministic_reflection_padding_matches_torchs(padding):
 
 def test_deterministic_padding_keeps_the_generator_and_its_gradients():
     """deterministic_padding swaps every reflection pad of a generator and keeps its state dict; its
-    weights' gradients under deterministic algorithms equal the plain generator's (float64)."""
+    weights' gradients under deterministic algorithms equal the plain generator's (float64); dynamo
+    compiles it without a graph break."""
     torch.manual_seed(0)
     plain = ResnetGenerator(ngf=4, n_blocks=2).double()
     G = copy.deepcopy(plain)
@@ -229,6 +230,8 @@ def test_deterministic_padding_keeps_the_generator_and_its_gradients():
         torch.use_deterministic_algorithms(before)
     for (name, p), q in zip(plain.named_parameters(), G.parameters()):
         assert torch.allclose(q.grad, p.grad, rtol=1e-9, atol=1e-15), name
+    explained = torch._dynamo.explain(G)(x)  # and torch.compile takes it whole
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
 def test_deterministic_setting_of_the_device(monkeypatch):

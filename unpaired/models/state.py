@@ -241,11 +241,12 @@ def load_optimizer_state(opt: torch.optim.Optimizer, stored: dict[str, Any]) -> 
     weights as flat arrays: a channels-last moment of a contiguous weight updates other elements
     than its own (measured on the CPU; tests/test_train.py checks the conversion). Raises what
     load_state_dict raises for a state of other parameters (ValueError, KeyError)."""
+    stored_groups = stored["param_groups"]
     groups = [
         {**group, "fused": mine.get("fused")}
-        for group, mine in zip(stored["param_groups"], opt.param_groups)
+        for group, mine in zip(stored_groups, opt.param_groups)
     ]
-    opt.load_state_dict({**stored, "param_groups": groups + stored["param_groups"][len(groups) :]})
+    opt.load_state_dict({**stored, "param_groups": groups + stored_groups[len(groups) :]})
     for group in opt.param_groups:
         for weight in group["params"]:
             moments = opt.state.get(weight, {})
