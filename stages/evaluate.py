@@ -31,14 +31,18 @@ from unpaired import params, threads
 from unpaired.devices import resolve_device
 from unpaired.errors import UserError, main_guard
 from unpaired.evaluation import (
+    DIRECTION_COLUMNS,
+    KID_STD_COLUMNS,
     METRIC_COLUMNS,
     EvalImages,
     EvaluateParams,
     MetricsPlan,
     Scores,
     epoch_checkpoints,
+    fid_caution,
     finite,
     plan_metrics,
+    protocol,
     score_epochs,
     select_best,
     train_run,
@@ -177,6 +181,9 @@ def evaluate(
         "metrics_skipped": plan.why,
         "weights": plan.weights,  # which weights scored the run ({} when FID/KID were skipped)
         "weights_help": weights_facts() if plan.skipped == "no usable Inception weights" else {},
+        "test_images": {"A": len(test.A), "B": len(test.B)},
+        "protocol": protocol(p, plan, test),  # one sentence: what was compared with what, how
+        "fid_caution": fid_caution(plan, test),  # FID on a small test set: biased; "" when not
         "notes": notes,
         "device": str(device),
         "epochs": [r["epoch"] for r in scores.rows],
@@ -211,14 +218,17 @@ def write_samples(paths: Paths, scores: Scores) -> None:
 
 
 def write_plots(paths: Paths, scores: Scores, best: dict[str, Any], plan: MetricsPlan) -> None:
-    """--plots: FID/KID per direction and epoch as TSV (no files without metrics: `dvc plots show`
-    then draws none; a non-finite value is left empty) and the best epoch's grid."""
+    """--plots: FID/KID per direction and epoch as TSV, columns epoch, best (1 on the best epoch,
+    else 0: .dvc/plots/best_epoch.json draws it as a vertical line) and the value, last (the column
+    `dvc plots show` plots); no files without metrics (`dvc plots show` then draws none); a
+    non-finite value is left empty. And the best epoch's grid."""
     with atomic_dir(paths.plots) as tmp:
         if plan.features is not None:
-            for column in METRIC_COLUMNS[:4]:
+            for column in DIRECTION_COLUMNS:
                 frame = pd.DataFrame(
                     {
                         "epoch": [r["epoch"] for r in scores.rows],
+                        "best": [int(r["epoch"] == best["epoch"]) for r in scores.rows],
                         column: [r[column] if finite(r[column]) else None for r in scores.rows],
                     }
                 )
@@ -257,16 +267,21 @@ def write_epochs_csv(paths: Paths, scores: Scores, plan: MetricsPlan) -> None:
 def write_metrics(
     paths: Paths, scores: Scores, best: dict[str, Any], plan: MetricsPlan, test: EvalImages
 ) -> None:
-    """--metrics: numbers only, the comparison first (dvc metrics show / dvc exp show); strict JSON
-    (a non-finite metric is null)."""
+    """--metrics: numbers only, the comparison first: `dvc exp show` gives the columns in this order,
+    so it leads with the best epoch's KID and FID (sums over both directions), then per direction,
+    KID's std, the best epoch; strict JSON (a non-finite metric is null)."""
     row = scores.row(best["epoch"])
-    numbers: dict[str, Any] = {"best_epoch": best["epoch"]}
+    numbers: dict[str, Any] = {}
     if plan.features is not None:
         numbers.update(
-            {k: (row[k] if finite(row[k]) else None) for k in ("kid", "fid", *METRIC_COLUMNS[:4])}
+            {
+                k: (row[k] if finite(row[k]) else None)
+                for k in ("kid", "fid", *DIRECTION_COLUMNS, *KID_STD_COLUMNS)
+            }
         )
     numbers.update(
         {
+            "best_epoch": best["epoch"],
             "best_is_fallback": best["fallback"],
             "epochs": len(scores.rows),
             "test_images_A": len(test.A),

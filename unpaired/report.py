@@ -257,8 +257,9 @@ def write_report(
 ) -> None:
     """Write the report to `path` atomically. `summary` is evaluate's (best_epoch, best_reason,
     select_fallback, metrics_available, metrics_skipped, weights (those that scored), weights_help,
-    notes, device, train_run); `table`
-    has a row per evaluated epoch (epoch and, with metrics, fid_AtoB ... kid); `grids` the epochs with
+    test_images ({"A": n, "B": n}), protocol and fid_caution (sentences; "" for none), notes, device,
+    train_run); `table` has a row per evaluated epoch (epoch and, with metrics, fid_AtoB ... kid,
+    kid_std_AtoB/BtoA); `grids` the epochs with
     a sample grid in samples/; `params_all` every params.yaml section as the stages read it; `live_dir`
     train's dvclive folder (losses, images/s: absent series are said to be unknown); `prepare_report`
     prepare's counts (metrics/prepare.json; absent: shown as ?)."""
@@ -289,25 +290,56 @@ def write_report(
         def series(cols: tuple[str, str]) -> Series:
             return {c: list(zip(table.epoch.astype(float), table[c].astype(float))) for c in cols}
 
+        marked = f"dashed line: the best epoch ({best})"
         charts = [
-            svg_panel(series(("fid_AtoB", "fid_BtoA")), "FID per epoch (lower is better)", best),
-            svg_panel(series(("kid_AtoB", "kid_BtoA")), "KID per epoch (lower is better)", best),
+            svg_panel(
+                series(("fid_AtoB", "fid_BtoA")), "FID per epoch (lower is better)", best, marked
+            ),
+            svg_panel(
+                series(("kid_AtoB", "kid_BtoA")), "KID per epoch (lower is better)", best, marked
+            ),
         ]
-        cols = ["epoch", "fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA", "fid", "kid"]
-        head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+        counts = summary.get("test_images") or {}
+        n_A, n_B = counts.get("A", "?"), counts.get("B", "?")
+        heads = [
+            ("epoch", "epoch"),
+            ("FID A→B", "fid_AtoB"),
+            ("FID B→A", "fid_BtoA"),
+            ("KID A→B ± std", "kid_AtoB"),
+            ("KID B→A ± std", "kid_BtoA"),
+            ("fid (sum)", "fid"),
+            ("kid (sum)", "kid"),
+        ]
+        stds = {"kid_AtoB": "kid_std_AtoB", "kid_BtoA": "kid_std_BtoA"}
+
+        def cell(r: dict[str, Any], c: str) -> str:
+            if c == "epoch":
+                return str(int(r[c]))
+            if not math.isfinite(r[c]):
+                return "not finite"
+            std = r.get(stds.get(c, ""), math.nan)
+            return f"{r[c]:.4g} ± {std:.2g}" if c in stds and math.isfinite(std) else f"{r[c]:.4g}"
+
+        head = "".join(f"<th>{esc(h)}</th>" for h, _ in heads)
         body = "".join(
             f"<tr{' class=best' if int(r['epoch']) == best else ''}>"
-            + "".join(
-                f"<td>{int(r[c]) if c == 'epoch' else (f'{r[c]:.4g}' if math.isfinite(r[c]) else 'not finite')}</td>"
-                for c in cols
-            )
+            + "".join(f"<td>{cell(r, c)}</td>" for _, c in heads)
             + "</tr>"
             for r in table.to_dict("records")
         )
         metric_html = (
+            f"<p id=test-counts>Test images: A→B translates the {n_A} test A images and compares them "
+            f"with the {n_B} real test B images; B→A translates the {n_B} test B images and compares "
+            f"them with the {n_A} real test A images.</p>"
+        )
+        if summary.get("fid_caution"):
+            metric_html += f"<p class=warn id=fid-caution>{esc(summary['fid_caution'])}</p>"
+        metric_html += (
             f"<div class=panels>{''.join(c for c in charts if c)}</div>"
             f"<table class=numbers><tr>{head}</tr>{body}</table>"
         )
+        if summary.get("protocol"):
+            metric_html += f"<p id=protocol><b>How:</b> {esc(summary['protocol'])}</p>"
         used = summary.get("weights") or {}
         if used:
             metric_html += (
