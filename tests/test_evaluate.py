@@ -443,6 +443,8 @@ def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
     assert (
         (table[["kid_std_AtoB", "kid_std_BtoA"]] < 1e-12).all().all()
     )  # subsets of 6 of 6 images: all alike
+    r = table.iloc[0]  # ... and the report says 0, not 1e-16
+    assert f"<td>{r.kid_AtoB:.4g} ± 0</td><td>{r.kid_BtoA:.4g} ± 0</td>" in paths.report.read_text()
     best = int(table.loc[table.kid.idxmin(), "epoch"])
     assert summary["best_epoch"] == best and summary["metrics_available"]
     numbers = json.loads((tmp_path / "metrics" / "eval.json").read_text())

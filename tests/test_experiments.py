@@ -1,10 +1,15 @@
 """Sweeps with DVC's own experiment commands keep params.yaml the user's file: a queued sweep over one
-param runs the committed params.yaml plus exactly that override, in parallel workers; `dvc exp show`
-compares the runs; `dvc exp apply` brings the winner back; one experiment's checkpoints never leak
-into another's run."""
+param runs the committed params.yaml plus exactly that override, in parallel workers; each run is
+scored (FID/KID with the bundled Inception weights) and `dvc exp show --sort-by
+metrics/eval.json:kid` ranks the runs by KID; `dvc exp apply` brings the winner back; one
+experiment's checkpoints never leak into another's run. And the model registry: a colleague gets
+the best generators by name (`dvc artifacts get`) from a git repository and its DVC remote."""
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
 import subprocess
 import time
@@ -14,12 +19,20 @@ import pytest
 import torch
 from ruamel.yaml import YAML
 
-from tests.helpers import TINY, VENV_BIN, clone_project, deep_merge, dvc, env
+from tests.helpers import ROOT, TINY, VENV_BIN, clone_project, deep_merge, dvc, env, run
 
 # A sweep's own edits of the committed params, so a test can tell them from conf/'s defaults: with
 # DVC's Hydra composition on, every experiment silently ran conf/'s values instead.
-EDITS = {"train": {"lambda_identity": 0.25, "seed": 3}, "domains": {"a": {"count": 10}}}
+EDITS = {
+    "train": {"lambda_identity": 0.25, "seed": 3},
+    "domains": {"a": {"count": 16}},
+    "prepare": {
+        "test_fraction": 0.5
+    },  # 5 + 7 test images: every run scored (FID/KID need >= 2) ...
+    "evaluate": {"metrics": "required"},
+}  # ... or the run fails; kid_subsets 2 (TINY)
 SWEEP = (5.0, 20.0)
+ARTIFACT, VERSION = "cyclegan-generators", "v0.1.0"  # dvc.yaml's `artifacts:`; a GTO version tag
 
 
 def _params(repo):
@@ -71,12 +84,28 @@ def _is_worker(proc_dir, repo):
 def swept(tmp_path_factory):
     repo = clone_project(tmp_path_factory.mktemp("sweep") / "project", deep_merge(TINY, EDITS))
     committed = _params(repo)
-    dvc(repo, "repro")  # the baseline, committed with its dvc.lock
+    dvc(repo, "repro")  # the baseline, committed with its dvc.lock ...
+    dvc(
+        repo, "remote", "add", "-f", "-d", "shared", str(repo.parent / "storage")
+    )  # ... and a local remote
     for cmd in (
         ["git", "add", "-A"],
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"],
-    ):
+        [
+            "git",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "tag",
+            "-a",
+            f"{ARTIFACT}@{VERSION}",
+            "-m",
+            "the baseline's generators",
+        ],
+    ):  # a registered version: GTO's annotated tag NAME@vX.Y.Z
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    dvc(repo, "push", "models/best")  # what a colleague fetches below
     dvc(repo, "exp", "run", "--queue", "-S", f"train.lambda_cycle={SWEEP[0]},{SWEEP[1]}")
     # `dvc queue start` daemonizes its workers, which may keep inherited pipes open: never wait on
     # its output (subprocess.run(capture_output=True) waited for EOF for ever on a fresh clone).
@@ -141,6 +170,94 @@ def test_exp_show_compares_the_runs_best_metrics(swept):
     assert "train.ngf" not in table.split(",")  # (--only-changed: not the rest)
     full = dvc(repo, "exp", "show", "--csv").stdout.splitlines()[0].split(",")
     assert {"best_epoch", "G_A", "train.lambda_cycle", "train.ngf"} <= set(full)
+
+
+def test_exp_show_ranks_the_sweep_by_kid(swept):
+    """docs/operations.md's walk-through: every queued run has a KID, `dvc exp show --sort-by
+    metrics/eval.json:kid --sort-order asc` lists them lowest KID first (the first is the one to
+    `dvc exp apply`), and KID and FID are its first metric columns."""
+    repo, _ = swept
+    out = dvc(
+        repo, "exp", "show", "--csv", "--sort-by", "metrics/eval.json:kid", "--sort-order", "asc"
+    ).stdout
+    header = out.splitlines()[0].split(",")
+    columns = [
+        c
+        for c in header
+        if c not in ("Experiment", "rev", "typ", "Created", "parent", "State", "Executor")
+    ]
+    assert columns[:2] == ["kid", "fid"], header  # the metrics first, eval.json's first
+    ranked = [
+        (float(r["kid"]), float(r["train.lambda_cycle"]))
+        for r in csv.DictReader(io.StringIO(out))
+        if r["Experiment"]
+    ]
+    assert sorted(value for _, value in ranked) == sorted(SWEEP) and all(
+        math.isfinite(k) for k, _ in ranked
+    )
+    assert [k for k, _ in ranked] == sorted(k for k, _ in ranked), ranked
+    by_value = {
+        e["params"]["train"]["lambda_cycle"]: e["metrics"]["metrics/eval.json"]
+        for e in _experiments(repo).values()
+    }
+    assert [kid for kid, value in ranked] == pytest.approx(
+        [by_value[value]["kid"] for _, value in ranked], rel=1e-3
+    )
+    assert all(
+        m["best_is_fallback"] is False for m in by_value.values()
+    )  # chosen by KID, not the last epoch
+
+
+def test_dvc_plots_mark_the_best_epoch(swept):
+    """`dvc plots show` draws FID/KID per direction and epoch with .dvc/plots/best_epoch.json: the
+    curve, and a dashed vertical line at the epoch whose `best` is 1, the best epoch of eval.json."""
+    repo, _ = swept
+    shown = json.loads(dvc(repo, "plots", "show", "--json").stdout)
+    assert not shown.get("errors")
+    best = json.loads((repo / "metrics" / "eval.json").read_text())["best_epoch"]
+    for column in ("fid_AtoB", "fid_BtoA", "kid_AtoB", "kid_BtoA"):
+        content = shown["data"][f"metrics/eval_plots/{column}.tsv"][0]["content"]
+        line, rule = content["layer"]
+        assert line["encoding"]["y"]["field"] == column and rule["mark"]["type"] == "rule"
+        assert rule["transform"] == [{"filter": "datum.best == 1"}]
+        values = content["data"]["values"]
+        assert [int(v["epoch"]) for v in values if int(v["best"]) == 1] == [best] and len(
+            values
+        ) >= 2
+
+
+def test_the_best_generators_are_a_registry_model():
+    """dvc.yaml declares models/best, evaluate's output, as a model in DVC's registry shape."""
+    spec = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())
+    entry = spec["artifacts"][ARTIFACT]
+    assert entry["path"] == "models/best" and entry["type"] == "model"
+    assert entry["desc"] and "cyclegan" in entry["labels"]
+    assert "models/best" in spec["stages"]["evaluate"]["outs"]
+
+
+def test_a_colleague_gets_the_best_generators_by_name(swept, tmp_path):
+    """`dvc artifacts get <git url> cyclegan-generators` (and `dvc get <git url> models/best`), in a
+    folder outside any repository, against a bare git repository whose DVC remote is a local folder:
+    the registered version's generators.pt and best.json, byte for byte; no DVC Studio."""
+    import dvc.api as dvc_api  # (not `dvc`: the helper that runs the CLI)
+
+    repo, _ = swept
+    server = tmp_path / "server.git"  # what a colleague can reach: git + the DVC remote
+    run(["git", "clone", "-q", "--bare", str(repo), str(server)], cwd=tmp_path)
+    rev = f"{ARTIFACT}@{VERSION}"
+    want = {
+        name: dvc_api.read(f"models/best/{name}", repo=str(repo), rev=rev, mode="rb")
+        for name in ("generators.pt", "best.json")
+    }
+    assert json.loads(want["best.json"])["selected_by"] == "kid"
+    colleague = tmp_path / "colleague"
+    colleague.mkdir()
+    dvc(colleague, "artifacts", "get", str(server), ARTIFACT, "-o", "by-name")
+    dvc(colleague, "artifacts", "get", str(server), ARTIFACT, "--rev", VERSION, "-o", "by-version")
+    dvc(colleague, "get", str(server), "models/best", "-o", "by-path")
+    for folder in ("by-name", "by-version", "by-path"):
+        assert {f.name: f.read_bytes() for f in (colleague / folder).iterdir()} == want, folder
+    assert dvc_api.artifacts_show(ARTIFACT, repo=str(server))["path"] == "models/best"
 
 
 def test_exp_apply_brings_the_chosen_run_and_its_own_checkpoints(swept, tmp_path):

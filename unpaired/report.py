@@ -318,7 +318,10 @@ def write_report(
             if not math.isfinite(r[c]):
                 return "not finite"
             std = r.get(stds.get(c, ""), math.nan)
-            return f"{r[c]:.4g} ± {std:.2g}" if c in stds and math.isfinite(std) else f"{r[c]:.4g}"
+            if c not in stds or not math.isfinite(std):
+                return f"{r[c]:.4g}"
+            # equal test sets: every subset is the whole set, and the std is rounding noise (~1e-16)
+            return f"{r[c]:.4g} ± {std:.2g}" if abs(std) > 1e-12 else f"{r[c]:.4g} ± 0"
 
         head = "".join(f"<th>{esc(h)}</th>" for h, _ in heads)
         body = "".join(
