@@ -24,9 +24,11 @@ from unpaired import params
 from unpaired.dataset_page import DatasetSheets
 from unpaired.errors import ArgumentParser, UserError, main_guard
 from unpaired.files import (
+    SOURCE_SKIP_REASONS,
     atomic_dir,
     atomic_write_json,
     pack_dir,
+    read_source_skipped,
     remove_stale_temporaries,
     write_manifest,
 )
@@ -116,6 +118,9 @@ def prepare_domain(
     del sources
     if tally.kept["train"] == 0:
         raise no_training_images(p, d, raw, len(results), tally)
+    left_out = read_source_skipped(raw)  # what the source did not copy (hidden, not image names)
+    for reason in SOURCE_SKIP_REASONS:
+        tally.skipped[reason] += left_out.get(reason, 0)
     if page_tmp is not None:
         sheets.add_domain(
             d, results, page_tmp, lambda r: staging / f"{r.index}.thumb.png" if r.thumb else None

@@ -176,6 +176,8 @@ def test_stage_outputs_and_skip_report(tmp_path):
         "error": 0,
         "near_duplicate": 0,
         "no_face": 0,
+        "hidden": 0,  # what a source left out of the raw folder (the folder source's .skipped.csv)
+        "not_image_name": 0,
     }
     assert sum(report["kept"]["a"].values()) == 12 and sum(report["kept"]["b"].values()) == 10
     assert json.loads((tmp_path / "prepare.json").read_text()) == report

@@ -3,6 +3,7 @@ here in the layout of the CycleGAN benchmark zips (horse2zebra.zip: horse2zebra/
 
 import hashlib
 import io
+import json
 import tarfile
 import threading
 import time
@@ -380,7 +381,8 @@ def test_folder_source_counts_and_names_every_file_it_leaves_out(tmp_path, capsy
     not_image in prepare.json); hidden files and other suffixes are counted by reason, named, and
     listed in the raw folder for prepare."""
     from stages.prepare import PrepareParams, prepare
-    from unpaired.sources.folder import SKIPPED, read_skipped
+    from unpaired.files import read_source_skipped
+    from unpaired.sources.folder import SKIPPED
 
     photos = tmp_path / "photos"
     (photos / ".git").mkdir(parents=True)
@@ -404,7 +406,7 @@ def test_folder_source_counts_and_names_every_file_it_leaves_out(tmp_path, capsy
         (".hidden.png", "hidden"),
         ("notes.txt", "not_image_name"),
     ]
-    assert read_skipped(out) == {"hidden": 2, "not_image_name": 1}
+    assert read_source_skipped(out) == {"hidden": 2, "not_image_name": 1}
     b = tmp_path / "raw" / "b"
     b.mkdir()
     for i in range(3):
@@ -417,4 +419,8 @@ def test_folder_source_counts_and_names_every_file_it_leaves_out(tmp_path, capsy
         workers=1,
     )
     assert report["skipped"]["a"]["not_image"] == 1  # README, named on the page
+    # the files the source left out are counted as prepare.json's skip reasons too
+    assert report["skipped"]["a"]["hidden"] == 2 and report["skipped"]["a"]["not_image_name"] == 1
+    assert report["skipped"]["b"]["hidden"] == 0 and report["total_skipped"] == 4
+    assert json.loads((tmp_path / "prepare.json").read_text())["skipped"]["a"]["hidden"] == 2
     assert report["kept"]["a"]["train"] == 3  # a.jpg, b.jpg and scan

@@ -266,6 +266,22 @@ def write_manifest(
     atomic_write_bytes(path, frame.to_csv(index=False, lineterminator="\n").encode())
 
 
+# A raw folder's list of the files its source left out (columns file, reason), next to manifest.csv;
+# hidden, so never read as an image. The folder source writes it; prepare counts it in prepare.json.
+SOURCE_SKIPPED = ".skipped.csv"
+SOURCE_SKIP_REASONS = ("hidden", "not_image_name")  # its reasons, counted in prepare.json's skipped
+
+
+def read_source_skipped(raw: str | Path) -> dict[str, int]:
+    """reason -> files a source left out of the raw folder `raw`, from its SOURCE_SKIPPED file
+    (sorted by reason; {} when there is none)."""
+    path = Path(raw) / SOURCE_SKIPPED
+    if not path.is_file():
+        return {}
+    reasons = pd.read_csv(path, dtype=str, keep_default_na=False)["reason"]
+    return {r: int(n) for r, n in sorted(reasons.value_counts().items())}
+
+
 def tree(folder: str | Path) -> Iterator[tuple[str, bool]]:
     """(name relative to `folder` with "/", is a directory) for everything under it, in the order of
     `sorted(Path(folder).rglob("*"))` (a directory before its content, names compared part by part),

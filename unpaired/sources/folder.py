@@ -7,8 +7,8 @@ any case) and files with no suffix at all (prepare reads what they hold: an imag
 else is skipped there as `not_image`) are copied; hidden files (a name, or a folder on the way,
 starting with ".": `.DS_Store`, macOS `._photo.jpg`, `.git/`) and files with another suffix
 (`notes.txt`) are not. Those are counted by reason in one line, named (the first few), and listed in
-the raw folder's SKIPPED file (`file`: the path under `path`, `reason`: hidden or not_image_name)
-for prepare's counts.
+the raw folder's SKIPPED file (`file`: the path under `path`, `reason`: hidden or not_image_name),
+which prepare counts in metrics/prepare.json (`skipped`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unpaired.files import write_manifest
+from unpaired.files import SOURCE_SKIP_REASONS, SOURCE_SKIPPED, write_manifest
 from unpaired.images import IMAGE_SUFFIXES
 from unpaired.params import COUNT, Params, check, parse
 from unpaired.sources.base import FetchContext, SourceError, flat_name
 
-SKIPPED = (
-    ".skipped.csv"  # in the raw folder, next to manifest.csv; hidden, so never read as an image
-)
-SKIP_REASONS = {"hidden": "hidden", "not_image_name": "not an image file name"}  # reason -> words
+SKIPPED = SOURCE_SKIPPED  # in the raw folder, next to manifest.csv; prepare counts it
+# reason -> words
+SKIP_REASONS = dict(zip(SOURCE_SKIP_REASONS, ("hidden", "not an image file name"), strict=True))
 
 
 @dataclass(frozen=True)
@@ -56,17 +55,6 @@ def skip_reason(rel: Path) -> str | None:
     if rel.suffix and rel.suffix.lower() not in IMAGE_SUFFIXES:
         return "not_image_name"
     return None
-
-
-def read_skipped(raw: Path) -> Counter[str]:
-    """The counts by reason (SKIP_REASONS keys) of the files a folder source left out of the raw
-    folder `raw` (its SKIPPED file; empty when there is none)."""
-    import pandas as pd
-
-    path = Path(raw) / SKIPPED
-    if not path.is_file():
-        return Counter()
-    return Counter(pd.read_csv(path, dtype=str, keep_default_na=False).reason)
 
 
 def fetch(raw: dict[str, Any], ctx: FetchContext) -> list[dict[str, Any]]:
