@@ -523,6 +523,31 @@ def test_a_second_ctrl_c_during_the_checkout_names_the_command(project, tmp_path
     assert no_process_left(copy) and leftovers(copy) == []
 
 
+@pytest.mark.parametrize("gap", [0.3, 1.5])
+def test_a_double_ctrl_c_while_the_stage_imports_prints_no_traceback(project, tmp_path, gap):
+    """Two Ctrl-C a moment apart while evaluate imports (the commonest double Ctrl-C): each process
+    says one line at most, no traceback (the stage's, tqdm's atexit or DVC's), and the previous
+    outputs are back."""
+    copy = copy_with(project, tmp_path, lambda p: None)
+    outputs = evaluate_outputs(copy)
+    before = tree_bytes(copy, outputs)
+    live = Live(copy, "-f", "-s", "evaluate")
+    live.wait_for("> python -m stages.evaluate")
+    time.sleep(0.5)  # torch is still loading
+    live.signal(signal.SIGINT)
+    time.sleep(gap)
+    live.signal(signal.SIGINT)
+    code, out = live.finish()
+    assert code == 130, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    after = out[out.index("> python -m stages.evaluate") :].strip().splitlines()[1:]
+    said = [line for line in after if not re.match(r"[AMD] {7}", line)]  # dvc checkout's list
+    assert len(said) <= 4, out  # the stage's line, DVC's, the put-back's and the wrapper's
+    assert out.strip().splitlines()[-1].startswith("error: interrupted; kept the previous "), out
+    assert tree_bytes(copy, outputs) == before
+    assert no_process_left(copy) and leftovers(copy) == []
+
+
 @pytest.mark.parametrize("moment", ["start", "imports", "checkout"])
 def test_kill_9_at_any_moment_then_the_next_run_puts_everything_back(project, tmp_path, moment):
     """kill -9 of the wrapper's process group: at its start, while the stage imports, while `dvc

@@ -199,7 +199,7 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
                 aside = STATE / "aside" / out.path
                 make_dirs(aside.parent)
                 os.replace(out.path, aside)
-        count = signals.count
+        count = signals.forwarded
         targets = [o.path for o in cached]
         print(
             f"repro: putting back the previous {', '.join(targets)}: dvc checkout {' '.join(targets)}",
@@ -207,14 +207,15 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
             flush=True,
         )
         status = _run_dvc(["checkout", *targets], signals)
-        if status != 0 or signals.count > count:
+        stopped = signals.forwarded > count  # a Ctrl-C passed on to the checkout
+        if status != 0 or stopped:
             repair_rwlock()
-        if status == 0 and signals.count == count:
+        if status == 0 and not stopped:
             restored += targets
         else:  # interrupted: an output may be half checked out, so it is named as lost
-            lost = [o for o in cached if signals.count > count or not _exists(o.path)]
+            lost = [o for o in cached if stopped or not _exists(o.path)]
             restored += [o.path for o in cached if o not in lost]
-            if signals.count > count:
+            if stopped:
                 notes.append("interrupted while `dvc checkout` put back the previous outputs")
     shutil.rmtree(STATE, ignore_errors=True)
     if lost:
@@ -273,11 +274,20 @@ def recover(signals: Signals) -> list[str]:
 class Signals:
     """Ctrl-C, SIGTERM and SIGHUP while the wrapper runs: counted (`count`), and passed on to the
     process group of the `dvc` command running now (`group`), never raised in the wrapper, which
-    always finishes putting back what was removed."""
+    always finishes putting back what was removed.
+
+    A signal that comes within REPEAT_GRACE seconds of the last one passed on is counted but not
+    passed on: a double Ctrl-C means "stop", which the first one already does, and a second one
+    reaching DVC while it stops its stage (a traceback) or `dvc checkout` while it puts the outputs
+    back (outputs left missing) only makes a mess. One after that is passed on (`forwarded`)."""
+
+    REPEAT_GRACE = 3.0  # seconds
 
     def __init__(self) -> None:
         self.count = 0
+        self.forwarded = 0  # signals passed on to a dvc command
         self.group: int | None = None
+        self._last: float | None = None  # time.monotonic() of the last signal passed on
         self._old = {}
 
     def __enter__(self) -> Signals:
@@ -290,7 +300,13 @@ class Signals:
 
     def _handle(self, signum: int, _frame: object) -> None:
         self.count += 1
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.REPEAT_GRACE:
+            return
+        if self.count == 1 or self.group is not None:
+            self._last = now  # the first signal starts the grace even with no dvc command running
         if self.group is not None:
+            self.forwarded += 1
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.group, signum)
 
