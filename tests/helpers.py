@@ -40,6 +40,20 @@ TINY: dict[str, Any] = {
 }
 
 
+# dvc.yaml's train cmd: its arguments, and for one process after the interpreter (python ...)
+TRAIN_ARGS = [
+    "--data",
+    "data/prepared.tar",
+    "--view",
+    "data/prepared",
+    "--out",
+    "models/checkpoints",
+    "--live",
+    "metrics/train",
+]
+TRAIN_STAGE = ["-m", "stages.train", *TRAIN_ARGS]
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():

@@ -20,7 +20,7 @@ import yaml
 
 from stages.train import main, train
 from tests.ddp_worker import TINY, samples
-from tests.helpers import ROOT, clone_project, dvc
+from tests.helpers import ROOT, TRAIN_ARGS, TRAIN_STAGE, clone_project, dvc
 from tests.helpers import TINY as TINY_PROJECT
 from tests.test_train import make_prepared, same, weights
 from unpaired import checkpoint
@@ -184,20 +184,7 @@ def test_more_devices_than_cores_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text(json.dumps({"train": {"devices": n, "device": "cpu"}}))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit:
-        main_guard(
-            lambda: main(
-                [
-                    "--data",
-                    "data/prepared.tar",
-                    "--view",
-                    "data/prepared",
-                    "--out",
-                    "models/checkpoints",
-                    "--live",
-                    "metrics/train",
-                ]
-            )
-        )
+        main_guard(lambda: main(TRAIN_ARGS))
     assert exit.value.code == 2
     out, err = capsys.readouterr()
     assert out == "" and err == (
@@ -219,18 +206,7 @@ def test_dvc_repro_with_two_processes_leaves_a_clean_status(tmp_path):
 # --- one entry (unpaired.torchrun): no orphans, one line per failure (issue 17.1, 17.5) -----------
 
 LAUNCH = [sys.executable, "-m", "unpaired.torchrun", "--standalone"]
-STAGE = [
-    "-m",
-    "stages.train",
-    "--data",
-    "data/prepared.tar",
-    "--view",
-    "data/prepared",
-    "--out",
-    "models/checkpoints",
-    "--live",
-    "metrics/train",
-]  # as dvc.yaml's cmd
+STAGE = TRAIN_STAGE
 LOCK = Path("models") / ".checkpoints.lock"
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import TRAIN_STAGE
 from unpaired.errors import UserError
 from unpaired.files import make_dirs
 
@@ -220,19 +221,7 @@ def test_train_with_its_checkpoints_on_a_read_only_filesystem_is_one_line(tmp_pa
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n  epochs_decay: 0\n")
     proc = run_read_only(
         tmp_path / "models",
-        [
-            sys.executable,
-            "-m",
-            "stages.train",
-            "--data",
-            "data/prepared.tar",
-            "--view",
-            "data/prepared",
-            "--out",
-            "models/checkpoints",
-            "--live",
-            "metrics/train",
-        ],
+        [sys.executable, *TRAIN_STAGE],
         tmp_path,
     )
     assert proc.returncode == 2, proc.stderr

@@ -3,6 +3,7 @@ from typing import Literal
 
 import pytest
 
+from tests.helpers import TRAIN_ARGS
 from unpaired import params
 from unpaired.params import Params, ParamsError, check, parse
 
@@ -128,17 +129,7 @@ def test_unknown_section_suggests_the_nearest(tmp_path, monkeypatch, text, messa
             "--metrics",
             "metrics/prepare.json",
         ],
-        [
-            "train",
-            "--data",
-            "data/prepared.tar",
-            "--view",
-            "data/prepared",
-            "--out",
-            "models/checkpoints",
-            "--live",
-            "metrics/train",
-        ],
+        ["train", *TRAIN_ARGS],
         [
             "evaluate",
             "--checkpoints",

@@ -480,9 +480,10 @@ def leftovers(project):
     return found
 
 
-def test_ctrl_c_during_the_stages_imports_keeps_the_previous_outputs(project, tmp_path):
-    """Ctrl-C (SIGINT to the process group) while evaluate is still importing: DVC has already deleted
-    its outputs; they are back, and the last line says so."""
+def ctrl_c_while_evaluate_imports(project, tmp_path):
+    """A copy of the run project, `repro -f -s evaluate` started there and one Ctrl-C (SIGINT to its
+    process group) while evaluate still imports torch: (copy, evaluate's outputs, their bytes before,
+    the Live run)."""
     copy = copy_with(project, tmp_path, lambda p: None)
     outputs = evaluate_outputs(copy)
     before = tree_bytes(copy, outputs)
@@ -490,6 +491,13 @@ def test_ctrl_c_during_the_stages_imports_keeps_the_previous_outputs(project, tm
     live.wait_for("> python -m stages.evaluate")
     time.sleep(0.5)  # torch is still loading
     live.signal(signal.SIGINT)
+    return copy, outputs, before, live
+
+
+def test_ctrl_c_during_the_stages_imports_keeps_the_previous_outputs(project, tmp_path):
+    """Ctrl-C (SIGINT to the process group) while evaluate is still importing: DVC has already deleted
+    its outputs; they are back, and the last line says so."""
+    copy, outputs, before, live = ctrl_c_while_evaluate_imports(project, tmp_path)
     code, out = live.finish()
     assert code == 130, out
     last = out.strip().splitlines()[-1]
@@ -502,13 +510,7 @@ def test_ctrl_c_during_the_stages_imports_keeps_the_previous_outputs(project, tm
 def test_a_second_ctrl_c_during_the_checkout_names_the_command(project, tmp_path):
     """Two Ctrl-C, the second while `dvc checkout` puts the outputs back: either they are back, or the
     last line names the command that brings them back, and that command does."""
-    copy = copy_with(project, tmp_path, lambda p: None)
-    outputs = evaluate_outputs(copy)
-    before = tree_bytes(copy, outputs)
-    live = Live(copy, "-f", "-s", "evaluate")
-    live.wait_for("> python -m stages.evaluate")
-    time.sleep(0.5)
-    live.signal(signal.SIGINT)
+    copy, outputs, before, live = ctrl_c_while_evaluate_imports(project, tmp_path)
     live.wait_for("repro: putting back the previous")
     live.signal(signal.SIGINT)
     code, out = live.finish()
@@ -528,13 +530,7 @@ def test_a_double_ctrl_c_while_the_stage_imports_prints_no_traceback(project, tm
     """Two Ctrl-C a moment apart while evaluate imports (the commonest double Ctrl-C): each process
     says one line at most, no traceback (the stage's, tqdm's atexit or DVC's), and the previous
     outputs are back."""
-    copy = copy_with(project, tmp_path, lambda p: None)
-    outputs = evaluate_outputs(copy)
-    before = tree_bytes(copy, outputs)
-    live = Live(copy, "-f", "-s", "evaluate")
-    live.wait_for("> python -m stages.evaluate")
-    time.sleep(0.5)  # torch is still loading
-    live.signal(signal.SIGINT)
+    copy, outputs, before, live = ctrl_c_while_evaluate_imports(project, tmp_path)
     time.sleep(gap)
     live.signal(signal.SIGINT)
     code, out = live.finish()

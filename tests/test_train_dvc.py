@@ -16,23 +16,12 @@ import pytest
 import yaml
 from ruamel.yaml import YAML
 
-from tests.helpers import TINY, VENV_BIN, clone_project, dvc, env, run
+from tests.helpers import TINY, TRAIN_STAGE, VENV_BIN, clone_project, dvc, env, run
 from unpaired import checkpoint
 
 CKPT = Path("models/checkpoints")
 LIVE = Path("metrics/train")
-STAGE = [
-    "-m",
-    "stages.train",
-    "--data",
-    "data/prepared.tar",
-    "--view",
-    "data/prepared",
-    "--out",
-    str(CKPT),
-    "--live",
-    str(LIVE),
-]  # dvc.yaml's cmd for one process
+STAGE = TRAIN_STAGE
 
 
 @pytest.fixture(scope="module")

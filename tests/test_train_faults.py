@@ -20,6 +20,7 @@ from PIL import Image
 import unpaired.models.progress
 from stages.evaluate import EvaluateParams, evaluate
 from stages.train import train
+from tests.helpers import TRAIN_ARGS
 from tests.test_evaluate import paths_in
 from tests.test_train import TINY, make_prepared, same, weights
 from unpaired import checkpoint, threads
@@ -373,16 +374,7 @@ with output_lock(Path("models/checkpoints")):
 """
 
 
-STAGE_ARGS = [
-    "--data",
-    "data/prepared.tar",
-    "--view",
-    "data/prepared",
-    "--out",
-    "models/checkpoints",
-    "--live",
-    "metrics/train",
-]
+STAGE_ARGS = TRAIN_ARGS
 
 
 def test_a_second_train_process_stops_naming_the_first(tmp_path):
