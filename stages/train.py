@@ -25,7 +25,7 @@ from unpaired import distributed, params
 from unpaired.devices import autocast_for
 from unpaired.distributed import Rank
 from unpaired.errors import ArgumentParser, main_guard
-from unpaired.files import remove_stale_temporaries, unpack_view
+from unpaired.files import mark_settled, remove_stale_temporaries, unpack_view
 from unpaired.models.cyclegan import CycleGAN
 from unpaired.models.feeding import decoded_bytes, feeder_for, image_files, place_images
 from unpaired.models.live import RunLog, settle_logs
@@ -87,6 +87,7 @@ def train(
     finally:
         if rank.main:  # however the run ends, the logs tell the epochs the checkpoints hold
             settle_logs(out, live_dir, log, state)
+            mark_settled("train")  # so `make repro`'s put-back keeps them
     return log.result(state) if rank.main else {}
 
 

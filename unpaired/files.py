@@ -266,6 +266,23 @@ def write_manifest(
     atomic_write_bytes(path, frame.to_csv(index=False, lineterminator="\n").encode())
 
 
+# Set by `make repro`'s wrapper (unpaired.repro) for the stages it runs: a folder where a stage
+# says, by a file named after it, that it left its outputs telling one run at its exit.
+SETTLED_ENV = "UNPAIRED_REPRO_SETTLED"
+
+
+def mark_settled(stage: str) -> None:
+    """Tell `make repro`'s wrapper that `stage` (its name in dvc.yaml) left its outputs consistent
+    with its persist outputs as it ended, finished or not (train: the logs tell the epochs the
+    checkpoints hold), so that the wrapper's put-back after a failure keeps the outputs that are
+    there rather than restoring dvc.lock's beside persist outputs that moved on. Does nothing
+    outside the wrapper (plain `dvc repro`, `dvc exp run`)."""
+    folder = os.environ.get(SETTLED_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        Path(folder, stage).touch()
+
+
 # A raw folder's list of the files its source left out (columns file, reason), next to manifest.csv;
 # hidden, so never read as an image. The folder source writes it; prepare counts it in prepare.json.
 SOURCE_SKIPPED = ".skipped.csv"

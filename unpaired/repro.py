@@ -54,7 +54,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unpaired.errors import UserError, main_guard
-from unpaired.files import creating, make_dirs, remove_stale_temporaries, tree
+from unpaired.files import (
+    SETTLED_ENV,
+    creating,
+    make_dirs,
+    remove_stale_temporaries,
+    tree,
+)
 from unpaired.params import PARAMS_FILE, check_file
 from unpaired.presets import stale_composition
 from unpaired.torchrun import parent_death_signal
@@ -169,7 +175,8 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
     from their copies; the cached ones by `dvc checkout <path>...` (by output path, never by stage:
     a stage's `persist: true` output holding files DVC has not recorded, a resumable training's
     checkpoints, made `dvc checkout <stage>` refuse), after what is there now is moved aside (DVC
-    refuses to overwrite files it has not recorded). Persist outputs are never touched. Returns
+    refuses to overwrite files it has not recorded). Persist outputs are never touched, nor are the
+    outputs a stage settled as it ended (files.mark_settled) where they exist. Returns
     (what was put back, notes: what could not be, with the command that does it). STATE is removed."""
     present = [Output(**o) for o in json.loads((STATE / "present.json").read_text())]
     now = {(o.stage, o.path): o.lock for o in outputs()}
@@ -181,6 +188,10 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
     changed += [
         o for o in present if not o.state and not _exists(o.path)
     ]  # a record without fingerprints
+    # a stage that settled its outputs as it ended (files.mark_settled: train's logs tell the epochs
+    # its checkpoints hold, a fresh run's moved the earlier ones aside) keeps those it left
+    settled = {p.name for p in (STATE / "settled").glob("*")}
+    changed = [o for o in changed if not (o.stage in settled and _exists(o.path))]
     restored, notes = [], []
     for out in (o for o in changed if not o.cached):
         src, dst = STATE / "kept" / out.path, Path(out.path)
@@ -469,6 +480,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(STATE, ignore_errors=True)
             raise KeyboardInterrupt
         errors: list[str] = []
+        os.environ[SETTLED_ENV] = str((STATE / "settled").resolve())  # for files.mark_settled
         status = _run_dvc(["repro", *args], signals, errors)
         if status != 0 or signals.count:
             repair_rwlock()

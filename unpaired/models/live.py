@@ -196,7 +196,7 @@ def settle_logs(out: Path, live_dir: Path, log: RunLog | None, state: TrainState
     metrics.json) tell the epochs whose epoch_NNN.pt is in `out`, so that they and the checkpoints
     are one run's. With the run's `log` and `state`: rewritten when they show epochs past the last
     one saved (train.save_every, or an end between an epoch's log and its save). Without them (the
-    run ended before its log was written): an empty log when `out` holds no epoch (a fresh start has
+    run ended before its log was written): an empty log when `out` exists and holds no epoch (a fresh start has
     moved the earlier checkpoints aside, and `make repro` would put that run's logs back beside
     none), else left as they are. Ctrl-C is ignored meanwhile: the run is ending anyway."""
     saved = max(checkpoint.epoch_files(out), default=0)
@@ -206,6 +206,6 @@ def settle_logs(out: Path, live_dir: Path, log: RunLog | None, state: TrainState
                 write_live(
                     live_dir, [r for r in state.history if r["epoch"] <= saved], log.speeds, out
                 )
-    elif not saved:
+    elif not saved and out.is_dir():  # (no `out`: the run stopped before it touched anything)
         with uninterrupted():
             write_live(live_dir, [], {}, out)
