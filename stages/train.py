@@ -3,8 +3,9 @@
     python -m stages.train --data data/prepared.tar --view data/prepared \
         --out models/checkpoints --live metrics/train
 
-CycleGAN with the reference update order and defaults (unpaired/models/cyclegan.py), configured by
-params.yaml's `train` section (TrainParams). Resumable and extendable from out/last.pt; an earlier
+CycleGAN (unpaired/models/cyclegan.py) or CUT / FastCUT (unpaired/models/cut.py), as train.model
+says, each with its reference's update order and defaults, configured by params.yaml's `train`
+section (TrainParams). Resumable and extendable from out/last.pt; an earlier
 run that does not fit is moved aside (unpaired/models/state.py). The dvclive logs are rewritten from
 the run's own history after every epoch, so they always match the checkpoints. A run whose losses
 or weights stop being finite stops. One train run at a time writes the outputs (distributed.output_lock).
@@ -26,12 +27,15 @@ from unpaired.devices import autocast_for
 from unpaired.distributed import Rank
 from unpaired.errors import ArgumentParser, main_guard
 from unpaired.files import mark_settled, remove_stale_temporaries, unpack_view
+from unpaired.models.cut import CUT
 from unpaired.models.cyclegan import CycleGAN
 from unpaired.models.feeding import decoded_bytes, feeder_for, image_files, place_images
 from unpaired.models.live import RunLog, settle_logs
 from unpaired.models.loop import setup_device, start_run, train_epoch
 from unpaired.models.progress import Progress, speed_hint
 from unpaired.models.training import TrainParams
+
+MODELS = {"cyclegan": CycleGAN, "cut": CUT, "fastcut": CUT}  # train.model -> its class
 
 
 def train(
@@ -61,7 +65,7 @@ def train(
     )  # before any output: a setting that does not fit stops here
     state, log = None, None
     try:
-        state = start_run(CycleGAN, p, data, out, device, rank)
+        state = start_run(MODELS[p.model], p, data, out, device, rank)
         log = RunLog.start(state, placement.why, data, out, live_dir) if rank.main else None
         feeder = feeder_for(p, files_A, files_B, device, state.channels_last, placement, rank)
         autocast = autocast_for(device, p.precision)

@@ -2,8 +2,10 @@
 
 `models/checkpoints/epoch_NNN.pt` holds what evaluation and translation need:
     {"format": "unpaired.generators/1", "epoch": int,
-     "model": {"ngf": int, "n_blocks": int, "in_channels": 3, "out_channels": 3},
+     "model": {"ngf": int, "n_blocks": int, "in_channels": 3, "out_channels": 3,
+               ["antialias": true,] ["kind": "cut" | "fastcut"]},
      "G_AB": state_dict, "G_BA": state_dict, "sha256": str}
+A one-directional model (CUT, FastCUT: "kind" names it) has no "G_BA": its generator maps A→B only.
 (`models/checkpoints/last.pt` is a superset written by the train stage for resuming.)
 Everything in them is tensors, numbers, strings, lists and dicts, so they load with
 `torch.load(weights_only=True)`: nothing in a checkpoint file can run code.
@@ -158,20 +160,34 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]
 
 
 def generators_payload(
-    epoch: int, model: dict[str, int], g_ab: torch.nn.Module, g_ba: torch.nn.Module
+    epoch: int,
+    model: dict[str, Any],
+    g_ab: torch.nn.Module,
+    g_ba: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
+    """An epoch file's content: `model` (the generators' settings), G_AB's and (when given) G_BA's
+    weights as contiguous CPU tensors."""
+
     def cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {
             k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()
         }
 
-    return {
-        "format": FORMAT,
-        "epoch": int(epoch),
-        "model": dict(model),
-        "G_AB": cpu_state(g_ab),
-        "G_BA": cpu_state(g_ba),
-    }
+    payload = {"format": FORMAT, "epoch": int(epoch), "model": dict(model), "G_AB": cpu_state(g_ab)}
+    if g_ba is not None:
+        payload["G_BA"] = cpu_state(g_ba)
+    return payload
+
+
+def directions(ckpt: dict[str, Any]) -> tuple[str, ...]:
+    """The directions a loaded generator checkpoint holds: ("AtoB", "BtoA") or ("AtoB",)."""
+    return tuple(d for d, key in (("AtoB", "G_AB"), ("BtoA", "G_BA")) if key in ckpt)
+
+
+def kind(ckpt: dict[str, Any]) -> str:
+    """The model that wrote a loaded checkpoint: its model settings' "kind", else cyclegan."""
+    m = ckpt.get("model")
+    return m.get("kind", "cyclegan") if isinstance(m, dict) else "cyclegan"
 
 
 def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
@@ -195,16 +211,24 @@ def load_generator(
     key = {"AtoB": "G_AB", "BtoA": "G_BA"}.get(direction)
     if key is None:
         raise UserError(f"direction must be AtoB or BtoA, got {direction!r}")
+    if key == "G_BA" and isinstance(ckpt, dict) and "G_AB" in ckpt and key not in ckpt:
+        raise UserError(
+            f"{path}: a {kind(ckpt)} checkpoint has one generator, A→B: --direction BtoA is not "
+            f"available (train train.model: cyclegan for both directions)"
+        )
     return _generator(ckpt, key, path, device), ckpt
 
 
 def load_generators(
     path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[ResnetGenerator, ResnetGenerator, dict[str, Any]]:
-    """(G_A, G_B, checkpoint): both directions from one read and verification of the file (evaluate
-    uses both). Raises UserError as load_generator does."""
+) -> tuple[ResnetGenerator, ResnetGenerator | None, dict[str, Any]]:
+    """(G_A, G_B, checkpoint): every direction from one read and verification of the file (evaluate
+    uses both); G_B is None for a one-directional checkpoint (CUT). Raises UserError as
+    load_generator does."""
     ckpt = load(path, "cpu")
-    return _generator(ckpt, "G_AB", path, device), _generator(ckpt, "G_BA", path, device), ckpt
+    G_A = _generator(ckpt, "G_AB", path, device)
+    G_B = _generator(ckpt, "G_BA", path, device) if "BtoA" in directions(ckpt) else None
+    return G_A, G_B, ckpt
 
 
 def _generator(
@@ -228,7 +252,11 @@ def _generator(
             f"diverged; retrain with a lower params.yaml: train.lr"
         )
     net = ResnetGenerator(
-        m.get("in_channels", 3), m.get("out_channels", 3), m["ngf"], m["n_blocks"]
+        m.get("in_channels", 3),
+        m.get("out_channels", 3),
+        m["ngf"],
+        m["n_blocks"],
+        antialias=bool(m.get("antialias", False)),
     )
     try:
         net.load_state_dict(ckpt[key])

@@ -133,14 +133,12 @@ def build_models(
     device: torch.device,
     channels_last: bool,
     dtype: torch.dtype = torch.float32,
+    antialias: bool = False,
 ) -> Models:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    nets = [
-        init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks)),
-        init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks)),
-        init_weights(PatchDiscriminator(ndf=ndf, n_layers=n_layers)),
-        init_weights(PatchDiscriminator(ndf=ndf, n_layers=n_layers)),
-    ]
+    G = lambda: ResnetGenerator(ngf=ngf, n_blocks=n_blocks, antialias=antialias)  # noqa: E731
+    D = lambda: PatchDiscriminator(ndf=ndf, n_layers=n_layers, antialias=antialias)  # noqa: E731
+    nets = [init_weights(G()), init_weights(G()), init_weights(D()), init_weights(D())]
     return Models(*(n.to(device=device, dtype=dtype, memory_format=fmt) for n in nets))
 
 
@@ -285,6 +283,7 @@ class CycleGAN:
     NETS = ("G_A", "G_B", "D_A", "D_B")
     OPTIMIZERS = ("G", "D")
     RANK_STATE = ("pool_A", "pool_B")
+    GENERATORS = ("G_AB", "G_BA")
 
     def __init__(
         self,
@@ -296,7 +295,13 @@ class CycleGAN:
     ):
         self.p, self.device = p, device
         self.models = build_models(
-            p.ngf, p.ndf, p.n_blocks, p.n_layers, device, channels_last=channels_last
+            p.ngf,
+            p.ndf,
+            p.n_blocks,
+            p.n_layers,
+            device,
+            channels_last=channels_last,
+            antialias=p.resolved("antialias"),
         )
         if (
             p.deterministic and device.type == "cuda"
@@ -317,6 +322,8 @@ class CycleGAN:
     def epoch_file(self, epoch: int) -> dict[str, Any]:
         """Both generators (G_AB = G_A, G_BA = G_B) and their model config (checkpoint format)."""
         cfg = {"ngf": self.p.ngf, "n_blocks": self.p.n_blocks, "in_channels": 3, "out_channels": 3}
+        if self.p.resolved("antialias"):  # (absent when off: the files of earlier versions)
+            cfg["antialias"] = True
         return checkpoint.generators_payload(epoch, cfg, self.models.G_A, self.models.G_B)
 
     def start_epoch(self, images: int) -> None:

@@ -1,5 +1,6 @@
 """Sample grids: real | translated | reconstructed, for a fixed set of test images, both directions
-(each model's rows: Model.sample_rows), and their PNG files, one per epoch in out/samples/."""
+(each model's rows: Model.sample_rows; CUT's: real | translated), and their PNG files, one per epoch
+in out/samples/."""
 
 from __future__ import annotations
 
@@ -26,11 +27,19 @@ def fixed_images(folder: Path, count: int, size: int) -> torch.Tensor:
 
 
 def grid(rows_a: torch.Tensor, rows_b: torch.Tensor, padding: int = 2) -> torch.Tensor:
-    """One uint8 image, one row per sample: A rows first (real A | fake B | rec A), then B rows
-    (real B | fake A | rec B)."""
+    """One uint8 image, one row per sample: A rows first, then B rows; rows_a, rows_b N×K×3×H×W
+    in [-1, 1], K images a row (CycleGAN: real A | fake B | rec A, then real B | fake A | rec B;
+    CUT: real A | fake B, then real B | G(B))."""
     rows = torch.cat([rows_a, rows_b], 0)
-    flat = rows.flatten(0, 1)  # (N*3)×3×H×W, row-major
-    g = make_grid(flat, nrow=3, padding=padding, pad_value=1.0, normalize=True, value_range=(-1, 1))
+    flat = rows.flatten(0, 1)  # (N*K)×3×H×W, row-major
+    g = make_grid(
+        flat,
+        nrow=rows.shape[1],
+        padding=padding,
+        pad_value=1.0,
+        normalize=True,
+        value_range=(-1, 1),
+    )
     return g.mul(255).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -32,15 +32,26 @@ from unpaired.errors import UserError
 from unpaired.files import make_dirs
 from unpaired.models.samples import drop_samples_after
 from unpaired.models.schedule import lr_factor
-from unpaired.models.training import Model, TrainParams
+from unpaired.models.training import CUT_ONLY, Model, TrainParams
 
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
 NOT_HASHED = ("save_every", "compile", "samples", "threads", "devices", "data_device")
 # Run params added after last.pt files existed: a last.pt without one is compared as if it held this
 # value (what the run did then is what this value does now, up to its resolution: see `resolution`).
-ADDED_LATER = {"memory_format": "auto", "deterministic": False}
+ADDED_LATER = {
+    "memory_format": "auto",
+    "deterministic": False,
+    **{
+        k: getattr(TrainParams(), k)
+        for k in ("model", *CUT_ONLY, "antialias")  # train.model and CUT's keys came later
+    },
+}
 SCHEDULE = ("epochs", "epochs_decay")  # the keys along which a finished run can be extended
-EPOCH_FILE = ("format", "epoch", "model", "G_AB", "G_BA")  # checkpoint.generators_payload's keys
+
+
+def epoch_file_keys(model: type[Model]) -> tuple[str, ...]:
+    """checkpoint.generators_payload's keys for `model`: format, epoch, model, its GENERATORS."""
+    return ("format", "epoch", "model", *model.GENERATORS)
 
 
 def run_params(p: TrainParams) -> dict[str, Any]:
@@ -100,7 +111,7 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, st
 def resume_keys(model: type[Model]) -> tuple[str, ...]:
     """The keys a last.pt of `model` must hold to be continued (CycleGAN: epoch, run_params,
     data_names, nets, opt_G, opt_D, sched_G, sched_D, pool_A, pool_B, rng, history, G_AB, G_BA,
-    model, format)."""
+    model, format; CUT: no pools, opt_F and sched_F, G_AB alone)."""
     return (
         "epoch",
         "run_params",
@@ -111,8 +122,7 @@ def resume_keys(model: type[Model]) -> tuple[str, ...]:
         *model.RANK_STATE,
         "rng",
         "history",
-        "G_AB",
-        "G_BA",
+        *model.GENERATORS,
         "model",
         "format",
     )
@@ -170,7 +180,7 @@ def resume(
             f"{state['epoch']} epochs already in {last}: raise them to extend that run, or "
             f"move {out} away to start afresh"
         )
-    check_epoch_files(out, state)
+    check_epoch_files(out, state, model)
     if changed and state["epoch"] == total:
         print(
             f"train: {last} already holds all {total} epochs of the new schedule "
@@ -259,7 +269,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, stored: dict[str, Any]) -> 
                     moments[key] = torch.empty_like(weight, dtype=value.dtype).copy_(value)
 
 
-def check_epoch_files(out: Path, state: dict[str, Any]) -> None:
+def check_epoch_files(out: Path, state: dict[str, Any], model: type[Model]) -> None:
     """Verify the epoch_NNN.pt files of the run being resumed: one past last.pt's epoch (from an older
     version, which wrote it first) is removed, to be written again; last.pt's own epoch file is
     written from last.pt if an interruption left it missing (train writes last.pt first); a damaged
@@ -267,7 +277,7 @@ def check_epoch_files(out: Path, state: dict[str, Any]) -> None:
     dvc.lock records it for this run (restore_from_dvc_cache), else removed (its weights exist
     nowhere else); one line says which. So a damaged file is never carried forward into the DVC
     output."""
-    generators = {k: state[k] for k in EPOCH_FILE}
+    generators = {k: state[k] for k in epoch_file_keys(model)}
     drop_samples_after(out, state["epoch"])
     files = checkpoint.epoch_files(out)
     if state["epoch"] not in files:

@@ -1,5 +1,6 @@
 """What every model's training shares: the `train` params (TrainParams), the interface a model offers
-the shared training code (Model; unpaired/models/cyclegan.py's CycleGAN is one), and the wrappers
+the shared training code (Model; unpaired/models/cyclegan.py's CycleGAN and unpaired/models/cut.py's
+CUT are the two), and the wrappers
 around a model's modules: the memory format (train.memory_format: channels-last only when asked for
 and where the device computes it right), DistributedDataParallel and torch.compile with a
 persistent cache.
@@ -18,6 +19,7 @@ from torch import nn
 
 from unpaired import params, threads
 from unpaired.devices import check_device
+from unpaired.models.networks import generator_depth
 
 CompileMode = Literal["default", "reduce-overhead"]
 COMPILE_MODES = get_args(CompileMode)
@@ -26,19 +28,81 @@ COMPILE_MODES = get_args(CompileMode)
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 DataPlace = Literal["auto", "device", "host", "disk"]
 DATA_PLACES = get_args(DataPlace)  # train.data_device; see unpaired.models.feeding.place_images
+ModelName = Literal["cyclegan", "cut", "fastcut"]
+MODELS = get_args(ModelName)
+Auto = Literal["auto"]
+
+# Keys one model uses and the other does not: set to other than their default for the other model,
+# they are refused in one line (never silently ignored).
+CYCLEGAN_ONLY = ("lambda_cycle", "lambda_identity", "pool_size")
+CUT_ONLY = (
+    "lambda_gan",
+    "lambda_nce",
+    "nce_idt",
+    "nce_layers",
+    "num_patches",
+    "netF_nc",
+    "nce_T",
+    "flip_equivariance",
+)
+# What `auto` resolves to per train.model (TrainParams.resolved): the CUT reference's
+# models/cut_model.py modify_commandline_options, --CUT_mode CUT vs FastCUT, and its
+# options/base_options.py --no_antialias / --no_antialias_up (CycleGAN's reference has neither).
+AUTO = {
+    "lambda_nce": {"cut": 1.0, "fastcut": 10.0},
+    "nce_idt": {"cut": True, "fastcut": False},
+    "flip_equivariance": {"cut": False, "fastcut": True},
+    "antialias": {"cyclegan": False, "cut": True, "fastcut": True},
+}
 
 
 @dataclass(frozen=True)
 class TrainParams(params.Params):
-    epochs: int = 3  # epochs at the initial learning rate (paper: 100)
-    epochs_decay: int = 3  # then epochs of linear decay towards 0 (paper: 100)
-    lr: float = 0.0002  # Adam's learning rate (paper: 0.0002)
-    beta1: float = 0.5  # Adam's β1 (paper: 0.5; β2 is 0.999)
-    lambda_cycle: float = 10.0  # λ for each cycle loss, A→B→A and B→A→B (paper: 10)
-    #: identity loss weight, × lambda_cycle (paper: 0.5; 0 turns it off)
+    #: cyclegan (Zhu et al. 2017: two generators, A↔B), cut or fastcut (Park et al. 2020: one
+    #: generator, A→B, PatchNCE); each `auto` key below takes that model's reference default. The
+    #: references' schedules: CycleGAN 100 + 100 epochs, CUT 200 + 200 and FastCUT 150 + 50
+    #: (models/cut_model.py --CUT_mode, options/train_options.py --n_epochs / --n_epochs_decay);
+    #: train.epochs and train.epochs_decay are yours to set
+    model: ModelName = "cyclegan"
+    epochs: int = 3  # epochs at the initial learning rate (paper: 100; CUT 200, FastCUT 150)
+    #: then epochs of linear decay towards 0 (paper: 100; CUT 200, FastCUT 50)
+    epochs_decay: int = 3
+    lr: float = 0.0002  # Adam's learning rate (paper: 0.0002; CUT's too)
+    beta1: float = 0.5  # Adam's β1 (paper: 0.5; β2 is 0.999; CUT's too)
+    #: cyclegan: λ for each cycle loss, A→B→A and B→A→B (paper: 10)
+    lambda_cycle: float = 10.0
+    #: cyclegan: identity loss weight, × lambda_cycle (paper: 0.5; 0 turns it off)
     lambda_identity: float = 0.5
-    #: generated images kept per direction for the discriminators (paper: 50; 0: no pool)
+    #: cyclegan: generated images kept per direction for the discriminators (paper: 50; 0: no
+    #: pool). CUT keeps none (models/cut_model.py: pool_size=0)
     pool_size: int = 50
+    #: cut/fastcut: λ_GAN, the GAN loss weight of G (models/cut_model.py --lambda_GAN: 1)
+    lambda_gan: float = 1.0
+    #: cut/fastcut: λ_NCE, the PatchNCE loss weight; auto: 1 for cut, 10 for fastcut
+    #: (models/cut_model.py --lambda_NCE and --CUT_mode)
+    lambda_nce: float | Auto = "auto"
+    #: cut/fastcut: the identity PatchNCE loss NCE(G(B), B) too; auto: true for cut, false for
+    #: fastcut (models/cut_model.py --nce_idt)
+    nce_idt: bool | Auto = "auto"
+    #: cut/fastcut: the layers of G whose features PatchNCE compares, as indices into G's layers
+    #: (models/cut_model.py --nce_layers 0,4,8,12,16: the input, both downsampling convs, the
+    #: 1st and 5th residual block with antialias)
+    nce_layers: tuple[int, ...] = (0, 4, 8, 12, 16)
+    #: cut/fastcut: feature positions sampled per layer and image (models/cut_model.py
+    #: --num_patches 256)
+    num_patches: int = 256
+    #: cut/fastcut: width of F, the MLP head over each layer's features (models/cut_model.py
+    #: --netF mlp_sample --netF_nc 256)
+    netF_nc: int = 256
+    #: cut/fastcut: τ, the PatchNCE temperature (models/cut_model.py --nce_T 0.07)
+    nce_T: float = 0.07
+    #: cut/fastcut: flip both G's input and its features at random, half of the steps; auto: false
+    #: for cut, true for fastcut (models/cut_model.py --flip_equivariance)
+    flip_equivariance: bool | Auto = "auto"
+    #: blurred (antialiased) down- and upsampling in G and D; auto: true for cut and fastcut
+    #: (options/base_options.py --no_antialias, --no_antialias_up off), false for cyclegan (its
+    #: reference has none)
+    antialias: bool | Auto = "auto"
     ngf: int = 16  # generator width (paper: 64)
     ndf: int = 32  # discriminator width (paper: 64)
     n_blocks: int = 6  # residual blocks (paper: 9 at 256 px, 6 below)
@@ -92,6 +156,16 @@ class TrainParams(params.Params):
             1_000, "past it the GAN loss no longer counts; the paper uses 10"
         ),
         "lambda_identity": params.Bound(100, "× lambda_cycle; the paper uses 0.5"),
+        "lambda_gan": params.Bound(1_000, "CUT's reference uses 1"),
+        "lambda_nce": params.Bound(1_000, "CUT's reference uses 1 (FastCUT 10)"),
+        "nce_layers": params.Bound(1_000, "indices into G's layers (tens of them)"),
+        "num_patches": params.Bound(
+            65_536, "each layer's PatchNCE logits grow with its square; the reference uses 256"
+        ),
+        "netF_nc": params.Bound(4_096, "F's weights grow with its square; the reference uses 256"),
+        "nce_T": params.Bound(
+            100, "a temperature dividing cosine similarities; the reference uses 0.07"
+        ),
         "pool_size": params.Bound(
             10_000, "fake images kept per direction on the training device; the paper keeps 50"
         ),
@@ -169,6 +243,45 @@ class TrainParams(params.Params):
         check_device(self.device, f"{prefix}.device")
         threads.check(self.threads, f"{prefix}.threads")
         c(self.devices >= 1, f"{prefix}.devices", f"must be >= 1, got {self.devices}")
+        self._validate_model(prefix)
+
+    def _validate_model(self, prefix: str) -> None:
+        """Keys of the other model left at their defaults; CUT's own keys in range."""
+        c = params.check
+        cut = self.model != "cyclegan"
+        defaults = TrainParams()
+        for key in CUT_ONLY if not cut else CYCLEGAN_ONLY:
+            c(
+                getattr(self, key) == getattr(defaults, key),
+                f"{prefix}.{key}",
+                f"is not used by {prefix}.model {self.model} (only by "
+                f"{'cyclegan' if cut else 'cut and fastcut'}); remove it or set it back to "
+                f"{getattr(defaults, key)!r}",
+            )
+        if not cut:
+            return
+        c(self.lambda_gan >= 0, f"{prefix}.lambda_gan", f"must be >= 0, got {self.lambda_gan}")
+        nce = self.resolved("lambda_nce")
+        c(nce > 0, f"{prefix}.lambda_nce", f"must be > 0 (F learns from it alone), got {nce}")
+        c(self.num_patches >= 1, f"{prefix}.num_patches", f"must be >= 1, got {self.num_patches}")
+        c(self.netF_nc >= 1, f"{prefix}.netF_nc", f"must be >= 1, got {self.netF_nc}")
+        c(self.nce_T > 0, f"{prefix}.nce_T", f"must be > 0, got {self.nce_T}")
+        depth = generator_depth(self.n_blocks, self.resolved("antialias"))
+        layers = self.nce_layers
+        c(
+            len(layers) >= 1
+            and list(layers) == sorted(set(layers))
+            and layers[0] >= 0
+            and layers[-1] < depth,
+            f"{prefix}.nce_layers",
+            f"must be increasing indices of G's {depth} layers (0 to {depth - 1} at n_blocks "
+            f"{self.n_blocks}), got {list(layers)}",
+        )
+
+    def resolved(self, key: str) -> Any:
+        """train.`key` with `auto` resolved for train.model (AUTO: the references' defaults)."""
+        value = getattr(self, key)
+        return AUTO[key][self.model] if value == "auto" else value
 
     @property
     def compile_mode(self) -> str | None:
@@ -193,9 +306,11 @@ class Model(Protocol):
     returns, in order (the log's metric names); `NETS` the networks under last.pt's "nets";
     `OPTIMIZERS` the suffix X of each optimizer, stored as opt_X with its lr schedule as sched_X;
     `RANK_STATE` the keys of `rank_state()` (rank 0's at last.pt's top level, the other ranks'
-    under "other_ranks")."""
+    under "other_ranks"); `GENERATORS` the generators its epoch files hold (G_AB: A→B, G_BA: B→A;
+    a one-directional model has G_AB alone)."""
 
     LOSS_NAMES: ClassVar[tuple[str, ...]]
+    GENERATORS: ClassVar[tuple[str, ...]]
     NETS: ClassVar[tuple[str, ...]]
     OPTIMIZERS: ClassVar[tuple[str, ...]]
     RANK_STATE: ClassVar[tuple[str, ...]]
