@@ -43,7 +43,9 @@ from unpaired.evaluation import (
     finite,
     plan_metrics,
     protocol,
+    run_directions,
     score_epochs,
+    scored,
     select_best,
     train_run,
     translated_test_set,
@@ -182,7 +184,9 @@ def evaluate(
         "weights": plan.weights,  # which weights scored the run ({} when FID/KID were skipped)
         "weights_help": weights_facts() if plan.skipped == "no usable Inception weights" else {},
         "test_images": {"A": len(test.A), "B": len(test.B)},
-        "protocol": protocol(p, plan, test),  # one sentence: what was compared with what, how
+        "protocol": protocol(
+            p, plan, test, run_directions(ckpts)
+        ),  # one sentence: what was compared with what, how
         "fid_caution": fid_caution(plan, test),  # FID on a small test set: biased; "" when not
         "notes": notes,
         "device": str(device),
@@ -224,7 +228,7 @@ def write_plots(paths: Paths, scores: Scores, best: dict[str, Any], plan: Metric
     non-finite value is left empty. And the best epoch's grid."""
     with atomic_dir(paths.plots) as tmp:
         if plan.features is not None:
-            for column in DIRECTION_COLUMNS:
+            for column in scored(DIRECTION_COLUMNS, scores.rows):
                 frame = pd.DataFrame(
                     {
                         "epoch": [r["epoch"] for r in scores.rows],
@@ -258,7 +262,7 @@ def write_epochs_csv(paths: Paths, scores: Scores, plan: MetricsPlan) -> None:
     than a table of epoch numbers alone)."""
     table = pd.DataFrame(scores.rows)
     if plan.features is not None:
-        table = table[["epoch", *METRIC_COLUMNS]]
+        table = table[["epoch", *scored(METRIC_COLUMNS, scores.rows)]]
     else:
         table = pd.DataFrame({"epoch": table.epoch, "fid_kid": f"skipped: {plan.skipped}"})
     atomic_write_bytes(paths.epochs_csv, table.to_csv(index=False).encode())
@@ -276,7 +280,7 @@ def write_metrics(
         numbers.update(
             {
                 k: (row[k] if finite(row[k]) else None)
-                for k in ("kid", "fid", *DIRECTION_COLUMNS, *KID_STD_COLUMNS)
+                for k in scored(("kid", "fid", *DIRECTION_COLUMNS, *KID_STD_COLUMNS), scores.rows)
             }
         )
     numbers.update(

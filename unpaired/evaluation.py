@@ -70,16 +70,19 @@ def translate(
 
 
 def labelled_grid(
-    rows_a: list[torch.Tensor], rows_b: list[torch.Tensor], scale: int = 2
+    rows_a: list[torch.Tensor], rows_b: list[torch.Tensor], scale: int = 2, one_way: bool = False
 ) -> Image.Image:
     """A labelled grid: a header "real A | fake B | rec A", one row per A sample, then a header
     "real B | fake A | rec B" and one row per B sample. Each row is a list of three uint8 3×H×W
-    tensors. Cells are upscaled by `scale` (nearest) so small images stay readable."""
+    tensors. Cells are upscaled by `scale` (nearest) so small images stay readable. `one_way` (a
+    model with one generator, A→B): one block "real A | fake B" of rows of two, `rows_b` unused."""
     cell = rows_a[0][0].shape[-1] * scale if rows_a else rows_b[0][0].shape[-1] * scale
     pad, header = 4, 16
     blocks = [(("real A", "fake B", "rec A"), rows_a), (("real B", "fake A", "rec B"), rows_b)]
+    if one_way:  # a one-directional model (CUT): real A | fake B, and no B block
+        blocks = [(("real A", "fake B"), rows_a)]
     height = sum(header + len(rows) * (cell + pad) for _, rows in blocks) + pad
-    width = 3 * (cell + pad) + pad
+    width = len(blocks[0][0]) * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     y = pad
@@ -383,9 +386,15 @@ def kid_subset_size(test: EvalImages) -> int:
     return min(len(test.A), len(test.B), 1000)
 
 
-def protocol(p: EvaluateParams, plan: MetricsPlan, test: EvalImages) -> str:
-    """One sentence on how FID/KID were computed: which images against which, the resize, the
-    weights (plan.weights), KID's subsets; "" when they were skipped. No host path."""
+def protocol(
+    p: EvaluateParams,
+    plan: MetricsPlan,
+    test: EvalImages,
+    directions: tuple[str, ...] = ("AtoB", "BtoA"),
+) -> str:
+    """One sentence on how FID/KID were computed: which images against which (per direction of
+    `directions`: checkpoint.directions), the resize, the weights (plan.weights), KID's subsets;
+    "" when they were skipped. No host path."""
     if plan.features is None:
         return ""
     n_A, n_B = len(test.A), len(test.B)
@@ -395,14 +404,20 @@ def protocol(p: EvaluateParams, plan: MetricsPlan, test: EvalImages) -> str:
         if w
         else "a stand-in feature extractor"
     )
-    return (
+    which = (
         f"Per direction, on the held-out test split: A→B compares G_A's translations of the {n_A} test A "
         f"images with the {n_B} real test B images, B→A G_B's translations of the {n_B} test B images with "
-        f"the {n_A} real test A images; every image is resized to 299×299 px (torch-fidelity's TF-1.x bilinear "
+        f"the {n_A} real test A images"
+        if "BtoA" in directions
+        else f"One direction (the run has one generator, A→B), on the held-out test split: A→B compares "
+        f"G's translations of the {n_A} test A images with the {n_B} real test B images"
+    )
+    return (
+        f"{which}; every image is resized to 299×299 px (torch-fidelity's TF-1.x bilinear "
         f"resize) and embedded as InceptionV3's 2048-d pool features (weights: {weights}); FID is the Fréchet "
         f"distance of the two feature Gaussians, KID the mean ± std of the unbiased MMD² (cubic polynomial "
         f"kernel) over {p.kid_subsets} random subsets of {kid_subset_size(test)} images (seed {KID_SEED}); "
-        f"fid and kid sum both directions."
+        + ("fid and kid sum both directions." if "BtoA" in directions else "fid and kid are A→B's.")
     )
 
 
@@ -426,6 +441,8 @@ def score_checkpoint(
     """One checkpoint: its FID/KID row (METRIC_COLUMNS; {} without metrics) and its sample grid as
     PNG bytes (the first evaluate.samples test images per direction; None without test images)."""
     G_A, G_B, _ = checkpoint.load_generators(path, device)
+    if G_B is None:  # one direction (CUT): A→B alone
+        return _score_one_way(G_A, p, device, test, plan)
     fake_B = translate(G_A, test.A, p.batch_size, device)
     fake_A = translate(G_B, test.B, p.batch_size, device)
     k = p.samples
@@ -453,6 +470,32 @@ def score_checkpoint(
             "kid": ab["kid"] + ba["kid"],
         }
     return row, png
+
+
+def _score_one_way(
+    G: torch.nn.Module, p: EvaluateParams, device: torch.device, test: EvalImages, plan: MetricsPlan
+) -> tuple[dict[str, float], bytes | None]:
+    """score_checkpoint for a one-directional generator G (A→B): the row's A→B columns, with fid and
+    kid equal to them (no B→A columns), and a grid of real A | fake B rows."""
+    fake_B = translate(G, test.A, p.batch_size, device)
+    rows_a = [list(t) for t in zip(test.A[: p.samples], fake_B[: p.samples])]
+    png = png_bytes(labelled_grid(rows_a, [], one_way=True)) if rows_a else None
+    if plan.features is None:
+        return {}, png
+    ab = fid_kid(plan.real("B"), plan.embed(fake_B), p.kid_subsets)
+    row = {"fid_AtoB": ab["fid"], "kid_AtoB": ab["kid"], "kid_std_AtoB": ab["kid_std"]}
+    return {**row, "fid": ab["fid"], "kid": ab["kid"]}, png
+
+
+def scored(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> list[str]:
+    """The `columns` the scored `rows` hold (a one-directional run's rows have no B→A columns)."""
+    return [c for c in columns if any(c in r for r in rows)]
+
+
+def run_directions(ckpts: dict[int, Path]) -> tuple[str, ...]:
+    """The directions the run's generators translate (checkpoint.directions of its last epoch
+    file): ("AtoB", "BtoA") for CycleGAN, ("AtoB",) for CUT."""
+    return checkpoint.directions(checkpoint.load(ckpts[max(ckpts)]))
 
 
 @dataclass
@@ -590,7 +633,11 @@ def select_best(rows: list[dict[str, Any]], select: str, skipped: str) -> dict[s
             f"{name} is NaN or infinite",
         }
     best = min(good, key=lambda r: (r[select], r["epoch"]))["epoch"]
-    reason = f"lowest {name} summed over both directions"
+    reason = (
+        f"lowest {name} summed over both directions"
+        if any("kid_BtoA" in r or "fid_BtoA" in r for r in rows)
+        else f"lowest {name} of A→B (the run's one direction)"
+    )
     if bad:
         reason += f" (epochs {', '.join(map(str, bad))} left out: {name} is NaN or infinite)"
     return {"epoch": best, "selected_by": select, "fallback": False, "reason": reason}
@@ -624,18 +671,17 @@ def write_test_set(
 ) -> None:
     """`folder`/index.html (+ page_NNN.html): every test image with its translation and
     reconstruction by `ckpt`'s generators, both directions, TEST_PAGE_ROWS rows per direction per
-    page, each image a link to its full-size PNG under `folder`/{AtoB,BtoA}/{real,fake,rec}/."""
+    page, each image a link to its full-size PNG under `folder`/{AtoB,BtoA}/{real,fake,rec}/. A
+    one-directional checkpoint (CUT): AtoB/{real,fake}/ alone."""
     G_A, G_B, _ = checkpoint.load_generators(ckpt, device)
     directions = {}
+    ways = [("AtoB", test.names_A, test.A, G_A, G_B), ("BtoA", test.names_B, test.B, G_B, G_A)]
     with atomic_dir(folder) as tmp:
-        for label, names, real, forward, back in (
-            ("AtoB", test.names_A, test.A, G_A, G_B),
-            ("BtoA", test.names_B, test.B, G_B, G_A),
-        ):
+        for label, names, real, forward, back in ways if G_B is not None else ways[:1]:
             fake = translate(forward, real, p.batch_size, device)
-            images = dict(
-                zip(TEST_SET_KINDS, (real, fake, translate(back, fake, p.batch_size, device)))
-            )
+            images = {"real": real, "fake": fake}  # a one-directional run (CUT) has no rec
+            if back is not None:
+                images["rec"] = translate(back, fake, p.batch_size, device)
             for kind, batch in images.items():
                 (tmp / label / kind).mkdir(parents=True)
                 for name, img in zip(names, batch):
@@ -643,5 +689,8 @@ def write_test_set(
                         png_bytes(Image.fromarray(img.permute(1, 2, 0).numpy()))
                     )
             directions[label] = names
-        for name, page in pages_for_test_set(epoch, ckpt, directions, TEST_PAGE_ROWS).items():
+        kinds = TEST_SET_KINDS if G_B is not None else TEST_SET_KINDS[:2]
+        for name, page in pages_for_test_set(
+            epoch, ckpt, directions, TEST_PAGE_ROWS, kinds
+        ).items():
             (tmp / name).write_text(page)

@@ -286,9 +286,14 @@ def write_report(
     )
 
     if summary["metrics_available"]:
+        one_way = "kid_BtoA" not in table  # a one-directional run (CUT): A→B columns alone
 
         def series(cols: tuple[str, str]) -> Series:
-            return {c: list(zip(table.epoch.astype(float), table[c].astype(float))) for c in cols}
+            return {
+                c: list(zip(table.epoch.astype(float), table[c].astype(float)))
+                for c in cols
+                if c in table
+            }
 
         marked = f"dashed line: the best epoch ({best})"
         charts = [
@@ -310,6 +315,8 @@ def write_report(
             ("fid (sum)", "fid"),
             ("kid (sum)", "kid"),
         ]
+        if one_way:  # no empty B→A columns, and no sums (they are A→B's)
+            heads = [h for h in heads if h[1] in ("epoch", "fid_AtoB", "kid_AtoB")]
         stds = {"kid_AtoB": "kid_std_AtoB", "kid_BtoA": "kid_std_BtoA"}
 
         def cell(r: dict[str, Any], c: str) -> str:
@@ -334,6 +341,10 @@ def write_report(
             f"<p id=test-counts>Test images: A→B translates the {n_A} test A images and compares them "
             f"with the {n_B} real test B images; B→A translates the {n_B} test B images and compares "
             f"them with the {n_A} real test A images.</p>"
+            if not one_way
+            else f"<p id=test-counts>Test images: A→B translates the {n_A} test A images and compares "
+            f"them with the {n_B} real test B images. One direction: this run's model (CUT) has one "
+            f"generator, A→B, so B→A is neither trained nor scored, and the best epoch is A→B's.</p>"
         )
         if summary.get("fid_caution"):
             metric_html += f"<p class=warn id=fid-caution>{esc(summary['fid_caution'])}</p>"
@@ -432,12 +443,17 @@ def page_name_for_test_set(i: int) -> str:
 
 
 def pages_for_test_set(
-    epoch: int, generators: Path, directions: dict[str, list[str]], rows_per_page: int
+    epoch: int,
+    generators: Path,
+    directions: dict[str, list[str]],
+    rows_per_page: int,
+    kinds: tuple[str, ...] = TEST_SET_KINDS,
 ) -> dict[str, str]:
     """The test-set pages as {file name: HTML}: for each direction ("AtoB", "BtoA" → the test file
     names of its source domain) a table of `rows_per_page` rows per page, each row the real image,
     its translation by G_A or G_B and its reconstruction, linked to the full-size PNGs the caller
-    writes at <direction>/{real,fake,rec}/<name>. A direction without images says how to get some.
+    writes at <direction>/{real,fake,rec}/<name> (`kinds`: real and fake alone for a one-directional
+    run, whose page says so). A direction without images says how to get some.
     `generators` is the checkpoint shown (= models/best/generators.pt); `epoch` its epoch."""
     esc = html.escape
     style = templates.text("test_set.css")  # unpaired/templates/
@@ -462,19 +478,24 @@ def pages_for_test_set(
                 + "".join(
                     f'<td><a href="{label}/{kind}/{esc(n)}"><img src="{label}/{kind}/{esc(n)}" '
                     f'alt="{kind} {esc(n)}" loading="lazy"></a></td>'
-                    for kind in TEST_SET_KINDS
+                    for kind in kinds
                 )
                 + "</tr>"
                 for n in names[i * rows_per_page : (i + 1) * rows_per_page]
             )
             body = (
-                f"<table><tr><th>file</th><th>real {a}</th><th>fake {b} (G_{a})</th><th>reconstructed {a}</th>"
-                f"</tr>{rows}</table>"
+                f"<table><tr><th>file</th><th>real {a}</th><th>fake {b} (G_{a})</th>"
+                + (f"<th>reconstructed {a}</th>" if "rec" in kinds else "")
+                + f"</tr>{rows}</table>"
                 if names
                 else f"<p class=warn>No test images in test{a}: raise prepare.test_fraction (or add images) and "
                 f"run prepare again.</p>"
             )
             parts.append(f"<h2>{a} → {b}: {len(names)} test image(s)</h2>{body}")
+        if "BtoA" not in directions:
+            parts.append(
+                "<p class=note>One direction: this run's model (CUT) has one generator, A → B.</p>"
+            )
         out[page_name_for_test_set(i)] = (
             f"<!doctype html><html lang=en><head><meta charset=utf-8><title>unpaired: test set, epoch {epoch}"
             f"</title><style>{style}</style></head><body>"

@@ -62,13 +62,14 @@ class TrainParams(params.Params):
     #: generator, A→B, PatchNCE); each `auto` key below takes that model's reference default. The
     #: references' schedules: CycleGAN 100 + 100 epochs, CUT 200 + 200 and FastCUT 150 + 50
     #: (models/cut_model.py --CUT_mode, options/train_options.py --n_epochs / --n_epochs_decay);
-    #: train.epochs and train.epochs_decay are yours to set
+    #: train.epochs and train.epochs_decay are yours to set. Adam (lr, β) and LSGAN are the same in
+    #: all three references
     model: ModelName = "cyclegan"
     epochs: int = 3  # epochs at the initial learning rate (paper: 100; CUT 200, FastCUT 150)
     #: then epochs of linear decay towards 0 (paper: 100; CUT 200, FastCUT 50)
     epochs_decay: int = 3
-    lr: float = 0.0002  # Adam's learning rate (paper: 0.0002; CUT's too)
-    beta1: float = 0.5  # Adam's β1 (paper: 0.5; β2 is 0.999; CUT's too)
+    lr: float = 0.0002  # Adam's learning rate (paper: 0.0002)
+    beta1: float = 0.5  # Adam's β1 (paper: 0.5; β2 is 0.999)
     #: cyclegan: λ for each cycle loss, A→B→A and B→A→B (paper: 10)
     lambda_cycle: float = 10.0
     #: cyclegan: identity loss weight, × lambda_cycle (paper: 0.5; 0 turns it off)
@@ -113,7 +114,7 @@ class TrainParams(params.Params):
     batch_size: int = 1  # images per step per process (paper: 1)
     save_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     samples: int = 4  # test images per direction in the per-epoch sample image
-    seed: int = 0  # weights, crops, flips and pool draws
+    seed: int = 0  # weights, crops, flips, pool and patch draws
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     #: auto (bf16 on CUDA at compute capability >= 8.0, else fp32), bf16, fp32 (fp32 allows TF32 on
     #: CUDA)
