@@ -1,0 +1,172 @@
+"""CUT and FastCUT (train.model: cut, fastcut) through the same pipeline as CycleGAN, at tiny sizes:
+their params, the train stage (resume included), evaluate, translate and ONNX export of a
+one-directional run. Parity with the reference's own code: tests/test_reference_parity.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stages.evaluate import EvaluateParams, evaluate
+from stages.train import train
+from tests.test_evaluate import LocalFeatures, make_test_data, paths_in
+from tests.test_train import make_prepared, run_files, same, weights
+from unpaired import checkpoint
+from unpaired import evaluation as evl
+from unpaired.errors import UserError
+from unpaired.export import export_onnx
+from unpaired.models.cut import CUT
+from unpaired.models.training import TrainParams
+from unpaired.params import ParamsError, parse
+from unpaired.translate import pad_crop_forward
+
+# One residual block: layer 16 would be an upsampling ReLU, so the NCE layers stop at 12.
+TINY = TrainParams(
+    model="cut",
+    epochs=1,
+    epochs_decay=1,
+    ngf=4,
+    ndf=4,
+    n_blocks=1,
+    load_size=28,
+    crop_size=24,
+    samples=2,
+    nce_layers=(0, 4, 8, 12),
+    num_patches=16,
+    netF_nc=16,
+)
+
+
+def test_auto_keys_resolve_per_model():
+    cut, fast = TrainParams(model="cut"), TrainParams(model="fastcut")
+    keys = ("lambda_nce", "nce_idt", "flip_equivariance", "antialias")
+    assert [cut.resolved(k) for k in keys] == [1.0, True, False, True]
+    assert [fast.resolved(k) for k in keys] == [10.0, False, True, True]
+    assert TrainParams().resolved("antialias") is False  # CycleGAN's reference has none
+    assert (
+        parse(TrainParams, {"model": "cut", "lambda_nce": 3}, "train").resolved("lambda_nce") == 3
+    )
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"model": "cut", "pool_size": 10}, "train.pool_size"),
+        ({"model": "fastcut", "lambda_cycle": 5}, "train.lambda_cycle"),
+        ({"model": "cut", "lambda_identity": 0}, "train.lambda_identity"),
+        ({"lambda_nce": 2}, "train.lambda_nce"),
+        ({"nce_idt": True}, "train.nce_idt"),
+        ({"model": "cut", "nce_layers": [0, 4, 99]}, "train.nce_layers"),
+        ({"model": "cut", "nce_layers": [8, 4]}, "train.nce_layers"),
+        ({"model": "cut", "lambda_nce": 0}, "train.lambda_nce"),
+        ({"model": "cut", "nce_T": 0}, "train.nce_T"),
+        ({"model": "gan"}, "train.model"),
+    ],
+)
+def test_the_other_models_keys_and_bad_values_are_refused_in_one_line(raw, key):
+    with pytest.raises(ParamsError, match=f"^params.yaml: {key}: ") as err:
+        parse(TrainParams, raw, "train")
+    assert "\n" not in str(err.value)
+    other = ("pool_size", "lambda_cycle", "lambda_identity", "nce_idt")
+    if key.split(".")[1] in other or raw == {"lambda_nce": 2}:
+        assert f"is not used by train.model {raw.get('model', 'cyclegan')}" in str(err.value)
+
+
+def test_f_and_its_optimizer_come_after_g_and_d():
+    """F's MLPs are sized by G's features (3, 2·ngf, 4·ngf, 4·ngf channels at layers 0, 4, 8, 12)
+    and drawn after G and D from torch's stream; its optimizer holds exactly its weights."""
+    torch.manual_seed(0)
+    m = CUT(TINY, torch.device("cpu"), 1, torch.Generator().manual_seed(0), False)
+    assert [mlp[0].in_features for mlp in m.models.F.mlps] == [3, 8, 16, 16]
+    assert list(m.optimizers) == ["G", "D", "F"]
+    assert {id(w) for w in m.optimizers["F"].param_groups[0]["params"]} == {
+        id(w) for w in m.models.F.parameters()
+    }
+    assert m.positions == [30 * 30, 24 * 24, 12 * 12, 6 * 6]
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = make_prepared(tmp_path / "prepared", n=(3, 3), size=28)
+    return root
+
+
+def test_cut_trains_resumes_and_evaluates_through_the_stages(tmp_path, data, capsys, monkeypatch):
+    """train.model cut through the real train stage: an interrupted run resumed equals a straight
+    one; the epoch files hold G_AB alone; evaluate scores A→B only and says so; translate refuses
+    B→A in one line; the ONNX export translates as the checkpoint does."""
+    p = replace(TINY, epochs=1, epochs_decay=1)
+    train(p, data, tmp_path / "straight", tmp_path / "l1")
+    train(p, data, tmp_path / "resumed", tmp_path / "l2", stop_after=1)
+    train(p, data, tmp_path / "resumed", tmp_path / "l2")
+    assert "resuming from" in capsys.readouterr().out
+    out = tmp_path / "resumed"
+    assert same(weights(tmp_path / "straight" / "last.pt"), weights(out / "last.pt"))
+    assert run_files(out) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    last = checkpoint.load(out / "last.pt")
+    assert set(last["nets"]) == {"G", "D", "F"} and {"opt_F", "sched_F"} <= set(last)
+    assert "G_BA" not in last and "pool_A" not in last
+    epoch = checkpoint.load(out / "epoch_002.pt")
+    assert set(epoch) == {"format", "epoch", "model", "G_AB"}
+    assert epoch["model"]["kind"] == "cut" and epoch["model"]["antialias"] is True
+    nce_y = pd.read_csv(tmp_path / "l2" / "plots" / "metrics" / "NCE_Y.tsv", sep="\t")
+    assert list(nce_y.step) == [1, 2] and (nce_y.NCE_Y > 0).all()
+    assert (tmp_path / "l1" / "plots" / "metrics" / "NCE.tsv").read_text() == (
+        tmp_path / "l2" / "plots" / "metrics" / "NCE.tsv"
+    ).read_text()
+
+    # evaluate: A→B alone
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
+    view = make_test_data(tmp_path / "view", n=4, size=24)
+    paths = paths_in(tmp_path / "eval", view, out)
+    summary = evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
+    m = tmp_path / "eval" / "metrics"
+    table = pd.read_csv(m / "eval_epochs.csv")
+    assert list(table.columns) == ["epoch", "fid_AtoB", "kid_AtoB", "kid_std_AtoB", "fid", "kid"]
+    assert (table.kid == table.kid_AtoB).all()
+    numbers = json.loads((m / "eval.json").read_text())
+    assert list(numbers)[:2] == ["kid", "fid"] and "kid_BtoA" not in numbers
+    assert numbers["best_epoch"] == int(table.loc[table.kid.idxmin(), "epoch"])
+    assert summary["best_reason"] == "lowest KID of A→B (the run's one direction)"
+    assert "One direction" in summary["protocol"]
+    report = (m / "report.html").read_text()
+    assert "B→A ±" not in report and "B→A is neither trained nor scored" in report
+    assert sorted(p.name for p in (m / "eval_plots").glob("*.tsv")) == [
+        "fid_AtoB.tsv",
+        "kid_AtoB.tsv",
+    ]
+    assert sorted(p.name for p in (m / "test_set").iterdir() if p.is_dir()) == ["AtoB"]
+    assert sorted(p.name for p in (m / "test_set" / "AtoB").iterdir()) == ["fake", "real"]
+    best = tmp_path / "eval" / "best" / "generators.pt"
+
+    # translate and export: A→B works, B→A is refused in one line
+    with pytest.raises(UserError, match="cut checkpoint has one generator, A→B") as err:
+        checkpoint.load_generator(best, "BtoA")
+    assert "\n" not in str(err.value)
+    import onnxruntime as ort
+
+    onnx = export_onnx(str(best), str(tmp_path / "g.onnx"), "AtoB")
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    net, _ = checkpoint.load_generator(best, "AtoB")
+    x = torch.rand(1, 3, 22, 30) * 2 - 1
+    with torch.no_grad():
+        want = pad_crop_forward(net, x).numpy()
+    assert np.abs(session.run(None, {"image": x.numpy()})[0] - want).max() <= 1e-4
+
+
+def test_fastcut_trains_with_its_own_defaults(tmp_path, data):
+    """FastCUT: no identity NCE (NCE_Y stays 0), flips, λ_NCE 10; the same bytes twice."""
+    p = replace(TINY, model="fastcut", epochs=1, epochs_decay=0)
+    train(p, data, tmp_path / "one", tmp_path / "l1")
+    train(p, data, tmp_path / "two", tmp_path / "l2")
+    assert (tmp_path / "one" / "last.pt").read_bytes() == (
+        tmp_path / "two" / "last.pt"
+    ).read_bytes()
+    logs = tmp_path / "l1" / "plots" / "metrics"
+    assert pd.read_csv(logs / "NCE_Y.tsv", sep="\t").NCE_Y.tolist() == [0.0]
+    assert checkpoint.load(tmp_path / "one" / "epoch_001.pt")["model"]["kind"] == "fastcut"
