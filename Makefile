@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PYTEST_ARGS ?=
 REPRO_ARGS ?=
 
-.PHONY: setup repro test lint docs push pull status-remote
+.PHONY: setup repro test lint docs parity push pull status-remote
 
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || \
@@ -22,6 +22,11 @@ repro: setup
 
 test: setup
 	$(UV) run pytest $(PYTEST_ARGS)
+
+# Parity with the references' own code (tests/test_reference_parity.py, docs/training.md): the
+# folders of their `git archive`s, never committed; without them the tests are skipped.
+parity: setup
+	CUT_REFERENCE=$(CUT_REFERENCE) CYCLEGAN_REFERENCE=$(CYCLEGAN_REFERENCE) $(UV) run pytest -q -rs tests/test_reference_parity.py
 
 # What CI checks before the tests: ruff's lint and format (configured in pyproject.toml).
 lint: setup

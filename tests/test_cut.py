@@ -123,7 +123,7 @@ def test_cut_trains_resumes_and_evaluates_through_the_stages(tmp_path, data, cap
     # evaluate: A→B alone
     monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
     view = make_test_data(tmp_path / "view", n=4, size=24)
-    paths = paths_in(tmp_path / "eval", view, out)
+    paths = replace(paths_in(tmp_path / "eval", view, out), train_live=tmp_path / "l2")
     summary = evaluate(EvaluateParams(samples=2, kid_subsets=3), paths)
     m = tmp_path / "eval" / "metrics"
     table = pd.read_csv(m / "eval_epochs.csv")
@@ -136,6 +136,7 @@ def test_cut_trains_resumes_and_evaluates_through_the_stages(tmp_path, data, cap
     assert "One direction" in summary["protocol"]
     report = (m / "report.html").read_text()
     assert "B→A ±" not in report and "B→A is neither trained nor scored" in report
+    assert "PatchNCE" in report and "cycle consistency" not in report  # its own loss panels
     assert sorted(p.name for p in (m / "eval_plots").glob("*.tsv")) == [
         "fid_AtoB.tsv",
         "kid_AtoB.tsv",

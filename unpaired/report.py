@@ -37,13 +37,19 @@ LOSS_PANELS = (
     ("discriminators", ("D_A", "D_B")),
     ("cycle consistency", ("cycle_A", "cycle_B")),
     ("identity", ("idt_A", "idt_B")),
+    # CUT and FastCUT's losses (a run logs one model's: the other's panels are left out)
+    ("G (LSGAN)", ("G_GAN", "G")),
+    ("D (LSGAN)", ("D_real", "D_fake")),
+    ("PatchNCE", ("NCE", "NCE_Y")),
 )
+FIRST_OF_PAIR = ("G_GAN", "D_real", "NCE")  # CUT's series drawn blue (the others of its pairs red)
 COLOUR_A, COLOUR_B = "#1f77b4", "#d62728"  # everything about direction A (A→B) blue, B red
 
 
 def colour_of(name: str) -> str:
-    """A series' colour: blue for A / A→B series (G_A, cycle_A, fid_AtoB, ...), red for B ones."""
-    return COLOUR_A if name.endswith(("_A", "AtoB")) else COLOUR_B
+    """A series' colour: blue for A / A→B series (G_A, cycle_A, fid_AtoB, ...), red for B ones;
+    CUT's: blue for the first of each panel's pair (FIRST_OF_PAIR), red for the second."""
+    return COLOUR_A if name.endswith(("_A", "AtoB")) or name in FIRST_OF_PAIR else COLOUR_B
 
 
 Series = dict[str, list[tuple[float, float]]]
