@@ -9,7 +9,9 @@ matched after every step). PART `straight`: the train stage for 2 epochs into OU
 PART `resumed`: the same run stopped after epoch 1, then resumed, into OUT/resumed. PART `gather`:
 each rank's state as TrainState.save gathers it (a pool midway through its prepared draws, and its
 random stream) through Rank.gather; rank 0 writes OUT/gathered.json: per rank and leaf, the tensor's
-device and the bytes of its storage against its own.
+device and the bytes of its storage against its own. PART `cut`: the train stage with train.model cut
+(CUT_TINY) for 2 epochs into OUT/cut_straight, and stopped after epoch 1 then resumed into
+OUT/cut_resumed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,6 +41,10 @@ TINY = TrainParams(
     samples=2,
     pool_size=3,
     devices=2,
+)
+
+CUT_TINY = replace(
+    TINY, model="cut", pool_size=50, nce_layers=(0, 4, 8, 12), num_patches=16, netF_nc=16
 )
 
 
@@ -129,6 +136,11 @@ def main() -> None:
         if "resumed" in parts:
             train(TINY, data, out / "resumed", out / "live_resumed", stop_after=1, rank=rank)
             train(TINY, data, out / "resumed", out / "live_resumed", rank=rank)
+        if "cut" in parts:
+            train(CUT_TINY, data, out / "cut_straight", out / "live_cut_straight", rank=rank)
+            resumed, live = out / "cut_resumed", out / "live_cut_resumed"
+            train(CUT_TINY, data, resumed, live, stop_after=1, rank=rank)
+            train(CUT_TINY, data, resumed, live, rank=rank)
     finally:
         distributed.finish(rank)
 

@@ -76,7 +76,7 @@ def runs(tmp_path_factory):
         "--nproc-per-node=2",
         *worker,
         str(one),
-        "gather,equivalence,straight,resumed",
+        "gather,equivalence,straight,resumed,cut",
     )
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
@@ -163,6 +163,18 @@ def test_interrupted_two_process_run_resumes_bitwise(runs):
     assert sorted(
         p.name for p in (one / "straight").iterdir() if p.name not in ("samples", SPEEDS)
     ) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+
+
+def test_cut_trains_on_two_processes_and_resumes_bitwise(runs):
+    """train.model cut under DDP (G and F wrapped together, F made before the wrap): an interrupted
+    two-process run resumed equals the straight one, and each rank kept its own random stream."""
+    one = runs["one"]
+    assert same(weights(one / "cut_straight" / "last.pt"), weights(one / "cut_resumed" / "last.pt"))
+    last = checkpoint.load(one / "cut_straight" / "last.pt")
+    assert last["world_size"] == 2 and set(last["nets"]) == {"G", "D", "F"}
+    assert last["run_params"]["model"] == "cut" and last["epoch"] == 2
+    nce = lambda d: (one / d / "plots" / "metrics" / "NCE.tsv").read_text()  # noqa: E731
+    assert nce("live_cut_straight") == nce("live_cut_resumed")
 
 
 def test_two_nodes_rendezvous_and_match_one_node(runs):
