@@ -1,8 +1,10 @@
-"""CycleGAN training throughput: variants side by side, as ratios to the reference-structured loop.
+"""Training throughput: CycleGAN's variants side by side, as ratios to the reference-structured
+loop, and CUT / FastCUT beside them (each model's default step).
 
     uv run python benchmarks/train_throughput.py --device cpu                 # 64 px, the stage's default nets
     uv run python benchmarks/train_throughput.py --device cuda                # 256 px, ngf/ndf 64, 9 blocks
     uv run python benchmarks/train_throughput.py --reference ~/pytorch-CycleGAN-and-pix2pix --ddp 2
+    uv run python benchmarks/train_throughput.py --variants batched,cut,fastcut --cut-reference DIR
 
 Variants (each in a fresh process, so its memory column is its own; batch 1, Adam, LSGAN, pool 50):
   reference      (--reference DIR) the reference implementation's own CycleGANModel.optimize_parameters,
@@ -13,6 +15,11 @@ Variants (each in a fresh process, so its memory column is its own; batch 1, Ada
   batched        + independent passes batched (train.batched_passes)
   batched+compile+ torch.compile (inductor, mode default; the compile time is excluded by the warm-up)
   batched+bf16   + bf16 autocast
+  cut, fastcut   train.model cut / fastcut (unpaired.models.cut.CUT.step, the stage's default passes and
+                 precision: bf16 where train.precision auto takes it), fed as `eager`
+  cut-reference  (--cut-reference DIR) the CUT reference's own CUTModel.optimize_parameters (after its
+                 data_dependent_initialize and setup, as its train.py), from a `git archive` of
+                 taesungp/contrastive-unpaired-translation you provide, fed by the loader below
 `--ddp N` adds data-parallel scaling of `batched`: images/s of N processes (gloo on CPU, NCCL on
 CUDA), each training a DistributedDataParallel replica (unpaired.models.cyclegan.distribute, as the stage
 does: gradients all-reduced every step) on its share of the images, over N × images/s of one process
@@ -46,7 +53,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from unpaired.devices import bf16_for
+from unpaired.devices import autocast_for, bf16_for
+from unpaired.models.cut import CUT
 from unpaired.models.cyclegan import (
     build_models,
     compile_models,
@@ -56,9 +64,20 @@ from unpaired.models.cyclegan import (
 )
 from unpaired.models.feeding import DeviceFeeder, load_folder
 from unpaired.models.pool import ImagePool
-from unpaired.models.training import channels_last_ok
+from unpaired.models.training import TrainParams, channels_last_ok
 
-VARIANTS = ["reference", "ref-structured", "eager", "batched", "batched+compile", "batched+bf16"]
+VARIANTS = [
+    "reference",
+    "ref-structured",
+    "eager",
+    "batched",
+    "batched+compile",
+    "batched+bf16",
+    "cut",
+    "fastcut",
+    "cut-reference",
+]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("reference", "cut-reference")]
 
 
 class FolderPairs(Dataset):
@@ -189,6 +208,83 @@ def reference_step(args, device, root: Path):
     return step, [model.netG_A, model.netG_B, model.netD_A, model.netD_B]
 
 
+def cut_reference_step(args, device, root: Path):
+    """The CUT reference's own CUTModel (--CUT_mode CUT, its defaults, this run's sizes, parsed by
+    its own options), built and initialised as its train.py does: data_dependent_initialize on the
+    first batch, setup, parallelize; then optimize_parameters per batch of the loader above."""
+    sys.path.insert(0, str(Path(args.cut_reference).resolve()))
+    sys.argv = [
+        "train.py",
+        "--gpu_ids", str(device.index or 0) if device.type == "cuda" else "-1",
+        "--checkpoints_dir", tempfile.mkdtemp(), "--CUT_mode", "CUT",
+        "--ngf", str(args.ngf), "--ndf", str(args.ndf), "--netG", f"resnet_{args.blocks}blocks",
+        "--crop_size", str(args.size), "--load_size", str(args.load),
+    ]  # fmt: skip
+    from models.cut_model import CUTModel
+    from options.train_options import TrainOptions
+
+    it = loader_batches(args, root)
+    with contextlib.redirect_stdout(io.StringIO()):  # its options and network summaries
+        opt = TrainOptions().parse()
+        model = CUTModel(opt)
+        model.data_dependent_initialize(next(it))
+        model.setup(opt)
+        model.parallelize()
+
+    def step():
+        model.set_input(next(it))
+        model.optimize_parameters()
+
+    return step, [model.netG, model.netD, model.netF]
+
+
+def cut_step(args, device, root: Path, variant: str):
+    """train.model `variant` (cut or fastcut) at this run's sizes, its other keys at their defaults
+    (batched passes, train.precision auto), fed by the stage's feeder."""
+    channels_last = memory_format(args, device)
+    p = TrainParams(
+        model=variant,
+        ngf=args.ngf,
+        ndf=args.ndf,
+        n_blocks=args.blocks,
+        crop_size=args.size,
+        load_size=args.load,
+    )
+    p.validate("train")
+    torch.manual_seed(0)
+    model = CUT(p, device, args.world, torch.Generator().manual_seed(0), channels_last)
+    if args.world > 1:
+        model.distribute(device)
+    feeder = DeviceFeeder(
+        load_folder(root / "A", args.load),
+        load_folder(root / "B", args.load),
+        args.size,
+        True,
+        1,
+        device,
+        channels_last,
+        rank=args.rank,
+        world_size=args.world,
+    )
+    g = torch.Generator().manual_seed(0)
+    autocast = autocast_for(device, p.precision)
+    model.start_epoch(1)
+
+    def batches():
+        while True:
+            yield from feeder.batches(feeder.plan(g))
+
+    it = batches()
+    sums = torch.zeros(len(CUT.LOSS_NAMES), device=device)
+
+    def step():
+        nonlocal sums
+        a, b = next(it)
+        sums += model.step(a, b, autocast)
+
+    return step, list(model.nets.values())
+
+
 def memory_format(args, device) -> bool:
     """Channels-last or not: --memory-format, where `auto` is the stage's rule (CUDA, where
     channels_last_ok holds)."""
@@ -262,11 +358,14 @@ def measure(args, variant: str, root: Path) -> tuple[float, float, float, str]:
     torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    step, nets = (
-        reference_step(args, device, root)
-        if variant == "reference"
-        else our_step(args, device, root, variant)
-    )
+    if variant == "reference":
+        step, nets = reference_step(args, device, root)
+    elif variant == "cut-reference":
+        step, nets = cut_reference_step(args, device, root)
+    elif variant in ("cut", "fastcut"):
+        step, nets = cut_step(args, device, root, variant)
+    else:
+        step, nets = our_step(args, device, root, variant)
     t0 = time.perf_counter()
     step()  # the first step: compiles, when the variant does
     sync(device)
@@ -428,8 +527,13 @@ def main() -> None:
         "--reference", default=None, help="a checkout of junyanz/pytorch-CycleGAN-and-pix2pix"
     )
     ap.add_argument(
+        "--cut-reference",
+        default=None,
+        help="a git archive of taesungp/contrastive-unpaired-translation (adds cut-reference)",
+    )
+    ap.add_argument(
         "--variants",
-        default=",".join(VARIANTS[1:]),
+        default=",".join(DEFAULT_VARIANTS),
         help="comma-separated, from: " + ", ".join(VARIANTS),
     )
     ap.add_argument("--ddp", type=int, default=0, help="also measure N data-parallel processes")
@@ -471,10 +575,12 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     if args.reference and "reference" not in variants:
         variants.insert(0, "reference")
+    if args.cut_reference and "cut-reference" not in variants:
+        variants.append("cut-reference")
     name = torch.cuda.get_device_name(device) if cuda else f"cpu, {args.threads} threads"
     load = os.getloadavg()[0]
     print(
-        f"CycleGAN train step, {name}, crop {args.size} (load {args.load}), ngf {args.ngf}, ndf {args.ndf}, "
+        f"Train step (CycleGAN's variants, CUT's), {name}, crop {args.size} (load {args.load}), ngf {args.ngf}, ndf {args.ndf}, "
         f"{args.blocks} blocks, batch 1, {args.steps} steps after {args.warmup} warm-up, best of {args.repeats}; "
         f"load average {load:.2f} at the start"
     )
@@ -509,6 +615,11 @@ def main() -> None:
                     "memory_mib": m,
                     **({"ratio_ref_structured": r / base} if base else {}),
                     **({"ratio_reference": r / ref} if ref else {}),
+                    **(
+                        {"ratio_cut_reference": r / rows["cut-reference"][0]}
+                        if v in ("cut", "fastcut") and "cut-reference" in rows
+                        else {}
+                    ),
                     **({"default": True} if v == default else {}),
                 }
                 for v, (r, m) in rows.items()
@@ -579,6 +690,10 @@ def main() -> None:
             f"{v + (' *' if v == default else ''):<18}{rate:>9.2f}{rate / base:>17.2f}x"
             + (f"{rate / ref:>12.2f}x" if ref else "")
             + f"{mem:>16.0f}"
+        )
+    if "cut" in rows and "cut-reference" in rows:
+        print(
+            f"cut ÷ cut-reference (the CUT reference's own step): {rows['cut'][0] / rows['cut-reference'][0]:.2f}x"
         )
     for v, why in failed.items():
         if v not in rows and v != "ddp":
