@@ -171,3 +171,20 @@ def test_fastcut_trains_with_its_own_defaults(tmp_path, data):
     logs = tmp_path / "l1" / "plots" / "metrics"
     assert pd.read_csv(logs / "NCE_Y.tsv", sep="\t").NCE_Y.tolist() == [0.0]
     assert checkpoint.load(tmp_path / "one" / "epoch_001.pt")["model"]["kind"] == "fastcut"
+
+
+def test_every_preset_takes_cut_and_fastcut_as_its_only_change():
+    """`dvc exp run -S train.model=cut` (or fastcut) on any preset is valid as it stands: no preset
+    sets a CycleGAN-only key away from its default, and its G is deep enough for the NCE layers."""
+    import yaml
+
+    from tests.helpers import ROOT
+    from unpaired import presets
+
+    names = sorted(f.stem for f in (ROOT / "conf" / "preset").glob("*.yaml"))
+    assert "horse2zebra" in names
+    for name in names:
+        train_section = yaml.safe_load(presets.compose(ROOT / "conf", name))["train"]
+        for model in ("cut", "fastcut"):
+            p = parse(TrainParams, {**train_section, "model": model}, "train")
+            assert p.resolved("antialias") and p.n_blocks >= 5, name
