@@ -58,7 +58,8 @@ def reference(folder: Path, argv: list[str]):
         sys.modules.update(saved)
 
 
-def parse_options(argv: list[str]):
+def parse_options():
+    """The reference's own TrainOptions().parse() (it reads sys.argv: `reference` sets it), silenced."""
     from options.train_options import TrainOptions
 
     with contextlib.redirect_stdout(None):
@@ -130,7 +131,7 @@ def test_cut_parity_defaults_and_counts(mode, tmp_path):
     folder = reference_folder("CUT_REFERENCE")
     p = TrainParams(model=mode.lower())
     with reference(folder, cut_argv(tmp_path, mode, small=False)):
-        opt = parse_options([])
+        opt = parse_options()
         from models import networks
 
         ref_G = networks.define_G(3, 3, 64, opt.netG, opt.normG, not opt.no_dropout, opt.init_type, opt.init_gain, opt.no_antialias, opt.no_antialias_up, [], opt)  # fmt: skip
@@ -181,7 +182,7 @@ def test_cut_parity_one_step(mode, seed, batched, tmp_path):
     g = torch.Generator().manual_seed(7)
     real_A, real_B = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
     with reference(folder, cut_argv(tmp_path, mode, small=True)):
-        opt = parse_options([])
+        opt = parse_options()
         from models.cut_model import CUTModel
 
         torch.manual_seed(0)
@@ -231,7 +232,7 @@ def test_cyclegan_parity_counts(tmp_path):
     have the parameter counts of ours."""
     folder = reference_folder("CYCLEGAN_REFERENCE")
     with reference(folder, ["--checkpoints_dir", str(tmp_path), "--dataroot", str(tmp_path)]):
-        opt = parse_options([])
+        opt = parse_options()
         from models import networks
 
         counts = [
@@ -263,7 +264,7 @@ def test_cyclegan_parity_one_step(batched, tmp_path):
     argv = ["--checkpoints_dir", str(tmp_path), "--dataroot", str(tmp_path), "--ngf", "8",
             "--ndf", "8", "--netG", "resnet_6blocks", "--crop_size", "32"]  # fmt: skip
     with reference(folder, argv):
-        opt = parse_options([])
+        opt = parse_options()
         opt.device = torch.device("cpu")
         from models.cycle_gan_model import CycleGANModel
 

@@ -325,11 +325,17 @@ class CUT:
         """One training step (train_step) on B×3×H×W batches; the 6 losses on the device."""
         p = self.p
         flip = self.draws.flip() if p.resolved("flip_equivariance") else False
-        losses = 2 if p.resolved("nce_idt") else 1
-        ids = [
-            [i.to(self.device) for i in self.draws.patch_ids(self.positions, p.num_patches)]
-            for _ in range(losses)
-        ]
+        drawn = [
+            self.draws.patch_ids(self.positions, p.num_patches)
+            for _ in range(2 if p.resolved("nce_idt") else 1)
+        ]  # one copy to the device for all of them
+        flat = (
+            torch.cat([i for ids in drawn for i in ids])
+            .to(self.device)
+            .split([len(i) for ids in drawn for i in ids])
+        )
+        n = len(self.positions)
+        ids = [list(flat[k * n : (k + 1) * n]) for k in range(len(drawn))]
         return train_step(
             self.models, *self.optimizers.values(), real_A, real_B, p, flip, ids, autocast
         )
