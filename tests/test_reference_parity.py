@@ -194,7 +194,9 @@ def test_cut_parity_one_step(mode, seed, batched, tmp_path):
         ref.set_input(data)
         np.random.seed(seed)
         ref.optimize_parameters()
-        ref_losses = [float(getattr(ref, f"loss_{n}", 0.0)) for n in cut.LOSS_NAMES]
+        ref_losses = [
+            float(torch.as_tensor(getattr(ref, f"loss_{n}", 0.0)).detach()) for n in cut.LOSS_NAMES
+        ]
         after = {n: renamed(getattr(ref, f"net{n}").state_dict()) for n in ("G", "D", "F")}
         flipped = getattr(ref, "flipped_for_equivariance", False)
 
