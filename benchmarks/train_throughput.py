@@ -657,7 +657,7 @@ def main() -> None:
                 best = rows.get(v, (0.0, 0.0))
                 rows[v] = (max(best[0], rate), max(best[1], mem))
                 print(
-                    f"  round {r + 1}: {v}: {rate:.3g} it/s (first step {first:.1f} s)", flush=True
+                    f"  round {r + 1}: {v}: {rate:#.3g} it/s (first step {first:.1f} s)", flush=True
                 )
                 write_json()
             if args.ddp > 1:
@@ -687,7 +687,7 @@ def main() -> None:
     )
     for v, (rate, mem) in rows.items():
         print(
-            f"{v + (' *' if v == default else ''):<18}{rate:>9.3g}{rate / base:>17.2f}x"
+            f"{v + (' *' if v == default else ''):<18}{rate:>#9.3g}{rate / base:>17.2f}x"
             + (f"{rate / ref:>12.2f}x" if ref else "")
             + f"{mem:>16.0f}"
         )
