@@ -29,7 +29,6 @@ MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 DataPlace = Literal["auto", "device", "host", "disk"]
 DATA_PLACES = get_args(DataPlace)  # train.data_device; see unpaired.models.feeding.place_images
 ModelName = Literal["cyclegan", "cut", "fastcut"]
-MODELS = get_args(ModelName)
 Auto = Literal["auto"]
 
 # Keys one model uses and the other does not: set to other than their default for the other model,
