@@ -278,7 +278,9 @@ def test_cyclegan_parity_one_step(batched, tmp_path):
             {"A": real_A.clone(), "B": real_B.clone(), "A_paths": ["a"], "B_paths": ["b"]}
         )
         ref.optimize_parameters()
-        ref_losses = torch.tensor([float(getattr(ref, f"loss_{n}")) for n in cyclegan.LOSS_NAMES])
+        ref_losses = torch.tensor(
+            [float(getattr(ref, f"loss_{n}").detach()) for n in cyclegan.LOSS_NAMES]
+        )
         after = {n: renamed(getattr(ref, f"net{n}").state_dict()) for n in nets}
 
     m = cyclegan.build_models(8, 8, 6, 3, torch.device("cpu"), channels_last=False)
