@@ -35,8 +35,6 @@ from unpaired.models.loop import setup_device, start_run, train_epoch
 from unpaired.models.progress import Progress, speed_hint
 from unpaired.models.training import TrainParams
 
-MODELS = {"cyclegan": CycleGAN, "cut": CUT, "fastcut": CUT}  # train.model -> its class
-
 
 def train(
     p: TrainParams,
@@ -65,7 +63,8 @@ def train(
     )  # before any output: a setting that does not fit stops here
     state, log = None, None
     try:
-        state = start_run(MODELS[p.model], p, data, out, device, rank)
+        model = CycleGAN if p.model == "cyclegan" else CUT  # FastCUT: CUT with its own defaults
+        state = start_run(model, p, data, out, device, rank)
         log = RunLog.start(state, placement.why, data, out, live_dir) if rank.main else None
         feeder = feeder_for(p, files_A, files_B, device, state.channels_last, placement, rank)
         autocast = autocast_for(device, p.precision)

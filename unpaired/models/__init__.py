@@ -19,6 +19,6 @@ Reading order:
 8. samples.py, live.py, progress.py   rank 0's outputs: sample grids, dvclive logs, progress lines.
 
 A new model is one module beside cyclegan.py and cut.py: a class with what training.Model names,
-chosen by train.model in the train stage (its MODELS) and passed to loop.start_run. Nothing is imported here: `import unpaired.models.networks`
-(what checkpoint.py needs) loads no training code.
+chosen by train.model in the train stage and passed to loop.start_run. Nothing is imported
+here: `import unpaired.models.networks` (what checkpoint.py needs) loads no training code.
 """
