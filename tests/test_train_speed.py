@@ -59,10 +59,10 @@ def test_grid_gives_make_grids_bytes():
         assert torch.equal(grid(rows_a, rows_b), want), n
 
 
-def test_the_stage_imports_no_torchvision_pandas_or_inductor():
+def test_the_stage_imports_no_torchvision_or_pandas():
     """`import stages.train` and the device set-up leave out what takes seconds to import and the
-    stage does not use: torchvision (it loads torch._dynamo), pandas, torch._inductor (which
-    torch.use_deterministic_algorithms imports)."""
+    stage does not use: torchvision, pandas (and dvclive, which imports pandas, until the writer
+    thread writes the logs)."""
     code = (
         "import sys, stages.train as t, torch\n"
         "from unpaired import params\n"
@@ -71,8 +71,7 @@ def test_the_stage_imports_no_torchvision_pandas_or_inductor():
         "t.setup_device(p, Rank())\n"
         "assert torch.are_deterministic_algorithms_enabled()\n"
         "print(sorted({m.split('.')[0] if m.startswith(('torchvision', 'pandas')) else m "
-        "for m in sys.modules if m.startswith(('torchvision', 'pandas', 'torch._inductor', "
-        "'torch._dynamo', 'dvclive'))}))"
+        "for m in sys.modules if m.startswith(('torchvision', 'pandas', 'dvclive'))}))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(

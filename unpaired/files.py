@@ -295,6 +295,8 @@ def read_source_skipped(raw: str | Path) -> dict[str, int]:
     path = Path(raw) / SOURCE_SKIPPED
     if not path.is_file():
         return {}
+    import pandas as pd
+
     reasons = pd.read_csv(path, dtype=str, keep_default_na=False)["reason"]
     return {r: int(n) for r, n in sorted(reasons.value_counts().items())}
 

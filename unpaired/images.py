@@ -224,8 +224,8 @@ def read_uint8(path: str | Path):
 def resize(image, size: int):
     """An image tensor (...×3×H×W, uint8 or float) resized to size × size, bilinear with antialiasing: the same
     bytes as torchvision's `transforms.v2.functional.resize(image, [size, size], antialias=True)`
-    (0.29; tests/test_images.py compares them), without importing torchvision, which takes seconds
-    (it loads torch._dynamo). On a CPU with AVX2 or better (or ARM), uint8 goes straight to torch's
+    (0.29; tests/test_train_speed.py compares them), without importing torchvision (about a second
+    on a small CPU). On a CPU with AVX2 or better (or ARM), uint8 goes straight to torch's
     uint8 kernel; elsewhere through float32, rounded back."""
     import platform
 

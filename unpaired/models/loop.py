@@ -60,7 +60,7 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
         print(note, flush=True)
     cuda = device.type == "cuda"
     if device.type == "cpu" or p.deterministic:
-        deterministic_algorithms(compiling=bool(p.compile_mode))
+        torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = cuda and not p.deterministic
     torch.backends.cudnn.deterministic = p.deterministic
     if cuda and not bf16_for(device, p.precision):
@@ -72,17 +72,6 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
         if warning:
             print(warning, file=sys.stderr)
     return device
-
-
-def deterministic_algorithms(compiling: bool) -> None:
-    """torch.use_deterministic_algorithms(True), which also sets inductor's `deterministic` flag and
-    so imports torch._inductor (and torch._dynamo, sympy: 3 s or more on a small CPU). A run that
-    does not compile sets only the flag the kernels read, as that function does first
-    (torch._C._set_deterministic_algorithms); a compiled run calls the function itself."""
-    if compiling:
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch._C._set_deterministic_algorithms(True, warn_only=False)
 
 
 def process_device(requested: torch.device, rank: Rank) -> tuple[torch.device, str | None]:

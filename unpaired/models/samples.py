@@ -28,7 +28,7 @@ def grid(rows_a: torch.Tensor, rows_b: torch.Tensor, padding: int = 2) -> torch.
     (real B | fake A | rec B); `rows_*`: N×3×C×H×W in [-1, 1]. Each image is clamped to [-1, 1] and
     mapped to [0, 1], laid out 3 a row with `padding` white pixels around each, as torchvision's
     make_grid(nrow=3, pad_value=1, normalize=True, value_range=(-1, 1)) does (same bytes; torchvision
-    is not imported: it takes seconds)."""
+    is not imported: it takes about a second)."""
     flat = torch.cat([rows_a, rows_b], 0).flatten(0, 1)  # (N*3)×C×H×W, row-major
     flat = flat.clamp(-1.0, 1.0).sub_(-1.0).div_(2.0)
     count, channels, height, width = flat.shape
