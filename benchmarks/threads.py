@@ -3,9 +3,11 @@
     uv run python benchmarks/threads.py [--steps 8] [--size 64] [--burners 1]
 
 Each variant runs in its own process, because OpenMP reads its wait policy only when torch loads:
-(a) torch's defaults: one thread per CPU, OpenMP's default (spinning) wait policy;
-(b) the same thread count with OMP_WAIT_POLICY=PASSIVE, which the stages set;
-(c) `train.threads: auto`: one thread fewer than the CPUs (at least 1), passive wait;
+(a) torch's defaults: one thread per CPU, OpenMP's default (spinning) wait policy: also
+    `train.threads: auto` when the stage starts on an idle machine;
+(b) the same thread count with OMP_WAIT_POLICY=PASSIVE: `auto` when other work holds the CPUs at
+    start (unpaired/threads.py);
+(c) one thread fewer than the CPUs (at least 1), passive wait (`auto` before issue 27);
 (d) 1 thread, when that differs from (c).
 "Loaded" runs the same variants while `--burners` other processes each burn one core, as other
 work on a shared machine does ("idle" means no burner: on a machine that others share, the load
@@ -62,10 +64,10 @@ def variants() -> list[tuple[str, int, dict[str, str]]]:
     n = cores()
     auto = max(1, n - 1)
     out = [
-        (f"(a) torch default: {n} threads, spin wait", n, {}),
-        (f"(b) {n} threads, passive wait", n, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        (f"(a) auto, idle start: {n} threads, spin wait", n, {}),
+        (f"(b) auto, busy start: {n} threads, passive", n, {"OMP_WAIT_POLICY": "PASSIVE"}),
         (
-            f"(c) auto: {auto} thread{'s' if auto > 1 else ''}, passive wait",
+            f"(c) {auto} thread{'s' if auto > 1 else ''}, passive wait",
             auto,
             {"OMP_WAIT_POLICY": "PASSIVE"},
         ),

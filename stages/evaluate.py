@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     all_params = params.load()
     p = params.parse(EvaluateParams, params.section(all_params, "evaluate"), "evaluate")
     threads.apply(p.threads)
+    if note := threads.load_note("evaluate.threads", p.threads):
+        print(note, flush=True)
     if paths.data.is_file():  # after a `dvc pull` only the tar is there
         unpack_view(paths.data, paths.view)
     evaluate(p, paths, all_params)

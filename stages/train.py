@@ -5,10 +5,12 @@
 
 CycleGAN (unpaired/models/cyclegan.py) or CUT / FastCUT (unpaired/models/cut.py), as train.model
 says, each with its reference's update order and defaults, configured by params.yaml's `train`
-section (TrainParams). Resumable and extendable from out/last.pt; an earlier
-run that does not fit is moved aside (unpaired/models/state.py). The dvclive logs are rewritten from
-the run's own history after every epoch, so they always match the checkpoints. A run whose losses
-or weights stop being finite stops. One train run at a time writes the outputs (distributed.output_lock).
+section (TrainParams). Resumable and extendable from out/last.pt; an earlier run that does not fit
+is moved aside (unpaired/models/state.py). The dvclive logs are written from the run's own history
+and extended after every epoch, so they always match the checkpoints. Rank 0 writes each epoch's
+files on a writer thread while the next epoch trains (unpaired/models/writer.py). A run whose
+losses or weights stop being finite stops. One train run at a time writes the outputs
+(distributed.output_lock).
 
 Data parallel: under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) each process
 trains one DistributedDataParallel replica on its share of every epoch; rank 0 alone decides about
@@ -85,8 +87,10 @@ def train(
             if rank.main:
                 log.publish(state, losses, lr, images_per_s)
                 progress.end_epoch(images_per_s)
-            if saving:
-                state.save(out)  # every rank: rank 0 writes, the others wait for it
+            if saving:  # every rank: rank 0 hands the files to its writer, the others wait
+                state.save(out, log.writer if rank.main else None)
+        if rank.main:
+            log.writer.join()  # the last epoch's files are whole (a failed write ends the run)
     finally:
         if rank.main:  # however the run ends, the logs tell the epochs the checkpoints hold
             settle_logs(out, live_dir, log, state)

@@ -257,7 +257,8 @@ class EvaluateParams(params.Params):
     kid_subsets: int = 100
     batch_size: int = 16  # images per translation and Inception pass
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
-    #: CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+    #: CPU threads: auto (every CPU: the machine decides, never its load) or N; OpenMP threads wait
+    #: passively when other work holds the CPUs at start, else spin
     threads: int | str = "auto"
 
     BOUNDS = {

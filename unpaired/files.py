@@ -25,8 +25,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from unpaired.errors import NO_SPACE, UserError, no_space_error
 
 # --- modes, temporaries, disk space ----------------------------------------------------------------
@@ -260,6 +258,8 @@ def write_manifest(
 ) -> None:
     """A CSV with a fixed column order, sorted by the first column, byte-stable across runs. `rows`:
     dicts keyed by `columns`, or tuples in their order (a 7-field tuple takes 96 bytes, a dict 360)."""
+    import pandas as pd  # here: pandas takes a second to import, and most users of files.py never write a CSV
+
     frame = pd.DataFrame(rows, columns=columns)
     if len(frame):
         frame = frame.sort_values(columns[0], kind="stable")
@@ -295,6 +295,8 @@ def read_source_skipped(raw: str | Path) -> dict[str, int]:
     path = Path(raw) / SOURCE_SKIPPED
     if not path.is_file():
         return {}
+    import pandas as pd
+
     reasons = pd.read_csv(path, dtype=str, keep_default_na=False)["reason"]
     return {r: int(n) for r, n in sorted(reasons.value_counts().items())}
 

@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING
 
 import psutil
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from unpaired.errors import UserError
-from unpaired.images import Skip, read_uint8
+from unpaired.images import Skip, read_uint8, resize
 
 if TYPE_CHECKING:
     from unpaired.models.training import TrainParams
@@ -68,7 +67,7 @@ def decode(path: Path, load_size: int) -> torch.Tensor:
             f"{path}: {skip.reason} image in the prepared data; re-run prepare "
             f"(uv run dvc repro prepare --force)"
         ) from None
-    return TF.resize(img, [load_size, load_size], antialias=True)
+    return resize(img, load_size)
 
 
 def decoded_bytes(count: int, load_size: int) -> int:

@@ -1,6 +1,9 @@
-"""Rank 0's outputs besides the checkpoints: the dvclive logs (metrics/train), rewritten whole from the
-run's own history after every epoch, and at every exit to the epochs the checkpoints hold, so they
-always match the checkpoints; each epoch's sample grid and line on stdout (RunLog).
+"""Rank 0's outputs besides the checkpoints: the dvclive logs (metrics/train), written whole from the
+run's own history when the run starts, then extended by each epoch (rewritten whole instead when
+they are not what this run last wrote: another process deleted or changed them), and at every exit
+cut to the epochs the checkpoints hold, so they always match the checkpoints; each epoch's sample
+grid and line on stdout (RunLog). The files are written off the training thread, in order, by the
+run's Writer (unpaired.models.writer), which every exit waits for.
 
 Timing (images/s per epoch) is kept out of last.pt (no clock in an artifact) but must outlive the
 logs, which DVC deletes before it runs the stage: it is kept beside the checkpoints too, in
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from unpaired.errors import uninterrupted
 from unpaired.files import atomic_write_json, creating, make_dirs
 from unpaired.models.samples import fixed_images, grid, sample_path, write_sample
 from unpaired.models.state import TrainState
+from unpaired.models.writer import Writer
 
 
 def reset_live(live_dir: Path) -> None:
@@ -119,6 +124,34 @@ def write_live(
         make_dirs(live_dir / "plots" / folder)
 
 
+def append_live(live_dir: Path, record: dict[str, Any], speed: float | None, out: Path) -> None:
+    """Extend dvclive logs that hold the epochs before record["epoch"] (as write_live wrote them) by
+    that epoch: its losses and lr, its images/s (`speed`, None: unknown) and its sample PNG in out/
+    samples/; metrics.json then summarises it, as write_live's would. One row per plot file and one
+    image, where write_live rewrites every epoch's."""
+    from dvclive import Live
+
+    live = Live(str(live_dir), resume=True, save_dvc_exp=False, dvcyaml=False, report=None)
+    live.step = record["epoch"]
+    for name, value in record["metrics"].items():
+        live.log_metric(name, value)
+    if speed is not None:
+        live.log_metric("images_per_s", speed)
+    png = sample_path(out, record["epoch"])
+    if png.is_file():
+        with Image.open(png) as image:
+            live.log_image(f"samples/{png.name}", image.copy())
+    live.make_summary()
+    live.end()
+
+
+def _summary(live_dir: Path) -> bytes | None:
+    try:
+        return (live_dir / "metrics.json").read_bytes()
+    except OSError:
+        return None
+
+
 class RunLog:
     """Rank 0's publishing of a run in `out` (the checkpoints folder) and `live_dir` (the dvclive
     folder): `start` opens it, `publish` closes each epoch (sample grid, history record, logs, the
@@ -137,6 +170,24 @@ class RunLog:
     ):
         self.out, self.live_dir, self.speeds = out, live_dir, speeds
         self.sample_A, self.sample_B = sample_A, sample_B
+        self.writer = Writer()
+        self.logged: tuple[int, bytes | None] | None = None  # (last epoch, metrics.json) written
+
+    def _write_logs(self, history: list[dict[str, Any]], speeds: dict[int, float]) -> None:
+        """On the writer thread: the dvclive logs of `history`, extended by its last epoch when
+        they hold what this run wrote last (the epochs before it), else rewritten whole."""
+        last = history[-1]["epoch"] if history else 0
+        if (
+            self.logged is not None
+            and self.logged[0] == last - 1
+            and self.logged[1] is not None
+            and self.logged[1] == _summary(self.live_dir)
+            and (self.live_dir / "plots" / "metrics").is_dir()
+        ):
+            append_live(self.live_dir, history[-1], speeds.get(last), self.out)
+        else:
+            write_live(self.live_dir, history, speeds, self.out)
+        self.logged = (last, _summary(self.live_dir))
 
     @classmethod
     def start(cls, state: TrainState, where: str, data: Path, out: Path, live_dir: Path) -> RunLog:
@@ -145,7 +196,6 @@ class RunLog:
         train.samples images of data/testA and data/testB, resized to train.crop_size."""
         p, rank = state.p, state.rank
         speeds = read_speeds(live_dir, out, state.history)
-        write_live(live_dir, state.history, speeds, out)
         print(f"train: {where}")
         if rank.distributed:
             print(
@@ -153,28 +203,37 @@ class RunLog:
                 f"batch {p.batch_size} each: effective batch {p.batch_size * rank.world_size}, lr "
                 f"{p.scaled_lr(rank.world_size):.2e} (train.lr_scaling: {p.lr_scaling})"
             )
-        return cls(
+        log = cls(
             out,
             live_dir,
             speeds,
             fixed_images(data / "testA", p.samples, p.crop_size).to(state.device),
             fixed_images(data / "testB", p.samples, p.crop_size).to(state.device),
         )
+        log.writer.submit(log._write_logs, list(state.history), dict(speeds))
+        return log
 
     def publish(
         self, state: TrainState, losses: dict[str, float], lr: float, images_per_s: float
     ) -> None:
         """After epoch state.epoch (its `losses`: all ranks' means, the `lr` it ran at, the images/s of
-        all ranks together): its sample grid PNG, its history record, the dvclive logs, its line."""
+        all ranks together): its history record and line, now; its sample grid (computed now) PNG,
+        the images/s file and the dvclive logs, handed to the writer thread once the previous
+        epoch's writes are done (raises what one of those raised)."""
+        self.writer.join()
         epoch = state.epoch
-        if len(self.sample_A) and len(self.sample_B):
-            write_sample(
-                self.out, epoch, grid(*state.model.sample_rows(self.sample_A, self.sample_B))
-            )
+        sample = (
+            grid(*state.model.sample_rows(self.sample_A, self.sample_B)).cpu()
+            if len(self.sample_A) and len(self.sample_B)
+            else None
+        )
         state.history.append({"epoch": epoch, "metrics": {**losses, "lr": lr}})
         self.speeds[epoch] = images_per_s
-        write_speeds(self.out, state.history, self.speeds)
-        write_live(self.live_dir, state.history, self.speeds, self.out)
+        history, speeds = list(state.history), dict(self.speeds)
+        if sample is not None:
+            self.writer.submit(write_sample, self.out, epoch, sample)
+        self.writer.submit(write_speeds, self.out, history, speeds)
+        self.writer.submit(self._write_logs, history, speeds)
         print(
             f"epoch {epoch}/{state.total}  "
             + "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
@@ -192,13 +251,21 @@ class RunLog:
 
 
 def settle_logs(out: Path, live_dir: Path, log: RunLog | None, state: TrainState | None) -> None:
-    """At every end of a run, finished, interrupted or failed (rank 0): make the dvclive logs (and
-    metrics.json) tell the epochs whose epoch_NNN.pt is in `out`, so that they and the checkpoints
-    are one run's. With the run's `log` and `state`: rewritten when they show epochs past the last
-    one saved (train.save_every, or an end between an epoch's log and its save). Without them (the
-    run ended before its log was written): an empty log when `out` exists and holds no epoch (a fresh start has
-    moved the earlier checkpoints aside, and `make repro` would put that run's logs back beside
-    none), else left as they are. Ctrl-C is ignored meanwhile: the run is ending anyway."""
+    """At every end of a run, finished, interrupted or failed (rank 0): wait for the run's writer
+    (its files are whole after it; a write that failed while the run was ending otherwise is said
+    in one line on stderr), then make the dvclive logs (and metrics.json) tell the epochs whose
+    epoch_NNN.pt is in `out`, so that they and the checkpoints are one run's. With the run's `log`
+    and `state`: rewritten when they show epochs past the last one saved (train.save_every, or an
+    end between an epoch's log and its save). Without them (the run ended before its log was
+    written): an empty log when `out` exists and holds no epoch (a fresh start has moved the
+    earlier checkpoints aside, and `make repro` would put that run's logs back beside none), else
+    left as they are. Ctrl-C is ignored meanwhile: the run is ending anyway."""
+    if log is not None:
+        with uninterrupted():
+            lost = log.writer.close()
+        if lost is not None:
+            detail = " ".join(str(lost).split()) or type(lost).__name__
+            print(f"train: writing the run's files failed as it ended: {detail}", file=sys.stderr)
     saved = max(checkpoint.epoch_files(out), default=0)
     if log is not None and state is not None:
         if any(r["epoch"] > saved for r in state.history):

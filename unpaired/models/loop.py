@@ -52,6 +52,12 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
     if note and rank.main:
         print(note)
     threads.apply(p.threads)
+    if (
+        rank.main
+        and device.type == "cpu"
+        and (note := threads.load_note("train.threads", p.threads))
+    ):
+        print(note, flush=True)
     cuda = device.type == "cuda"
     if device.type == "cpu" or p.deterministic:
         torch.use_deterministic_algorithms(True)

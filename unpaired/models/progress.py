@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -121,8 +122,11 @@ def speed_hint(device: torch.device, p: TrainParams) -> str:
     if device.type != "cpu":
         return "stop the other work on the device, or train on another one"
     if torch.get_num_threads() > 1:
-        return (
-            f"try params.yaml: train.threads: 1 (now {threads.describe(p.threads)}), or stop the "
-            f"other work"
-        )
+        fewer = f"params.yaml: train.threads: 1 (now {threads.describe(p.threads)}; other bytes)"
+        if (os.environ.get(threads.WAIT_POLICY) or "").upper() != "PASSIVE":
+            return (
+                f"its idle threads spin: stop it and run again with OMP_WAIT_POLICY=PASSIVE in the "
+                f"environment (it resumes, with the same bytes), or try {fewer}, or stop the other work"
+            )
+        return f"try {fewer}, or stop the other work"
     return "stop the other work, or train on another machine"

@@ -33,6 +33,7 @@ from unpaired.files import make_dirs
 from unpaired.models.samples import drop_samples_after
 from unpaired.models.schedule import lr_factor
 from unpaired.models.training import CUT_ONLY, Model, TrainParams
+from unpaired.models.writer import Writer, detached
 
 # Params that do not change the numbers a run produces: editing them keeps a resumable last.pt.
 NOT_HASHED = ("save_every", "compile", "samples", "threads", "devices", "data_device")
@@ -625,12 +626,22 @@ class TrainState:
             for r in state["history"]
         ]
 
-    def save(self, out: Path) -> None:
+    def save(self, out: Path, writer: Writer | None = None) -> None:
         """On every rank, when an epoch is to be saved: the ranks' own state is gathered, rank 0 writes
         out/last.pt, then out/epoch_NNN.pt (a missing epoch file is rebuilt from last.pt), and no
-        rank goes on (or exits) before the files are whole."""
+        rank goes on (or exits) before rank 0 holds them. With a `writer` (rank 0's), the files are
+        written on its thread from a copy of the state taken now (writer.detached: the same bytes),
+        so training goes on meanwhile; the caller joins the writer before the next hand-over and at
+        every exit. Without one they are whole when this returns."""
         others = self.rank.gather(self.rank_state())[1:]
         if self.rank.main:
-            checkpoint.save(self.state_dict(others), out / "last.pt")
-            checkpoint.save(self.epoch_file(), out / f"epoch_{self.epoch:03d}.pt")
+            files = (
+                (self.state_dict(others), out / "last.pt"),
+                (self.epoch_file(), out / f"epoch_{self.epoch:03d}.pt"),
+            )
+            for content, path in files:
+                if writer is None:
+                    checkpoint.save(content, path)
+                else:
+                    writer.submit(checkpoint.save, detached(content), path)
         self.rank.barrier()

@@ -138,7 +138,8 @@ class TrainParams(params.Params):
     #: where the training images live: auto, device, host (CUDA: pinned) or disk (read one batch
     #: ahead)
     data_device: DataPlace = "auto"
-    #: CPU threads: auto (CPUs - 1, at least 1) or N; passive OpenMP wait
+    #: CPU threads: auto (every CPU: the machine decides, never its load) or N; OpenMP threads wait
+    #: passively when other work holds the CPUs at start, else spin
     threads: int | str = "auto"
 
     BOUNDS = {  # generous: the paper trains 100 + 100 epochs at 256 px, ngf = ndf = 64, 9 blocks
