@@ -210,7 +210,7 @@ class PatchSampleF(nn.Module):
     """CUT's F (the reference's PatchSampleF with netF mlp_sample): for each NCE layer's features
     B×C×H×W, the features at `num_patches` positions (the same positions for every image of the
     batch), each through that layer's MLP (Linear C→nc, ReLU, Linear nc→nc), l2-normalised
-    (x / (‖x‖ + 1e-7)): (B·num_patches)×nc float. Its MLPs are made by `create` from the first
+    (x / (‖x‖ + 1e-7); a zero vector stays zero, with a finite gradient): (B·num_patches)×nc float. Its MLPs are made by `create` from the first
     features it sees (channels only; the reference's data-dependent init) and initialised by
     init_weights(kind="xavier"). ngf=64, nc=256, layers 0,4,8,12,16: 560,384 parameters."""
 
@@ -237,7 +237,11 @@ class PatchSampleF(nn.Module):
         for feat, ids, mlp in zip(feats, patch_ids, self.mlps):
             x = feat.permute(0, 2, 3, 1).flatten(1, 2)[:, ids, :].flatten(0, 1)
             x = mlp(x)
-            out.append(x.div(x.pow(2).sum(1, keepdim=True).pow(0.5) + 1e-7))
+            # The reference's x.pow(2).sum(1).pow(0.5): the same norm (within 3e-8 after the
+            # division), but its gradient at a zero vector is NaN (0 · ∞), and a patch whose
+            # features are all zero after a ReLU gives one (seen at ngf 4: every loss NaN in the
+            # first epoch). vector_norm's gradient there is 0, and the same elsewhere.
+            out.append(x.div(torch.linalg.vector_norm(x, dim=1, keepdim=True) + 1e-7))
         return out
 
 
