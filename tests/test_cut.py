@@ -77,6 +77,28 @@ def test_the_other_models_keys_and_bad_values_are_refused_in_one_line(raw, key):
         assert f"is not used by train.model {raw.get('model', 'cyclegan')}" in str(err.value)
 
 
+def test_f_normalises_a_zero_feature_with_finite_gradients():
+    """A patch whose features are all zero (after a ReLU; common at small ngf) reaches F's l2
+    normalisation as a zero vector: it stays zero and every gradient is finite (the reference's
+    pow(0.5) gives NaN there, which made every loss NaN in a tiny sweep)."""
+    from unpaired.models.networks import PatchSampleF
+
+    torch.manual_seed(0)
+    F_ = PatchSampleF(nc=8)
+    F_.create([4])
+    feat = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    random = torch.randn(2, 4, 3, 3)
+    (out,) = F_([feat], [torch.tensor([0, 4])])
+    (other,) = F_([random], [torch.tensor([0, 4])])
+    assert torch.equal(out, torch.zeros_like(out))
+    (out * torch.randn_like(out)).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in F_.parameters())
+    assert torch.isfinite(feat.grad).all()
+    want = F_.mlps[0](random.permute(0, 2, 3, 1).flatten(1, 2)[:, [0, 4], :].flatten(0, 1))
+    want = want.div(want.pow(2).sum(1, keepdim=True).pow(0.5) + 1e-7)  # the reference's formula
+    assert torch.allclose(other, want, atol=1e-7)
+
+
 def test_f_and_its_optimizer_come_after_g_and_d():
     """F's MLPs are sized by G's features (3, 2·ngf, 4·ngf, 4·ngf channels at layers 0, 4, 8, 12)
     and drawn after G and D from torch's stream; its optimizer holds exactly its weights."""
@@ -96,11 +118,14 @@ def data(tmp_path):
     return root
 
 
-def test_cut_trains_resumes_and_evaluates_through_the_stages(tmp_path, data, capsys, monkeypatch):
-    """train.model cut through the real train stage: an interrupted run resumed equals a straight
-    one; the epoch files hold G_AB alone; evaluate scores A→B only and says so; translate refuses
-    B→A in one line; the ONNX export translates as the checkpoint does."""
-    p = replace(TINY, epochs=1, epochs_decay=1)
+@pytest.mark.parametrize("model", ["cut", "fastcut"])
+def test_cut_trains_resumes_and_evaluates_through_the_stages(
+    model, tmp_path, data, capsys, monkeypatch
+):
+    """train.model cut (and fastcut) through the real train stage: an interrupted run resumed
+    equals a straight one; the epoch files hold G_AB alone; evaluate scores A→B only and says so;
+    translate refuses B→A in one line; the ONNX export translates as the checkpoint does."""
+    p = replace(TINY, model=model, epochs=1, epochs_decay=1)
     train(p, data, tmp_path / "straight", tmp_path / "l1")
     train(p, data, tmp_path / "resumed", tmp_path / "l2", stop_after=1)
     train(p, data, tmp_path / "resumed", tmp_path / "l2")
@@ -113,9 +138,10 @@ def test_cut_trains_resumes_and_evaluates_through_the_stages(tmp_path, data, cap
     assert "G_BA" not in last and "pool_A" not in last
     epoch = checkpoint.load(out / "epoch_002.pt")
     assert set(epoch) == {"format", "epoch", "model", "G_AB"}
-    assert epoch["model"]["kind"] == "cut" and epoch["model"]["antialias"] is True
+    assert epoch["model"]["kind"] == model and epoch["model"]["antialias"] is True
     nce_y = pd.read_csv(tmp_path / "l2" / "plots" / "metrics" / "NCE_Y.tsv", sep="\t")
-    assert list(nce_y.step) == [1, 2] and (nce_y.NCE_Y > 0).all()
+    # FastCUT has no identity NCE: NCE_Y is logged as 0
+    assert list(nce_y.step) == [1, 2] and ((nce_y.NCE_Y > 0) == (model == "cut")).all()
     assert (tmp_path / "l1" / "plots" / "metrics" / "NCE.tsv").read_text() == (
         tmp_path / "l2" / "plots" / "metrics" / "NCE.tsv"
     ).read_text()
@@ -146,7 +172,7 @@ def test_cut_trains_resumes_and_evaluates_through_the_stages(tmp_path, data, cap
     best = tmp_path / "eval" / "best" / "generators.pt"
 
     # translate and export: A→B works, B→A is refused in one line
-    with pytest.raises(UserError, match="cut checkpoint has one generator, A→B") as err:
+    with pytest.raises(UserError, match=f"{model} checkpoint has one generator, A→B") as err:
         checkpoint.load_generator(best, "BtoA")
     assert "\n" not in str(err.value)
     import onnxruntime as ort
@@ -161,7 +187,8 @@ def test_cut_trains_resumes_and_evaluates_through_the_stages(tmp_path, data, cap
 
 
 def test_fastcut_trains_with_its_own_defaults(tmp_path, data):
-    """FastCUT: no identity NCE (NCE_Y stays 0), flips, λ_NCE 10; the same bytes twice."""
+    """FastCUT: no identity NCE (NCE_Y stays 0), flips, λ_NCE 10; the same bytes twice (its flips
+    come from the seeded generator)."""
     p = replace(TINY, model="fastcut", epochs=1, epochs_decay=0)
     train(p, data, tmp_path / "one", tmp_path / "l1")
     train(p, data, tmp_path / "two", tmp_path / "l2")
@@ -171,6 +198,24 @@ def test_fastcut_trains_with_its_own_defaults(tmp_path, data):
     logs = tmp_path / "l1" / "plots" / "metrics"
     assert pd.read_csv(logs / "NCE_Y.tsv", sep="\t").NCE_Y.tolist() == [0.0]
     assert checkpoint.load(tmp_path / "one" / "epoch_001.pt")["model"]["kind"] == "fastcut"
+
+
+def test_cut_trains_from_disk_and_in_bf16_like_cyclegan(tmp_path, data, capsys):
+    """The stage's shared switches work for CUT as for CycleGAN: data_device disk gives the weights
+    of images decoded into memory bit for bit; precision bf16 (autocast) trains to finite losses
+    and last.pt records the precision it resolved to."""
+    p = replace(TINY, epochs=1, epochs_decay=0)
+    train(replace(p, data_device="device"), data, tmp_path / "memory", tmp_path / "l1")
+    train(replace(p, data_device="disk"), data, tmp_path / "disk", tmp_path / "l2")
+    assert same(weights(tmp_path / "memory" / "last.pt"), weights(tmp_path / "disk" / "last.pt"))
+    train(replace(p, precision="bf16"), data, tmp_path / "bf16", tmp_path / "l3")
+    last = checkpoint.load(tmp_path / "bf16" / "last.pt")
+    assert last["precision"] == "bf16"
+    nce = pd.read_csv(tmp_path / "l3" / "plots" / "metrics" / "NCE.tsv", sep="\t").NCE
+    assert np.isfinite(nce).all() and (nce > 0).all()
+    assert not same(
+        weights(tmp_path / "memory" / "last.pt"), weights(tmp_path / "bf16" / "last.pt")
+    )
 
 
 def test_every_preset_takes_cut_and_fastcut_as_its_only_change():
