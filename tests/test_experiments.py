@@ -1,8 +1,9 @@
 """Sweeps with DVC's own experiment commands keep params.yaml the user's file: a queued sweep over one
-param runs the committed params.yaml plus exactly that override, in parallel workers; each run is
-scored (FID/KID with the bundled Inception weights) and `dvc exp show --sort-by
-metrics/eval.json:kid` ranks the runs by KID; `dvc exp apply` brings the winner back; one
-experiment's checkpoints never leak into another's run. And the model registry: a colleague gets
+param (train.model: cyclegan, cut, fastcut on the same data, docs/training.md's walk-through) runs
+the committed params.yaml plus exactly that override, in parallel workers; each run is scored
+(FID/KID with the bundled Inception weights) and `dvc exp show --sort-by metrics/eval.json:kid_AtoB`
+ranks the runs by KID; `dvc exp apply` brings the winner back; one experiment's checkpoints never
+leak into another's run. And the model registry: a colleague gets
 the best generators by name (`dvc artifacts get`) from a git repository and its DVC remote."""
 
 import contextlib
@@ -23,15 +24,17 @@ from tests.helpers import ROOT, TINY, VENV_BIN, clone_project, deep_merge, dvc, 
 
 # A sweep's own edits of the committed params, so a test can tell them from conf/'s defaults: with
 # DVC's Hydra composition on, every experiment silently ran conf/'s values instead.
+# Valid for every model: CycleGAN-only keys at their defaults (pool_size), a G deep enough for CUT's
+# NCE layers (layer 16 needs 5 residual blocks).
 EDITS = {
-    "train": {"lambda_identity": 0.25, "seed": 3},
+    "train": {"lr": 0.0003, "seed": 3, "n_blocks": 5, "pool_size": 50},
     "domains": {"a": {"count": 16}},
     "prepare": {
         "test_fraction": 0.5
     },  # 5 + 7 test images: every run scored (FID/KID need >= 2) ...
     "evaluate": {"metrics": "required"},
 }  # ... or the run fails; kid_subsets 2 (TINY)
-SWEEP = (5.0, 20.0)
+SWEEP = ("cyclegan", "cut", "fastcut")
 ARTIFACT, VERSION = "cyclegan-generators", "v0.1.0"  # dvc.yaml's `artifacts:`; a GTO version tag
 
 
@@ -106,7 +109,7 @@ def swept(tmp_path_factory):
     ):  # a registered version: GTO's annotated tag NAME@vX.Y.Z
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
     dvc(repo, "push", "models/best")  # what a colleague fetches below
-    dvc(repo, "exp", "run", "--queue", "-S", f"train.lambda_cycle={SWEEP[0]},{SWEEP[1]}")
+    dvc(repo, "exp", "run", "--queue", "-S", f"train.model={','.join(SWEEP)}")
     # `dvc queue start` daemonizes its workers, which may keep inherited pipes open: never wait on
     # its output (subprocess.run(capture_output=True) waited for EOF for ever on a fresh clone).
     log = (repo.parent / "queue-start.log").open("wb")
@@ -151,34 +154,39 @@ def test_each_queued_run_is_the_committed_params_plus_its_override(swept):
     assert len(exps) == len(SWEEP), exps.keys()
     seen = set()
     for name, exp in exps.items():
-        value = exp["params"]["train"]["lambda_cycle"]
+        value = exp["params"]["train"]["model"]
         seen.add(value)
-        expected = deep_merge(committed, {"train": {"lambda_cycle": value}})
+        expected = deep_merge(committed, {"train": {"model": value}})
         assert exp["params"] == expected, name  # nothing else changed: no reset to conf/
     assert seen == set(SWEEP)
 
 
 def test_exp_show_compares_the_runs_best_metrics(swept):
+    """Each run logs its own model's losses (CycleGAN's G_A, CUT's NCE) beside its best epoch."""
     repo, _ = swept
     for name, exp in _experiments(repo).items():
         assert exp["metrics"]["metrics/eval.json"]["best_epoch"] >= 1, name
-        assert "G_A" in exp["metrics"]["metrics/train/metrics.json"], name
+        loss = "G_A" if exp["params"]["train"]["model"] == "cyclegan" else "NCE"
+        assert loss in exp["metrics"]["metrics/train/metrics.json"], name
     table = dvc(repo, "exp", "show", "--only-changed", "--csv").stdout.splitlines()[
         0
     ]  # the header row
-    assert "train.lambda_cycle" in table.split(",")  # the swept param, beside what changed with it
+    assert "train.model" in table.split(",")  # the swept param, beside what changed with it
     assert "train.ngf" not in table.split(",")  # (--only-changed: not the rest)
     full = dvc(repo, "exp", "show", "--csv").stdout.splitlines()[0].split(",")
-    assert {"best_epoch", "G_A", "train.lambda_cycle", "train.ngf"} <= set(full)
+    assert {"best_epoch", "G_A", "NCE", "train.model", "train.ngf"} <= set(full)
 
 
-def test_exp_show_ranks_the_sweep_by_kid(swept):
-    """docs/operations.md's walk-through: every queued run has a KID, `dvc exp show --sort-by
-    metrics/eval.json:kid --sort-order asc` lists them lowest KID first (the first is the one to
-    `dvc exp apply`), and KID and FID are its first metric columns."""
+@pytest.mark.parametrize("key", ["kid", "kid_AtoB"])
+def test_exp_show_ranks_the_sweep_by_kid(swept, key):
+    """The walk-throughs of docs/operations.md (`kid`) and docs/training.md (`kid_AtoB`, the one
+    direction all three models train): every queued run has a KID, `dvc exp show --sort-by
+    metrics/eval.json:KEY --sort-order asc` lists them lowest first (the first is the one to `dvc exp
+    apply`), and KID and FID are its first metric columns; each run's best epoch was chosen by KID,
+    not by falling back to the last."""
     repo, _ = swept
     out = dvc(
-        repo, "exp", "show", "--csv", "--sort-by", "metrics/eval.json:kid", "--sort-order", "asc"
+        repo, "exp", "show", "--csv", "--sort-by", f"metrics/eval.json:{key}", "--sort-order", "asc"
     ).stdout
     header = out.splitlines()[0].split(",")
     columns = [
@@ -188,24 +196,24 @@ def test_exp_show_ranks_the_sweep_by_kid(swept):
     ]
     assert columns[:2] == ["kid", "fid"], header  # the metrics first, eval.json's first
     ranked = [
-        (float(r["kid"]), float(r["train.lambda_cycle"]))
+        (float(r[key]), r["train.model"])
         for r in csv.DictReader(io.StringIO(out))
         if r["Experiment"]
     ]
-    assert sorted(value for _, value in ranked) == sorted(SWEEP) and all(
+    assert sorted(model for _, model in ranked) == sorted(SWEEP) and all(
         math.isfinite(k) for k, _ in ranked
     )
     assert [k for k, _ in ranked] == sorted(k for k, _ in ranked), ranked
-    by_value = {
-        e["params"]["train"]["lambda_cycle"]: e["metrics"]["metrics/eval.json"]
+    by_model = {
+        e["params"]["train"]["model"]: e["metrics"]["metrics/eval.json"]
         for e in _experiments(repo).values()
     }
-    assert [kid for kid, value in ranked] == pytest.approx(
-        [by_value[value]["kid"] for _, value in ranked], rel=1e-3
+    assert [kid for kid, model in ranked] == pytest.approx(
+        [by_model[model][key] for _, model in ranked], rel=1e-3
     )
-    assert all(
-        m["best_is_fallback"] is False for m in by_value.values()
-    )  # chosen by KID, not the last epoch
+    assert all(m["best_is_fallback"] is False for m in by_model.values())
+    assert "kid_BtoA" in by_model["cyclegan"] and "kid_BtoA" not in by_model["cut"]
+    assert by_model["cut"]["kid"] == by_model["cut"]["kid_AtoB"]  # one direction: its KID
 
 
 def test_dvc_plots_mark_the_best_epoch(swept):
@@ -263,25 +271,21 @@ def test_a_colleague_gets_the_best_generators_by_name(swept, tmp_path):
 def test_exp_apply_brings_the_chosen_run_and_its_own_checkpoints(swept, tmp_path):
     repo, committed = swept
     name = next(
-        n for n, e in _experiments(repo).items() if e["params"]["train"]["lambda_cycle"] == SWEEP[1]
+        n for n, e in _experiments(repo).items() if e["params"]["train"]["model"] == SWEEP[1]
     )
     dvc(repo, "exp", "apply", name)
-    assert _params(repo) == deep_merge(committed, {"train": {"lambda_cycle": SWEEP[1]}})
+    assert _params(repo) == deep_merge(committed, {"train": {"model": SWEEP[1]}})
     last = torch.load(
         repo / "models" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu"
     )
     run = last["run_params"]
-    assert (
-        run["lambda_cycle"] == SWEEP[1]
-        and run["lambda_identity"] == EDITS["train"]["lambda_identity"]
-    )
+    assert run["model"] == SWEEP[1] and run["lr"] == EDITS["train"]["lr"]
+    assert set(last["nets"]) == {"G", "D", "F"}  # CUT's own nets, no CycleGAN leftovers
     epochs = committed["train"]["epochs"] + committed["train"]["epochs_decay"]
     assert (
         last["epoch"] == epochs and len(last["history"]) == epochs
     )  # trained afresh, no leftover epochs
-    baseline = torch.load(
-        swept[0] / "models" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu"
+    best = torch.load(
+        repo / "models" / "best" / "generators.pt", weights_only=True, map_location="cpu"
     )
-    assert (
-        baseline["run_params"]["lambda_cycle"] == SWEEP[1]
-    )  # (the workspace now holds the applied run)
+    assert best["model"]["kind"] == SWEEP[1] and "G_BA" not in best
