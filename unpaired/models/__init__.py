@@ -16,7 +16,8 @@ Reading order:
                  epoch-file repair, the divergence checks.
 6. feeding.py    where the training images live (train.data_device) and the feeders of batches.
 7. loop.py       the device set-up, the start of a run on every rank, one epoch of steps.
-8. samples.py, live.py, progress.py   rank 0's outputs: sample grids, dvclive logs, progress lines.
+8. samples.py, live.py, progress.py   rank 0's outputs: sample grids, dvclive logs, progress lines;
+                 writer.py writes them (and the checkpoints) off the training thread.
 
 A new model is one module beside cyclegan.py and cut.py: a class with what training.Model names,
 chosen by train.model in the train stage and passed to loop.start_run. Nothing is imported
