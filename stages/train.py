@@ -32,9 +32,10 @@ from unpaired.files import mark_settled, remove_stale_temporaries, unpack_view
 from unpaired.models.cut import CUT
 from unpaired.models.cyclegan import CycleGAN
 from unpaired.models.feeding import decoded_bytes, feeder_for, image_files, place_images
-from unpaired.models.live import RunLog, settle_logs
+from unpaired.models.live import RunLog, restore_earlier_run, settle_logs
 from unpaired.models.loop import setup_device, start_run, train_epoch
 from unpaired.models.progress import Progress, speed_hint
+from unpaired.models.state import aside_runs
 from unpaired.models.training import TrainParams
 
 
@@ -64,6 +65,7 @@ def train(
         batch_bytes=decoded_bytes(2 * p.batch_size, p.load_size),
     )  # before any output: a setting that does not fit stops here
     state, log = None, None
+    aside = aside_runs(out) if rank.main else set()  # earlier runs moved aside before this one
     try:
         model = CycleGAN if p.model == "cyclegan" else CUT  # FastCUT: CUT with its own defaults
         state = start_run(model, p, data, out, device, rank)
@@ -94,7 +96,8 @@ def train(
     finally:
         if rank.main:  # however the run ends, the logs tell the epochs the checkpoints hold
             settle_logs(out, live_dir, log, state)
-            mark_settled("train")  # so `make repro`'s put-back keeps them
+            if not restore_earlier_run(out, live_dir, aside):  # (a fresh run that saved nothing)
+                mark_settled("train")  # so `make repro`'s put-back keeps them
     return log.result(state) if rank.main else {}
 
 

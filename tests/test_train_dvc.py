@@ -144,9 +144,10 @@ def test_epoch_files_of_another_run_are_never_restored(project, tmp_path):
 
 def test_ctrl_c_in_a_fresh_run_leaves_one_runs_logs_and_checkpoints(project, tmp_path):
     """`make repro` with a changed train param (a fresh run: the recorded checkpoints are moved
-    aside), Ctrl-C before its first epoch is saved: the logs, metrics.json and the checkpoints tell
-    the same epochs (metrics.json was `{}` beside the earlier run's loss curves, which `make repro`
-    had put back, and no checkpoint)."""
+    aside), Ctrl-C before its first epoch is saved: the earlier checkpoints come back (they were
+    left moved aside, no checkpoint in their place), the logs, metrics.json and the checkpoints tell
+    the same epochs (metrics.json was `{}` beside the earlier run's loss curves), and `dvc status`
+    shows only the changed param."""
     copy = copy_with(project, tmp_path, ngf=64, n_blocks=9, epochs=50)  # seconds per epoch
     proc = subprocess.Popen(
         [str(VENV_BIN / "python"), "-m", "unpaired.repro", "train"],
@@ -184,10 +185,16 @@ def test_ctrl_c_in_a_fresh_run_leaves_one_runs_logs_and_checkpoints(project, tmp
     reader.join(10)
     said = "".join(seen)
     assert "moved the earlier checkpoints (epochs 1-2)" in said, said
+    assert "this run saved no epoch; moved the earlier checkpoints back" in said, said
     saved = sorted(checkpoint.epoch_files(copy / CKPT))
-    assert epochs_logged(copy) == saved, said
+    assert saved == [1, 2] and epochs_logged(copy) == saved, said
     summary = json.loads((copy / LIVE / "metrics.json").read_text())
-    assert summary.get("step") == (saved[-1] if saved else None), summary
+    assert summary.get("step") == saved[-1], summary
+    for f in (project / CKPT).iterdir():
+        if f.is_file():
+            assert (copy / CKPT / f.name).read_bytes() == f.read_bytes(), f.name
+    status = json.loads(dvc(copy, "status", "--json", "train").stdout)  # (evaluate never ran)
+    assert status == {"train": [{"changed deps": {"params.yaml": {"train": "modified"}}}]}, status
 
 
 def test_a_rerun_with_nothing_left_to_train_keeps_the_timing(project, tmp_path):

@@ -28,7 +28,7 @@ from unpaired import checkpoint
 from unpaired.errors import uninterrupted
 from unpaired.files import atomic_write_json, creating, make_dirs
 from unpaired.models.samples import fixed_images, grid, sample_path, write_sample
-from unpaired.models.state import TrainState
+from unpaired.models.state import TrainState, move_back
 from unpaired.models.writer import Writer
 
 
@@ -276,3 +276,27 @@ def settle_logs(out: Path, live_dir: Path, log: RunLog | None, state: TrainState
     elif not saved and out.is_dir():  # (no `out`: the run stopped before it touched anything)
         with uninterrupted():
             write_live(live_dir, [], {}, out)
+
+
+def restore_earlier_run(out: Path, live_dir: Path, before: set[str]) -> bool:
+    """At the end of a fresh run that saved no epoch (interrupted or failed before its first
+    checkpoint), rank 0: the earlier checkpoints it moved aside come back to `out` (move_back) and
+    the dvclive logs are written from their last.pt's history, so the outputs are the earlier
+    run's again, as before this run (under `make repro` the put-back then restores dvc.lock's logs
+    too). Says so in one line. Returns True when they came back. Ctrl-C is ignored meanwhile."""
+    with uninterrupted():
+        back = move_back(out, before)
+        if back is None:
+            return False
+        history: list[dict[str, Any]] = []
+        try:
+            last = checkpoint.load(out / "last.pt")
+            saved = max(checkpoint.epoch_files(out), default=0)
+            history = [r for r in last.get("history", []) if r["epoch"] <= saved]
+        except (checkpoint.CheckpointError, OSError, KeyError, TypeError):
+            pass  # an unreadable last.pt: the logs say no epoch, as a fresh start would
+        write_live(live_dir, history, read_speeds(live_dir, out, history), out)
+    print(
+        f"train: this run saved no epoch; moved the earlier checkpoints back from {back}/ to {out}/"
+    )
+    return True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,30 @@ def move_aside(out: Path, why: str) -> None:
         f"train: {why}; moved the earlier checkpoints ({what}) to {dest}/ (delete it when you no "
         f"longer need them)"
     )
+
+
+def aside_runs(out: Path) -> set[str]:
+    """The names of the earlier runs move_aside has put under <out>.previous/ (empty if none)."""
+    root = out.parent / f"{out.name}.previous"
+    return {d.name for d in root.iterdir() if d.is_dir()} if root.is_dir() else set()
+
+
+def move_back(out: Path, before: set[str]) -> Path | None:
+    """Undo this run's move_aside when the run ends without an epoch of its own: `before` is
+    aside_runs(out) as the run started; when exactly one run was moved aside since and `out` holds
+    no file but hidden ones (an interrupted write's temporaries, the timing file), `out` is
+    replaced by it, so the earlier checkpoints are where they were (and what dvc.lock records, if
+    it did). Returns the folder they came back from, or None when nothing was moved back."""
+    new = aside_runs(out) - before
+    if len(new) != 1:
+        return None
+    if out.is_dir() and any(not f.name.startswith(".") for f in out.iterdir()):
+        return None  # the run saved something of its own: it is the state now
+    dest = out.parent / f"{out.name}.previous" / new.pop()
+    if out.is_dir():
+        shutil.rmtree(out)
+    dest.rename(out)
+    return dest
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, str]:
