@@ -34,6 +34,7 @@ from unpaired.evaluation import (
     DIRECTION_COLUMNS,
     KID_STD_COLUMNS,
     METRIC_COLUMNS,
+    EvalCache,
     EvalImages,
     EvaluateParams,
     MetricsPlan,
@@ -153,7 +154,8 @@ def evaluate(
     plan = plan_metrics(p, device, test)
     notes = [n for n in (test.empty_note(), plan.note) if n]  # for the report and --info
 
-    scores = score_epochs(ckpts, paths.cache, p, device, test, plan)
+    cache = EvalCache(paths.cache)  # new scores stay pending until every output is written
+    scores = score_epochs(ckpts, cache, p, device, test, plan)
 
     best = select_best(scores.rows, p.select, plan.skipped)
     if best["fallback"] and p.metrics == "off":  # the user turned FID/KID off: no alarm, one hint
@@ -167,12 +169,9 @@ def evaluate(
     write_samples(paths, scores)
     write_best(paths, scores, best)
     write_plots(paths, scores, best, plan)
+    test_set = translated_test_set(cache, scores, best["epoch"], p, device, test)
     with atomic_dir(paths.test_set) as tmp:  # built once per best checkpoint, in the cache
-        shutil.copytree(
-            translated_test_set(paths.cache, scores, best["epoch"], p, device, test),
-            tmp,
-            dirs_exist_ok=True,
-        )
+        shutil.copytree(test_set, tmp, dirs_exist_ok=True)
     write_epochs_csv(paths, scores, plan)
     write_metrics(paths, scores, best, plan, test)
     info = {
@@ -206,6 +205,7 @@ def evaluate(
         live_dir=paths.train_live,
         prepare_report=paths.prepare_metrics,
     )
+    cache.commit(test_set)  # every output is written: the new scores join the recorded cache
     print(
         f"evaluate: best epoch {best['epoch']} ({best['reason']}) -> {paths.best}/generators.pt; report: "
         f"{paths.report}; test set: {paths.test_set / 'index.html'}"

@@ -485,6 +485,47 @@ def test_metrics_best_epoch_and_cache(setup, capsys, monkeypatch):
     pd.testing.assert_frame_equal(again, table)
 
 
+def test_a_stopped_run_leaves_the_recorded_cache_as_it_was(setup, capsys, monkeypatch):
+    """Issue 24.1: what a run scores stays in <cache>.pending until every output is written, so a run
+    that stops half-way (here: the feature extractor fails on the second epoch; Ctrl-C alike) leaves
+    models/eval_cache, a persist output, byte for byte as dvc.lock recorded it; the next run takes
+    the first epoch's score from pending, and at its end the new scores join the cache."""
+    tmp_path, paths = setup
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
+    evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
+    recorded = {
+        f.relative_to(paths.cache): f.read_bytes() for f in paths.cache.rglob("*") if f.is_file()
+    }
+    pending = paths.cache.with_name(paths.cache.name + ".pending")
+    assert recorded and not pending.exists()
+    save_epoch(paths.checkpoints, 3, seed=3)
+    save_epoch(paths.checkpoints, 4, seed=4)
+    calls = []
+
+    def failing(images):
+        calls.append(len(images))
+        if len(calls) > 3:  # the real images and epoch 3 pass, epoch 4 fails
+            raise RuntimeError("boom")
+        return LocalFeatures()(images)
+
+    monkeypatch.setattr(evl, "inception_features", lambda device: (failing, {}, ""))
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
+    assert "epoch 003: " in capsys.readouterr().out
+    now = {
+        f.relative_to(paths.cache): f.read_bytes() for f in paths.cache.rglob("*") if f.is_file()
+    }
+    assert now == recorded  # not one file added, changed or removed
+    assert len(list(pending.glob("*.json"))) == 1  # epoch 3's score, kept for the next run
+    monkeypatch.setattr(evl, "inception_features", lambda device: (LocalFeatures(), {}, ""))
+    evaluate(EvaluateParams(samples=2, kid_subsets=2), paths)
+    out = capsys.readouterr().out
+    assert "epoch 003: cached" in out and "epoch 004: cached" not in out
+    assert not pending.exists() and len(list(paths.cache.glob("*.json"))) == 4
+    assert len(list(paths.cache.glob("test_set-*"))) == 1
+
+
 def test_cache_key_holds_the_weights_device_torch_and_tf32(setup, capsys, monkeypatch):
     """Scores from other weights, another device type, torch version or TF32 setting are never
     taken from the cache."""

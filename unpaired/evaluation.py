@@ -545,9 +545,58 @@ def compute_facts(device: torch.device) -> dict[str, Any]:
     }
 
 
+class EvalCache:
+    """evaluate's cache: `root` (models/eval_cache, a persist output that dvc.lock records) and
+    `pending` beside it (<root>.pending, which neither DVC nor git tracks). What a run computes is
+    written to `pending` and moves into `root` only when the run has written every output
+    (`commit`): an interrupted or failed run leaves the recorded cache as it was, so `dvc status`
+    shows no change of it and `make repro`'s put-back never has to touch it, while the next run
+    still finds what the stopped one computed. Entries are files named by their key (and
+    test_set-<key> folders)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.pending = root.with_name(root.name + ".pending")
+
+    def start(self) -> None:
+        """Create both folders and remove what a killed run's writes left (temporaries)."""
+        make_dirs(self.root)
+        make_dirs(self.pending)
+        remove_stale_temporaries(self.root, self.pending)
+
+    def find(self, name: str) -> Path | None:
+        """The entry `name` from the cache, else from pending; None when neither has it."""
+        for folder in (self.root, self.pending):
+            if (folder / name).exists():
+                return folder / name
+        return None
+
+    def new(self, name: str) -> Path:
+        """Where a new entry `name` is written (in pending)."""
+        return self.pending / name
+
+    def commit(self, test_set: Path) -> None:
+        """Move every pending entry into the cache, keep only `test_set`'s test-set pages (the
+        current best's), and remove the pending folder. Ctrl-C is ignored meanwhile."""
+        from unpaired.errors import uninterrupted
+
+        with uninterrupted():
+            for entry in sorted(self.pending.iterdir()) if self.pending.is_dir() else []:
+                if entry.name.startswith("."):
+                    continue  # a temporary (removed below)
+                target = self.root / entry.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                entry.replace(target)
+            for old in self.root.glob("test_set-*"):
+                if old.name != test_set.name:
+                    shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(self.pending, ignore_errors=True)
+
+
 def score_epochs(
     ckpts: dict[int, Path],
-    cache: Path,
+    cache: EvalCache,
     p: EvaluateParams,
     device: torch.device,
     test: EvalImages,
@@ -555,7 +604,8 @@ def score_epochs(
 ) -> Scores:
     """Score every epoch checkpoint of `ckpts` (epoch_checkpoints), each read from `cache` when the
     same checkpoint (by sha256) was scored on the same test images with the same settings, and stored
-    there otherwise. Raises UserError for a damaged or diverged checkpoint."""
+    there (pending until EvalCache.commit) otherwise. Raises UserError for a damaged or diverged
+    checkpoint."""
     settings = json.dumps(
         {
             "v": CACHE_VERSION,
@@ -569,23 +619,22 @@ def score_epochs(
         },
         sort_keys=True,
     )
-    make_dirs(cache)
-    remove_stale_temporaries(cache)  # what a killed run left
+    cache.start()
     scores = Scores([], {}, ckpts, {}, settings)
     for epoch, path in ckpts.items():
         scores.digests[epoch] = sha256_of(path)
         key = hashlib.sha256((scores.digests[epoch] + settings).encode()).hexdigest()[:32]
-        entry, grid_file = cache / f"{key}.json", cache / f"{key}.png"
-        cached = json.loads(entry.read_text()) if entry.is_file() else None
-        if cached is not None and (not cached["grid"] or grid_file.is_file()):
+        entry, grid_file = cache.find(f"{key}.json"), cache.find(f"{key}.png")
+        cached = json.loads(entry.read_text()) if entry is not None else None
+        if cached is not None and (not cached["grid"] or grid_file is not None):
             row, has_grid = cached["row"], cached["grid"]
             print(f"epoch {epoch:03d}: cached")
         else:
             row, png = score_checkpoint(path, p, device, test, plan)
-            has_grid = png is not None
+            has_grid, grid_file = png is not None, cache.new(f"{key}.png")
             if has_grid:  # the grid first, then the entry that says the grid is there
                 atomic_write_bytes(grid_file, png)
-            atomic_write_json(entry, {"row": row, "grid": has_grid})
+            atomic_write_json(cache.new(f"{key}.json"), {"row": row, "grid": has_grid})
             print(
                 f"epoch {epoch:03d}: "
                 + (", ".join(f"{k} {v:.4g}" for k, v in row.items()) or "grid only")
@@ -645,7 +694,7 @@ def select_best(rows: list[dict[str, Any]], select: str, skipped: str) -> dict[s
 
 
 def translated_test_set(
-    cache: Path,
+    cache: EvalCache,
     scores: Scores,
     epoch: int,
     p: EvaluateParams,
@@ -653,17 +702,16 @@ def translated_test_set(
     test: EvalImages,
 ) -> Path:
     """The folder in `cache` holding the test-set pages of `epoch`'s checkpoint (write_test_set),
-    built once per (checkpoint, test images, settings, TEST_PAGE_ROWS); the pages of any other
-    checkpoint are removed from the cache."""
+    built once per (checkpoint, test images, settings, TEST_PAGE_ROWS); EvalCache.commit keeps
+    only the current best's."""
     key = hashlib.sha256(
         (scores.digests[epoch] + scores.settings + f"pages{TEST_PAGE_ROWS}").encode()
     )
-    built = cache / f"test_set-{key.hexdigest()[:32]}"
-    if not built.is_dir():
+    name = f"test_set-{key.hexdigest()[:32]}"
+    built = cache.find(name)
+    if built is None:
+        built = cache.new(name)
         write_test_set(built, scores.checkpoints[epoch], epoch, p, device, test)
-    for old in cache.glob("test_set-*"):  # only the current best's page is kept
-        if old != built:
-            shutil.rmtree(old, ignore_errors=True)
     return built
 
 
