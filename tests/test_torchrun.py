@@ -89,6 +89,29 @@ def test_a_bad_count_by_hand_names_the_option(tmp_path, nproc, line):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_rank_killed_from_outside_wins_over_one_the_agent_stopped(tmp_path, monkeypatch):
+    """Rank 1 killed from outside (SIGTERM) records `interrupted`; rank 0, stopped by the agent while
+    it could not record (starting up), ends with status 130 and no record: rank 1 is the cause
+    (the line was `error: rank 0 (PID ...) exited with status 130`, seen on a loaded machine)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from unpaired import torchrun
+
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "1" / "error.json"))
+    assert torchrun.record_failure("interrupted", 130)
+    rank0 = ProcessFailure(0, 100, 130, str(tmp_path / "0" / "error.json"))  # no file: no record
+    rank1 = ProcessFailure(1, 101, 130, str(tmp_path / "1" / "error.json"))
+    text, status = torchrun.failure_report({0: rank0, 1: rank1})
+    assert (text, status) == (
+        "rank 1 (PID 101) failed first; the other processes of the run were stopped\ninterrupted",
+        130,
+    )
+    killed = ProcessFailure(1, 101, -9, str(tmp_path / "none.json"))  # kill -9: no record either
+    assert torchrun.failure_report({0: rank0, 1: killed})[0].startswith(
+        "error: rank 1 (PID 101) was killed by SIGKILL"
+    )
+
+
 @pytest.mark.skipif(CORES < 2, reason="needs 2 CPU cores for 2 worker processes")
 def test_a_recorded_error_wins_over_a_rank_the_agent_stopped(tmp_path):
     """Rank 0 records its error and exits; torchrun's agent then stops rank 1 (SIGTERM) before it

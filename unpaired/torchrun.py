@@ -79,14 +79,18 @@ def record_failure(text: str, status: int) -> bool:
     return True
 
 
+INTERRUPTED = 130  # a stage's exit status after Ctrl-C or SIGTERM (unpaired.errors)
+
+
 def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     """(global rank, torch ProcessFailure) of the failure that came first: a worker that died
     without a record from anything but SIGTERM (killed from outside: kill -9, the out-of-memory
     killer, a crash), then the earliest record, then a worker SIGTERM stopped before it could write
     one. torchrun's agent stops the other workers with SIGTERM once it saw a failure, so a worker
-    still starting up then (importing torch, before its handlers) dies of it without a record:
-    that is never the cause when another worker recorded one (`train.devices: 3` on 2 cores: rank
-    0's error, not "rank 1 was killed by SIGTERM")."""
+    still starting up then (importing torch, before its handlers) dies of it without a record, or
+    ends as interrupted (status 130) without one: that is never the cause when another worker
+    recorded one (`train.devices: 3` on 2 cores: rank 0's error, not "rank 1 was killed by
+    SIGTERM"; rank 1 killed from outside: its record, not "rank 0 exited with status 130")."""
 
     def order(item: tuple[int, Any]) -> tuple[int, int, int]:
         rank, failure = item
@@ -94,7 +98,8 @@ def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
         stamp = data.get("time_ns")
         if isinstance(stamp, int):
             return (1, stamp, rank)
-        return (2 if failure.exitcode == -signal.SIGTERM else 0, 0, rank)
+        stopped = failure.exitcode in (-signal.SIGTERM, INTERRUPTED)
+        return (2 if stopped else 0, 0, rank)
 
     return min(failures.items(), key=order)
 
