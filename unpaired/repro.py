@@ -221,6 +221,12 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
         stopped = signals.forwarded > count  # a Ctrl-C passed on to the checkout
         if status != 0 or stopped:
             repair_rwlock()
+        if status != 0 and not stopped:  # failed, not stopped (seen once under load, cause not
+            # caught: the interrupted `dvc repro` just ended): one more try before naming a command
+            status = _run_dvc(["checkout", *targets], signals)
+            stopped = signals.forwarded > count
+            if status != 0 or stopped:
+                repair_rwlock()
         if status == 0 and not stopped:
             restored += targets
         else:  # interrupted: an output may be half checked out, so it is named as lost
