@@ -186,6 +186,19 @@ def test_cut_trains_resumes_and_evaluates_through_the_stages(
     assert np.abs(session.run(None, {"image": x.numpy()})[0] - want).max() <= 1e-4
 
 
+def test_switching_train_model_starts_afresh_and_says_why(tmp_path, data, capsys):
+    """A last.pt of another train.model is set aside with the switch named (it said "lacks opt_F,
+    sched_F (written by an older version of train, or edited)")."""
+    p = replace(TINY, epochs=1, epochs_decay=0)
+    train(replace(p, model="fastcut"), data, tmp_path / "ckpt", tmp_path / "l1")
+    capsys.readouterr()
+    train(p, data, tmp_path / "ckpt", tmp_path / "l2")
+    out = capsys.readouterr().out
+    assert "was written with train.model fastcut -> cut; moved the earlier checkpoints" in out, out
+    assert "older version" not in out
+    assert checkpoint.load(tmp_path / "ckpt" / "last.pt")["run_params"]["model"] == "cut"
+
+
 def test_fastcut_trains_with_its_own_defaults(tmp_path, data):
     """FastCUT: no identity NCE (NCE_Y stays 0), flips, λ_NCE 10; the same bytes twice (its flips
     come from the seeded generator)."""

@@ -380,6 +380,10 @@ def test_a_failed_exp_run_changed_only_its_override_and_says_how_to_get_params_y
     is off: it rewrote every key from conf/); when a stage then fails, the error says how to get the
     committed file back."""
     copy = copy_with(project, tmp_path, lambda p: None)
+    for cmd in (["add", "-A"], ["commit", "-qm", "the run"]):  # a user's committed baseline
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=copy, check=True
+        )
     committed = subprocess.run(
         ["git", "show", "HEAD:params.yaml"], cwd=copy, capture_output=True, text=True, check=True
     ).stdout
@@ -387,14 +391,18 @@ def test_a_failed_exp_run_changed_only_its_override_and_says_how_to_get_params_y
     assert proc.returncode != 0
     assert "params.yaml: domains.a.count" in proc.stderr
     assert (
-        "`dvc exp run -S` wrote its overrides into params.yaml: `git checkout params.yaml` restores "
-        "the committed one" in proc.stderr
+        "`dvc exp run -S` wrote its overrides into params.yaml and removed the failed stage's "
+        "outputs: `git checkout params.yaml` restores the committed params, then `git checkout "
+        "metrics && uv run dvc checkout` the outputs" in " ".join(proc.stderr.split())
     )
     expected = YAML(typ="safe").load(committed)
     expected["domains"]["a"]["count"] = -3
     assert YAML(typ="safe").load((copy / "params.yaml").read_text()) == expected
     subprocess.run(["git", "checkout", "params.yaml"], cwd=copy, check=True)
     assert (copy / "params.yaml").read_text() == committed
+    subprocess.run(["git", "checkout", "metrics"], cwd=copy, check=True)
+    dvc(copy, "checkout")
+    assert json.loads(dvc(copy, "status", "--json").stdout or "{}") == {}  # as committed again
 
 
 # --- issue 17.2: interrupted runs, with real signals on real processes -----------------------------

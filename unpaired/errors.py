@@ -131,7 +131,11 @@ def _exp_hint() -> str:
     one back."""
     if not os.environ.get("DVC_EXP_BASELINE_REV"):
         return ""
-    return "; `dvc exp run -S` wrote its overrides into params.yaml: `git checkout params.yaml` restores the committed one"
+    return (
+        "; `dvc exp run -S` wrote its overrides into params.yaml and removed the failed stage's "
+        "outputs: `git checkout params.yaml` restores the committed params, then `git checkout "
+        "metrics && uv run dvc checkout` the outputs"
+    )
 
 
 def _human(n: float) -> str:

@@ -171,6 +171,14 @@ def resume(
     except checkpoint.CheckpointError as err:
         move_aside(out, f"starting afresh: {err.problem}")
         return None, []
+    stored = state.get("run_params") if isinstance(state, dict) else None
+    written_model = stored.get("model", "cyclegan") if isinstance(stored, dict) else None
+    if written_model is not None and written_model != p.model:  # before its keys: they differ
+        move_aside(
+            out,
+            f"starting afresh: {last} was written with train.model {written_model} -> {p.model}",
+        )
+        return None, []
     missing = [k for k in resume_keys(model) if not isinstance(state, dict) or k not in state]
     if missing:
         move_aside(
