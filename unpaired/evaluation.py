@@ -32,7 +32,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 
 from unpaired import checkpoint, inception, params, threads
 from unpaired.devices import check_device
-from unpaired.errors import UserError
+from unpaired.errors import UserError, uninterrupted
 from unpaired.files import (
     atomic_dir,
     atomic_write_bytes,
@@ -578,8 +578,6 @@ class EvalCache:
     def commit(self, test_set: Path) -> None:
         """Move every pending entry into the cache, keep only `test_set`'s test-set pages (the
         current best's), and remove the pending folder. Ctrl-C is ignored meanwhile."""
-        from unpaired.errors import uninterrupted
-
         with uninterrupted():
             for entry in sorted(self.pending.iterdir()) if self.pending.is_dir() else []:
                 if entry.name.startswith("."):

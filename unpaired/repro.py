@@ -217,16 +217,15 @@ def put_back(signals: Signals) -> tuple[list[str], list[str]]:
             file=sys.stderr,
             flush=True,
         )
-        status = _run_dvc(["checkout", *targets], signals)
-        stopped = signals.forwarded > count  # a Ctrl-C passed on to the checkout
-        if status != 0 or stopped:
-            repair_rwlock()
-        if status != 0 and not stopped:  # failed, not stopped (seen once under load, cause not
-            # caught: the interrupted `dvc repro` just ended): one more try before naming a command
+        # A checkout that fails without being stopped gets one more try before a command is named
+        # (seen once under load, right after the interrupted `dvc repro` ended; cause not caught).
+        for _ in range(2):
             status = _run_dvc(["checkout", *targets], signals)
-            stopped = signals.forwarded > count
+            stopped = signals.forwarded > count  # a Ctrl-C passed on to the checkout
             if status != 0 or stopped:
                 repair_rwlock()
+            if status == 0 or stopped:
+                break
         if status == 0 and not stopped:
             restored += targets
         else:  # interrupted: an output may be half checked out, so it is named as lost

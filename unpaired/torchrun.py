@@ -79,9 +79,6 @@ def record_failure(text: str, status: int) -> bool:
     return True
 
 
-INTERRUPTED = 130  # a stage's exit status after Ctrl-C or SIGTERM (unpaired.errors)
-
-
 def first_failure(failures: dict[int, Any]) -> tuple[int, Any]:
     """(global rank, torch ProcessFailure) of the failure that came first: a worker that died
     without a record from anything but SIGTERM (killed from outside: kill -9, the out-of-memory

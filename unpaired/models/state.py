@@ -71,23 +71,28 @@ def run_hash(run: dict[str, Any], names: list[str]) -> str:
     return hashlib.sha256(json.dumps([run, names], sort_keys=True).encode()).hexdigest()
 
 
+def aside_root(out: Path) -> Path:
+    """<out>.previous: where move_aside puts the checkpoints of earlier runs."""
+    return out.parent / f"{out.name}.previous"
+
+
 def move_aside(out: Path, why: str) -> None:
     """Move every file of `out` (the checkpoints of an earlier run) to <out>.previous/<time>/, which
     git ignores (a `*` .gitignore inside) and DVC does not track, and say so. Nothing is deleted."""
     if not out.is_dir() or not any(not f.name.startswith(".") for f in out.iterdir()):
         return  # nothing of a run (hidden files are temporaries of interrupted writes)
-    aside_root = out.parent / f"{out.name}.previous"
-    make_dirs(aside_root)
-    ignore = aside_root / ".gitignore"
+    root = aside_root(out)
+    make_dirs(root)
+    ignore = root / ".gitignore"
     if not ignore.exists():
         ignore.write_text(
             "# checkpoints of earlier train runs, moved aside by the train stage\n*\n"
         )
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest, n = aside_root / stamp, 1
+    dest, n = root / stamp, 1
     while dest.exists():
         n += 1
-        dest = aside_root / f"{stamp}-{n}"
+        dest = root / f"{stamp}-{n}"
     epochs = sorted(checkpoint.epoch_files(out))
     out.rename(dest)
     out.mkdir()
@@ -100,7 +105,7 @@ def move_aside(out: Path, why: str) -> None:
 
 def aside_runs(out: Path) -> set[str]:
     """The names of the earlier runs move_aside has put under <out>.previous/ (empty if none)."""
-    root = out.parent / f"{out.name}.previous"
+    root = aside_root(out)
     return {d.name for d in root.iterdir() if d.is_dir()} if root.is_dir() else set()
 
 
@@ -115,7 +120,7 @@ def move_back(out: Path, before: set[str]) -> Path | None:
         return None
     if out.is_dir() and any(not f.name.startswith(".") for f in out.iterdir()):
         return None  # the run saved something of its own: it is the state now
-    dest = out.parent / f"{out.name}.previous" / new.pop()
+    dest = aside_root(out) / new.pop()
     if out.is_dir():
         shutil.rmtree(out)
     dest.rename(out)
