@@ -36,12 +36,13 @@ torch is imported.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import sys
 import time
 from typing import Any
+
+from unpaired.files import atomic_write_json
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WORKER = "--worker-of"
@@ -74,8 +75,9 @@ def record_failure(text: str, status: int) -> bool:
     now = time.time_ns()
     record = {"message": text, "timestamp": now // 1_000_000_000, "time_ns": now, "status": status}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f)
+    # whole or absent: the agent reads the file as soon as the worker has gone, and a half-written
+    # one made the launcher's last line "error: torchrun: Expecting value: line 1 column 1"
+    atomic_write_json(path, record)
     return True
 
 
