@@ -27,9 +27,9 @@ from typing import Any
 
 import pandas as pd
 
-from unpaired import params, threads
+from unpaired import allocator, params, threads
 from unpaired.devices import resolve_device
-from unpaired.errors import UserError, main_guard
+from unpaired.errors import UserError, end_process, main_guard
 from unpaired.evaluation import (
     DIRECTION_COLUMNS,
     KID_STD_COLUMNS,
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     remove_stale_temporaries(*sorted({o.parent for o in outputs} | {paths.best, paths.view.parent}))
     all_params = params.load()
     p = params.parse(EvaluateParams, params.section(all_params, "evaluate"), "evaluate")
+    allocator.keep_freed_memory()  # freed activations reused, not faulted in again
     threads.apply(p.threads)
     if note := threads.load_note("evaluate.threads", p.threads):
         print(note, flush=True)
@@ -301,3 +302,4 @@ def write_metrics(
 
 if __name__ == "__main__":
     main_guard(main)
+    end_process()  # done: skip torch's teardown (errors.end_process)

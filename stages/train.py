@@ -27,7 +27,7 @@ import torch
 from unpaired import distributed, params
 from unpaired.devices import autocast_for
 from unpaired.distributed import Rank
-from unpaired.errors import ArgumentParser, main_guard
+from unpaired.errors import ArgumentParser, end_process, main_guard
 from unpaired.files import mark_settled, remove_stale_temporaries, unpack_view
 from unpaired.models.cut import CUT
 from unpaired.models.cyclegan import CycleGAN
@@ -128,3 +128,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main_guard(main)
+    end_process()  # done: skip torch's teardown (errors.end_process)

@@ -256,3 +256,41 @@ def test_logs_deleted_meanwhile_are_written_whole_again(tmp_path):
     write_live(tmp_path / "whole", _history(3), speeds, out)
     assert _files(live) == _files(tmp_path / "whole")
     assert Image.open(live / "plots" / "images" / "samples" / "epoch_001.png").size == (8, 10)
+
+
+END_PROCESS = r"""
+import sys, threading, time
+from pathlib import Path
+from unpaired.errors import end_process, main_guard
+
+def main():
+    print("last line")  # block-buffered: stdout is a pipe
+    if sys.argv[1] == "thread":  # a thread Python would wait for: exits as usual, after it
+        threading.Thread(target=lambda: (time.sleep(0.5), Path(sys.argv[2]).write_text("done"))).start()
+    else:
+        import atexit
+        atexit.register(lambda: Path(sys.argv[2]).write_text("teardown ran"))
+
+main_guard(main)
+end_process()
+"""
+
+
+@pytest.mark.parametrize("case", ["done", "thread"])
+def test_end_process_skips_the_teardown_only_when_nothing_is_left_to_finish(case, tmp_path):
+    """The train and evaluate stages end with errors.end_process (torch's teardown costs about a
+    second): its output is all there, flushed; its exit handlers are skipped; but a thread Python
+    would wait for still finishes (the interpreter exits as usual then)."""
+    marker = tmp_path / "marker"
+    got = subprocess.run(
+        [sys.executable, "-c", END_PROCESS, case, str(marker)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (got.returncode, got.stdout, got.stderr) == (0, "last line\n", "")
+    if case == "done":
+        assert not marker.exists()  # atexit's handler never ran: the teardown was skipped
+    else:
+        assert marker.read_text() == "done"

@@ -36,7 +36,7 @@ from unpaired.models.networks import (
     deterministic_padding,
     init_weights,
 )
-from unpaired.models.training import TrainParams, compiled, ddp
+from unpaired.models.training import TrainParams, adam_options, compiled, ddp
 
 LOSS_NAMES = ("G_GAN", "D_real", "D_fake", "G", "NCE", "NCE_Y")
 
@@ -294,9 +294,7 @@ class CUT:
             deterministic_padding(models.D)
         self.models = models
         self.nets = dict(zip(self.NETS, (models.G, models.D, models.F)))
-        kw: dict[str, Any] = dict(lr=p.scaled_lr(world_size), betas=(p.beta1, 0.999))
-        if device.type == "cuda":
-            kw["fused"] = True
+        kw = adam_options(p.scaled_lr(world_size), p.beta1, fused=device.type == "cuda")
         self.optimizers = {
             name: torch.optim.Adam(net.parameters(), **kw) for name, net in self.nets.items()
         }

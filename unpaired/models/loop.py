@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from unpaired import checkpoint, distributed, threads
+from unpaired import allocator, checkpoint, distributed, threads
 from unpaired.devices import bf16_for, precision_for, precision_warning, resolve_device
 from unpaired.distributed import Rank
 from unpaired.files import make_dirs
@@ -34,11 +34,12 @@ LOG_EVERY = (
 def setup_device(p: TrainParams, rank: Rank) -> torch.device:
     """This process's training device for train.device, resolved once: checks that this node can hold
     train.devices processes, joins the process group if any (under torchrun: cuda:LOCAL_RANK on CUDA,
-    the node's cores split on the CPU), then the threads (train.threads) and the precision settings
-    (TF32 where fp32 runs on CUDA); prints the precision warning (rank 0). Repeatability: the CPU
-    always runs torch's deterministic algorithms; CUDA runs them only with train.deterministic (then
-    also cuDNN without autotuning, and CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set, which cuBLAS
-    reads when it starts: set here, before any CUDA work), else cuDNN autotunes (benchmark mode).
+    the node's cores split on the CPU), then the host allocator (unpaired.allocator), the threads
+    (train.threads) and the precision settings (TF32 where fp32 runs on CUDA); prints the precision
+    warning (rank 0). Repeatability: the CPU always runs torch's deterministic algorithms; CUDA
+    runs them only with train.deterministic (then also cuDNN without autotuning, and
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set, which cuBLAS reads when it starts: set here, before
+    any CUDA work), else cuDNN autotunes (benchmark mode).
     Raises ParamsError (one line) for a device this machine lacks."""
     if p.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -51,6 +52,7 @@ def setup_device(p: TrainParams, rank: Rank) -> torch.device:
         torch.cuda.set_device(device)  # one process on cuda:N: N is current, not cuda:0
     if note and rank.main:
         print(note)
+    allocator.keep_freed_memory()  # a step's freed activations reused, not faulted in again
     threads.apply(p.threads)
     if (
         rank.main

@@ -284,15 +284,15 @@ def stored_resolution(state: dict[str, Any]) -> dict[str, str]:
 
 def load_optimizer_state(opt: torch.optim.Optimizer, stored: dict[str, Any]) -> None:
     """opt.load_state_dict(stored), converted to `opt` as this run built it. torch restores the
-    stored param groups' `fused` flag and keeps each stored tensor's strides; here `fused` is this
-    optimizer's own (a CUDA run's fused Adam continued on the CPU would run CPU fused Adam) and each
-    per-weight tensor (Adam's moments) is laid out as its weight. Fused Adam walks moments and
+    stored param groups' `fused` and `foreach` flags and keeps each stored tensor's strides; here
+    both are this optimizer's own (a CUDA run's fused Adam continued on the CPU would run CPU fused
+    Adam) and each per-weight tensor (Adam's moments) is laid out as its weight. Fused Adam walks moments and
     weights as flat arrays: a channels-last moment of a contiguous weight updates other elements
     than its own (measured on the CPU; tests/test_train.py checks the conversion). Raises what
     load_state_dict raises for a state of other parameters (ValueError, KeyError)."""
     stored_groups = stored["param_groups"]
     groups = [
-        {**group, "fused": mine.get("fused")}
+        {**group, "fused": mine.get("fused"), "foreach": mine.get("foreach")}
         for group, mine in zip(stored_groups, opt.param_groups)
     ]
     opt.load_state_dict({**stored, "param_groups": groups + stored_groups[len(groups) :]})
