@@ -30,7 +30,9 @@ of ours beside the runs: the load average printed says how idle the machine real
 (one other process burning a core all along, as benchmarks/threads.py does). Within a condition the
 variants run in turn, --rounds times (the order rotated each round), so that a change of load hits
 them alike; the table gives each variant's best wall time, its ratio to the reference's best (> 1:
-faster than the reference) and the CPU seconds of that run (the process and its waited-for children).
+faster than the reference), the median wall time and the ratio of the medians (on a machine whose
+runs vary, the best alone favours whichever tool had one lucky run), and the CPU seconds of the best
+run (the process and its waited-for children).
 
 --breakdown: where the stage's wall time goes, this tree against --before REV (default HEAD),
 alternating, --rounds rounds, each part timed exclusively (a part's time excludes the timed parts
@@ -61,6 +63,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 BURN = "while True: pass"
@@ -361,15 +364,22 @@ def whole(setup: Setup, args) -> None:
                 proc.wait()
     print()
     print(
-        "| condition | run | best wall s | × reference | CPU s | load (1/5/15 min) before -> after |"
+        "| condition | run | best wall s | × reference | median wall s | × reference (medians) "
+        "| CPU s | load (1/5/15 min) before -> after |"
     )
-    print("|---|---|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for condition, rows in results.items():
         ref = min(rows[variants[0][0]])[0] if args.reference else None
+        ref_median = median(w for w, _, _ in rows[variants[0][0]]) if args.reference else None
         for label, runs in rows.items():
             wall, cpu, loads = min(runs)
+            mid = median(w for w, _, _ in runs)
             ratio = f"{ref / wall:.2f}×" if ref else "-"
-            print(f"| {condition} | {label} | {wall:.1f} | {ratio} | {cpu:.1f} | {loads} |")
+            ratio_mid = f"{ref_median / mid:.2f}×" if ref_median else "-"
+            print(
+                f"| {condition} | {label} | {wall:.1f} | {ratio} | {mid:.1f} | {ratio_mid} "
+                f"| {cpu:.1f} | {loads} |"
+            )
     print(f"load average at the end {load()}")
 
 
