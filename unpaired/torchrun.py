@@ -74,8 +74,7 @@ def record_failure(text: str, status: int) -> bool:
         return False
     now = time.time_ns()
     record = {"message": text, "timestamp": now // 1_000_000_000, "time_ns": now, "status": status}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    # whole or absent: the agent reads the file as soon as the worker has gone, and a half-written
+    # whole or absent (its folder made if need be): the agent reads the file as soon as the worker has gone, and a half-written
     # one made the launcher's last line "error: torchrun: Expecting value: line 1 column 1"
     atomic_write_json(path, record)
     return True

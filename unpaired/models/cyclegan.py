@@ -175,9 +175,8 @@ def compile_models(m: Models, mode: str, backend: str = "inductor") -> Models:
 def optimizers(
     m: Models, lr: float, beta1: float, fused: bool
 ) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """Adam for the generators and for the discriminators. `fused`: torch's fused kernels (CUDA);
-    else the multi-tensor (foreach) implementation, which gives the same numbers as torch's
-    per-tensor loop, its CPU default, in fewer calls (tests/test_train.py)."""
+    """Adam for the generators and for the discriminators, with training.adam_options (`fused`:
+    torch's fused kernels, on CUDA; else foreach)."""
     kw = adam_options(lr, beta1, fused)
     return (
         torch.optim.Adam(itertools.chain(m.G_A.parameters(), m.G_B.parameters()), **kw),

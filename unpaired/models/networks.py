@@ -211,8 +211,9 @@ class PatchSampleF(nn.Module):
     B×C×H×W, the features at `num_patches` positions (the same positions for every image of the
     batch), each through that layer's MLP (Linear C→nc, ReLU, Linear nc→nc), l2-normalised
     (x / (‖x‖ + 1e-7); a zero vector stays zero, with a finite gradient): (B·num_patches)×nc
-    float. Its MLPs are made by `create` from the first features it sees (channels only; the reference's data-dependent init) and initialised by
-    init_weights(kind="xavier"). ngf=64, nc=256, layers 0,4,8,12,16: 560,384 parameters."""
+    float. Its MLPs are made by `create` from the first features it sees (channels only; the
+    reference's data-dependent init) and initialised by init_weights(kind="xavier"). ngf=64,
+    nc=256, layers 0,4,8,12,16: 560,384 parameters."""
 
     def __init__(self, nc: int = 256, gain: float = 0.02):
         super().__init__()

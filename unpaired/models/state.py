@@ -286,9 +286,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, stored: dict[str, Any]) -> 
     """opt.load_state_dict(stored), converted to `opt` as this run built it. torch restores the
     stored param groups' `fused` and `foreach` flags and keeps each stored tensor's strides; here
     both are this optimizer's own (a CUDA run's fused Adam continued on the CPU would run CPU fused
-    Adam) and each per-weight tensor (Adam's moments) is laid out as its weight. Fused Adam walks moments and
-    weights as flat arrays: a channels-last moment of a contiguous weight updates other elements
-    than its own (measured on the CPU; tests/test_train.py checks the conversion). Raises what
+    Adam) and each per-weight tensor (Adam's moments) is laid out as its weight. Fused Adam walks
+    moments and weights as flat arrays: a channels-last moment of a contiguous weight updates other
+    elements than its own (measured on the CPU; tests/test_train.py checks the conversion). Raises what
     load_state_dict raises for a state of other parameters (ValueError, KeyError)."""
     stored_groups = stored["param_groups"]
     groups = [
